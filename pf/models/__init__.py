@@ -1,0 +1,14 @@
+"""Networks: the Patch Forcing DiT, the global-time SiT baseline, presets and checkpoints."""
+
+from pf.models.checkpoint import load_checkpoint, save_checkpoint
+from pf.models.dit import GlobalTimeDiT, PatchForcingDiT, PF_models, build_model, num_params
+
+__all__ = [
+    "PatchForcingDiT",
+    "GlobalTimeDiT",
+    "PF_models",
+    "build_model",
+    "num_params",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,148 @@
+"""Checkpoints: the released PFT file format and this project's own, loaded safely.
+
+Released file (SPEC.md section 2)::
+
+    {"state_dict": {...}, "config": {"target": "patch_flow.models.pf_transformer.PatchForcingDiT",
+                                     "params": {in_channels, input_size, depth, ...}}}
+
+``config`` may be a plain dict or an OmegaConf ``DictConfig``. This project's own files::
+
+    {"format": "patch-forcing", "model_class": "PatchForcingDiT" | "GlobalTimeDiT",
+     "config": {...constructor args...}, "state_dict": {...}, "ema": {...} (optional), ...}
+
+Everything is read with ``torch.load(weights_only=True)``: no pickled code runs; only the
+OmegaConf container classes are allow-listed, so a released config can be read.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pf.models.dit import GlobalTimeDiT, PatchForcingDiT
+
+FORMAT = "patch-forcing"
+MODEL_CLASSES = {"PatchForcingDiT": PatchForcingDiT, "GlobalTimeDiT": GlobalTimeDiT}
+
+
+def _omegaconf_safe_globals() -> list:
+    """The classes a pickled OmegaConf DictConfig refers to, and nothing else."""
+    try:
+        import typing
+
+        from omegaconf import DictConfig, ListConfig, nodes
+        from omegaconf.base import Container, ContainerMetadata, Metadata, Node
+    except ImportError:  # pragma: no cover - hydra-core is a dependency
+        return []
+    import collections
+
+    allowed = [DictConfig, ListConfig, ContainerMetadata, Metadata, Container, Node, typing.Any, dict, list, int, collections.defaultdict]
+    allowed += [getattr(nodes, name) for name in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode", "EnumNode", "ValueNode")
+                if hasattr(nodes, name)]
+    return allowed
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """``torch.load`` with ``weights_only=True`` and a clear error for what is not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_omegaconf_safe_globals()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle errors, zip errors, disallowed globals
+        raise ValueError(f"{path} is not a readable checkpoint (loaded with weights_only=True): {err}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a checkpoint: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _to_plain(config: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(config)
+
+
+def model_from_checkpoint_dict(ckpt: dict, *, use_ema: bool = True, strict: bool = True, source: str = "checkpoint"):
+    """Build the model a checkpoint dict describes and load its weights."""
+    if "config" not in ckpt or not any(k in ckpt for k in ("state_dict", "ema")):
+        raise ValueError(
+            f"{source} is not a Patch Forcing checkpoint: expected keys 'state_dict' and 'config', "
+            f"found {sorted(ckpt)}"
+        )
+    config = _to_plain(ckpt["config"])
+    if ckpt.get("format") == FORMAT:
+        cls_name, params = ckpt.get("model_class", "PatchForcingDiT"), config
+    else:  # released file: {"target": "...PatchForcingDiT", "params": {...}}
+        if "params" not in config:
+            raise ValueError(f"{source}: config has no 'params' (keys: {sorted(config)})")
+        cls_name, params = str(config.get("target", "PatchForcingDiT")).rsplit(".", 1)[-1], _to_plain(config["params"])
+    if cls_name not in MODEL_CLASSES:
+        raise ValueError(f"{source}: unknown model class {cls_name!r}; known: {sorted(MODEL_CLASSES)}")
+    model = MODEL_CLASSES[cls_name](**params)
+    state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt.get("state_dict", ckpt.get("ema"))
+    load_state_dict_checked(model, state, strict=strict, source=source)
+    return model
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict, *, strict: bool = True, source: str = "checkpoint") -> None:
+    """``load_state_dict`` whose error names the missing and unexpected keys."""
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{source} does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    model.load_state_dict(state, strict=strict)
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", use_ema: bool = True, strict: bool = True):
+    """Load a released PFT checkpoint or one of this project's files into a model (eval mode).
+
+    ``use_ema`` picks the EMA weights of a training checkpoint when it has them.
+    """
+    ckpt = read_checkpoint_file(path, map_location=map_location)
+    model = model_from_checkpoint_dict(ckpt, use_ema=use_ema, strict=strict, source=str(path))
+    return model.eval()
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a temp file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def model_checkpoint(model: PatchForcingDiT, ema_state: dict | None = None, **extra) -> dict:
+    """This project's checkpoint dict for ``model`` (plus training state in ``extra``)."""
+    ckpt = {
+        "format": FORMAT,
+        "model_class": type(model).__name__,
+        "config": model.config(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if ema_state is not None:
+        ckpt["ema"] = {k: v.detach().cpu() for k, v in ema_state.items()}
+    ckpt.update(extra)
+    return ckpt

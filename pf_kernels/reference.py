@@ -1,0 +1,93 @@
+"""Plain-PyTorch references of every op in ``pf_kernels``.
+
+These are the definitions the Triton kernels are measured against, and the path taken on
+the CPU (``PF_KERNELS_BACKEND=torch`` or ``auto`` with CPU tensors). They follow
+``SPEC.md`` section 8 literally, with statistics and ``1 + scale`` in float32 (or in the
+input precision when that is wider, so a float64 model stays float64 end to end).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision is computed in float32; float32 and float64 keep their own precision.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def adaln_modulate_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``LN(x) * (1 + scale) + shift``; LN without affine parameters.
+
+    x: (B, N, D); shift, scale: (B, N, D) or (B, 1, D). Returns x's dtype.
+    """
+    acc = _acc_dtype(x.dtype)
+    xn = F.layer_norm(x.to(acc), (x.shape[-1],), eps=eps)  # (B, N, D)
+    out = xn * (1.0 + scale.to(acc)) + shift.to(acc)
+    return out.to(x.dtype)
+
+
+def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y``; gate (B, N, D) or (B, 1, D)."""
+    acc = _acc_dtype(x.dtype)
+    return (x.to(acc) + gate.to(acc) * y.to(acc)).to(x.dtype)
+
+
+def timestep_embedding_ref(
+    t: torch.Tensor, dim: int = 256, max_period: float = 10000.0
+) -> torch.Tensor:
+    """Sinusoidal features of ``t`` (no x1000): ``[cos(t * f_k), sin(t * f_k)]``.
+
+    ``f_k = exp(-ln(max_period) * k / half)`` for ``k < half = dim // 2``; an odd ``dim``
+    gets one trailing zero column. t: any shape -> t.shape + (dim,), float32 (or float64).
+    """
+    half = dim // 2
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * k / half).to(acc)  # (half,)
+    args = t.to(acc)[..., None] * freqs  # t.shape + (half,)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[..., :1])], dim=-1)
+    return emb
+
+
+def patch_to_pixels(values: torch.Tensor, patch_size: int, grid_w: int) -> torch.Tensor:
+    """Broadcast per-patch values (B, N) to pixels (B, 1, gh*p, gw*p), raster order."""
+    b, n = values.shape
+    grid = values.reshape(b, 1, n // grid_w, grid_w)
+    return grid.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
+def patch_euler_ref(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    dt: torch.Tensor,
+    patch_size: int,
+    *,
+    v_other: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x + dt_patch * (mask ? v : v_other)``; x, v, v_other (B, C, H, W); dt, mask (B, N).
+
+    A masked-out patch with no ``v_other`` keeps its value (its velocity counts as zero).
+    """
+    _, _, h, w = x.shape
+    gw = w // patch_size
+    dt_px = patch_to_pixels(dt.to(x.dtype), patch_size, gw)  # (B, 1, H, W)
+    vel = v
+    if mask is not None:
+        m = patch_to_pixels(mask, patch_size, gw)  # (B, 1, H, W) bool
+        other = v_other if v_other is not None else torch.zeros_like(v)
+        vel = torch.where(m, v, other)
+    res = x + dt_px * vel
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
