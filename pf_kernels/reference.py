@@ -48,8 +48,8 @@ def timestep_embedding_ref(
     """
     half = dim // 2
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    k = torch.arange(half, device=t.device, dtype=torch.float32)
-    freqs = torch.exp(-math.log(max_period) * k / half).to(acc)  # (half,)
+    k = torch.arange(half, device=t.device, dtype=acc)
+    freqs = torch.exp(-math.log(max_period) * k / half)  # (half,)
     args = t.to(acc)[..., None] * freqs  # t.shape + (half,)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

@@ -1,0 +1,20 @@
+"""Samplers (SPEC.md section 6), each called as
+``sampler(model, x, timesteps, *, y=None, cfg_scale=1.0, uc_cond=None, progress=False)``."""
+
+from pf.samplers.base import Sampler, certain_patches, outer_schedule
+from pf.samplers.dual_loop import DualLoop
+from pf.samplers.euler import Euler, EulerPF
+from pf.samplers.look_ahead import LookAhead
+
+SAMPLERS = {cls.name: cls for cls in (Euler, EulerPF, DualLoop, LookAhead)}
+
+
+def make(name: str, **params) -> Sampler:
+    """Build a sampler by name: ``euler``, ``euler_pf``, ``dual_loop``, ``look_ahead``."""
+    key = name.lower().replace("-", "_")
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[key](**params)
+
+
+__all__ = ["Sampler", "Euler", "EulerPF", "DualLoop", "LookAhead", "make", "certain_patches", "outer_schedule", "SAMPLERS"]

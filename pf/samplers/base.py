@@ -1,0 +1,97 @@
+"""What every sampler shares: the outer schedule, guided calls with an NFE count, the
+difficulty map, and the call signature of SPEC.md section 8."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pf.flow import patch_mean
+from pf.guidance import Guided, guided_call
+
+
+def outer_schedule(timesteps: int | Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """``s_k = linspace(0, 1, K+1)`` in float32 (on the host: branching on it needs no sync).
+
+    ``timesteps`` is the number of outer steps K, or the times themselves (increasing).
+    """
+    if isinstance(timesteps, int):
+        if timesteps < 1:
+            raise ValueError(f"need at least one sampling step, got {timesteps}")
+        return torch.linspace(0.0, 1.0, timesteps + 1, dtype=torch.float32)
+    s = torch.as_tensor(timesteps, dtype=torch.float32).cpu()
+    if s.dim() != 1 or s.numel() < 2 or not bool((s[1:] > s[:-1]).all()):
+        raise ValueError("timesteps must be an int or an increasing 1-D sequence of at least two times")
+    return s
+
+
+def certain_patches(logvar: torch.Tensor, patch_size: int, p_frac: float) -> torch.Tensor:
+    """Patches whose mean predicted variance is below the per-sample ``p_frac`` quantile.
+
+    logvar (B, 1, H, W) -> (B, N) bool. The quantile is taken over pixel values (each patch
+    counted p*p times), with linear interpolation in float64; the compare is strict.
+    """
+    u = patch_mean(torch.exp(logvar), patch_size)  # (B, N)
+    pixels = u.double().repeat_interleave(patch_size * patch_size, dim=1)  # (B, H*W) as a multiset
+    threshold = torch.quantile(pixels, p_frac, dim=1, keepdim=True, interpolation="linear")  # (B, 1)
+    return u.double() < threshold
+
+
+class Sampler:
+    """Base class. Subclasses implement ``run(model, x, schedule, y)``; calls go through ``call``."""
+
+    name = "sampler"
+    needs_uncertainty = False
+
+    def __init__(self):
+        self.nfe = 0  # model calls in the last run
+        self._cfg_scale = 1.0
+        self._uc_cond = None
+        self._pbar = None
+
+    def __call__(self, model, x: torch.Tensor, timesteps, *, y: torch.Tensor | None = None,
+                 cfg_scale: float = 1.0, uc_cond=None, progress: bool = False) -> torch.Tensor:
+        if not torch.is_tensor(x) or x.dim() != 4:
+            raise ValueError(f"x must be a (B, C, H, W) tensor of noise, got {getattr(x, 'shape', type(x))}")
+        if y is None:
+            if cfg_scale != 1.0:
+                raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y")
+            y = torch.full((x.shape[0],), model.num_classes, dtype=torch.long, device=x.device)
+        if self.needs_uncertainty and not getattr(model, "predict_uncertainty", False):
+            raise ValueError(f"{type(self).__name__} needs a model with a difficulty head (predict_uncertainty=True)")
+        schedule = outer_schedule(timesteps)
+        self.nfe, self._cfg_scale, self._uc_cond = 0, float(cfg_scale), uc_cond
+        steps = range(len(schedule) - 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=type(self).__name__, leave=False)
+        with torch.no_grad():
+            return self.run(model, x.clone(), schedule, y, steps)
+
+    def run(self, model, x, schedule, y, steps) -> torch.Tensor:
+        raise NotImplementedError
+
+    def call(self, model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, with_logvar: bool) -> Guided:
+        """One guided model evaluation (one NFE, whatever the guidance doubles)."""
+        self.nfe += 1
+        return guided_call(model, x, t, y, self._cfg_scale, self._uc_cond, with_logvar=with_logvar)
+
+    def expected_nfe(self, num_steps: int) -> int:
+        """Model calls for ``num_steps`` outer steps on the default schedule."""
+        raise NotImplementedError
+
+    @staticmethod
+    def time_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def patch_times(self, model, x: torch.Tensor, value: float) -> torch.Tensor:
+        """Every patch at ``value``: (B, N)."""
+        p = model.patch_size
+        n = (x.shape[-2] // p) * (x.shape[-1] // p)
+        return torch.full((x.shape[0], n), value, dtype=self.time_dtype(x), device=x.device)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "nfe")
+        return f"{type(self).__name__}({params})"

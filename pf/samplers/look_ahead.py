@@ -1,0 +1,54 @@
+"""Look-ahead sampler: certain patches are moved ahead to ``s_k * ratio`` as context for
+the uncertain ones (SPEC.md section 6)."""
+
+from __future__ import annotations
+
+import torch
+
+import pf_kernels
+from pf.samplers.base import Sampler, certain_patches
+
+WARMUP_TIME = 0.05  # at or below this time every patch takes a plain (conditional) Euler step
+
+
+class LookAhead(Sampler):
+    """At ``s_k`` one guided call gives ``v``, ``v_c`` and the difficulty map. While
+    ``s_k <= 0.05``: ``x += dt * v_c``. Otherwise certain patches jump to
+    ``t_ctx = min(s_k * ratio, 1)`` along ``v_c``; a second guided call on that context
+    gives ``v_ctx``; ``x += dt * (v on certain, v_ctx on uncertain)``. 2 NFE per step."""
+
+    name = "look_ahead"
+    needs_uncertainty = True
+
+    def __init__(self, p: float = 0.4, context_t_ratio: float = 1.4):
+        super().__init__()
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"p (the fraction of certain patches) must lie in (0, 1), got {p}")
+        if not context_t_ratio >= 1.0:
+            raise ValueError(f"context_t_ratio must be >= 1, got {context_t_ratio}")
+        self.p, self.context_t_ratio = float(p), float(context_t_ratio)
+
+    def _warmup(self, s_k: torch.Tensor) -> bool:
+        return bool(s_k <= torch.tensor(WARMUP_TIME, dtype=torch.float32))  # host tensors: no sync
+
+    def run(self, model, x, schedule, y, steps):
+        s = schedule.tolist()
+        ps = model.patch_size
+        for k in steps:
+            dt = float(schedule[k + 1] - schedule[k])
+            t = self.patch_times(model, x, s[k])  # (B, N)
+            g = self.call(model, x, t, y, with_logvar=True)
+            if self._warmup(schedule[k]):
+                x = x + dt * g.v_cond
+                continue
+            d = min(s[k] * self.context_t_ratio, 1.0) - s[k]
+            certain = certain_patches(g.logvar, ps, self.p)  # (B, N) bool
+            x_ctx = pf_kernels.patch_euler(x, g.v_cond, torch.full_like(t, d, dtype=x.dtype), ps, mask=certain)
+            t_ctx = torch.where(certain, t + d, t)
+            v_ctx = self.call(model, x_ctx, t_ctx, y, with_logvar=False).v
+            x = pf_kernels.patch_euler(x, g.v, torch.full_like(t, dt, dtype=x.dtype), ps, v_other=v_ctx, mask=certain)
+        return x
+
+    def expected_nfe(self, num_steps: int) -> int:
+        schedule = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float32)
+        return sum(1 if self._warmup(schedule[k]) else 2 for k in range(num_steps))
