@@ -1,0 +1,64 @@
+"""Batches that are sharded over DDP ranks and can restart at any step.
+
+Each epoch's order is DistributedSampler's (a permutation seeded by ``seed + epoch``,
+rank ``r`` taking every ``world``-th index), cut into full batches. The batch of global
+step ``s`` is batch ``s % batches_per_epoch`` of epoch ``s // batches_per_epoch``, so a
+resumed run reads exactly the batches an uninterrupted run would have read, without
+replaying the epoch. The DataLoader gets its own generator, so it never draws from the
+global torch RNG (which class dropout uses).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+class _EpochBatches:
+    """Batch sampler: the batches of one epoch on this rank, from batch ``start`` on."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, start: int):
+        self.indices = list(sampler)
+        self.batch_size, self.start = batch_size, start
+
+    def __len__(self) -> int:
+        return len(self.indices) // self.batch_size - self.start
+
+    def __iter__(self):
+        for b in range(self.start, len(self.indices) // self.batch_size):
+            yield self.indices[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+class ShardedBatches:
+    """Endless ``(x, y)`` batches for this rank, starting at global step ``start_step``."""
+
+    def __init__(self, dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 num_workers: int = 0, pin_memory: bool = False):
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.batches_per_epoch = self.sampler.num_samples // self.batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"{len(dataset)} training examples give {self.sampler.num_samples} per rank, fewer than one batch of "
+                f"{batch_size} on each of {world_size} rank(s): lower trainer.batch_size or add data"
+            )
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.batches_per_epoch
+
+    def iterate(self, start_step: int = 0):
+        epoch, start = divmod(start_step, self.batches_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=_EpochBatches(self.sampler, self.batch_size, start),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                generator=torch.Generator(),  # keeps the global RNG untouched
+                persistent_workers=False,
+            )
+            yield from loader
+            epoch, start = epoch + 1, 0

@@ -1,0 +1,103 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+A training checkpoint is this project's model checkpoint (``pf.models.checkpoint``, so
+``pf.models.load_checkpoint`` reads it and picks the EMA weights) plus::
+
+    optimizer, scheduler   state dicts
+    step, ema_updates      ints
+    rng                    one dict per DDP rank: torch CPU / CUDA RNG states, the noise
+                           and timestep generators' states, the LTG offset (when the
+                           compiled LTG sampler keeps one)
+    world_size, train_config
+
+All plain tensors, numbers, lists and dicts: it loads with ``weights_only=True``.
+``last.pt`` is written to a temp file and renamed (``save_checkpoint``); step files are
+hard links to the same bytes (a copy where links are not supported).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pf.models.checkpoint import model_checkpoint, read_checkpoint_file, save_checkpoint
+
+
+def resolve_resume(path: str | os.PathLike) -> Path:
+    """``resume=`` accepts a checkpoint file or a run directory (its ``checkpoints/last.pt``)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "last.pt", p / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"resume={path}: no checkpoints/last.pt in that run directory")
+    if not p.is_file():
+        raise FileNotFoundError(f"resume={path}: no such checkpoint file or run directory")
+    return p
+
+
+def rng_state(generators: dict[str, torch.Generator], timestep_sampler, device: torch.device) -> dict:
+    """This rank's random state, as tensors and ints."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    for name, gen in generators.items():
+        state[name] = gen.get_state()
+    offset = getattr(timestep_sampler, "offset", None)
+    if offset is not None:
+        state["ltg_offset"] = int(offset)
+    return state
+
+
+def restore_rng_state(state: dict, generators: dict[str, torch.Generator], timestep_sampler, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    for name, gen in generators.items():
+        gen.set_state(state[name].cpu())
+    if "ltg_offset" in state and hasattr(timestep_sampler, "offset"):
+        timestep_sampler.offset = int(state["ltg_offset"])
+
+
+def training_checkpoint(model, ema, optimizer, scheduler, step: int, rng: list[dict], train_config: dict) -> dict:
+    return model_checkpoint(
+        model,
+        ema.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        step=int(step),
+        ema_updates=int(ema.updates),
+        rng=rng,
+        world_size=len(rng),
+        train_config=train_config,
+    )
+
+
+def write_checkpoint(ckpt: dict, ckpt_dir: Path, step: int, keep: bool) -> Path:
+    """Write ``last.pt`` atomically; with ``keep`` also ``step_XXXXXX.pt`` (same bytes)."""
+    last = ckpt_dir / "last.pt"
+    save_checkpoint(ckpt, last)
+    if keep:
+        target = ckpt_dir / f"step_{step:06d}.pt"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=ckpt_dir)
+        os.close(fd)
+        os.remove(tmp)
+        try:
+            os.link(last, tmp)
+        except OSError:
+            shutil.copyfile(last, tmp)
+        os.replace(tmp, target)
+    return last
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    ckpt = read_checkpoint_file(path)
+    missing = [k for k in ("state_dict", "ema", "optimizer", "scheduler", "step", "rng") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (missing {missing}); "
+                         f"use it with pf.models.load_checkpoint or start a new run")
+    return ckpt
