@@ -91,3 +91,22 @@ def patch_euler_ref(
         out.copy_(res)
         return out
     return res
+
+
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (B, K, D), index (B, N) -> (B, N, D) with row index[b, n] of table[b]."""
+    return table.gather(1, index[:, :, None].expand(-1, -1, table.shape[-1]))
+
+
+def adaln_modulate_indexed_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``adaln_modulate`` with (B, K, D) tables of shift/scale and a per-token row index (B, N)."""
+    return adaln_modulate_ref(x, _gather_rows(shift, index), _gather_rows(scale, index), eps)
+
+
+def gated_residual_indexed_ref(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """``gated_residual`` with a (B, K, D) gate table and a per-token row index (B, N)."""
+    return gated_residual_ref(x, _gather_rows(gate, index), y)

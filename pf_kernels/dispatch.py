@@ -1,0 +1,209 @@
+"""Public entry points: check arguments, then route to the Triton kernels or the torch reference.
+
+Backend (``PF_KERNELS_BACKEND`` at import, or ``set_backend`` later):
+  ``auto``    Triton for CUDA tensors, the torch reference for everything else (default);
+  ``triton``  always Triton; CPU tensors then need the Triton interpreter, i.e.
+              ``TRITON_INTERPRET=1`` set before ``pf_kernels`` is imported (tests do this);
+  ``torch``   always the reference in ``pf_kernels.reference``.
+float64 inputs always take the reference (the kernels compute in fp32).
+
+The routing reads only a module global and tensor devices/dtypes, so ``torch.compile``
+traces it without graph breaks (and guards on the backend value).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pf_kernels.reference import (
+    adaln_modulate_indexed_ref,
+    adaln_modulate_ref,
+    gated_residual_indexed_ref,
+    gated_residual_ref,
+    patch_euler_ref,
+    timestep_embedding_ref,
+)
+
+try:  # Triton may be missing (CPU-only installs); the reference path then serves everything.
+    from pf_kernels.ops import _utils as _triton_utils
+    from pf_kernels.ops.adaln_modulate import adaln_modulate_indexed_triton, adaln_modulate_triton
+    from pf_kernels.ops.gated_residual import gated_residual_indexed_triton, gated_residual_triton
+    from pf_kernels.ops.patch_euler import patch_euler_triton
+    from pf_kernels.ops.timestep_embedding import timestep_embedding_triton
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    _triton_utils = None
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _validated(name: str) -> str:
+    name = str(name).strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"pf_kernels backend must be one of {BACKENDS}, got {name!r} (PF_KERNELS_BACKEND or set_backend)")
+    return name
+
+
+_backend: str = _validated(os.environ.get("PF_KERNELS_BACKEND", "auto") or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose ``"auto"``, ``"triton"`` or ``"torch"`` for every later call."""
+    global _backend
+    _backend = _validated(name)
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def interpreter_active() -> bool:
+    """True when our kernels were built by the Triton interpreter (they run on CPU tensors)."""
+    return HAS_TRITON and _triton_utils.INTERPRETED
+
+
+def _use_triton(*tensors: torch.Tensor | None) -> bool:
+    ts = [t for t in tensors if t is not None]
+    if _backend == "torch" or any(t.dtype == torch.float64 for t in ts):
+        return False
+    on_cuda = all(t.is_cuda for t in ts)
+    if _backend == "auto":
+        return HAS_TRITON and on_cuda
+    if not HAS_TRITON:
+        raise RuntimeError("pf_kernels backend 'triton' was requested but triton is not importable")
+    if not on_cuda and not _triton_utils.INTERPRETED:
+        raise RuntimeError(
+            "pf_kernels backend 'triton' got CPU tensors, but the Triton kernels were compiled "
+            "for a GPU. Set TRITON_INTERPRET=1 before importing pf_kernels to run them in the "
+            "Triton interpreter, or use set_backend('auto') / PF_KERNELS_BACKEND=auto."
+        )
+    return True
+
+
+#################################################################################
+#                               Argument checks                                 #
+#################################################################################
+
+
+def _check_rows(op: str, x: torch.Tensor, **mods: torch.Tensor) -> None:
+    """x (B, N, D); each modulation (B, N, D) or (B, 1, D)."""
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
+    b, n, d = x.shape
+    for name, t in mods.items():
+        if t.dim() != 3 or t.shape[0] != b or t.shape[2] != d or t.shape[1] not in (1, n):
+            raise ValueError(
+                f"{op}: {name} must be ({b}, {n}, {d}) or ({b}, 1, {d}) to match x, got {tuple(t.shape)}"
+            )
+
+
+def _check_indexed(op: str, x: torch.Tensor, index: torch.Tensor, **tables: torch.Tensor) -> None:
+    """x (B, N, D); tables (B, K, D); index (B, N) integer."""
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
+    b, n, d = x.shape
+    if index.shape != (b, n) or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: index must be an int64 tensor of shape ({b}, {n}), got {index.dtype} {tuple(index.shape)}")
+    ks = {t.shape[1] if t.dim() == 3 else -1 for t in tables.values()}
+    for name, t in tables.items():
+        if t.dim() != 3 or t.shape[0] != b or t.shape[2] != d:
+            raise ValueError(f"{op}: {name} must be a ({b}, K, {d}) table, got {tuple(t.shape)}")
+    if len(ks) != 1:
+        raise ValueError(f"{op}: the tables must have the same K, got {sorted(ks)}")
+
+
+#################################################################################
+#                                 Public ops                                    #
+#################################################################################
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``LN(x) * (1 + scale) + shift``; x (B, N, D), shift/scale (B, N, D) or (B, 1, D)."""
+    _check_rows("adaln_modulate", x, shift=shift, scale=scale)
+    if _use_triton(x, shift, scale):
+        return adaln_modulate_triton(x, shift, scale, float(eps))
+    return adaln_modulate_ref(x, shift, scale, eps)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y``; x, y (B, N, D), gate (B, N, D) or (B, 1, D)."""
+    _check_rows("gated_residual", x, gate=gate, y=y)
+    if y.shape != x.shape:
+        raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if _use_triton(x, gate, y):
+        return gated_residual_triton(x, gate, y)
+    return gated_residual_ref(x, gate, y)
+
+
+def adaln_modulate_indexed(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``LN(x[b, n]) * (1 + scale[b, index[b, n]]) + shift[b, index[b, n]]``.
+
+    shift, scale: (B, K, D) tables (strided ``chunk`` views fine); index (B, N) in [0, K).
+    """
+    _check_indexed("adaln_modulate_indexed", x, index, shift=shift, scale=scale)
+    index = index.to(torch.int64)
+    if _use_triton(x, shift, scale, index):
+        return adaln_modulate_indexed_triton(x, shift, scale, index, float(eps))
+    return adaln_modulate_indexed_ref(x, shift, scale, index, eps)
+
+
+def gated_residual_indexed(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, n] + gate[b, index[b, n]] * y[b, n]``; gate a (B, K, D) table, index (B, N)."""
+    _check_indexed("gated_residual_indexed", x, index, gate=gate)
+    if y.shape != x.shape:
+        raise ValueError(f"gated_residual_indexed: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    index = index.to(torch.int64)
+    if _use_triton(x, gate, y, index):
+        return gated_residual_indexed_triton(x, gate, y, index)
+    return gated_residual_indexed_ref(x, gate, y, index)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:
+    """t any shape -> t.shape + (dim,) fp32 (float64 for float64 t): ``[cos(t f), sin(t f)]``."""
+    if _use_triton(t):
+        return timestep_embedding_triton(t, int(dim), float(max_period))
+    return timestep_embedding_ref(t, dim, max_period)
+
+
+def patch_euler(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    dt: torch.Tensor,
+    patch_size: int,
+    *,
+    v_other: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x + dt_patch * (mask ? v : v_other)``; x, v, v_other (B, C, H, W); dt, mask (B, N).
+
+    ``out=x`` updates x in place. The Triton kernel is forward only: a call that needs grads
+    takes the (differentiable) torch reference.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"patch_euler: x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    p = int(patch_size)
+    if p <= 0 or h % p or w % p:
+        raise ValueError(f"patch_euler: H, W = {h}, {w} must be divisible by patch_size {patch_size}")
+    n = (h // p) * (w // p)
+    for name, t in (("v", v), ("v_other", v_other), ("out", out)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"patch_euler: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    for name, t in (("dt", dt), ("mask", mask)):
+        if t is not None and t.shape != (b, n):
+            raise ValueError(f"patch_euler: {name} must have shape ({b}, {n}) (one per patch), got {tuple(t.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask != 0
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, v, dt, v_other)
+    )
+    if not needs_grad and _use_triton(x, v, dt, v_other, mask, out):
+        return patch_euler_triton(x, v, dt, p, v_other=v_other, mask=mask, out=out)
+    return patch_euler_ref(x, v, dt, p, v_other=v_other, mask=mask, out=out)

@@ -1,0 +1,63 @@
+"""Shared host-side helpers for the Triton ops: availability flags, launch counter, block sizes.
+
+``INTERPRETED`` is decided once, when the kernels are decorated: ``@triton.jit`` reads
+``TRITON_INTERPRET`` at decoration time (``triton.knobs.runtime.interpret``), so the variable
+must be set before ``pf_kernels`` is imported. Setting it later has no effect on our kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+import triton
+
+# True when ``@triton.jit`` returns interpreter functions (CPU tensors can then be launched).
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+# ``torch.library.triton_op`` / ``wrap_triton`` arrived in torch 2.6; older torch takes the
+# plain ``autograd.Function`` route in each op file (eager only, no compile tracing).
+HAS_TRITON_OP: bool = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+# Kernel name -> number of launches from the host launchers. Tests read it to prove the
+# Triton path ran; it counts eager launches (a compiled graph launches without the host code).
+LAUNCHES: collections.Counter = collections.Counter()
+
+# Elements per program tile. Large enough that a tile saturates a SM's load units on a GPU,
+# small enough for the registers of the backward (about five fp32 values per element).
+TILE_ELEMS = 4096
+
+
+def wrap(kernel):
+    """``wrap_triton(kernel)`` where available (traceable launch), else the kernel itself."""
+    if HAS_TRITON_OP:
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def count(name: str) -> None:
+    LAUNCHES[name] += 1
+
+
+def row_blocks(n_rows: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) for a (rows, D) tile: D padded to a power of two and
+    masked, as many rows as fit in ``TILE_ELEMS`` (at most the rows there are)."""
+    block_d = triton.next_power_of_2(d)
+    block_m = max(1, min(triton.next_power_of_2(max(n_rows, 1)), TILE_ELEMS // block_d))
+    num_warps = min(16, max(4, (block_m * block_d) // 512))
+    return block_m, block_d, num_warps
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take any row strides but need unit stride along D (chunk views already have it).
+
+    A gradient that arrives expanded (stride 0 everywhere, from ``.sum().backward()``) is
+    the common case this copies.
+    """
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def empty_rows(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Contiguous output: the fake impls build the same, so compiled strides match eager."""
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -1,0 +1,377 @@
+"""Fused AdaLN modulation: ``out = LN(x) * (1 + scale) + shift`` (LN without affine).
+
+One read of x, shift and scale and one write of out, instead of the four passes of
+``F.layer_norm`` then multiply then add. Statistics and ``1 + scale`` are fp32.
+
+Modulation forms (all with unit stride along D; row strides are passed, never copied):
+  per token   shift, scale (B, N, D), e.g. ``c.chunk(6, -1)`` views with row stride 6D;
+  per sample  (B, 1, D): the row stride is passed as 0, and the backward reduces over N;
+  indexed     (B, K, D) tables plus ``index`` (B, N) int64 choosing each token's row
+              (``HAS_INDEX``; deduplicated conditioning, issue 6).
+
+File layout: forward kernel, backward kernel, host launchers, op registration + autograd.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from pf_kernels.ops._utils import (
+    HAS_TRITON_OP,
+    TILE_ELEMS,
+    count,
+    empty_rows,
+    last_dim_contiguous,
+    row_blocks,
+    wrap,
+)
+
+#################################################################################
+#                                 Forward kernel                                #
+#################################################################################
+
+
+@triton.jit
+def _adaln_modulate_fwd_kernel(
+    X, stride_xb, stride_xn,  # (B, N, D)
+    SHIFT, stride_hb, stride_hn,  # (B, N, D) | (B, 1, D) with stride_hn = 0 | (B, K, D) table
+    SCALE, stride_sb, stride_sn,  # same form as SHIFT
+    INDEX, stride_ib, stride_in,  # (B, N) int64 table rows (read only when HAS_INDEX)
+    OUT, stride_ob, stride_on,  # (B, N, D)
+    N, D, eps,
+    HAS_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (cdiv(N, BLOCK_M), B): token blocks on axis 0, which has no 65535 limit.
+    b = tl.program_id(1).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
+    cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,) D padded to a power of two
+    row_ok = rows < N
+    mask = row_ok[:, None] & (cols < D)[None, :]  # (BLOCK_M, BLOCK_D)
+
+    x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    # mean = sum(x) / D; var = sum((x - mean)^2) / D, the padded columns zeroed so they
+    # do not count; xhat = (x - mean) / sqrt(var + eps).
+    mean = tl.sum(x, axis=1) / D  # (BLOCK_M,)
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)  # (BLOCK_M,)
+    xhat = xc * rstd[:, None]
+
+    if HAS_INDEX:
+        mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=0)
+    else:
+        mrows = rows  # the per-sample form reads row 0 everywhere through its zero stride
+    shift = tl.load(SHIFT + b * stride_hb + mrows[:, None] * stride_hn + cols[None, :], mask=mask, other=0.0)
+    scale = tl.load(SCALE + b * stride_sb + mrows[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0)
+    # out = xhat * (1 + scale) + shift, with 1 + scale formed in fp32 (scale is small, so in
+    # bf16 the sum would round away most of its bits).
+    out = xhat * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+    tl.store(OUT + b * stride_ob + rows[:, None] * stride_on + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+#################################################################################
+#                                Backward kernel                                #
+#################################################################################
+
+
+@triton.jit
+def _adaln_modulate_bwd_kernel(
+    DOUT, stride_gb, stride_gn,  # (B, N, D) incoming gradient
+    X, stride_xb, stride_xn,  # (B, N, D)
+    SCALE, stride_sb, stride_sn,  # (B, N, D) | (B, 1, D) stride_sn = 0 | (B, K, D) table
+    INDEX, stride_ib, stride_in,  # (B, N) int64 (HAS_INDEX only)
+    DX, stride_dxb, stride_dxn,  # (B, N, D)
+    DSCALE, stride_dsb, stride_dsn,  # (B, N, D) per token, or (B, P, D) fp32 partials (REDUCE_SCALE)
+    DSHIFT, stride_dhb, stride_dhn,  # (B, P, D) fp32 partials (REDUCE_SHIFT only; else dshift = dout)
+    N, D, eps, ROWS_PER_PROG,
+    HAS_INDEX: tl.constexpr,
+    REDUCE_SCALE: tl.constexpr,
+    REDUCE_SHIFT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (P, B): program p walks tokens [p * ROWS_PER_PROG, (p + 1) * ROWS_PER_PROG) of
+    # sample b in BLOCK_M steps. A per-sample modulation's grads are summed over those tokens
+    # in fp32 registers and written once per program; the host adds the P partials.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    acc_dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dshift = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    row_start = pid * ROWS_PER_PROG
+    for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
+        row_ok = rows < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        g = tl.load(DOUT + b * stride_gb + rows[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        # Recompute the statistics instead of storing them: the pass reads x anyway.
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xhat = xc * rstd[:, None]
+        if HAS_INDEX:
+            mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=0)
+        else:
+            mrows = rows
+        scale = tl.load(SCALE + b * stride_sb + mrows[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0)
+        # Through out = xhat * w + shift with w = 1 + scale:  dxhat = g * w, and through LN
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+        wdy = g * (1.0 + scale.to(tl.float32))
+        c1 = tl.sum(xhat * wdy, axis=1) / D  # (BLOCK_M,)
+        c2 = tl.sum(wdy, axis=1) / D
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + b * stride_dxb + rows[:, None] * stride_dxn + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        # dscale = g * xhat, dshift = g (masked rows and columns contribute zeros).
+        if REDUCE_SCALE:
+            acc_dscale += tl.sum(g * xhat, axis=0)
+        else:
+            dscale = g * xhat
+            tl.store(
+                DSCALE + b * stride_dsb + rows[:, None] * stride_dsn + cols[None, :],
+                dscale.to(DSCALE.dtype.element_ty),
+                mask=mask,
+            )
+        if REDUCE_SHIFT:
+            acc_dshift += tl.sum(g, axis=0)
+    if REDUCE_SCALE:
+        tl.store(DSCALE + b * stride_dsb + pid * stride_dsn + cols, acc_dscale, mask=col_ok)
+    if REDUCE_SHIFT:
+        tl.store(DSHIFT + b * stride_dhb + pid * stride_dhn + cols, acc_dshift, mask=col_ok)
+
+
+#################################################################################
+#                                Host launchers                                 #
+#################################################################################
+
+
+def _mod_row_stride(t: torch.Tensor, indexed: bool) -> int:
+    # A per-sample (B, 1, D) modulation is read at row 0 by every token: stride 0. A table
+    # (indexed) keeps its real stride even with K = 1.
+    return t.stride(1) if indexed or t.shape[1] != 1 else 0
+
+
+def _index_args(index, like: torch.Tensor):
+    if index is None:
+        return like, 0, 0  # any pointer; never read (HAS_INDEX False)
+    return index, index.stride(0), index.stride(1)
+
+
+def reduce_programs(n_rows: int, batch: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """(P, rows per program) for a backward that sums over tokens: enough programs to fill the
+    GPU (about 4 per SM), the rest of the parallelism taken as a longer loop per program."""
+    n_blocks = triton.cdiv(max(n_rows, 1), block_m)
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2  # the interpreter: few programs are fastest; still more than one partial
+    p = min(n_blocks, max(1, triton.cdiv(target, batch)))
+    rows_per_prog = triton.cdiv(n_blocks, p) * block_m
+    return triton.cdiv(max(n_rows, 1), rows_per_prog), rows_per_prog
+
+
+def adaln_modulate_fwd(x, shift, scale, index, eps: float) -> torch.Tensor:
+    """x (B, N, D); shift, scale (B, N|1, D) or (B, K, D) with index (B, N). Returns (B, N, D)."""
+    x, shift, scale = last_dim_contiguous(x), last_dim_contiguous(shift), last_dim_contiguous(scale)
+    bsz, n, d = x.shape
+    out = empty_rows((bsz, n, d), x.dtype, x.device)
+    if out.numel() == 0:
+        return out
+    indexed = index is not None
+    block_m, block_d, num_warps = row_blocks(n, d)
+    idx, sib, sin = _index_args(index, x)
+    grid = (triton.cdiv(n, block_m), bsz)
+    count("adaln_modulate_fwd")
+    wrap(_adaln_modulate_fwd_kernel)[grid](
+        x, x.stride(0), x.stride(1),
+        shift, shift.stride(0), _mod_row_stride(shift, indexed),
+        scale, scale.stride(0), _mod_row_stride(scale, indexed),
+        idx, sib, sin,
+        out, out.stride(0), out.stride(1),
+        n, d, eps,
+        HAS_INDEX=indexed, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def adaln_modulate_bwd(grad, x, shift, scale, index, eps: float):
+    """Returns (dx, dshift, dscale).
+
+    dx (B, N, D). Per-sample shift/scale (B, 1, D): reduced grads (B, 1, D) in their dtypes.
+    Per-token: dscale (B, N, D); dshift is an empty tensor because it equals ``grad`` (the
+    caller uses grad itself: no kernel writes a copy). Indexed: dscale per token in fp32
+    (the caller scatters it into the table); dshift empty likewise.
+    """
+    grad, x = last_dim_contiguous(grad), last_dim_contiguous(x)
+    scale = last_dim_contiguous(scale)
+    bsz, n, d = x.shape
+    indexed = index is not None
+    reduce_scale = not indexed and scale.shape[1] == 1 and n > 1
+    reduce_shift = not indexed and shift.shape[1] == 1 and n > 1
+    dx = empty_rows((bsz, n, d), x.dtype, x.device)
+    block_m, block_d, num_warps = row_blocks(n, d)
+    if reduce_scale or reduce_shift:
+        # Smaller tiles here: the fp32 accumulators of two (BLOCK_D,) rows stay live.
+        block_m = max(1, min(block_m, TILE_ELEMS // 2 // block_d))
+        n_prog, rows_per_prog = reduce_programs(n, bsz, block_m, x.device)
+    else:
+        n_prog, rows_per_prog = triton.cdiv(max(n, 1), block_m), block_m
+    if reduce_scale:
+        dscale_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=x.device)
+    else:
+        dscale_buf = empty_rows((bsz, n, d), torch.float32 if indexed else scale.dtype, x.device)
+    dshift_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=x.device) if reduce_shift else dx
+    if dx.numel() > 0:
+        idx, sib, sin = _index_args(index, x)
+        count("adaln_modulate_bwd")
+        wrap(_adaln_modulate_bwd_kernel)[(n_prog, bsz)](
+            grad, grad.stride(0), grad.stride(1),
+            x, x.stride(0), x.stride(1),
+            scale, scale.stride(0), _mod_row_stride(scale, indexed),
+            idx, sib, sin,
+            dx, dx.stride(0), dx.stride(1),
+            dscale_buf, dscale_buf.stride(0), dscale_buf.stride(1),
+            dshift_buf, dshift_buf.stride(0), dshift_buf.stride(1),
+            n, d, eps, rows_per_prog,
+            HAS_INDEX=indexed, REDUCE_SCALE=reduce_scale, REDUCE_SHIFT=reduce_shift,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
+    elif reduce_scale or reduce_shift:
+        dscale_buf.zero_()
+        if reduce_shift:
+            dshift_buf.zero_()
+    # The one reduction of the per-program partials.
+    dscale = dscale_buf.sum(1, keepdim=True).to(scale.dtype) if reduce_scale else dscale_buf
+    if reduce_shift:
+        dshift = dshift_buf.sum(1, keepdim=True).to(shift.dtype)
+    else:
+        dshift = x.new_empty((0,), dtype=shift.dtype)
+    return dx, dshift, dscale
+
+
+def _bwd_fake(grad, x, shift, scale, index, eps):
+    bsz, n, d = x.shape
+    dx = empty_rows((bsz, n, d), x.dtype, x.device)
+    if index is not None:
+        return dx, x.new_empty((0,), dtype=shift.dtype), empty_rows((bsz, n, d), torch.float32, x.device)
+    dscale_rows = 1 if scale.shape[1] == 1 else n
+    dshift = empty_rows((bsz, 1, d), shift.dtype, x.device) if shift.shape[1] == 1 and n > 1 else x.new_empty((0,), dtype=shift.dtype)
+    return dx, dshift, empty_rows((bsz, dscale_rows, d), scale.dtype, x.device)
+
+
+def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum per-token grads (B, N, D) into a (B, K, D) table by index (B, N), in fp32."""
+    bsz, n, d = rows.shape
+    table = torch.zeros((bsz, k, d), dtype=torch.float32, device=rows.device)
+    table.scatter_add_(1, index[:, :, None].expand(bsz, n, d), rows.to(torch.float32))
+    return table.to(dtype)
+
+
+def _finish_grads(grad, dx, dshift, dscale, shift, scale, index):
+    """Per-token dshift is the incoming gradient itself; indexed grads go into the tables."""
+    if index is not None:
+        k = shift.shape[1]
+        return dx, _scatter_rows(grad, index, k, shift.dtype), _scatter_rows(dscale, index, scale.shape[1], scale.dtype)
+    if dshift.numel() == 0 and shift.numel() > 0:
+        dshift = grad.to(shift.dtype)
+        if dshift.shape != shift.shape:  # N == 1 or empty: same numbers, shift's shape
+            dshift = dshift.reshape(shift.shape)
+    return dx, dshift, dscale
+
+
+#################################################################################
+#                        Registration: triton_op + autograd                     #
+#################################################################################
+
+
+class AdalnModulateFunction(torch.autograd.Function):
+    """The route without ``torch.library.triton_op`` (torch < 2.6): eager autograd only."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, index, eps):
+        ctx.save_for_backward(x, shift, scale, index)
+        ctx.eps = eps
+        return adaln_modulate_fwd(x, shift, scale, index, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, shift, scale, index = ctx.saved_tensors
+        dx, dshift, dscale = adaln_modulate_bwd(grad, x, shift, scale, index, ctx.eps)
+        return (*_finish_grads(grad, dx, dshift, dscale, shift, scale, index), None, None)
+
+
+if HAS_TRITON_OP:
+
+    @torch.library.triton_op(
+        "pf_kernels::adaln_modulate", mutates_args=(), schema="(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor"
+    )
+    def _adaln_modulate_op(x, shift, scale, eps):
+        return adaln_modulate_fwd(x, shift, scale, None, eps)
+
+    @torch.library.triton_op(
+        "pf_kernels::adaln_modulate_indexed",
+        mutates_args=(),
+        schema="(Tensor x, Tensor shift, Tensor scale, Tensor index, float eps) -> Tensor",
+    )
+    def _adaln_modulate_indexed_op(x, shift, scale, index, eps):
+        return adaln_modulate_fwd(x, shift, scale, index, eps)
+
+    @torch.library.triton_op(
+        "pf_kernels::adaln_modulate_backward",
+        mutates_args=(),
+        schema="(Tensor grad, Tensor x, Tensor shift, Tensor scale, Tensor? index, float eps) -> (Tensor, Tensor, Tensor)",
+    )
+    def _adaln_modulate_backward_op(grad, x, shift, scale, index, eps):
+        return adaln_modulate_bwd(grad, x, shift, scale, index, eps)
+
+    # Explicit fake impls (triton_op's default runs the launcher on fake tensors, which works
+    # for compiled kernels but not for interpreter kernels, and hides the output strides).
+    def _fwd_fake(x, shift, scale, eps):
+        return empty_rows(x.shape, x.dtype, x.device)
+
+    def _fwd_indexed_fake(x, shift, scale, index, eps):
+        return empty_rows(x.shape, x.dtype, x.device)
+
+    _adaln_modulate_op.register_fake(_fwd_fake)
+    _adaln_modulate_indexed_op.register_fake(_fwd_indexed_fake)
+    _adaln_modulate_backward_op.register_fake(_bwd_fake)
+
+    def _setup_context(ctx, inputs, output):
+        x, shift, scale, eps = inputs
+        ctx.save_for_backward(x, shift, scale)
+        ctx.eps = eps
+
+    def _backward(ctx, grad):
+        x, shift, scale = ctx.saved_tensors
+        dx, dshift, dscale = torch.ops.pf_kernels.adaln_modulate_backward(grad, x, shift, scale, None, ctx.eps)
+        return (*_finish_grads(grad, dx, dshift, dscale, shift, scale, None), None)
+
+    def _setup_context_indexed(ctx, inputs, output):
+        x, shift, scale, index, eps = inputs
+        ctx.save_for_backward(x, shift, scale, index)
+        ctx.eps = eps
+
+    def _backward_indexed(ctx, grad):
+        x, shift, scale, index = ctx.saved_tensors
+        dx, dshift, dscale = torch.ops.pf_kernels.adaln_modulate_backward(grad, x, shift, scale, index, ctx.eps)
+        return (*_finish_grads(grad, dx, dshift, dscale, shift, scale, index), None, None)
+
+    _adaln_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+    _adaln_modulate_indexed_op.register_autograd(_backward_indexed, setup_context=_setup_context_indexed)
+
+
+def adaln_modulate_triton(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
+    if HAS_TRITON_OP:
+        return torch.ops.pf_kernels.adaln_modulate(x, shift, scale, eps)
+    return AdalnModulateFunction.apply(x, shift, scale, None, eps)
+
+
+def adaln_modulate_indexed_triton(x, shift, scale, index, eps: float = 1e-6) -> torch.Tensor:
+    if HAS_TRITON_OP:
+        return torch.ops.pf_kernels.adaln_modulate_indexed(x, shift, scale, index, eps)
+    return AdalnModulateFunction.apply(x, shift, scale, index, eps)

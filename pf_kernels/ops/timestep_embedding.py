@@ -1,0 +1,184 @@
+"""Sinusoidal timestep features for per-patch times (SPEC.md section 2).
+
+``emb[..., k] = cos(t * f_k)``, ``emb[..., half + k] = sin(t * f_k)`` for ``k < half = dim // 2``,
+``f_k = exp(-ln(max_period) * k / half)``; an odd ``dim`` ends with a zero column. With per-patch
+times this is a (B, N, 256) fp32 tensor written once from the (B, N) times, instead of
+the ``arange``/``exp``/outer-product/``cat`` chain. Differentiable in ``t`` (cheap: the
+backward recomputes the angles), ``dt = sum_k f_k * (g_sin_k * cos - g_cos_k * sin)``.
+
+File layout: forward kernel, backward kernel, host launchers, op registration + autograd.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pf_kernels.ops._utils import HAS_TRITON_OP, count, empty_rows, wrap
+
+#################################################################################
+#                                 Forward kernel                                #
+#################################################################################
+
+
+@triton.jit
+def _timestep_embedding_fwd_kernel(
+    T,  # (M,) times, any real dtype, flattened from t's shape
+    OUT,  # (M, DIM) fp32, contiguous
+    M, HALF, DIM, neg_log_period,  # neg_log_period = -ln(max_period)
+    ODD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
+    k = tl.arange(0, BLOCK_H)  # (BLOCK_H,) frequency index, HALF padded to a power of two
+    row_ok = rows < M
+    mask = row_ok[:, None] & (k < HALF)[None, :]
+    t = tl.load(T + rows, mask=row_ok, other=0.0).to(tl.float32)
+    # f_k = exp(-ln(P) * k / half), in the reference's order of operations.
+    freqs = tl.exp(neg_log_period * k.to(tl.float32) / HALF)  # (BLOCK_H,)
+    args = t[:, None] * freqs[None, :]  # (BLOCK_M, BLOCK_H)
+    base = OUT + rows[:, None] * DIM + k[None, :]
+    tl.store(base, tl.cos(args), mask=mask)
+    tl.store(base + HALF, tl.sin(args), mask=mask)
+    if ODD:
+        tl.store(OUT + rows * DIM + (DIM - 1), tl.zeros((BLOCK_M,), dtype=tl.float32), mask=row_ok)
+
+
+#################################################################################
+#                                Backward kernel                                #
+#################################################################################
+
+
+@triton.jit
+def _timestep_embedding_bwd_kernel(
+    DOUT, stride_gm,  # (M, DIM) incoming gradient, unit stride along DIM
+    T,  # (M,)
+    DT,  # (M,) in t's dtype
+    M, HALF, neg_log_period,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    k = tl.arange(0, BLOCK_H)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (k < HALF)[None, :]
+    t = tl.load(T + rows, mask=row_ok, other=0.0).to(tl.float32)
+    freqs = tl.exp(neg_log_period * k.to(tl.float32) / HALF)
+    args = t[:, None] * freqs[None, :]
+    base = DOUT + rows[:, None] * stride_gm + k[None, :]
+    g_cos = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    g_sin = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+    # d cos(t f)/dt = -f sin(t f); d sin(t f)/dt = f cos(t f); the odd zero column has no grad.
+    dt = tl.sum(freqs[None, :] * (g_sin * tl.cos(args) - g_cos * tl.sin(args)), axis=1)  # (BLOCK_M,)
+    tl.store(DT + rows, dt.to(DT.dtype.element_ty), mask=row_ok)
+
+
+#################################################################################
+#                                Host launchers                                 #
+#################################################################################
+
+
+def _blocks(m: int, half: int) -> tuple[int, int, int]:
+    block_h = triton.next_power_of_2(max(half, 1))
+    block_m = max(1, min(triton.next_power_of_2(max(m, 1)), 4096 // block_h))
+    return block_m, block_h, 4
+
+
+def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+    """t any shape -> t.shape + (dim,), fp32."""
+    out = empty_rows((*t.shape, dim), torch.float32, t.device)
+    m, half = t.numel(), dim // 2
+    if m == 0 or dim == 0:
+        return out
+    flat = t.reshape(-1).contiguous()  # (M,)
+    block_m, block_h, num_warps = _blocks(m, half)
+    count("timestep_embedding_fwd")
+    wrap(_timestep_embedding_fwd_kernel)[(triton.cdiv(m, block_m),)](
+        flat, out, m, half, dim, -math.log(max_period),
+        ODD=dim % 2 == 1, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def timestep_embedding_bwd(grad: torch.Tensor, t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+    """grad t.shape + (dim,) -> dt of t's shape and dtype."""
+    dt = empty_rows(t.shape, t.dtype, t.device)
+    m, half = t.numel(), dim // 2
+    if m == 0 or half == 0:
+        return dt.zero_()
+    g = grad.reshape(m, dim)
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    flat = t.reshape(-1).contiguous()
+    block_m, block_h, num_warps = _blocks(m, half)
+    count("timestep_embedding_bwd")
+    wrap(_timestep_embedding_bwd_kernel)[(triton.cdiv(m, block_m),)](
+        g, g.stride(0), flat, dt, m, half, -math.log(max_period),
+        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
+    )  # fmt: skip
+    return dt
+
+
+#################################################################################
+#                        Registration: triton_op + autograd                     #
+#################################################################################
+
+
+class TimestepEmbeddingFunction(torch.autograd.Function):
+    """The route without ``torch.library.triton_op`` (torch < 2.6): eager autograd only."""
+
+    @staticmethod
+    def forward(ctx, t, dim, max_period):
+        ctx.save_for_backward(t)
+        ctx.dim, ctx.max_period = dim, max_period
+        return timestep_embedding_fwd(t, dim, max_period)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return timestep_embedding_bwd(grad, t, ctx.dim, ctx.max_period), None, None
+
+
+if HAS_TRITON_OP:
+
+    @torch.library.triton_op(
+        "pf_kernels::timestep_embedding", mutates_args=(), schema="(Tensor t, int dim, float max_period) -> Tensor"
+    )
+    def _timestep_embedding_op(t, dim, max_period):
+        return timestep_embedding_fwd(t, dim, max_period)
+
+    @torch.library.triton_op(
+        "pf_kernels::timestep_embedding_backward",
+        mutates_args=(),
+        schema="(Tensor grad, Tensor t, int dim, float max_period) -> Tensor",
+    )
+    def _timestep_embedding_backward_op(grad, t, dim, max_period):
+        return timestep_embedding_bwd(grad, t, dim, max_period)
+
+    def _fwd_fake(t, dim, max_period):
+        return empty_rows((*t.shape, dim), torch.float32, t.device)
+
+    def _bwd_fake(grad, t, dim, max_period):
+        return empty_rows(t.shape, t.dtype, t.device)
+
+    _timestep_embedding_op.register_fake(_fwd_fake)
+    _timestep_embedding_backward_op.register_fake(_bwd_fake)
+
+    def _setup_context(ctx, inputs, output):
+        t, dim, max_period = inputs
+        ctx.save_for_backward(t)
+        ctx.dim, ctx.max_period = dim, max_period
+
+    def _backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return torch.ops.pf_kernels.timestep_embedding_backward(grad, t, ctx.dim, ctx.max_period), None, None
+
+    _timestep_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def timestep_embedding_triton(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    if HAS_TRITON_OP:
+        return torch.ops.pf_kernels.timestep_embedding(t, dim, float(max_period))
+    return TimestepEmbeddingFunction.apply(t, dim, float(max_period))

@@ -1,0 +1,174 @@
+"""Backend selection (PF_KERNELS_BACKEND / set_backend), argument checks, torch.compile tracing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pf_kernels
+from pf_kernels.dispatch import interpreter_active
+from pf_kernels.ops._utils import LAUNCHES
+
+needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def restore_backend():
+    previous = pf_kernels.get_backend()
+    yield
+    pf_kernels.set_backend(previous)
+
+
+def inputs(b=2, n=3, d=16, device="cpu", dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(b, n, d, generator=gen).to(device, dtype) for _ in range(2))
+    c = torch.randn(b, n, 6 * d, generator=gen).to(device, dtype)
+    return x, c, y
+
+
+def block(x, c, y, t):
+    """Every op once: what a PF block + sampler step does with them."""
+    shift, scale, gate = c.chunk(6, dim=-1)[:3]
+    h = pf_kernels.adaln_modulate(x, shift, scale)
+    out = pf_kernels.gated_residual(x, gate, h * y)
+    emb = pf_kernels.timestep_embedding(t, out.shape[-1])  # (B, N, D)
+    return out + emb.to(out.dtype)
+
+
+def _run_child(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PF_KERNELS_BACKEND")}
+    full_env.update(env, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_set_get_backend(restore_backend):
+    for name in ("torch", "triton", "auto", " AUTO "):
+        pf_kernels.set_backend(name)
+        assert pf_kernels.get_backend() == name.strip().lower()
+    with pytest.raises(ValueError, match="must be one of"):
+        pf_kernels.set_backend("cuda")
+
+
+def test_env_var_and_cpu_without_interpreter():
+    """In a fresh process: the env var picks the backend; 'triton' on CPU tensors without the
+    interpreter is a clear error; 'auto' on CPU quietly takes the reference."""
+    code = (
+        "import torch, pf_kernels\n"
+        "assert pf_kernels.get_backend() == 'triton', pf_kernels.get_backend()\n"
+        "x = torch.randn(1, 2, 8)\n"
+        "try:\n"
+        "    pf_kernels.adaln_modulate(x, x, x)\n"
+        "    raise SystemExit('no error')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+        "pf_kernels.set_backend('auto')\n"
+        "pf_kernels.adaln_modulate(x, x, x)\n"
+        "print('ok')\n"
+    )
+    res = _run_child(code, PF_KERNELS_BACKEND="triton")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_bad_env_value():
+    from pf_kernels.dispatch import _validated  # what the import applies to PF_KERNELS_BACKEND
+
+    with pytest.raises(ValueError, match="PF_KERNELS_BACKEND"):
+        _validated("bogus")
+
+
+@needs_interp
+def test_routing(restore_backend):
+    x, c, y = inputs()
+    shift, scale = c.chunk(6, dim=-1)[:2]
+    before = LAUNCHES["adaln_modulate_fwd"]
+    pf_kernels.set_backend("auto")  # CPU tensors -> reference
+    ref = pf_kernels.adaln_modulate(x, shift, scale)
+    pf_kernels.set_backend("torch")
+    pf_kernels.adaln_modulate(x, shift, scale)
+    assert LAUNCHES["adaln_modulate_fwd"] == before
+    pf_kernels.set_backend("triton")
+    pf_kernels.adaln_modulate(x.double(), shift.double(), scale.double())  # float64 -> reference
+    assert LAUNCHES["adaln_modulate_fwd"] == before
+    out = pf_kernels.adaln_modulate(x, shift, scale)
+    assert LAUNCHES["adaln_modulate_fwd"] == before + 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_argument_checks():
+    x, c, y = inputs()
+    shift = c[..., :16]
+    with pytest.raises(ValueError, match="x must be"):
+        pf_kernels.adaln_modulate(x[0], shift[0], shift[0])
+    with pytest.raises(ValueError, match="shift must be"):
+        pf_kernels.adaln_modulate(x, shift[:, :2], shift)
+    with pytest.raises(ValueError, match="gate must be"):
+        pf_kernels.gated_residual(x, c, y)
+    with pytest.raises(ValueError, match="y must have"):
+        pf_kernels.gated_residual(x, shift, y[:, :1])
+    with pytest.raises(ValueError, match="divisible"):
+        pf_kernels.patch_euler(torch.zeros(1, 1, 5, 4), torch.zeros(1, 1, 5, 4), torch.zeros(1, 4), 2)
+    with pytest.raises(ValueError, match="dt must have"):
+        pf_kernels.patch_euler(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 3), 2)
+
+
+def test_compile_fullgraph_cpu_reference(restore_backend):
+    """auto on the CPU = the torch path: a block of the ops traces whole, forward and backward."""
+    pf_kernels.set_backend("auto")
+    x, c, y = inputs()
+    t = torch.rand(2, 3)
+    leaves = [a.clone().requires_grad_() for a in (x, c, y)]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(*leaves, t)
+    out.square().sum().backward()
+    eager_leaves = [a.clone().requires_grad_() for a in (x, c, y)]
+    ref = block(*eager_leaves, t)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@needs_interp
+def test_compile_fullgraph_triton_ops_interpreter(restore_backend):
+    """The Triton route (custom ops) also traces with fullgraph=True. Under the interpreter
+    the ops stay opaque nodes (triton_op's kernel capture needs compiled kernels; see
+    test_op_adaln_modulate.test_opcheck); the kernels run when the graph executes."""
+    pf_kernels.set_backend("triton")
+    x, c, y = inputs()
+    t = torch.rand(2, 3)
+    leaves = [a.clone().requires_grad_() for a in (x, c, y)]
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        out = torch.compile(block, fullgraph=True, backend="aot_eager")(*leaves, t)
+        out.square().sum().backward()
+    torch._dynamo.reset()
+    pf_kernels.set_backend("torch")
+    eager_leaves = [a.clone().requires_grad_() for a in (x, c, y)]
+    ref = block(*eager_leaves, t)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_fullgraph_gpu(dtype, restore_backend):
+    """On a GPU, inductor captures the Triton kernels themselves (triton_op + wrap_triton)."""
+    pf_kernels.set_backend("auto")
+    x, c, y = inputs(4, 64, 1152, "cuda", dtype)
+    t = torch.rand(4, 64, device="cuda")
+    leaves = [a.clone().requires_grad_() for a in (x, c, y)]
+    torch._dynamo.reset()
+    out = torch.compile(block, fullgraph=True)(*leaves, t)
+    out.float().square().sum().backward()
+    eager_leaves = [a.clone().requires_grad_() for a in (x, c, y)]
+    ref = block(*eager_leaves, t)
+    ref.float().square().sum().backward()
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, **tol)

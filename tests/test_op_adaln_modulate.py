@@ -1,0 +1,175 @@
+"""adaln_modulate: Triton kernels (interpreter on the CPU) vs a float64 formula written here.
+
+``out = LN(x) * (1 + scale) + shift``, LN without affine. Forward and the grads of x and of
+the modulation tensor ``c`` the chunks come from (so dshift/dscale go through the real
+chunk-view backward), for per-token, per-sample and classic-DiT (B, 6D) modulations.
+"""
+
+import pytest
+import torch
+
+import pf_kernels
+from pf_kernels.dispatch import interpreter_active
+from pf_kernels.ops._utils import LAUNCHES
+
+needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
+CASES = [
+    pytest.param("cpu", torch.float32, marks=needs_interp, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, marks=needs_interp, id="cpu-fp16"),
+    pytest.param("cuda", torch.float32, marks=pytest.mark.gpu, id="cuda-fp32"),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.gpu, id="cuda-fp16"),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu, id="cuda-bf16"),
+]
+# (atol, rtol) against float64: fp32 is limited by fp32 sums over D; half types by the
+# final rounding of outputs (and grads) of size up to ~10.
+TOL = {torch.float32: (5e-5, 5e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2e-2)}
+# Odd D (masked power-of-two blocks), N = 1, B = 1; (1, 300, 48) makes the per-sample
+# backward use several programs, each looping over several row blocks.
+SHAPES = [(1, 1, 37), (2, 5, 48), (3, 7, 100), (4, 1, 64), (2, 3, 768), (1, 2, 3000), (1, 300, 48)]
+FORMS = ["token", "sample", "dit", "contiguous"]
+
+
+def adaln64(x, shift, scale, eps):
+    """The float64 definition: LN over the last dim (biased variance), then modulate."""
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * (1 + scale) + shift
+
+
+def make_modulation(form, b, n, d, dtype, seed):
+    """The leaf tensor ``c`` whose chunks give shift and scale."""
+    g = torch.Generator().manual_seed(seed)
+    if form == "token":
+        c = torch.randn(b, n, 6 * d, generator=g)  # chunks: (B, N, D) with row stride 6D
+    elif form == "sample":
+        c = torch.randn(b, 1, 6 * d, generator=g)  # (B, 1, D) chunks
+    elif form == "dit":
+        c = torch.randn(b, 6 * d, generator=g)  # classic DiT: chunk(6, dim=1), unsqueeze(1)
+    else:
+        c = torch.randn(b, n, 2 * d, generator=g)
+    return (0.5 * c).to(dtype)
+
+
+def split(form, c):
+    if form == "dit":
+        shift, scale, *_ = c.chunk(6, dim=1)
+        return shift.unsqueeze(1), scale.unsqueeze(1)
+    if form == "contiguous":
+        shift, scale = c.chunk(2, dim=-1)
+        return shift.contiguous(), scale.contiguous()
+    shift, scale, *_ = c.chunk(6, dim=-1)
+    return shift, scale
+
+
+def close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.detach(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_backward(shape, form, device, dtype, triton_backend):
+    b, n, d = shape
+    seed = b * 1000 + n * 10 + d
+    gen = torch.Generator().manual_seed(seed)
+    x0 = (2 * torch.randn(b, n, d, generator=gen) + 0.5).to(dtype)  # nonzero mean: LN must remove it
+    grad0 = torch.randn(b, n, d, generator=gen).to(dtype)
+    c0 = make_modulation(form, b, n, d, dtype, seed)
+
+    x = x0.clone().to(device).requires_grad_()
+    c = c0.clone().to(device).requires_grad_()
+    shift, scale = split(form, c)
+    if form != "contiguous":
+        assert shift._base is c and scale._base is c  # the kernels get the strided views
+    fwd, bwd = LAUNCHES["adaln_modulate_fwd"], LAUNCHES["adaln_modulate_bwd"]
+    out = pf_kernels.adaln_modulate(x, shift, scale)
+    out.backward(grad0.to(device))
+    assert LAUNCHES["adaln_modulate_fwd"] == fwd + 1 and LAUNCHES["adaln_modulate_bwd"] == bwd + 1
+
+    xr = x0.double().requires_grad_()
+    cr = c0.double().requires_grad_()
+    ref = adaln64(xr, *split(form, cr), 1e-6)
+    ref.backward(grad0.double())
+
+    assert out.dtype == dtype and out.shape == (b, n, d) and out.is_contiguous()
+    close(out, ref, dtype)
+    close(x.grad, xr.grad, dtype)
+    # dscale sums over N tokens in the per-sample forms: allow for the longer sum.
+    scale_tol = 1.0 if form in ("token", "contiguous") else max(1.0, n**0.5)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(c.grad.double().cpu(), cr.grad, atol=atol * scale_tol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device,dtype", CASES[:1] + CASES[2:3])
+def test_eps_and_mixed_dtypes(device, dtype, triton_backend):
+    """eps reaches the kernel; a half-precision modulation with an fp32 stream (autocast-like)
+    gives x's dtype out, and the grads come back in each input's own dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 40, generator=gen) * 0.01  # variance ~ eps: eps matters
+    c0 = (0.5 * torch.randn(2, 4, 80, generator=gen)).half()
+    x = x0.clone().to(device).requires_grad_()
+    c = c0.clone().to(device).requires_grad_()
+    shift, scale = c.chunk(2, dim=-1)
+    out = pf_kernels.adaln_modulate(x, shift, scale, eps=1e-3)
+    out.sum().backward()  # an expanded (stride 0) incoming gradient
+    xr, cr = x0.double().requires_grad_(), c0.double().requires_grad_()
+    ref = adaln64(xr, *cr.chunk(2, dim=-1), 1e-3)
+    ref.sum().backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.float32 and c.grad.dtype == torch.float16
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(c.grad.double().cpu(), cr.grad, atol=4e-3, rtol=4e-3)
+
+
+@needs_interp
+def test_autograd_function_fallback(triton_backend):
+    """The torch < 2.6 route (plain autograd.Function over the same launchers)."""
+    from pf_kernels.ops.adaln_modulate import AdalnModulateFunction
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 24, generator=gen, requires_grad=True)
+    c = torch.randn(2, 1, 48, generator=gen, requires_grad=True)
+    shift, scale = c.chunk(2, dim=-1)
+    out = AdalnModulateFunction.apply(x, shift, scale, None, 1e-6)
+    out.square().sum().backward()
+    xr, cr = x.detach().double().requires_grad_(), c.detach().double().requires_grad_()
+    adaln64(xr, *cr.chunk(2, dim=-1), 1e-6).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c.grad.double(), cr.grad, atol=1e-4, rtol=1e-4)
+
+
+@needs_interp
+@pytest.mark.parametrize("op", ["adaln_modulate", "adaln_modulate_backward"])
+def test_opcheck(op):
+    """torch.library.opcheck: schema, autograd registration, fake tensors, AOT dispatch.
+
+    Under the interpreter ``test_aot_dispatch_dynamic`` runs with triton_op's functional
+    decomposition off: that decomposition re-runs the launcher on fake tensors so as to
+    capture the kernel as a graph node, which needs a compiled (GPU) kernel, not an
+    interpreted one. The op is then traced through its fake impl, which is what this checks
+    here; the GPU test below runs the full decomposition.
+    """
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 24, generator=gen, requires_grad=True)
+    c = torch.randn(2, 1, 72, generator=gen, requires_grad=True)
+    shift, scale = c.chunk(3, dim=-1)[:2]
+    if op == "adaln_modulate":
+        args = (x, shift, scale, 1e-6)
+    else:
+        args = (torch.randn(2, 3, 24, generator=gen), x.detach(), shift.detach(), scale.detach(), None, 1e-6)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(getattr(torch.ops.pf_kernels, op).default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["adaln_modulate", "adaln_modulate_backward"])
+def test_opcheck_gpu(op):
+    x = torch.randn(2, 3, 24, device="cuda", requires_grad=True)
+    c = torch.randn(2, 5, 72, device="cuda", requires_grad=True)
+    shift, scale = c.chunk(3, dim=-1)[:2]
+    if op == "adaln_modulate":
+        args = (x, shift, scale, 1e-6)
+    else:
+        args = (torch.randn(2, 3, 24, device="cuda"), x.detach(), shift.detach()[:, :1], scale.detach()[:, :1], None, 1e-6)
+    torch.library.opcheck(getattr(torch.ops.pf_kernels, op).default, args)

@@ -1,0 +1,124 @@
+"""gated_residual: Triton kernels (interpreter on the CPU) vs ``x + gate * y`` in float64.
+
+Gates come as chunk views of a modulation tensor ``c`` (per token, per sample, classic DiT
+(B, 6D)) or a separate contiguous tensor; grads checked for x, y and c.
+"""
+
+import pytest
+import torch
+
+import pf_kernels
+from pf_kernels.dispatch import interpreter_active
+from pf_kernels.ops._utils import LAUNCHES
+
+needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
+CASES = [
+    pytest.param("cpu", torch.float32, marks=needs_interp, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, marks=needs_interp, id="cpu-fp16"),
+    pytest.param("cuda", torch.float32, marks=pytest.mark.gpu, id="cuda-fp32"),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.gpu, id="cuda-fp16"),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu, id="cuda-bf16"),
+]
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 1.6e-2)}
+SHAPES = [(1, 1, 37), (2, 5, 48), (3, 7, 100), (4, 1, 64), (2, 3, 1152), (1, 300, 48)]
+FORMS = ["token", "sample", "dit", "contiguous"]
+
+
+def make_gate(form, c, d):
+    """gate from the leaf c: the third of six chunks (gate_msa in DiT's order)."""
+    if form == "dit":
+        return c.chunk(6, dim=1)[2].unsqueeze(1)
+    if form == "contiguous":
+        return c.contiguous() * 1  # a separate (B, N, D) tensor
+    return c.chunk(6, dim=-1)[2]
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_backward(shape, form, device, dtype, triton_backend):
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(b * 1000 + n * 10 + d)
+    x0 = torch.randn(b, n, d, generator=gen).to(dtype)
+    y0 = torch.randn(b, n, d, generator=gen).to(dtype)
+    grad0 = torch.randn(b, n, d, generator=gen).to(dtype)
+    c_shape = {"token": (b, n, 6 * d), "sample": (b, 1, 6 * d), "dit": (b, 6 * d), "contiguous": (b, n, d)}[form]
+    c0 = torch.randn(c_shape, generator=gen).to(dtype)
+
+    x, y, c = (t.clone().to(device).requires_grad_() for t in (x0, y0, c0))
+    gate = make_gate(form, c, d)
+    fwd, bwd = LAUNCHES["gated_residual_fwd"], LAUNCHES["gated_residual_bwd"]
+    out = pf_kernels.gated_residual(x, gate, y)
+    out.backward(grad0.to(device))
+    assert LAUNCHES["gated_residual_fwd"] == fwd + 1 and LAUNCHES["gated_residual_bwd"] == bwd + 1
+
+    xr, yr, cr = (t.double().requires_grad_() for t in (x0, y0, c0))
+    ref = xr + make_gate(form, cr, d) * yr
+    ref.backward(grad0.double())
+
+    atol, rtol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == (b, n, d) and out.is_contiguous()
+    for got, want, k in ((out, ref, 1), (x.grad, xr.grad, 1), (y.grad, yr.grad, 1), (c.grad, cr.grad, n**0.5)):
+        # dgate of a per-sample gate is a sum over N tokens: allow for it.
+        torch.testing.assert_close(got.double().cpu(), want.detach(), atol=atol * max(1.0, k), rtol=rtol)
+
+
+@needs_interp
+def test_mixed_dtypes_and_expanded_grad(triton_backend):
+    """fp32 stream with a half gate (autocast-like): out in x's dtype, grads in each input's."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 40, generator=gen, requires_grad=True)
+    y = torch.randn(2, 4, 40, generator=gen).half().requires_grad_()
+    c = torch.randn(2, 1, 80, generator=gen).half().requires_grad_()
+    out = pf_kernels.gated_residual(x, c.chunk(2, dim=-1)[1], y)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert y.grad.dtype == torch.float16 and c.grad.dtype == torch.float16
+    xr, yr, cr = (t.detach().double().requires_grad_() for t in (x, y, c))
+    (xr + cr.chunk(2, dim=-1)[1] * yr).sum().backward()
+    torch.testing.assert_close(out.double(), (xr + cr.chunk(2, dim=-1)[1] * yr).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.grad.double(), yr.grad, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(c.grad.double(), cr.grad, atol=1e-2, rtol=2e-3)
+
+
+@needs_interp
+def test_autograd_function_fallback(triton_backend):
+    from pf_kernels.ops.gated_residual import GatedResidualFunction
+
+    gen = torch.Generator().manual_seed(4)
+    x, y = (torch.randn(2, 3, 24, generator=gen, requires_grad=True) for _ in range(2))
+    gate = torch.randn(2, 1, 24, generator=gen, requires_grad=True)
+    out = GatedResidualFunction.apply(x, gate, y, None)
+    out.square().sum().backward()
+    xr, gr, yr = (t.detach().double().requires_grad_() for t in (x, gate, y))
+    (xr + gr * yr).square().sum().backward()
+    for got, want in ((x.grad, xr.grad), (gate.grad, gr.grad), (y.grad, yr.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@needs_interp
+@pytest.mark.parametrize("op", ["gated_residual", "gated_residual_backward"])
+def test_opcheck(op):
+    """See test_op_adaln_modulate.test_opcheck for why AOT dispatch runs without triton_op's
+    functional decomposition under the interpreter."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = (torch.randn(2, 3, 24, generator=gen, requires_grad=True) for _ in range(2))
+    gate = torch.randn(2, 1, 72, generator=gen, requires_grad=True).chunk(3, dim=-1)[1]
+    if op == "gated_residual":
+        args = (x, gate, y)
+    else:
+        args = (torch.randn(2, 3, 24, generator=gen), gate.detach(), y.detach(), None)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(getattr(torch.ops.pf_kernels, op).default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gated_residual", "gated_residual_backward"])
+def test_opcheck_gpu(op):
+    x, y = (torch.randn(2, 3, 24, device="cuda", requires_grad=True) for _ in range(2))
+    gate = torch.randn(2, 3, 72, device="cuda", requires_grad=True).chunk(3, dim=-1)[1]
+    if op == "gated_residual":
+        args = (x, gate, y)
+    else:
+        args = (torch.randn(2, 3, 24, device="cuda"), gate.detach()[:, :1], y.detach(), None)
+    torch.library.opcheck(getattr(torch.ops.pf_kernels, op).default, args)

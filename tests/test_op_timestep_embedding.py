@@ -1,0 +1,86 @@
+"""timestep_embedding: Triton kernels (interpreter on the CPU) vs SPEC section 2 in float64.
+
+``[cos(t f_k), sin(t f_k)]``, ``f_k = exp(-ln(P) k / half)``, cos first, a zero column for
+odd dim; t of any shape; differentiable in t.
+"""
+
+import math
+
+import pytest
+import torch
+
+import pf_kernels
+from pf_kernels.dispatch import interpreter_active
+from pf_kernels.ops._utils import LAUNCHES
+
+needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
+CASES = [
+    pytest.param("cpu", torch.float32, marks=needs_interp, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, marks=needs_interp, id="cpu-fp16"),
+    pytest.param("cuda", torch.float32, marks=pytest.mark.gpu, id="cuda-fp32"),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu, id="cuda-bf16"),
+]
+
+
+def embedding64(t, dim, max_period):
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float64)
+    freqs = torch.exp(-math.log(max_period) * k / half)
+    args = t[..., None] * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[..., :1])], dim=-1)
+    return emb
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize(
+    "shape,dim,max_period",
+    [((2, 5), 256, 10000), ((3,), 256, 10000), ((1, 1), 7, 10000), ((2, 3, 4), 64, 100), ((4, 256), 256, 10000), ((0, 3), 16, 10000)],
+    ids=str,
+)
+def test_forward_backward(shape, dim, max_period, device, dtype, triton_backend):
+    gen = torch.Generator().manual_seed(sum(shape) + dim)
+    t0 = torch.rand(shape, generator=gen).to(dtype)  # per-patch times in [0, 1]
+    grad0 = torch.randn(*shape, dim, generator=gen)
+    t = t0.clone().to(device).requires_grad_()
+    fwd, bwd = LAUNCHES["timestep_embedding_fwd"], LAUNCHES["timestep_embedding_bwd"]
+    out = pf_kernels.timestep_embedding(t, dim, max_period)
+    out.backward(grad0.to(device))
+    if t.numel():
+        assert LAUNCHES["timestep_embedding_fwd"] == fwd + 1 and LAUNCHES["timestep_embedding_bwd"] == bwd + 1
+
+    tr = t0.double().requires_grad_()
+    ref = embedding64(tr, dim, max_period)
+    ref.backward(grad0.double())
+    assert out.shape == (*shape, dim) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=2e-6, rtol=1e-5)
+    # dt = sum over up to 128 frequencies: fp32 terms, and the rounding of dt to t's dtype.
+    atol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(t.grad.double().cpu(), tr.grad, atol=atol, rtol=1e-2 if atol > 1e-3 else 1e-4)
+
+
+@needs_interp
+def test_large_times(triton_backend):
+    """DiT-style times in [0, 1000] (other codebases): arguments up to 1000 rad."""
+    t = torch.tensor([[0.0, 1.0, 999.0, 500.5]])
+    out = pf_kernels.timestep_embedding(t, 256)
+    torch.testing.assert_close(out.double(), embedding64(t.double(), 256, 10000), atol=2e-4, rtol=0)
+
+
+@needs_interp
+def test_opcheck():
+    """AOT dispatch without the functional decomposition under the interpreter (see
+    test_op_adaln_modulate.test_opcheck)."""
+    t = torch.rand(2, 5, requires_grad=True)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(torch.ops.pf_kernels.timestep_embedding.default, (t, 256, 10000.0))
+        torch.library.opcheck(
+            torch.ops.pf_kernels.timestep_embedding_backward.default, (torch.randn(2, 5, 16), t.detach(), 16, 10000.0)
+        )
+
+
+@pytest.mark.gpu
+def test_opcheck_gpu():
+    t = torch.rand(2, 5, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.pf_kernels.timestep_embedding.default, (t, 256, 10000.0))

@@ -1,0 +1,227 @@
+"""patch_dit: a classic DiT written here (per-sample c (B, D)), a per-token variant, and
+pf.models.PatchForcingDiT give the same outputs and grads patched as unpatched."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pf_kernels
+from pf_kernels.dispatch import interpreter_active
+from pf_kernels.ops._utils import LAUNCHES
+from pf_kernels.patch import unpatch_dit
+
+needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
+
+#################################################################################
+#                  A DiT in the original codebase's form (models.py)             #
+#################################################################################
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+class DiTBlock(nn.Module):
+    """Classic DiT: c (B, D); ``chunk(6, dim=1)`` and ``unsqueeze(1)``. With ``per_token`` it
+    takes c (B, N, D) and splits along the last dim instead (PF-style)."""
+
+    def __init__(self, dim, heads, per_token=False):
+        super().__init__()
+        self.per_token = per_token
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        if self.per_token:
+            sm, cm, gm, sp, cp, gp = self.adaLN_modulation(c).chunk(6, dim=-1)
+            x = x + gm * self.attn(self.norm1(x) * (1 + cm) + sm)
+            return x + gp * self.mlp(self.norm2(x) * (1 + cp) + sp)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out, per_token=False):
+        super().__init__()
+        self.per_token = per_token
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        if self.per_token:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+            return self.linear(self.norm_final(x) * (1 + scale) + shift)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class TinyDiT(nn.Module):
+    def __init__(self, dim=32, heads=2, depth=2, out=8, per_token=False):
+        super().__init__()
+        self.blocks = nn.ModuleList([DiTBlock(dim, heads, per_token) for _ in range(depth)])
+        self.final_layer = FinalLayer(dim, out, per_token)
+        gen = torch.Generator().manual_seed(0)
+        for p in self.parameters():  # no AdaLN-Zero here: every path must carry signal
+            p.data.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+    def forward(self, x, c):
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.final_layer(x, c)
+
+
+#################################################################################
+#                                    Tests                                      #
+#################################################################################
+
+
+@pytest.fixture
+def backend():
+    previous = pf_kernels.get_backend()
+    yield pf_kernels.set_backend
+    pf_kernels.set_backend(previous)
+
+
+def run(model, x, c):
+    """Output and all grads (params, x, c) of a scalar loss."""
+    model.zero_grad()
+    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
+    out = model(x, c)
+    out.square().mean().backward()
+    # (a compiled module names its parameters "_orig_mod.<name>")
+    grads = {name.removeprefix("_orig_mod."): p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, x.grad, c.grad
+
+
+def assert_same(a, b, atol=2e-5, rtol=2e-5):
+    out_a, grads_a, gx_a, gc_a = a
+    out_b, grads_b, gx_b, gc_b = b
+    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=rtol)
+    torch.testing.assert_close(gx_a, gx_b, atol=atol, rtol=rtol)
+    torch.testing.assert_close(gc_a, gc_b, atol=atol, rtol=rtol)
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], atol=atol, rtol=rtol, msg=k)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("mode", [pytest.param("triton", marks=needs_interp), "auto"])
+def test_tiny_dit(per_token, mode, backend):
+    backend(mode)
+    model = TinyDiT(per_token=per_token)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 32, generator=gen)
+    c = torch.randn(2, 5, 32, generator=gen) if per_token else torch.randn(2, 32, generator=gen)
+    expected = run(model, x, c)
+
+    patched_model = copy.deepcopy(model)
+    assert pf_kernels.patch_dit(patched_model) == 3  # two blocks and the final layer
+    launches = LAUNCHES["adaln_modulate_fwd"]
+    got = run(patched_model, x, c)
+    if mode == "triton":
+        assert LAUNCHES["adaln_modulate_fwd"] == launches + 5  # 2 per block + final
+    assert_same(got, expected)
+
+    assert pf_kernels.patch_dit(patched_model) == 0  # already patched
+    assert unpatch_dit(patched_model) == 3
+    assert_same(run(patched_model, x, c), expected, atol=0, rtol=0)
+
+
+def test_skips_affine_norms_and_other_widths():
+    model = TinyDiT()
+    model.blocks[0].norm1 = nn.LayerNorm(32, eps=1e-6)  # affine: fusing would drop its weight
+    model.final_layer.adaLN_modulation[1] = nn.Linear(32, 3 * 32)  # not (shift, scale)
+    assert pf_kernels.patch_dit(model) == 1
+    assert pf_kernels.patch_dit(nn.Sequential(nn.Linear(2, 2))) == 0
+
+
+def test_compile_patched_dit_cpu(backend):
+    """The patched model traces whole under torch.compile (CPU: the torch path)."""
+    backend("auto")
+    model = TinyDiT()
+    gen = torch.Generator().manual_seed(2)
+    x, c = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 32, generator=gen)
+    expected = run(model, x, c)
+    pf_kernels.patch_dit(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same(run(compiled, x, c), expected)
+
+
+def _pf_model():
+    from pf.models import PatchForcingDiT
+
+    model = PatchForcingDiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, class_dropout_prob=0.0
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # undo AdaLN-Zero so every fused op carries signal
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "final_layer.linear" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _run_pf(model, x, t, y):
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    v, logvar = model(x, t, y, return_uncertainty=True)
+    (v.square().mean() + logvar.square().mean()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return torch.cat([v, logvar], 1).detach(), grads, x.grad, x.grad
+
+
+@needs_interp
+@pytest.mark.parametrize("per_sample_t", [False, True], ids=["t_per_patch", "t_per_sample"])
+def test_patch_forcing_dit(per_sample_t, backend):
+    """PatchForcingDiT already calls the fused ops: torch reference vs its own Triton route vs
+    patched, with per-patch (B, N) and per-sample (B,) times."""
+    model = _pf_model()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.rand(2, generator=gen) if per_sample_t else torch.rand(2, 16, generator=gen)
+    y = torch.tensor([1, 10])
+    backend("torch")
+    expected = _run_pf(model, x, t, y)
+    backend("triton")
+    launches = LAUNCHES["gated_residual_bwd"]
+    assert_same(_run_pf(model, x, t, y), expected)
+    assert LAUNCHES["gated_residual_bwd"] == launches + 4
+    assert pf_kernels.patch_dit(model) == 3
+    assert_same(_run_pf(model, x, t, y), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_dit_gpu_compiled(dtype, backend):
+    backend("auto")
+    model = TinyDiT(dim=128, heads=4).cuda().to(dtype)
+    x = torch.randn(4, 64, 128, device="cuda", dtype=dtype)
+    c = torch.randn(4, 128, device="cuda", dtype=dtype)
+    expected = run(model, x, c)
+    pf_kernels.patch_dit(model)
+    torch._dynamo.reset()
+    got = run(torch.compile(model, fullgraph=True), x, c)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
+    assert_same(got, expected, **tol)
