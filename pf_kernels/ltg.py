@@ -202,7 +202,7 @@ def ltg_sample(
     Deterministic in ``(seed, offset)`` and identical on CPU and CUDA. A call uses the
     Philox counters ``[offset, offset + batch*num_patches)``: advance ``offset`` by
     ``batch*num_patches`` per call for fresh samples. ``seed`` is taken modulo 2^64;
-    ``offset`` must be in [0, 2^64). ``device`` defaults to torch's default device;
+    ``offset`` must be in [0, 2^64). ``device`` defaults to the CPU;
     ``dtype`` is float32 or float64 (computed natively) or float16/bfloat16 (rounded from
     float32).
     """
@@ -221,7 +221,7 @@ def ltg_sample(
         raise TypeError(
             f"ltg_sample: unsupported dtype {dtype}; use float32, float64, float16 or bfloat16"
         )
-    device = torch.get_default_device() if device is None else torch.device(device)
+    device = torch.device("cpu") if device is None else torch.device(device)
     if device.type not in _DEVICE_TYPES:
         raise ValueError(f"ltg_sample: unsupported device {device}; use cpu or cuda")
     if _ext is None:
