@@ -1,0 +1,185 @@
+"""pf_kernels ops vs eager PyTorch and ``torch.compile`` of the same expression.
+
+Run: ``pytest benchmarks/bench_ops.py --benchmark-only`` (add ``--benchmark-json=out.json``
+to keep the numbers; ``--benchmark-group-by=group`` puts the three implementations of a case
+side by side). Each case records in ``extra_info``: ms (CUDA events, median), GB/s of the
+op's minimal traffic (every input read once, every output written once) and that as a
+fraction of the measured copy bandwidth (see ``conftest.py``).
+
+Shapes: PF-B/2 (D 768) and PF-XL/2 (D 1152) at N = 256 tokens, B*N from 4096 to 65536;
+bf16 and fp32; forward and forward+backward. The modulation is per token (Patch Forcing's
+case) as strided ``chunk(6, -1)`` views of a (B, N, 6D) tensor. On the CPU only small
+cases of the dispatched ops run (the torch path): the numbers mean nothing for the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pf_kernels
+from pf_kernels import reference as ref
+
+CUDA = torch.cuda.is_available()
+PRESETS = {"PF-B/2": 768, "PF-XL/2": 1152}
+TOKENS = [4096, 16384, 65536]  # B * N with N = 256 (B = 16, 64, 256)
+N_TOKENS = 256
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IMPLS = ["fused", "eager", "compile"]
+MODES = ["fwd", "fwd+bwd"]
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA (GPU-sized cases)")
+
+#################################################################################
+#                     Cases: inputs, functions, bytes moved                      #
+#################################################################################
+
+
+def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
+    # A chunk view of a tensor without grad may itself be made a leaf: the backward then
+    # writes the op's own grads only (no chunk-backward scatter into (B, N, 6D)).
+    return t.requires_grad_(grad)
+
+
+def adaln_case(tokens, d, dtype, device, grad):
+    b = tokens // N_TOKENS
+    x = _leaf(torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad)
+    mod = 0.1 * torch.randn(b, N_TOKENS, 6 * d, device=device, dtype=dtype)
+    shift, scale = (_leaf(t, grad) for t in mod.chunk(6, dim=-1)[:2])  # (B, N, D), row stride 6D
+    es = x.element_size()
+    # fwd: x, shift, scale in, out; bwd: grad, x, scale in, dx, dscale out (dshift = grad).
+    per_elem = {"fwd": 4, "fwd+bwd": 9}
+    return (x, shift, scale), {"fused": pf_kernels.adaln_modulate, "reference": ref.adaln_modulate_ref}, per_elem, x.numel() * es
+
+
+def gated_case(tokens, d, dtype, device, grad):
+    b = tokens // N_TOKENS
+    x, y = (_leaf(torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad) for _ in range(2))
+    mod = torch.randn(b, N_TOKENS, 6 * d, device=device, dtype=dtype)
+    gate = _leaf(mod.chunk(6, dim=-1)[2], grad)
+    es = x.element_size()
+    # fwd: x, gate, y in, out; bwd: grad, gate, y in, dy, dgate out (dx = grad).
+    per_elem = {"fwd": 4, "fwd+bwd": 9}
+    return (x, gate, y), {"fused": pf_kernels.gated_residual, "reference": ref.gated_residual_ref}, per_elem, x.numel() * es
+
+
+def timestep_case(tokens, device, grad):
+    t = _leaf(torch.rand(tokens // N_TOKENS, N_TOKENS, device=device), grad)
+    # fwd: t in, (B, N, 256) fp32 out; bwd: grad (B, N, 256) and t in, dt out.
+    unit = tokens * 4  # bytes of one fp32 per token
+    fused = lambda t: pf_kernels.timestep_embedding(t, 256)  # noqa: E731
+    reference = lambda t: ref.timestep_embedding_ref(t, 256)  # noqa: E731
+    return (t,), {"fused": fused, "reference": reference}, {"fwd": 257, "fwd+bwd": 257 + 258}, unit
+
+
+def euler_case(tokens, dtype, device):
+    """The look-ahead update: per-patch dt and mask, v or v_other per patch (SD-VAE latents)."""
+    b = tokens // N_TOKENS
+    x, v, vo = (torch.randn(b, 4, 32, 32, device=device, dtype=dtype) for _ in range(3))
+    dt = torch.rand(b, N_TOKENS, device=device)
+    mask = torch.rand(b, N_TOKENS, device=device) < 0.4
+
+    def fused(x, v, dt, vo, mask):
+        return pf_kernels.patch_euler(x, v, dt, 2, v_other=vo, mask=mask)
+
+    def reference(x, v, dt, vo, mask):
+        return ref.patch_euler_ref(x, v, dt, 2, v_other=vo, mask=mask)
+
+    # x in, one of v / v_other per pixel in, out; plus dt (fp32) and mask per patch.
+    nbytes = 3 * x.numel() * x.element_size() + b * N_TOKENS * 5
+    return (x, v, dt, vo, mask), {"fused": fused, "reference": reference}, nbytes
+
+
+def make_fn(impl: str, fns: dict, inputs, mode: str):
+    """The timed callable: forward, or forward + autograd.grad w.r.t. the float inputs."""
+    fn = fns["fused"] if impl == "fused" else fns["reference"]
+    if impl == "compile":
+        torch._dynamo.reset()  # a fresh cache per case: no silent fallback past the recompile limit
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+    leaves = [t for t in inputs if t.requires_grad]
+    out0 = fn(*inputs)
+    g = torch.randn_like(out0)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*inputs), leaves, g)
+
+    return fwd_bwd
+
+
+@pytest.fixture
+def backend_auto():
+    previous = pf_kernels.get_backend()
+    pf_kernels.set_backend("auto")  # CUDA tensors -> Triton
+    yield
+    pf_kernels.set_backend(previous)
+
+
+#################################################################################
+#                                  GPU cases                                    #
+#################################################################################
+
+
+@gpu_only
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual"])
+def test_modulation_ops(benchmark, record, backend_auto, op, preset, tokens, dtype, mode, impl):
+    d = PRESETS[preset]
+    case = adaln_case if op == "adaln_modulate" else gated_case
+    inputs, fns, per_elem, elem_bytes = case(tokens, d, DTYPES[dtype], "cuda", mode != "fwd")
+    benchmark.group = f"{op} {preset} B*N={tokens} {dtype} {mode}"
+    record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
+           op=op, preset=preset, tokens=tokens, dim=d, dtype=dtype, mode=mode, impl=impl)  # fmt: skip
+
+
+@gpu_only
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_timestep_embedding(benchmark, record, backend_auto, tokens, mode, impl):
+    inputs, fns, per_unit, unit = timestep_case(tokens, "cuda", mode != "fwd")
+    benchmark.group = f"timestep_embedding B*N={tokens} fp32 {mode}"
+    record(benchmark, make_fn(impl, fns, inputs, mode), per_unit[mode] * unit,
+           op="timestep_embedding", tokens=tokens, dim=256, dtype="fp32", mode=mode, impl=impl)  # fmt: skip
+
+
+@gpu_only
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_patch_euler(benchmark, record, backend_auto, tokens, dtype, impl):
+    inputs, fns, nbytes = euler_case(tokens, DTYPES[dtype], "cuda")
+    benchmark.group = f"patch_euler B*N={tokens} {dtype} fwd"
+    record(benchmark, make_fn(impl, fns, inputs, "fwd"), nbytes,
+           op="patch_euler", tokens=tokens, dtype=dtype, mode="fwd", impl=impl)  # fmt: skip
+
+
+#################################################################################
+#                  CPU cases: the dispatched ops' torch path, small                #
+#################################################################################
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU cases above run instead")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual", "timestep_embedding", "patch_euler"])
+def test_cpu_small(benchmark, record, backend_auto, op, mode):
+    tokens, d = 512, 768
+    if op == "adaln_modulate":
+        inputs, fns, per_elem, elem_bytes = adaln_case(tokens, d, torch.float32, "cpu", mode != "fwd")
+        nbytes = per_elem[mode] * elem_bytes
+    elif op == "gated_residual":
+        inputs, fns, per_elem, elem_bytes = gated_case(tokens, d, torch.float32, "cpu", mode != "fwd")
+        nbytes = per_elem[mode] * elem_bytes
+    elif op == "timestep_embedding":
+        inputs, fns, per_unit, unit = timestep_case(tokens, "cpu", mode != "fwd")
+        nbytes = per_unit[mode] * unit
+    else:
+        if mode != "fwd":
+            pytest.skip("patch_euler is forward only")
+        inputs, fns, nbytes = euler_case(tokens, torch.float32, "cpu")
+    benchmark.group = f"cpu {op} B*N={tokens} fp32 {mode}"
+    record(benchmark, make_fn("fused", fns, inputs, mode), nbytes, op=op, tokens=tokens, mode=mode, impl="dispatch-cpu")

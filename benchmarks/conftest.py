@@ -1,0 +1,118 @@
+"""Shared benchmark fixtures (``pytest benchmarks --benchmark-only``).
+
+- ``device``: "cuda" when available, else "cpu".
+- ``copy_bandwidth``: the measured device-to-device copy bandwidth in GB/s (read + write
+  bytes per second of ``dst.copy_(src)`` on 512 MiB), once per session: the practical
+  limit a memory-bound kernel is compared against.
+- ``time_ms(fn)``: median milliseconds of ``fn``; CUDA events via
+  ``triton.testing.do_bench`` on a GPU (it flushes L2 between runs), wall clock on the CPU.
+- ``record(benchmark, fn, bytes_moved, **info)``: times ``fn`` into the pytest-benchmark
+  table and puts ms, GB/s and the fraction of ``copy_bandwidth`` in ``extra_info``.
+- The GPU's name, torch/triton/CUDA versions and the copy bandwidth go into the machine
+  info of the saved JSON (``pytest_benchmark_update_machine_info``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 512 * 2**20) -> float:
+    """GB/s of a plain copy (bytes read + bytes written per second)."""
+    if device != "cuda":
+        nbytes = min(nbytes, 64 * 2**20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device=device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_bandwidth_cached(device: str) -> float:
+    return measure_copy_bandwidth(device)
+
+
+def time_ms(fn, device: str | None = None, warmup: int = 25, rep: int = 100) -> float:
+    """Median time of ``fn`` in ms."""
+    device = device or ("cuda" if CUDA else "cpu")
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _synced(fn, device: str):
+    if device != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(device) -> float:
+    return _copy_bandwidth_cached(device)
+
+
+@pytest.fixture(name="time_ms")
+def time_ms_fixture(device):
+    return functools.partial(time_ms, device=device)
+
+
+@pytest.fixture
+def record(device, copy_bandwidth):
+    """``record(benchmark, fn, bytes_moved, **info)``: see the module docstring."""
+
+    def _record(benchmark, fn, bytes_moved: int, **info):
+        ms = time_ms(fn, device=device)
+        # The table's own timing (wall clock around a synchronised call); the extra_info
+        # numbers come from CUDA events and are the ones to quote.
+        benchmark.pedantic(_synced(fn, device), rounds=10 if device == "cuda" else 3, iterations=1, warmup_rounds=1)
+        gbps = bytes_moved / (ms * 1e-3) / 1e9
+        benchmark.extra_info.update(info)
+        benchmark.extra_info.update(
+            device=device,
+            ms=round(ms, 5),
+            gb_per_s=round(gbps, 1),
+            copy_gb_per_s=round(copy_bandwidth, 1),
+            frac_of_copy_bw=round(gbps / copy_bandwidth, 3),
+            bytes_moved=int(bytes_moved),
+        )
+        return ms
+
+    return _record
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import triton
+
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+    if CUDA:
+        machine_info["gpu"] = torch.cuda.get_device_name()
+        machine_info["cuda"] = torch.version.cuda
+        machine_info["copy_gb_per_s"] = round(_copy_bandwidth_cached("cuda"), 1)
+    else:
+        machine_info["gpu"] = None
