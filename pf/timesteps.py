@@ -61,22 +61,51 @@ class LTG(TimestepSampler):
 
     ``tbar = sigmoid(loc + scale*n0)``, ``sd = min(tbar/2, std)``, ``t_i = tbar - |n_i|*sd``,
     negative ``t_i`` resampled as ``u_i * tbar``.
+
+    ``backend="compiled"`` (default) draws from ``pf_kernels.ltg_sample``: Philox keyed by
+    ``seed`` at counter ``offset``, identical on CPU and CUDA; ``generator`` is not used (only
+    to draw ``seed`` on the first call when it is None). ``offset`` advances by ``B*N`` per
+    call; save and restore ``seed``/``offset`` (``state_dict``) to resume the stream.
+    ``backend="torch"`` draws with torch's RNG from ``generator``.
     """
 
     name = "ltg"
 
-    def __init__(self, loc: float = 0.7, scale: float = 1.0, std: float = 0.6):
+    def __init__(self, loc: float = 0.7, scale: float = 1.0, std: float = 0.6, seed: int | None = None,
+                 backend: str = "compiled"):
         for k, v in (("loc", loc), ("scale", scale), ("std", std)):
             _check_prob(k, v)
         if std <= 0:
             raise ValueError(f"LTG std must be > 0, got {std}")
+        if backend not in ("compiled", "torch"):
+            raise ValueError(f"LTG backend must be 'compiled' or 'torch', got {backend!r}")
         self.loc, self.scale, self.std = float(loc), float(scale), float(std)
+        self.backend = backend
+        self.seed = None if seed is None else int(seed)
+        self.offset = 0  # Philox counter of the next draw (compiled backend)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = None if state["seed"] is None else int(state["seed"])
+        self.offset = int(state["offset"])
 
     def sample(self, batch, num_patches, device, generator):
-        n0 = _randn((batch,), device, generator)
-        n = _randn((batch, num_patches), device, generator)
-        u = _rand((batch, num_patches), device, generator)
-        return ltg_from_noise(n0, n, u, self.loc, self.scale, self.std)
+        if self.backend == "torch":
+            n0 = _randn((batch,), device, generator)
+            n = _randn((batch, num_patches), device, generator)
+            u = _rand((batch, num_patches), device, generator)
+            return ltg_from_noise(n0, n, u, self.loc, self.scale, self.std)
+        from pf_kernels.ltg import ltg_sample
+
+        if self.seed is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            self.seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=gen_device))
+        t = ltg_sample(batch, num_patches, loc=self.loc, scale=self.scale, std=self.std, seed=self.seed,
+                       offset=self.offset, device=device)
+        self.offset = (self.offset + batch * num_patches) % 2**64
+        return t
 
 
 class TruncatedGaussian(LTG):

@@ -368,3 +368,28 @@ def test_op_checks_its_arguments():
 
 def test_seed_is_taken_modulo_2_64():
     assert torch.equal(ltg_sample(2, 3, seed=-1), ltg_sample(2, 3, seed=2**64 - 1))
+
+
+# ------------------------------------------------------------- pf.timesteps wiring
+def test_timesteps_make_ltg_compiled_advances_offset():
+    from pf import timesteps
+
+    s = timesteps.make("ltg", seed=42)
+    assert s.backend == "compiled" and s.offset == 0
+    a, b = s(4, 16), s(4, 16)
+    assert s.offset == 2 * 4 * 16
+    assert torch.equal(a, ltg_sample(4, 16, seed=42, offset=0))
+    assert torch.equal(b, ltg_sample(4, 16, seed=42, offset=64))
+    resumed = timesteps.make("ltg")
+    resumed.load_state_dict({"seed": 42, "offset": 64})
+    assert torch.equal(resumed(4, 16), b) and resumed.state_dict() == {"seed": 42, "offset": 128}
+
+
+def test_timesteps_make_ltg_torch_backend_uses_generator():
+    from pf import timesteps
+
+    s = timesteps.make("ltg", backend="torch")
+    a = s(4, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, s(4, 16, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError):
+        timesteps.make("ltg", backend="cuda")
