@@ -62,6 +62,31 @@ def gated_case(tokens, d, dtype, device, grad):
     return (x, gate, y), {"fused": pf_kernels.gated_residual, "reference": ref.gated_residual_ref}, per_elem, x.numel() * es
 
 
+def indexed_case(op, tokens, d, dtype, device, grad, k=2):
+    """Deduplicated conditioning (issue 6): (B, K, D) tables read per token through index.
+    Minimal traffic ignores the tiny tables: adaln fwd x in, out; bwd grad, x in, dx out;
+    gated fwd x, y in, out; bwd grad, y in, dy out."""
+    b = tokens // N_TOKENS
+    x = _leaf(torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad)
+    mod = 0.1 * torch.randn(b, k, 6 * d, device=device, dtype=dtype)
+    index = torch.randint(0, k, (b, N_TOKENS), device=device)
+    gather = lambda t: t.gather(1, index[:, :, None].expand(-1, -1, d))  # noqa: E731
+    if op == "adaln_modulate_indexed":
+        shift, scale = (_leaf(t, grad) for t in mod.chunk(6, dim=-1)[:2])
+        fns = {
+            "fused": lambda x, sh, sc: pf_kernels.adaln_modulate_indexed(x, sh, sc, index),
+            "reference": lambda x, sh, sc: ref.adaln_modulate_ref(x, gather(sh), gather(sc)),
+        }
+        return (x, shift, scale), fns, {"fwd": 2, "fwd+bwd": 5}, x.numel() * x.element_size()
+    y = _leaf(torch.randn_like(x), grad)
+    gate = _leaf(mod.chunk(6, dim=-1)[2], grad)
+    fns = {
+        "fused": lambda x, g, y: pf_kernels.gated_residual_indexed(x, g, y, index),
+        "reference": lambda x, g, y: ref.gated_residual_ref(x, gather(g), y),
+    }
+    return (x, gate, y), fns, {"fwd": 3, "fwd+bwd": 6}, x.numel() * x.element_size()
+
+
 def timestep_case(tokens, device, grad):
     t = _leaf(torch.rand(tokens // N_TOKENS, N_TOKENS, device=device), grad)
     # fwd: t in, (B, N, 256) fp32 out; bwd: grad (B, N, 256) and t in, dt out.
@@ -134,6 +159,19 @@ def test_modulation_ops(benchmark, record, backend_auto, op, preset, tokens, dty
     benchmark.group = f"{op} {preset} B*N={tokens} {dtype} {mode}"
     record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
            op=op, preset=preset, tokens=tokens, dim=d, dtype=dtype, mode=mode, impl=impl)  # fmt: skip
+
+
+@gpu_only
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tokens", [16384, 65536])
+@pytest.mark.parametrize("op", ["adaln_modulate_indexed", "gated_residual_indexed"])
+def test_indexed_ops(benchmark, record, backend_auto, op, tokens, mode, impl):
+    """PF-XL/2, bf16, K = 2 distinct times per sample (dual loop / look-ahead)."""
+    inputs, fns, per_elem, elem_bytes = indexed_case(op, tokens, 1152, torch.bfloat16, "cuda", mode != "fwd")
+    benchmark.group = f"{op} PF-XL/2 K=2 B*N={tokens} bf16 {mode}"
+    record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
+           op=op, preset="PF-XL/2", tokens=tokens, dim=1152, dtype="bf16", mode=mode, impl=impl, k=2)  # fmt: skip
 
 
 @gpu_only

@@ -114,6 +114,12 @@ def _check_indexed(op: str, x: torch.Tensor, index: torch.Tensor, **tables: torc
             raise ValueError(f"{op}: {name} must be a ({b}, K, {d}) table, got {tuple(t.shape)}")
     if len(ks) != 1:
         raise ValueError(f"{op}: the tables must have the same K, got {sorted(ks)}")
+    # The kernels do not bound-check index (that would cost a device sync per call). On the
+    # CPU the check is cheap and an out-of-range row would read outside the table.
+    if index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
+        k = ks.pop()
+        if int(index.min()) < 0 or int(index.max()) >= k:
+            raise ValueError(f"{op}: index values must lie in [0, {k}), got [{int(index.min())}, {int(index.max())}]")
 
 
 #################################################################################
@@ -144,7 +150,9 @@ def adaln_modulate_indexed(
 ) -> torch.Tensor:
     """``LN(x[b, n]) * (1 + scale[b, index[b, n]]) + shift[b, index[b, n]]``.
 
-    shift, scale: (B, K, D) tables (strided ``chunk`` views fine); index (B, N) in [0, K).
+    shift, scale: (B, K, D) tables (strided ``chunk`` views fine); index (B, N) in [0, K)
+    (checked on the CPU only; on a GPU an index out of range is undefined behaviour).
+    Differentiable: the table grads are the per-token grads summed by index.
     """
     _check_indexed("adaln_modulate_indexed", x, index, shift=shift, scale=scale)
     index = index.to(torch.int64)

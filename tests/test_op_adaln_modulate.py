@@ -173,3 +173,68 @@ def test_opcheck_gpu(op):
     else:
         args = (torch.randn(2, 3, 24, device="cuda"), x.detach(), shift.detach()[:, :1], scale.detach()[:, :1], None, 1e-6)
     torch.library.opcheck(getattr(torch.ops.pf_kernels, op).default, args)
+
+
+#################################################################################
+#          Indexed form: (B, K, D) tables, one row per token by index (B, N)      #
+#################################################################################
+
+
+def gather64(table, index):
+    return table.gather(1, index[:, :, None].expand(-1, -1, table.shape[-1]))
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape,k", [((1, 1, 37), 1), ((2, 5, 48), 2), ((3, 7, 100), 3), ((2, 6, 64), 6), ((1, 300, 48), 2)], ids=str)
+def test_indexed_forward_backward(shape, k, device, dtype, triton_backend):
+    """out[b, n] = LN(x[b, n]) * (1 + scale[b, index[b, n]]) + shift[b, index[b, n]], the
+    tables strided chunk views of a (B, K, 6D) tensor; grads scatter-added into the tables."""
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(b + n + d + k)
+    x0 = (2 * torch.randn(b, n, d, generator=gen) + 0.5).to(dtype)
+    c0 = (0.5 * torch.randn(b, k, 6 * d, generator=gen)).to(dtype)
+    grad0 = torch.randn(b, n, d, generator=gen).to(dtype)
+    index = torch.randint(0, k, (b, n), generator=gen)
+    x, c = x0.clone().to(device).requires_grad_(), c0.clone().to(device).requires_grad_()
+    shift, scale = c.chunk(6, dim=-1)[3:5]  # (B, K, D) views, row stride 6D
+    fwd, bwd = LAUNCHES["adaln_modulate_fwd"], LAUNCHES["adaln_modulate_bwd"]
+    out = pf_kernels.adaln_modulate_indexed(x, shift, scale, index.to(device))
+    out.backward(grad0.to(device))
+    assert LAUNCHES["adaln_modulate_fwd"] == fwd + 1 and LAUNCHES["adaln_modulate_bwd"] == bwd + 1
+
+    xr, cr = x0.double().requires_grad_(), c0.double().requires_grad_()
+    sr, scr = cr.chunk(6, dim=-1)[3:5]
+    ref = adaln64(xr, gather64(sr, index), gather64(scr, index), 1e-6)
+    ref.backward(grad0.double())
+    close(out, ref, dtype)
+    close(x.grad, xr.grad, dtype)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(c.grad.double().cpu(), cr.grad, atol=atol * max(1.0, n**0.5), rtol=rtol)
+
+
+@needs_interp
+def test_indexed_matches_plain_and_checks(triton_backend):
+    """K = 1 with index 0 is the per-sample form; int32 indices are accepted; bad ones raise."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 32, generator=gen)
+    c = torch.randn(2, 1, 64, generator=gen)
+    shift, scale = c.chunk(2, dim=-1)
+    plain = pf_kernels.adaln_modulate(x, shift, scale)
+    idx = torch.zeros(2, 4, dtype=torch.int32)
+    torch.testing.assert_close(pf_kernels.adaln_modulate_indexed(x, shift, scale, idx), plain)
+    with pytest.raises(ValueError, match="index"):
+        pf_kernels.adaln_modulate_indexed(x, shift, scale, idx[:, :2])
+    with pytest.raises(ValueError, match="must lie in"):
+        pf_kernels.adaln_modulate_indexed(x, shift, scale, idx + 1)
+
+
+@needs_interp
+def test_opcheck_indexed():
+    """See test_opcheck for the interpreter's AOT-dispatch setting."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 5, 24, generator=gen, requires_grad=True)
+    c = torch.randn(2, 3, 72, generator=gen, requires_grad=True)
+    shift, scale = c.chunk(3, dim=-1)[:2]
+    index = torch.randint(0, 3, (2, 5), generator=gen)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(torch.ops.pf_kernels.adaln_modulate_indexed.default, (x, shift, scale, index, 1e-6))

@@ -122,3 +122,42 @@ def test_opcheck_gpu(op):
     else:
         args = (torch.randn(2, 3, 24, device="cuda"), gate.detach()[:, :1], y.detach(), None)
     torch.library.opcheck(getattr(torch.ops.pf_kernels, op).default, args)
+
+
+#################################################################################
+#          Indexed form: a (B, K, D) gate table, one row per token by index        #
+#################################################################################
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("shape,k", [((1, 1, 37), 1), ((2, 5, 48), 2), ((3, 7, 100), 4), ((1, 300, 48), 2)], ids=str)
+def test_indexed_forward_backward(shape, k, device, dtype, triton_backend):
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(b + n + d + k)
+    x0, y0, grad0 = (torch.randn(b, n, d, generator=gen).to(dtype) for _ in range(3))
+    c0 = torch.randn(b, k, 6 * d, generator=gen).to(dtype)
+    index = torch.randint(0, k, (b, n), generator=gen)
+    x, y, c = (t.clone().to(device).requires_grad_() for t in (x0, y0, c0))
+    gate = c.chunk(6, dim=-1)[5]  # (B, K, D) view, row stride 6D
+    fwd, bwd = LAUNCHES["gated_residual_fwd"], LAUNCHES["gated_residual_bwd"]
+    out = pf_kernels.gated_residual_indexed(x, gate, y, index.to(device))
+    out.backward(grad0.to(device))
+    assert LAUNCHES["gated_residual_fwd"] == fwd + 1 and LAUNCHES["gated_residual_bwd"] == bwd + 1
+
+    xr, yr, cr = (t.double().requires_grad_() for t in (x0, y0, c0))
+    gr = cr.chunk(6, dim=-1)[5]
+    ref = xr + gr.gather(1, index[:, :, None].expand(-1, -1, d)) * yr
+    ref.backward(grad0.double())
+    atol, rtol = TOL[dtype]
+    for got, want, s in ((out, ref, 1), (x.grad, xr.grad, 1), (y.grad, yr.grad, 1), (c.grad, cr.grad, n**0.5)):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), atol=atol * max(1.0, s), rtol=rtol)
+
+
+@needs_interp
+def test_opcheck_indexed():
+    gen = torch.Generator().manual_seed(9)
+    x, y = (torch.randn(2, 5, 24, generator=gen, requires_grad=True) for _ in range(2))
+    gate = torch.randn(2, 3, 72, generator=gen, requires_grad=True).chunk(3, dim=-1)[2]
+    index = torch.randint(0, 3, (2, 5), generator=gen)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(torch.ops.pf_kernels.gated_residual_indexed.default, (x, gate, y, index))

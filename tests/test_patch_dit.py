@@ -148,6 +148,35 @@ def test_tiny_dit(per_token, mode, backend):
     assert_same(run(patched_model, x, c), expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode", [pytest.param("triton", marks=needs_interp), "auto"])
+def test_patched_modules_take_an_index(mode, backend):
+    """Deduplicated conditioning: patched modules called as (x, table (B, K, D), index (B, N))
+    match the unpatched ones on the gathered per-token c (B, N, D), grads included."""
+    backend(mode)
+    model = TinyDiT(per_token=True)
+    gen = torch.Generator().manual_seed(5)
+    x0, table0 = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 2, 32, generator=gen)
+    index = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]])
+
+    def forward(m, x, table, use_index):
+        c = table if use_index else table.gather(1, index[:, :, None].expand(-1, -1, 32))
+        extra = (index,) if use_index else ()
+        for blk in m.blocks:
+            x = blk(x, c, *extra)
+        return m.final_layer(x, c, *extra)
+
+    results = []
+    for use_index in (False, True):
+        if use_index:
+            assert pf_kernels.patch_dit(model) == 3
+        model.zero_grad()
+        x, table = x0.clone().requires_grad_(), table0.clone().requires_grad_()
+        out = forward(model, x, table, use_index)
+        out.square().mean().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, x.grad, table.grad))
+    assert_same(results[1], results[0])
+
+
 def test_skips_affine_norms_and_other_widths():
     model = TinyDiT()
     model.blocks[0].norm1 = nn.LayerNorm(32, eps=1e-6)  # affine: fusing would drop its weight
