@@ -1,0 +1,68 @@
+"""Print a compact Markdown table from a ``pytest-benchmark`` JSON file.
+
+    python scripts/bench_table.py bench.json
+
+One row per benchmark: its group and implementation, ms, the speed-up over eager PyTorch
+and over ``torch.compile`` in the same group (when those ran), GB/s and the fraction of
+the measured copy bandwidth (memory-bound ops) or TFLOP/s and the fraction of the matmul
+peak (training steps), and the card's name in the heading.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def _ms(bench: dict) -> float:
+    info = bench.get("extra_info", {})
+    return float(info.get("ms", bench["stats"]["median"] * 1e3))
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table(data: dict) -> str:
+    machine = data.get("machine_info", {})
+    card = machine.get("gpu") or f"CPU ({machine.get('cpu', {}).get('brand_raw', 'unknown')})"
+    lines = [
+        f"### {card}: torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}, {data.get('datetime', '')[:10]}",
+        "",
+        "| group | impl | ms | x eager | x compile | GB/s | % copy BW | TFLOP/s | % matmul peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for bench in data.get("benchmarks", []):
+        groups[bench.get("group") or bench["name"]].append(bench)
+    for group in sorted(groups):
+        by_impl = {b.get("extra_info", {}).get("impl"): b for b in groups[group]}
+        eager, compiled = by_impl.get("eager"), by_impl.get("compile")
+        for bench in groups[group]:
+            info = bench.get("extra_info", {})
+            ms = _ms(bench)
+            x_eager = _ms(eager) / ms if eager and bench is not eager else None
+            x_compile = _ms(compiled) / ms if compiled and bench is not compiled else None
+            frac_bw = info.get("frac_of_copy_bw")
+            frac_mm = info.get("frac_of_matmul_peak")
+            lines.append(
+                f"| {group} | {info.get('impl', bench['name'])} | {ms:.3f} | {_fmt(x_eager, '.2f')} | "
+                f"{_fmt(x_compile, '.2f')} | {_fmt(info.get('gb_per_s'), '.0f')} | "
+                f"{_fmt(frac_bw * 100 if frac_bw is not None else None, '.0f')} | {_fmt(info.get('tflops'), '.1f')} | "
+                f"{_fmt(frac_mm * 100 if frac_mm is not None else None, '.0f')} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        print(table(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
