@@ -238,15 +238,21 @@ PF_HD LtgRow<T> ltg_row(uint32_t k0, uint32_t k1, uint64_t row_counter, LtgParam
   return LtgRow<T>{tbar, half < p.std ? half : p.std};
 }
 
+// One patch time from its stream-0 words (w0, w1, w2).
+template <typename T>
+PF_HD T ltg_patch_from_words(uint32_t w0, uint32_t w1, uint32_t w2, LtgRow<T> row) {
+  const T n = normal<T>(w0, w1);
+  const T u = uniform<T>(w2);
+  const T t = sub(row.tbar, mul(abs_(n), row.sd));
+  const T resampled = mul(u, row.tbar);
+  return t < T(0) ? resampled : t;  // negatives resampled uniformly below tbar
+}
+
 // One patch time; counter = offset + b * N + i.
 template <typename T>
 PF_HD T ltg_patch(uint32_t k0, uint32_t k1, uint64_t counter, LtgRow<T> row) {
   const u32x4 w = philox4x32_10(ltg_counter(counter, kPatchStream), k0, k1);
-  const T n = normal<T>(w.x, w.y);
-  const T u = uniform<T>(w.z);
-  const T t = sub(row.tbar, mul(abs_(n), row.sd));
-  const T resampled = mul(u, row.tbar);
-  return t < T(0) ? resampled : t;  // negatives resampled uniformly below tbar
+  return ltg_patch_from_words<T>(w.x, w.y, w.z, row);
 }
 
 // ---------------------------------------------------------------------------- launchers

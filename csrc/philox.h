@@ -27,7 +27,7 @@
 
 // Full unrolling of the short fixed loops (rounds, series terms), so that the CPU loop over
 // patches is one straight-line body the compiler can vectorise.
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #define PF_UNROLL _Pragma("unroll")
 #elif defined(__clang__)
 #define PF_UNROLL _Pragma("clang loop unroll(full)")

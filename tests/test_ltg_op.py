@@ -11,6 +11,10 @@ Three independent checks:
 """
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -393,3 +397,20 @@ def test_timesteps_make_ltg_torch_backend_uses_generator():
     assert torch.equal(a, s(4, 16, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError):
         timesteps.make("ltg", backend="cuda")
+
+
+def test_portable_cpu_path_equals_avx2_path():
+    # PF_LTG_NO_AVX2=1 makes the CPU kernel skip its AVX2 Philox; the bits must not change.
+    code = (
+        "import torch, pf_kernels; "
+        "a = pf_kernels.ltg_sample(5, 123, seed=9, offset=2**32 - 300); "
+        "b = pf_kernels.ltg_sample(3, 77, seed=9, offset=5, dtype=torch.float64); "
+        "torch.save((a, b), __import__('sys').argv[1])"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "out.pt")
+        env = dict(os.environ, PF_LTG_NO_AVX2="1")
+        subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+        a, b = torch.load(path)
+    assert torch.equal(a, ltg_sample(5, 123, seed=9, offset=2**32 - 300))
+    assert torch.equal(b, ltg_sample(3, 77, seed=9, offset=5, dtype=torch.float64))
