@@ -172,3 +172,48 @@ def test_compile_fullgraph_gpu(dtype, restore_backend):
     torch.testing.assert_close(out, ref, **tol)
     for a, b in zip(leaves, eager_leaves):
         torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
+def test_launchers_trace_with_symbolic_shapes(monkeypatch):
+    """What triton_op's decomposition does under torch.compile(dynamic=True) on a GPU: run
+    the host launchers on symbolic shapes. Block sizes (constexpr) must come out as plain
+    ints, grids may stay symbolic. The kernel launch itself is stubbed (no GPU here)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import pf_kernels.ops.adaln_modulate as adaln
+    import pf_kernels.ops.gated_residual as gated
+    import pf_kernels.ops.patch_euler as euler
+    import pf_kernels.ops.timestep_embedding as temb
+
+    launches = []
+
+    class Stub:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    for module in (adaln, gated, euler, temb):
+        monkeypatch.setattr(module, "wrap", Stub)
+    x = torch.randn(2, 300, 48)
+    mod = torch.randn(2, 300, 96)
+    mod1 = torch.randn(2, 1, 96)
+    index = torch.zeros(2, 300, dtype=torch.int64)
+    cases = [
+        (lambda x, m: adaln.adaln_modulate_fwd(x, *m.chunk(2, -1), None, 1e-6), (x, mod)),
+        (lambda g, x, m: adaln.adaln_modulate_bwd(g, x, *m.chunk(2, -1), None, 1e-6), (x, x, mod1)),
+        (lambda g, x, m, i: adaln.adaln_modulate_bwd(g, x, *m.chunk(2, -1), i, 1e-6), (x, x, mod1, index)),
+        (lambda x, m, y: gated.gated_residual_fwd(x, m[..., :48], y, None), (x, mod, x)),
+        (lambda g, m, y: gated.gated_residual_bwd(g, m[..., :48], y, None), (x, mod1, x)),
+        (lambda t: temb.timestep_embedding_fwd(t, 256, 1e4), (torch.rand(2, 300),)),
+        (lambda g, t: temb.timestep_embedding_bwd(g, t, 256, 1e4), (torch.rand(2, 300, 256), torch.rand(2, 300))),
+        (lambda o, x, v, dt: euler.patch_euler_launch(o, x, v, dt, 2, None, None), (torch.empty(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 16))),
+    ]
+    for fn, args in cases:
+        make_fx(fn, tracing_mode="symbolic")(*args)
+    assert len(launches) == len(cases)
+    for kwargs in launches:
+        for name, value in kwargs.items():
+            if name.isupper() or name == "num_warps":
+                assert type(value) in (int, bool), (name, value)

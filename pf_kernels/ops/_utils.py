@@ -40,11 +40,18 @@ def count(name: str) -> None:
     LAUNCHES[name] += 1
 
 
-def row_blocks(n_rows: int, d: int) -> tuple[int, int, int]:
+def row_blocks(n_rows, d) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for a (rows, D) tile: D padded to a power of two and
-    masked, as many rows as fit in ``TILE_ELEMS`` (at most the rows there are)."""
-    block_d = triton.next_power_of_2(d)
-    block_m = max(1, min(triton.next_power_of_2(max(n_rows, 1)), TILE_ELEMS // block_d))
+    masked, as many rows as fit in ``TILE_ELEMS`` (fewer only when there are fewer rows).
+
+    Under ``torch.compile`` with dynamic shapes ``n_rows`` may be symbolic: the block sizes
+    are compile-time constants, so only a small row count is specialised (``int``), and D
+    (a model constant) always is.
+    """
+    block_d = triton.next_power_of_2(int(d))
+    block_m = max(1, TILE_ELEMS // block_d)
+    if n_rows < block_m:
+        block_m = triton.next_power_of_2(max(int(n_rows), 1))
     num_warps = min(16, max(4, (block_m * block_d) // 512))
     return block_m, block_d, num_warps
 

@@ -165,14 +165,17 @@ def _index_args(index, like: torch.Tensor):
 def reduce_programs(n_rows: int, batch: int, block_m: int, device: torch.device) -> tuple[int, int]:
     """(P, rows per program) for a backward that sums over tokens: enough programs to fill the
     GPU (about 4 per SM), the rest of the parallelism taken as a longer loop per program."""
-    n_blocks = triton.cdiv(max(n_rows, 1), block_m)
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 2  # the interpreter: few programs are fastest; still more than one partial
+    # Plain ints: under torch.compile with dynamic shapes this sizes a buffer and a grid, so
+    # it is specialised on N and B (a per-sample modulation is rare there anyway).
+    n_rows, batch = max(int(n_rows), 1), int(batch)
+    n_blocks = triton.cdiv(n_rows, block_m)
     p = min(n_blocks, max(1, triton.cdiv(target, batch)))
     rows_per_prog = triton.cdiv(n_blocks, p) * block_m
-    return triton.cdiv(max(n_rows, 1), rows_per_prog), rows_per_prog
+    return triton.cdiv(n_rows, rows_per_prog), rows_per_prog
 
 
 def adaln_modulate_fwd(x, shift, scale, index, eps: float) -> torch.Tensor:
@@ -211,8 +214,8 @@ def adaln_modulate_bwd(grad, x, shift, scale, index, eps: float):
     scale = last_dim_contiguous(scale)
     bsz, n, d = x.shape
     indexed = index is not None
-    reduce_scale = not indexed and scale.shape[1] == 1 and n > 1
-    reduce_shift = not indexed and shift.shape[1] == 1 and n > 1
+    reduce_scale = bool(not indexed and scale.shape[1] == 1 and n != 1)  # constexpr: a plain bool
+    reduce_shift = bool(not indexed and shift.shape[1] == 1 and n != 1)
     dx = empty_rows((bsz, n, d), x.dtype, x.device)
     block_m, block_d, num_warps = row_blocks(n, d)
     if reduce_scale or reduce_shift:
@@ -260,7 +263,7 @@ def _bwd_fake(grad, x, shift, scale, index, eps):
     if index is not None:
         return dx, x.new_empty((0,), dtype=shift.dtype), empty_rows((bsz, n, d), torch.float32, x.device)
     dscale_rows = 1 if scale.shape[1] == 1 else n
-    dshift = empty_rows((bsz, 1, d), shift.dtype, x.device) if shift.shape[1] == 1 and n > 1 else x.new_empty((0,), dtype=shift.dtype)
+    dshift = empty_rows((bsz, 1, d), shift.dtype, x.device) if shift.shape[1] == 1 and n != 1 else x.new_empty((0,), dtype=shift.dtype)
     return dx, dshift, empty_rows((bsz, dscale_rows, d), scale.dtype, x.device)
 
 

@@ -144,7 +144,7 @@ def gated_residual_bwd(grad, gate, y, index):
     grad, gate, y = last_dim_contiguous(grad), last_dim_contiguous(gate), last_dim_contiguous(y)
     bsz, n, d = y.shape
     indexed = index is not None
-    reduce_gate = not indexed and gate.shape[1] == 1 and n > 1
+    reduce_gate = bool(not indexed and gate.shape[1] == 1 and n != 1)  # constexpr: a plain bool
     dy = empty_rows((bsz, n, d), y.dtype, y.device)
     block_m, block_d, num_warps = row_blocks(n, d)
     if reduce_gate:

@@ -80,9 +80,12 @@ def _timestep_embedding_bwd_kernel(
 #################################################################################
 
 
-def _blocks(m: int, half: int) -> tuple[int, int, int]:
-    block_h = triton.next_power_of_2(max(half, 1))
-    block_m = max(1, min(triton.next_power_of_2(max(m, 1)), 4096 // block_h))
+def _blocks(m, half: int) -> tuple[int, int, int]:
+    # Constexpr block sizes; m (the number of times) may be symbolic under torch.compile.
+    block_h = triton.next_power_of_2(max(int(half), 1))
+    block_m = max(1, 4096 // block_h)
+    if m < block_m:
+        block_m = triton.next_power_of_2(max(int(m), 1))
     return block_m, block_h, 4
 
 
