@@ -254,3 +254,26 @@ def test_patch_dit_gpu_compiled(dtype, backend):
     got = run(torch.compile(model, fullgraph=True), x, c)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
     assert_same(got, expected, **tol)
+
+
+@needs_interp
+def test_patch_forcing_dit_deduplicated(backend, monkeypatch):
+    """At inference PatchForcingDiT computes one modulation per distinct patch time and reads
+    it through the indexed ops (issue 6): Triton route and patched model vs the reference."""
+    model = _pf_model().eval()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.where(torch.rand(2, 16, generator=gen) < 0.4, 0.3, 0.7)  # two distinct times per sample
+    y = torch.tensor([3, 10])
+    backend("torch")
+    expected = _run_pf(model, x, t, y)
+    backend("triton")
+    launches = LAUNCHES["adaln_modulate_fwd"]
+    indexed_calls = []
+    real = pf_kernels.adaln_modulate_indexed
+    monkeypatch.setattr(pf_kernels, "adaln_modulate_indexed", lambda *a: indexed_calls.append(1) or real(*a))
+    assert_same(_run_pf(model, x, t, y), expected)
+    assert LAUNCHES["adaln_modulate_fwd"] == launches + 5 and len(indexed_calls) == 5
+    monkeypatch.undo()
+    assert pf_kernels.patch_dit(model) == 3
+    assert_same(_run_pf(model, x, t, y), expected)
