@@ -3,6 +3,7 @@ difficulty map, and the call signature of SPEC.md section 8."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,11 +32,20 @@ def certain_patches(logvar: torch.Tensor, patch_size: int, p_frac: float) -> tor
 
     logvar (B, 1, H, W) -> (B, N) bool. The quantile is taken over pixel values (each patch
     counted p*p times), with linear interpolation in float64; the compare is strict.
+    Computed on the device with no host sync (CUDA-graph safe): as every patch value fills
+    p*p consecutive places of the sorted pixels, pixel rank j is patch rank j // (p*p), and
+    the interpolation positions depend only on shapes. Same value as ``torch.quantile``
+    (same ``lerp``); a row holding NaN is not special-cased.
     """
-    u = patch_mean(torch.exp(logvar), patch_size)  # (B, N)
-    pixels = u.double().repeat_interleave(patch_size * patch_size, dim=1)  # (B, H*W) as a multiset
-    threshold = torch.quantile(pixels, p_frac, dim=1, keepdim=True, interpolation="linear")  # (B, 1)
-    return u.double() < threshold
+    u = patch_mean(torch.exp(logvar), patch_size).double()  # (B, N)
+    sorted_u = u.sort(dim=1).values  # (B, N)
+    area = patch_size * patch_size
+    pos = p_frac * (u.shape[1] * area - 1)  # quantile position among the H*W pixels (host float)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    below = sorted_u[:, lo // area : lo // area + 1]  # (B, 1) pixel value at rank lo
+    above = sorted_u[:, hi // area : hi // area + 1]  # (B, 1) pixel value at rank hi
+    threshold = torch.lerp(below, above, pos - lo)  # (B, 1)
+    return u < threshold
 
 
 class Sampler:
@@ -43,6 +53,9 @@ class Sampler:
 
     name = "sampler"
     needs_uncertainty = False
+    # The most distinct patch times a sample has in one model call (None: not per patch).
+    # ``model.sync_free(distinct_times=...)`` takes it for graph capture and compile.
+    max_distinct_times: int | None = None
 
     def __init__(self):
         self.nfe = 0  # model calls in the last run

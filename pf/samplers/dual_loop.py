@@ -17,6 +17,7 @@ class DualLoop(Sampler):
     ``n_inner`` NFE per outer step; every patch reaches ``s_{k+1}``."""
 
     name = "dual_loop"
+    max_distinct_times = 2  # certain patches at one time, uncertain at another
     needs_uncertainty = True
 
     def __init__(self, p: float = 0.4, n_inner: int = 4):

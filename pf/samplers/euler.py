@@ -28,6 +28,7 @@ class EulerPF(Sampler):
     """Every patch at ``s_k`` (t of shape (B, N)); ``x += dt * v``. K NFE."""
 
     name = "euler_pf"
+    max_distinct_times = 1
 
     def run(self, model, x, schedule, y, steps):
         s = schedule.tolist()

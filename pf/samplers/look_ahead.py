@@ -18,6 +18,7 @@ class LookAhead(Sampler):
     gives ``v_ctx``; ``x += dt * (v on certain, v_ctx on uncertain)``. 2 NFE per step."""
 
     name = "look_ahead"
+    max_distinct_times = 2  # certain patches at one time, uncertain at another
     needs_uncertainty = True
 
     def __init__(self, p: float = 0.4, context_t_ratio: float = 1.4):
