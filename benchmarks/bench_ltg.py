@@ -6,6 +6,9 @@ Run: ``pytest benchmarks/bench_ltg.py --benchmark-only --benchmark-group-by=grou
 rand, mul, where: about ten kernels and torch's RNG). Shapes (B, N): (256, 256) is PF-B
 training at 256 px (N = 256), (64, 1024) at 512 px, (1024, 256) a large global batch.
 Targets: >= 2x on the CPU, >= 5x on a GPU. CUDA cases are skipped without a GPU.
+CPU cases run with one thread and with torch's default thread count: on a shared, loaded
+machine the multi-threaded PyTorch composite can stall in OpenMP waits, and the one-thread
+numbers are the fair comparison.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pf_kernels import ltg_sample
 
 SHAPES = [(256, 256), (64, 1024), (1024, 256)]
 DEVICES = [
+    "cpu-1thread",
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ]
@@ -40,6 +44,10 @@ def _synced(fn, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_ltg_sample(benchmark, device, shape, impl):
     batch, n = shape
+    threads = torch.get_num_threads()
+    if device == "cpu-1thread":
+        device = "cpu"
+        torch.set_num_threads(1)
     if impl == "op":
         state = {"offset": 0}
 
@@ -55,8 +63,11 @@ def test_ltg_sample(benchmark, device, shape, impl):
         def fn():
             return sampler(batch, n, device=device, generator=gen)
 
-    benchmark.group = f"ltg {device} {batch}x{n}"
+    benchmark.group = f"ltg {device} threads={torch.get_num_threads()} {batch}x{n}"
     benchmark.extra_info.update(device=device, batch=batch, num_patches=n, impl=impl,
                                 threads=torch.get_num_threads())
-    out = benchmark(_synced(fn, device))
+    try:
+        out = benchmark(_synced(fn, device))
+    finally:
+        torch.set_num_threads(threads)
     assert out.shape == (batch, n)

@@ -2,7 +2,7 @@
 // patches: first the Philox words of the block, then the math of ltg.h over the block.
 //
 // Philox is most of the cost. Compilers vectorise its 32x32->64-bit products poorly, so on
-// x86-64 CPUs with AVX2 (checked at run time) eight counters go through the rounds at once
+// x86-64 CPUs with AVX2 (checked at run time) 4 x 8 counters go through the rounds at once
 // with _mm256_mul_epu32; elsewhere the portable philox4x32_10 of philox.h runs per counter.
 // The math loop is branch-free and auto-vectorised (in the AVX2 function too). Vector or
 // scalar, each value is the same sequence of IEEE operations (the build passes
@@ -65,43 +65,57 @@ __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m25
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// philox_block for eight counters at a time (n a multiple of 8 up to the tail).
+// philox_block, 8 * kVecs counters per pass: kVecs independent 8-lane states interleaved so
+// the multiplier latency of one hides behind the others. Blocks whose low counter word
+// would wrap, and the tail, go through the portable philox_block.
+constexpr int kVecs = 4;
+
 __attribute__((target("avx2"))) void philox_block_avx2(uint64_t first, int64_t n, uint32_t k0,
                                                        uint32_t k1, uint32_t* w0, uint32_t* w1,
                                                        uint32_t* w2) {
+  constexpr int kStep = 8 * kVecs;
+  const uint32_t lo_first = static_cast<uint32_t>(first);
+  if (static_cast<uint64_t>(lo_first) + static_cast<uint64_t>(n) > (uint64_t(1) << 32)) {
+    philox_block(first, n, k0, k1, w0, w1, w2);  // the carry into the high word is in here
+    return;
+  }
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i hi_word = _mm256_set1_epi32(static_cast<int>(first >> 32));
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    alignas(32) uint32_t lo[8], hi[8];
-    for (int l = 0; l < 8; ++l) {  // 64-bit counters: the carry may cross lanes
-      const uint64_t c = first + static_cast<uint64_t>(j + l);
-      lo[l] = static_cast<uint32_t>(c);
-      hi[l] = static_cast<uint32_t>(c >> 32);
+  for (; j + kStep <= n; j += kStep) {
+    __m256i c0[kVecs], c1[kVecs], c2[kVecs], c3[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      // counter words (lo32(c), hi32(c), stream, 0) for c = first + j + 8v + lane
+      c0[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo_first + static_cast<uint32_t>(j + 8 * v))), iota);
+      c1[v] = hi_word;
+      c2[v] = _mm256_set1_epi32(static_cast<int>(kPatchStream));
+      c3[v] = _mm256_setzero_si256();
     }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-    __m256i c2 = _mm256_set1_epi32(static_cast<int>(kPatchStream));
-    __m256i c3 = _mm256_setzero_si256();
     uint32_t key0 = k0, key1 = k1;
     for (int r = 0; r < 10; ++r) {
       if (r > 0) {
         key0 += kPhiloxW0;
         key1 += kPhiloxW1;
       }
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo8(c0, m0, hi0, lo0);
-      mulhilo8(c2, m1, hi1, lo1);
-      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(key0)));
-      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(key1)));
-      c0 = n0;
-      c1 = lo1;
-      c2 = n2;
-      c3 = lo0;
+      const __m256i kv0 = _mm256_set1_epi32(static_cast<int>(key0));
+      const __m256i kv1 = _mm256_set1_epi32(static_cast<int>(key1));
+      for (int v = 0; v < kVecs; ++v) {
+        __m256i hi0, lo0, hi1, lo1;
+        mulhilo8(c0[v], m0, hi0, lo0);
+        mulhilo8(c2[v], m1, hi1, lo1);
+        c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), kv0);
+        c1[v] = lo1;
+        c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), kv1);
+        c3[v] = lo0;
+      }
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0 + j), c0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1 + j), c1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w2 + j), c2);
+    for (int v = 0; v < kVecs; ++v) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0 + j + 8 * v), c0[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1 + j + 8 * v), c1[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w2 + j + 8 * v), c2[v]);
+    }
   }
   philox_block(first + static_cast<uint64_t>(j), n - j, k0, k1, w0 + j, w1 + j, w2 + j);
 }
