@@ -232,7 +232,7 @@ def time_table(t: torch.Tensor, k: int, ranks=None) -> TimeTable:
     """
     ts, order, rank = ranks if ranks is not None else time_ranks(t)
     rank = rank.clamp_max(k - 1)  # (B, N)
-    times = ts[:, -1:].expand(-1, k).contiguous()  # (B, k) padding: the row's largest time
+    times = ts[:, -1:].repeat(1, k)  # (B, k) new memory; padding: the row's largest time
     times.scatter_(1, rank, ts)  # equal values land on the same row: order does not matter
     index = torch.empty_like(rank).scatter_(1, order, rank)  # (B, N) back to token order
     return TimeTable(times, index)
