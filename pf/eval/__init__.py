@@ -1,0 +1,27 @@
+"""Evaluation: FID / KID / precision-recall through torch-fidelity, offline.
+
+``python -m pf.eval`` compares generated images (a folder, an ``.npz`` or a checkpoint plus
+a sampler) with a reference set; ``python -m pf.eval.train_classifier`` trains the small
+classifier whose features give a meaningful FID on the embedded digits.
+"""
+
+from pf.eval.classifier import SmallCNN, default_classifier_path, load_classifier, register_classifier_extractor
+from pf.eval.inputs import ImageSet, InputError, generate, load_folder, load_npz, save_folder, save_npz, to_uint8
+from pf.eval.metrics import MissingWeights, compute_metrics
+
+__all__ = [
+    "ImageSet",
+    "InputError",
+    "MissingWeights",
+    "SmallCNN",
+    "compute_metrics",
+    "default_classifier_path",
+    "generate",
+    "load_classifier",
+    "load_folder",
+    "load_npz",
+    "register_classifier_extractor",
+    "save_folder",
+    "save_npz",
+    "to_uint8",
+]

@@ -1,0 +1,160 @@
+"""Where the images to compare come from: a folder of PNGs, an ``.npz``, a dataset, or a model.
+
+Everything is turned into one form, ``uint8`` images ``(M, C, H, W)`` with C = 1 or 3, and
+handed to torch-fidelity as an :class:`ImageSet` whose items are ``uint8 (3, H, W)`` (grey
+images repeated over RGB), the input format its feature extractors expect.
+
+Sources, as written on the command line:
+
+    path/to/folder          every *.png / *.jpg / *.jpeg inside (sorted, not recursive)
+    path/to/file.npz        ``arr_0`` uint8 NHWC (the ADM / guided-diffusion convention)
+    data:digits             the embedded digits (``data.image_size`` from the eval config)
+    data:folder:<path>      an image folder read like the training data
+    path/to/checkpoint.pt   draw ``num_samples`` images with a sampler (see :func:`generate`)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class InputError(ValueError):
+    """An input cannot be read as a set of images."""
+
+
+class ImageSet(Dataset):
+    """``uint8`` images for torch-fidelity: item ``i`` is a ``(3, H, W)`` uint8 tensor."""
+
+    def __init__(self, images: torch.Tensor, name: str = "images"):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise InputError(f"{name}: expected uint8 images (M, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise InputError(f"{name} holds no images")
+        self.images = images.contiguous()
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.images[i]  # (C, H, W)
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+    def __repr__(self) -> str:
+        return f"ImageSet({self.name!r}, {tuple(self.images.shape)})"
+
+
+#################################################################################
+#                          Conversions and file formats                         #
+#################################################################################
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any float dtype) -> uint8 in [0, 255], rounded, same shape."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
+def load_npz(path: str | os.PathLike) -> torch.Tensor:
+    """``arr_0`` of an ``.npz``: uint8 NHWC (or NHW) -> (M, C, H, W) uint8."""
+    with np.load(path) as f:
+        if "arr_0" not in f.files:
+            raise InputError(f"{path}: no 'arr_0' array (found {f.files}); expected uint8 images of shape (M, H, W, C)")
+        arr = f["arr_0"]
+    if arr.dtype != np.uint8:
+        raise InputError(f"{path}: arr_0 must be uint8 in [0, 255], got {arr.dtype}")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise InputError(f"{path}: arr_0 must be (M, H, W, C) with C = 1 or 3, got {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+
+
+def save_npz(path: str | os.PathLike, images: torch.Tensor) -> None:
+    """(M, C, H, W) uint8 -> ``arr_0`` NHWC in an ``.npz``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=images.permute(0, 2, 3, 1).numpy())
+
+
+def load_folder(path: str | os.PathLike) -> torch.Tensor:
+    """Every image in a folder (sorted by name), all of one size -> (M, C, H, W) uint8.
+
+    Grey images stay one channel unless the folder mixes grey and colour (then all RGB).
+    """
+    from PIL import Image
+
+    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images in this folder")
+    pics = [Image.open(p) for p in files]
+    mode = "L" if all(p.mode in ("L", "1", "I;16", "I") for p in pics) else "RGB"
+    arrays = [np.asarray(p.convert(mode)) for p in pics]
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) != 1:
+        raise InputError(f"{path}: images of different sizes {sorted(sizes)}; resize them to one size first")
+    arr = np.stack(arrays)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def save_folder(path: str | os.PathLike, images: torch.Tensor) -> None:
+    """(M, C, H, W) uint8 -> ``000000.png``, ``000001.png``, ... in ``path``."""
+    from PIL import Image
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(images):
+        arr = x.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path / f"{i:06d}.png")
+
+
+def load_dataset_images(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training dataset (``pf.data.build_dataset``) as uint8 images and its labels."""
+    from pf.data import build_dataset
+
+    dataset = build_dataset(data_cfg)
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return to_uint8(torch.stack(xs)), torch.as_tensor(ys, dtype=torch.long)
+
+
+#################################################################################
+#                               Drawing from a model                            #
+#################################################################################
+
+
+@torch.no_grad()
+def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg_scale: float = 1.0,
+             batch_size: int = 500, labels: torch.Tensor | None = None, device=None) -> tuple[torch.Tensor, dict]:
+    """Draw ``num_samples`` images with ``sampler`` at ``steps`` outer steps.
+
+    Labels default to ``i % num_classes`` (balanced classes); the noise comes from a generator
+    seeded by ``seed``, drawn on the CPU in one piece, so the same seed gives the same noise
+    for every sampler and batch size. Returns uint8 images (M, C, H, W) and
+    ``{"nfe": model calls per batch, "seconds": wall time}``.
+    """
+    import time
+
+    device = device or next(model.parameters()).device
+    shape = (num_samples, model.in_channels, model.input_size, model.input_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))  # (M, C, H, W)
+    if labels is None:
+        labels = torch.arange(num_samples) % model.num_classes
+    out, nfe, t0 = [], None, time.perf_counter()
+    for i in range(0, num_samples, batch_size):
+        x = sampler(model, noise[i:i + batch_size].to(device), steps, y=labels[i:i + batch_size].to(device),
+                    cfg_scale=cfg_scale)
+        out.append(to_uint8(x))
+        nfe = sampler.nfe
+    return torch.cat(out), {"nfe": nfe, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,1 @@
+"""Experiments that regenerate the reports (RESULTS.md): ``python -m pf.experiments.reproduce``."""
