@@ -312,12 +312,13 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         if d.is_main and (step % tc.sample_every == 0 or final):
             _picture(run_dir / "samples" / f"step_{step:06d}.png", ema.model, picture_sampler, picture_noise,
                      picture_labels, sc, autocast)
-        if step % tc.ckpt_every == 0 or final:
+        keep = step % tc.keep_every == 0 or final
+        if step % tc.ckpt_every == 0 or keep:
             rng = _gather_rng(rng_state(generators, timestep_sampler, device), d)
             if d.is_main:
                 ckpt = training_checkpoint(model, ema, optimizer, scheduler, step, rng,
                                            OmegaConf.to_container(cfg, resolve=True))
-                last_ckpt = write_checkpoint(ckpt, ckpt_dir, step, keep=step % tc.keep_every == 0 or final)
+                last_ckpt = write_checkpoint(ckpt, ckpt_dir, step, keep=keep)
         if record:
             t_window = time.perf_counter()  # time spent on pictures and checkpoints is not training speed
         record = {}

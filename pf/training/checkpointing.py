@@ -6,8 +6,8 @@ A training checkpoint is this project's model checkpoint (``pf.models.checkpoint
     optimizer, scheduler   state dicts
     step, ema_updates      ints
     rng                    one dict per DDP rank: torch CPU / CUDA RNG states, the noise
-                           and timestep generators' states, the LTG offset (when the
-                           compiled LTG sampler keeps one)
+                           and timestep generators' states, the timestep sampler's own
+                           state (the compiled LTG's Philox seed and running offset)
     world_size, train_config
 
 All plain tensors, numbers, lists and dicts: it loads with ``weights_only=True``.
@@ -47,9 +47,8 @@ def rng_state(generators: dict[str, torch.Generator], timestep_sampler, device: 
         state["cuda"] = torch.cuda.get_rng_state(device)
     for name, gen in generators.items():
         state[name] = gen.get_state()
-    offset = getattr(timestep_sampler, "offset", None)
-    if offset is not None:
-        state["ltg_offset"] = int(offset)
+    if hasattr(timestep_sampler, "state_dict"):
+        state["timestep_sampler"] = dict(timestep_sampler.state_dict())  # e.g. LTG {"seed", "offset"}
     return state
 
 
@@ -59,8 +58,8 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator], times
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
     for name, gen in generators.items():
         gen.set_state(state[name].cpu())
-    if "ltg_offset" in state and hasattr(timestep_sampler, "offset"):
-        timestep_sampler.offset = int(state["ltg_offset"])
+    if "timestep_sampler" in state and hasattr(timestep_sampler, "load_state_dict"):
+        timestep_sampler.load_state_dict(state["timestep_sampler"])
 
 
 def training_checkpoint(model, ema, optimizer, scheduler, step: int, rng: list[dict], train_config: dict) -> dict:
