@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/ltg_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/ltg_cuda.cu"]
-# Keep in sync with pf_kernels/ltg.py (CXX_FLAGS, NVCC_FLAGS, CUDA_ARCH_LIST).
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+# Keep in sync with pf_kernels/ltg.py (CXX_FLAGS, NVCC_FLAGS, CUDA_ARCH_LIST). -g0 undoes
+# the -g that Python's sysconfig adds: debug info for the torch headers doubles the build.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-g0"]
 NVCC_FLAGS = ["-O3", "--fmad=false"]
 CUDA_ARCH_LIST = "8.0;9.0"
 
