@@ -101,9 +101,9 @@ template <> struct Fp<double> {
   static PF_HD double from_bits(U u) { return double_from_bits(u); }
 };
 
-// Split constants of ln 2 (Cody-Waite): log uses hi with 18 significant bits (k <= 24 for
-// x >= 2^-24 in float), exp uses hi with 9 bits (|k| <= 116) in float; double uses the
-// fdlibm / cephes splits.
+// Split constants of ln 2 (Cody-Waite), hi + lo with hi short enough that k * hi is exact:
+// float log: hi has 15 significant bits (|k| <= 24 since x >= 2^-24); float exp: 9 bits
+// (|k| <= 116); double: the fdlibm (log) and cephes (exp) splits.
 template <typename T> PF_HD T ln2_hi_log();
 template <typename T> PF_HD T ln2_lo_log();
 template <> PF_HD float ln2_hi_log<float>() { return 0.693145751953125f; }
