@@ -23,13 +23,20 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
-import hydra
-import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+# On a shared CPU, OpenMP threads that spin while waiting make every torch op several
+# times slower (6.5 s vs 0.85 s per digits step measured here with 2 threads on 2 busy
+# cores). Passive waiting should cost little on an idle machine. It only takes
+# effect when torch is imported after this line (python -m pf.train); set it yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
