@@ -68,6 +68,7 @@ DEFAULTS = {
     },
     "classifier": {"path": None, "epochs": 40, "width": 32, "lr": 3.0e-3},
     "grid_rows": 3,                  # rows of ten digits per panel in the picture
+    "report_only": False,            # re-render RESULTS.md and the grid from <out_dir>/results.json
 }
 DOC_COMMAND = "python -m pf.experiments.reproduce"
 
@@ -279,6 +280,7 @@ def device_name(device: str) -> str:
 def write_outputs(cfg, results: dict, grid_images: dict) -> None:
     out_dir = Path(cfg.out_dir)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    torch.save({f"{t}|{n}": v for (t, n), v in grid_images.items()}, out_dir / "grid_images.pt")
     if grid_images:
         save_grid(cfg.grid, grid_images, cfg)
     Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
@@ -429,9 +431,23 @@ def findings(cfg, done: dict) -> list[str]:
     return out
 
 
+def rerender(cfg) -> None:
+    """RESULTS.md and the grid again from a finished (or cut-short) run, without computing anything."""
+    out_dir = Path(cfg.out_dir)
+    from omegaconf import OmegaConf
+
+    results = json.loads((out_dir / "results.json").read_text())
+    grid = torch.load(out_dir / "grid_images.pt", weights_only=True)
+    stored = OmegaConf.merge(OmegaConf.create(results["config"]), {"results": cfg.results, "grid": cfg.grid})
+    write_outputs(stored, results, {tuple(k.split("|", 1)): v for k, v in grid.items()})
+
+
 def main(cfg) -> None:
     t0 = time.perf_counter()
-    run(cfg)
+    if cfg.report_only:
+        rerender(cfg)
+    else:
+        run(cfg)
     print(f"wrote {cfg.results} and {cfg.grid} in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
