@@ -96,7 +96,9 @@ template <> struct Fp<double> {
   static constexpr int kExpTerms = 14;
   static constexpr double kExpMax = 700.0;
   static PF_HD double uniform(uint32_t w) {
-    return mul(static_cast<double>(w), 2.3283064365386962890625e-10);  // 2^-32
+    // double(w) exactly, via a signed conversion (x86 has no vector unsigned one)
+    const double wd = add(static_cast<double>(static_cast<int32_t>(w ^ 0x80000000u)), 2147483648.0);
+    return mul(wd, 2.3283064365386962890625e-10);  // 2^-32
   }
   static PF_HD double from_bits(U u) { return double_from_bits(u); }
 };
@@ -144,7 +146,9 @@ template <typename T> PF_HD T log_unit(T x) {
   using I = typename Fp<T>::I;
   using U = typename Fp<T>::U;
   const I ix = static_cast<I>(bits(x)) - static_cast<I>(Fp<T>::kSqrtHalfBits);
-  const I e = ix >> Fp<T>::kMantBits;  // arithmetic shift: floor
+  // e = floor(ix / 2^mant) (ix >= -2^(mant+6) here), by a logical shift of a biased value:
+  // x86 has no vector 64-bit arithmetic shift or int64 -> double conversion.
+  const int32_t e = static_cast<int32_t>((static_cast<U>(ix) + (U(64) << Fp<T>::kMantBits)) >> Fp<T>::kMantBits) - 64;
   const U mant_mask = (U(1) << Fp<T>::kMantBits) - 1;
   const T m = Fp<T>::from_bits((static_cast<U>(ix) & mant_mask) + Fp<T>::kSqrtHalfBits);
   const T s = div(sub(m, T(1)), add(m, T(1)));
