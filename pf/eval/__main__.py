@@ -77,6 +77,8 @@ def draw_from_checkpoint(path: Path, cfg):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model = load_checkpoint(path, use_ema=cfg.use_ema).to(device)
     sampler = samplers.make(cfg.sampler.name, **cfg.sampler.params)
+    if type(model).__name__ == "GlobalTimeDiT" and sampler.name != "euler":
+        raise ValueError(f"{path} holds a global-time model (the SiT baseline): use sampler.name=euler")
     images, info = generate(model, sampler, cfg.num_samples, cfg.sampler.steps, seed=cfg.seed,
                             cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.batch_size, device=device)
     return images, {"source": str(path), "sampler": repr(sampler), "steps": cfg.sampler.steps,
