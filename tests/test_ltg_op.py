@@ -401,16 +401,23 @@ def test_timesteps_make_ltg_torch_backend_uses_generator():
 
 def test_portable_cpu_path_equals_avx2_path():
     # PF_LTG_NO_AVX2=1 makes the CPU kernel skip its AVX2 Philox; the bits must not change.
+    # The child loads only the extension module (not pf_kernels and its Triton imports).
+    from pf_kernels.ltg import load_extension
+
+    ext = load_extension()
     code = (
-        "import torch, pf_kernels; "
-        "a = pf_kernels.ltg_sample(5, 123, seed=9, offset=2**32 - 300); "
-        "b = pf_kernels.ltg_sample(3, 77, seed=9, offset=5, dtype=torch.float64); "
-        "torch.save((a, b), __import__('sys').argv[1])"
+        "import importlib.util, sys, torch\n"
+        "spec = importlib.util.spec_from_file_location(sys.argv[1], sys.argv[2])\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "op, cpu = torch.ops.pf.ltg_sample, torch.device('cpu')\n"
+        "a = op(5, 123, 0.7, 1.0, 0.6, 9, 2**32 - 300, torch.float32, cpu)\n"
+        "b = op(3, 77, 0.7, 1.0, 0.6, 9, 5, torch.float64, cpu)\n"
+        "torch.save((a, b), sys.argv[3])\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.pt")
         env = dict(os.environ, PF_LTG_NO_AVX2="1")
-        subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+        subprocess.run([sys.executable, "-c", code, ext.__name__, ext.__file__, path], env=env, check=True)
         a, b = torch.load(path)
     assert torch.equal(a, ltg_sample(5, 123, seed=9, offset=2**32 - 300))
     assert torch.equal(b, ltg_sample(3, 77, seed=9, offset=5, dtype=torch.float64))
