@@ -7,8 +7,9 @@ rand, mul, where: about ten kernels and torch's RNG). Shapes (B, N): (256, 256) 
 training at 256 px (N = 256), (64, 1024) at 512 px, (1024, 256) a large global batch.
 Targets: >= 2x on the CPU, >= 5x on a GPU. CUDA cases are skipped without a GPU.
 CPU cases run with one thread and with torch's default thread count: on a shared, loaded
-machine the multi-threaded PyTorch composite can stall in OpenMP waits, and the one-thread
-numbers are the fair comparison.
+machine the multi-threaded PyTorch composite stalls in spinning OpenMP waits (run with
+OMP_WAIT_POLICY=PASSIVE, as pf.train does), and the one-thread numbers are the fair
+comparison.
 """
 
 from __future__ import annotations
