@@ -16,6 +16,7 @@ from model_helpers import tiny_model
 from pf import sample, samplers
 from pf.models.checkpoint import model_checkpoint, save_checkpoint
 from pf.sampling.grid import to_uint8
+from pf.sampling.viz import LABEL_WIDTH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def test_viz_strip(ckpts, tmp_path, capsys):
                 f"out={tmp_path}", "progress=false") == 0
     strip = np.asarray(Image.open(tmp_path / "look_ahead-steps4-cfg4-seed0-viz.png"))
     tile = 128 + 2  # 8 px upscaled to 128, 2 px gaps
-    assert strip.shape == (3 * tile + 2, 4 * tile + 2, 3)  # image, difficulty, patch times x 4 calls
+    assert strip.shape == (3 * tile + 2, LABEL_WIDTH + 4 * tile + 2, 3)  # image, difficulty, patch times x 4 calls
     assert "7 model calls" in capsys.readouterr().out
 
 

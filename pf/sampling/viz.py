@@ -4,7 +4,7 @@ image, the predicted difficulty map and the per-patch times (easy regions run ah
 ``StepRecorder`` stands in for the model (samplers only call ``model(x, t, y, ...)`` and
 read ``patch_size``, ``num_classes``, ``predict_uncertainty``), records sample ``index`` of
 every call, and returns what the model returns. The strip has one column per recorded call
-(at most ``max_cols``, evenly spread, the last always included) and three rows.
+(at most ``max_cols``, evenly spread, the last always included) and three labelled rows.
 """
 
 from __future__ import annotations
@@ -71,7 +71,23 @@ def viz_strip(frames: list[dict], decode, patch_size: int, max_cols: int = 10) -
     times = np.stack([_grey(f["t"].reshape(1, gh, gh), 0.0, 1.0) for f in chosen])  # (K, gh, gw, 3)
     rows.append(upscale(_resize(times, size)))
     tiles = np.concatenate(rows)  # (rows*K, S, S, 3), row-major: all images, then maps, then times
-    return make_grid(tiles, ncol=len(chosen))
+    grid = make_grid(tiles, ncol=len(chosen))
+    names = ["image", "difficulty", "patch t"] if len(rows) == 3 else ["image", "patch t"]
+    return _label_rows(grid, names, rows[0].shape[1])
+
+
+LABEL_WIDTH = 72
+
+
+def _label_rows(grid: np.ndarray, names: list[str], tile: int, pad: int = 2) -> np.ndarray:
+    """A white margin on the left with each row's name."""
+    from PIL import Image, ImageDraw
+
+    margin = Image.new("RGB", (LABEL_WIDTH, grid.shape[0]), "white")
+    draw = ImageDraw.Draw(margin)
+    for i, name in enumerate(names):
+        draw.text((4, pad + i * (tile + pad) + tile // 2 - 5), name, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(margin), grid], axis=1)
 
 
 def _resize(pictures: np.ndarray, size: int) -> np.ndarray:
