@@ -73,6 +73,22 @@ def test_graphs_need_cuda_and_compile_modes_are_checked():
         compile_model(model, "reduce-overhead", graphs=True)
 
 
+@pytest.mark.parametrize("name", ["euler_pf", "look_ahead"])
+def test_model_traces_as_one_graph_with_a_static_time_table(name):
+    # torch.compile's tracer on the CPU (aot_eager: no C++ compiler needed) with fullgraph=True:
+    # the static-width dedup path (K=1 broadcast for EulerPF, the indexed ops for K=2) has no
+    # graph break; outside sync_free the compiled model takes the plain path, also unbroken.
+    model = tiny_model(dtype=torch.float32)
+    x, y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    expected = samplers.make(name)(model, x, 3, y=y, cfg_scale=4.0)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    sampler = samplers.make(name)
+    with model.sync_free(distinct_times=sampler.max_distinct_times):
+        torch.testing.assert_close(sampler(compiled, x, 3, y=y, cfg_scale=4.0), expected, rtol=1e-5, atol=1e-5)
+    t = torch.full((2, 16), 0.5)
+    torch.testing.assert_close(compiled(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-5)
+
+
 #################################################################################
 #                                    GPU                                        #
 #################################################################################
