@@ -204,8 +204,13 @@ class Runner:
                 out = self.graphs[b](pad, ypad)[:k]
                 self.nfe = self.graphs[b].nfe
                 return out
-            out = self.sampler(self.model, x, cfg["steps"], y=y, cfg_scale=cfg["cfg"],
-                               progress=cfg["progress"] and self.verbose)
+            import contextlib
+
+            # A compiled model keeps the deduplicated conditioning only with a static table width.
+            static = self.base.sync_free(self.sampler.max_distinct_times) if cfg["compile"] else contextlib.nullcontext()
+            with static:
+                out = self.sampler(self.model, x, cfg["steps"], y=y, cfg_scale=cfg["cfg"],
+                                   progress=cfg["progress"] and self.verbose)
             self.nfe = self.sampler.nfe
             return out
 
