@@ -5,6 +5,12 @@ and every block's AdaLN modulation are ``(B, N, *)`` instead of DiT's ``(B, *)``
 modulation and gated residuals go through ``pf_kernels`` (fused Triton on CUDA, the torch
 reference on the CPU). ``GlobalTimeDiT`` is the SiT baseline: the same network with one
 time per sample, conditioning ``(B, 1, D)``.
+
+At inference a sample's patches share a few distinct times, and the conditioning is then
+computed once per distinct time and indexed per token (the "deduplicated conditioning"
+section below; exact, on by default outside training; ``model.dedup_max_distinct = 0``
+turns it off, ``model.sync_free(distinct_times=K)`` gives the static form for CUDA graphs
+and ``torch.compile``).
 """
 
 from __future__ import annotations
