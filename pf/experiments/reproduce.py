@@ -283,10 +283,11 @@ def device_name(device: str) -> str:
 #################################################################################
 
 
-def write_outputs(cfg, results: dict, grid_images: dict) -> None:
+def write_outputs(cfg, results: dict, grid_images: dict, report_only: bool = False) -> None:
     out_dir = Path(cfg.out_dir)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    torch.save({f"{t}|{n}": v for (t, n), v in grid_images.items()}, out_dir / "grid_images.pt")
+    if not report_only:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        torch.save({f"{t}|{n}": v for (t, n), v in grid_images.items()}, out_dir / "grid_images.pt")
     if grid_images:
         save_grid(cfg.grid, grid_images, cfg)
     Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
@@ -377,17 +378,19 @@ def render_markdown(cfg, results: dict) -> str:
                      f"images). {ec.num_samples} generated images per column and seed (labels i mod 10, no "
                      f"guidance) against all 1,797 real images.")
     lines.append(f"- Seeds: mean ± sample std over {n_seeds} runs = {seeds_text}. Within a seed every column "
-                 f"starts from the same noise and labels.")
+                 f"starts from the same noise and labels, so differences between columns are also compared "
+                 f"paired by seed below.")
     floor = results.get("floor")
     if floor:
-        lines.append(f"- Floor: {ec.num_samples} *real* images against the whole set give FID "
-                     f"{_fmt(floor, 'fid')}, KID×1e3 {_fmt(floor, 'kid', 1e3)}, precision "
-                     f"{_fmt(floor, 'precision')}, recall {_fmt(floor, 'recall')} (the best any model can get "
-                     f"at this sample size).")
+        lines.append(f"- Floor: {ec.num_samples} *real* images (a random subset, per seed) against the whole set "
+                     f"give FID {_fmt(floor, 'fid')}, KID {_fmt(floor, 'kid')}, precision "
+                     f"{_fmt(floor, 'precision')}, recall {_fmt(floor, 'recall')}. These images are part of the "
+                     f"reference, so this is an optimistic bound (KID, an unbiased estimate, even goes negative); "
+                     f"KID is in raw units of the classifier's features (polynomial kernel), not ×1e3.")
     for table, title in (("steps", f"Same number of outer steps (K = {ec.steps})"),
                          ("nfe", f"Matched NFE (budget ~{ec.nfe} model calls per image)")):
         lines += ["", f"## {title}", "",
-                  "| model + sampler | K | NFE | FID ↓ | KID×1e3 ↓ | precision ↑ | recall ↑ |",
+                  "| model + sampler | K | NFE | FID ↓ | KID ↓ | precision ↑ | recall ↑ |",
                   "|---|---|---|---|---|---|---|"]
         for col in columns(cfg):
             if col["table"] != table:
@@ -397,7 +400,7 @@ def render_markdown(cfg, results: dict) -> str:
                 lines.append(f"| {label(col)} | {col['steps']} | {col['nfe']} | pending | pending | pending | pending |")
             else:
                 lines.append(f"| {c['label']} | {c['steps']} | {c['nfe_measured']} | {_fmt(c, 'fid')} | "
-                             f"{_fmt(c, 'kid', 1e3)} | {_fmt(c, 'precision', 1, 3)} | {_fmt(c, 'recall', 1, 3)} |")
+                             f"{_fmt(c, 'kid')} | {_fmt(c, 'precision', 1, 3)} | {_fmt(c, 'recall', 1, 3)} |")
     lines += ["", "## What this shows", ""] + findings(cfg, done)
     lines += ["", "## Samples", "",
               f"First {10 * cfg.grid_rows} images of sampling seed {ec.seeds[0]} (training seed {tc.seeds[0]}) for "
@@ -409,18 +412,27 @@ def render_markdown(cfg, results: dict) -> str:
 
 
 def findings(cfg, done: dict) -> list[str]:
-    """Plain statements read off the tables (a difference counts when it exceeds both spreads)."""
+    """Plain statements read off the tables: FID differences paired by seed (same noise and labels)."""
     out = []
 
     def cmp(a, b, table):
         ca, cb = done.get((table, a)), done.get((table, b))
         if ca is None or cb is None:
             return None
-        d = cb["fid_mean"] - ca["fid_mean"]
-        clear = abs(d) > ca["fid_std"] + cb["fid_std"]
-        verdict = ("better" if d < 0 else "worse") if clear else "not clearly different (within the seed spread)"
-        return (f"{b} vs {a} ({'K' if table == 'steps' else 'NFE'} matched): FID {cb['fid_mean']:.2f} vs "
-                f"{ca['fid_mean']:.2f}, {b} is {verdict}.")
+        fa = {(r["train_seed"], r["sample_seed"]): r["fid"] for r in ca["runs"]}
+        diffs = [r["fid"] - fa[key] for r in cb["runs"] if (key := (r["train_seed"], r["sample_seed"])) in fa]
+        if not diffs:
+            return None
+        d, sd = mean_std(diffs)
+        wins = sum(x < 0 for x in diffs)
+        if wins == len(diffs):
+            verdict = f"better in all {len(diffs)} paired seeds"
+        elif wins == 0:
+            verdict = f"worse in all {len(diffs)} paired seeds"
+        else:
+            verdict = f"mixed: better in {wins} of {len(diffs)} paired seeds"
+        return (f"{b} vs {a} ({'same K' if table == 'steps' else 'matched NFE'}): FID {cb['fid_mean']:.2f} vs "
+                f"{ca['fid_mean']:.2f}, paired difference {d:+.2f} ± {sd:.2f}; {b} is {verdict}.")
 
     for a, b, table in (("SiT Euler", "PF Euler", "steps"), ("PF Euler", "PF dual-loop", "steps"),
                         ("PF Euler", "PF look-ahead", "steps"), ("SiT Euler", "PF Euler", "nfe"),
@@ -451,7 +463,7 @@ def rerender(cfg) -> None:
 
         reference, labels = load_dataset_images(compose_train_config(stored, "pf", int(stored.train.seeds[0]))[0].data)
         grid = {("steps", "real data"): real_panel(reference, labels, int(stored.grid_rows)), **grid}
-    write_outputs(stored, results, grid)
+    write_outputs(stored, results, grid, report_only=True)
 
 
 def main(cfg) -> None:
