@@ -402,13 +402,24 @@ def render_markdown(cfg, results: dict) -> str:
                 lines.append(f"| {c['label']} | {c['steps']} | {c['nfe_measured']} | {_fmt(c, 'fid')} | "
                              f"{_fmt(c, 'kid')} | {_fmt(c, 'precision', 1, 3)} | {_fmt(c, 'recall', 1, 3)} |")
     lines += ["", "## What this shows", ""] + findings(cfg, done)
+    others = sorted(p for p in Path(cfg.grid).parent.glob("results_*.md") if p.resolve() != Path(cfg.results).resolve())
+    if others:
+        lines += ["", "Other runs of this script (their own commands inside): "
+                  + ", ".join(f"[{p.as_posix()}]({_rel(p, cfg)})" for p in others) + "."]
     lines += ["", "## Samples", "",
               f"First {10 * cfg.grid_rows} images of sampling seed {ec.seeds[0]} (training seed {tc.seeds[0]}) for "
               f"every column, beside real digits; column j of each panel is class j. Same noise in every panel.", "",
-              f"![samples]({Path(cfg.grid).as_posix()})", "",
+              f"![samples]({_rel(cfg.grid, cfg)})", "",
               "Paper, for scale (ImageNet-256, 400K steps, FID-50K, SPEC.md section 7): B/2 SiT 33.0, PF Euler 27.9, "
               "dual-loop 26.0, look-ahead 24.2 (NFE of the adaptive columns not published).", ""]
     return "\n".join(lines)
+
+
+def _rel(path, cfg) -> str:
+    """``path`` as a link from the folder of the results file."""
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), Path(cfg.results).resolve().parent)).as_posix()
 
 
 def findings(cfg, done: dict) -> list[str]:
