@@ -49,8 +49,14 @@ DEFAULTS = {
     "progress": True,
 }
 
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 USAGE = "usage: python -m pf.sample ckpt=PATH [key=value ...]\nkeys (default):\n" + "\n".join(
-    f"  {k}={v}" for k, v in DEFAULTS.items()
+    f"  {k}={_show(v)}" for k, v in DEFAULTS.items()
 )
 
 
