@@ -60,6 +60,7 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_not_run(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"state_dict": {}, "config": _Evil()}, f)

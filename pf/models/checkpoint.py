@@ -16,6 +16,7 @@ OmegaConf container classes are allow-listed, so a released config can be read.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -27,6 +28,10 @@ from pf.models.dit import GlobalTimeDiT, PatchForcingDiT
 
 FORMAT = "patch-forcing"
 MODEL_CLASSES = {"PatchForcingDiT": PatchForcingDiT, "GlobalTimeDiT": GlobalTimeDiT}
+# ``config.target`` written into released-format files (the published code's class path
+# for the PF model; the baseline has no published file, so it names ours).
+RELEASED_TARGETS = {"PatchForcingDiT": "patch_flow.models.pf_transformer.PatchForcingDiT",
+                    "GlobalTimeDiT": "pf.models.GlobalTimeDiT"}
 
 
 def _omegaconf_safe_globals() -> list:
@@ -47,10 +52,15 @@ def _omegaconf_safe_globals() -> list:
 
 
 def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """``torch.load`` with ``weights_only=True`` and a clear error for what is not a checkpoint."""
+    """``torch.load`` with ``weights_only=True`` and a clear error for what is not a checkpoint.
+
+    A ``.safetensors`` file (written by ``python -m pf.export``) is read with safetensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, map_location)
     try:
         with torch.serialization.safe_globals(_omegaconf_safe_globals()):
             obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -146,3 +156,34 @@ def model_checkpoint(model: PatchForcingDiT, ema_state: dict | None = None, **ex
         ckpt["ema"] = {k: v.detach().cpu() for k, v in ema_state.items()}
     ckpt.update(extra)
     return ckpt
+
+
+def save_safetensors(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Weights as safetensors with ``{"format", "model_class", "config"}`` as JSON metadata."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as err:  # pragma: no cover - safetensors is a dependency
+        raise ImportError("exporting to safetensors needs the 'safetensors' package: pip install safetensors") from err
+    path = Path(path)
+    meta = {"format": FORMAT, "model_class": type(model).__name__, "config": json.dumps(model.config())}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _read_safetensors(path: Path, map_location: Any) -> dict:
+    from safetensors import safe_open
+
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from err
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"{path} has no Patch Forcing metadata (format/model_class/config); keys: {sorted(meta)}")
+    return {"format": FORMAT, "model_class": meta.get("model_class", "PatchForcingDiT"),
+            "config": json.loads(meta["config"]), "state_dict": state}

@@ -1,0 +1,68 @@
+"""Export a checkpoint's EMA weights for sharing.
+
+    python -m pf.export runs/default/checkpoints/last.pt                      # released format
+    python -m pf.export last.pt --format safetensors --out pf-tiny.safetensors
+
+``released`` writes SPEC section 2's file, ``{"state_dict", "config": {"target", "params"}}``,
+as the published PFT checkpoints are; ``safetensors`` writes the weights with the model
+config as JSON metadata. ``pf.models.load_checkpoint`` reads both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pf.models.checkpoint import RELEASED_TARGETS, read_checkpoint_file, model_from_checkpoint_dict, save_checkpoint, save_safetensors
+
+# Constructor arguments the released config names (SPEC section 2), plus mlp_ratio when it
+# is not the default 4 (the released loader passes params straight to the constructor).
+RELEASED_PARAMS = ("in_channels", "input_size", "depth", "hidden_size", "patch_size", "num_heads", "num_classes",
+                   "predict_uncertainty")
+
+
+def released_checkpoint(model) -> dict:
+    config = model.config()
+    params = {k: config[k] for k in RELEASED_PARAMS}
+    params["compile"] = False
+    if config["mlp_ratio"] != 4.0:
+        params["mlp_ratio"] = config["mlp_ratio"]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {"state_dict": state, "config": {"target": RELEASED_TARGETS[type(model).__name__], "params": params}}
+
+
+def export(src: str | Path, out: str | Path | None = None, fmt: str = "released", use_ema: bool = True) -> Path:
+    """Write ``src``'s (EMA) weights to ``out``; returns the path written."""
+    if fmt not in ("released", "safetensors"):
+        raise ValueError(f"--format must be 'released' or 'safetensors', got {fmt!r}")
+    src = Path(src)
+    model = model_from_checkpoint_dict(read_checkpoint_file(src), use_ema=use_ema, source=str(src))
+    if out is None:
+        out = src.with_name(src.stem + ("_ema" if use_ema else "") + (".ckpt" if fmt == "released" else ".safetensors"))
+    out = Path(out)
+    if fmt == "released":
+        save_checkpoint(released_checkpoint(model), out)
+    else:
+        save_safetensors(model, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pf.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a training checkpoint (or any file load_checkpoint reads)")
+    parser.add_argument("--format", default="released", choices=["released", "safetensors"])
+    parser.add_argument("--out", default=None, help="output file (default: next to the input)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"pf.export: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
