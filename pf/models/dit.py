@@ -285,6 +285,8 @@ class PatchForcingDiT(nn.Module):
     # Set dedup_max_distinct = 0 for the plain per-token path everywhere.
     dedup_max_distinct = 8
     dedup_min_tokens_per_time = 4
+    _sync_free = False  # inside ``sync_free()``: no host reads in forward
+    _static_distinct: int | None = None  # the time-table width given by ``sync_free()``
 
     def __init__(
         self,
@@ -327,8 +329,6 @@ class PatchForcingDiT(nn.Module):
         self.blocks = nn.ModuleList([PFBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-        self._sync_free = False  # inside ``sync_free()``: no host syncs in forward
-        self._static_distinct: int | None = None  # K of the time table given by the caller
 
     def config(self) -> dict:
         """Constructor arguments, as stored in checkpoints."""
