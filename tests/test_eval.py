@@ -180,3 +180,24 @@ def test_generate_same_seed_same_images_any_batch_size():
     assert a.shape == (12, 1, 8, 8) and a.dtype == torch.uint8 and info["nfe"] == 3
     assert (a.int() - b.int()).abs().max() <= 1  # batch-size-dependent float rounding at most one level
     assert not torch.equal(a, c)
+
+
+@pytest.mark.slow
+def test_inception_runs_offline_from_a_local_weights_file(tmp_path):
+    """The Inception path end to end with a local file (random weights: no download, no network)."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    torch.set_num_threads(1)  # faster on a shared CPU
+    torch.save({}, tmp_path / "empty.pth")
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                          feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    torch.save(net.state_dict(), tmp_path / "inception.pth")
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with mock.patch("torch.hub.load_state_dict_from_url", side_effect=AssertionError("tried to download")):
+        # precision/recall only: FID's 2048x2048 matrix square root would add many seconds on a CPU
+        m = compute_metrics(x, x, extractor="inception", weights=tmp_path / "inception.pth", fid=False, kid=False,
+                            **FAST)
+    assert m["extractor"] == "inception" and m["precision"] == 1.0 and m["recall"] == 1.0
