@@ -97,6 +97,7 @@ def _synced(fn):
 @pytest.mark.parametrize("name", ["euler_pf", "dual_loop", "look_ahead"])
 @pytest.mark.parametrize("preset", ["PF-B/2", "PF-XL/2"])
 def test_sampling_cuda(benchmark, preset, name, variant):
+    benchmark.group = f"sampling {preset} {name} b64 cfg{CFG}"
     torch.backends.cuda.matmul.allow_tf32 = True
     model = make_model(preset, 32, "cuda")
     batch = 64
@@ -112,6 +113,7 @@ def test_sampling_cuda(benchmark, preset, name, variant):
 
 def _report(benchmark, key, variant, batch, nfe, steps):
     ips = batch / benchmark.stats.stats.median
+    benchmark.extra_info.update(impl=variant, ms=round(benchmark.stats.stats.median * 1e3, 3))
     if variant == "plain":
         _PLAIN_IPS[key] = ips
     benchmark.extra_info.update(
@@ -124,6 +126,7 @@ def _report(benchmark, key, variant, batch, nfe, steps):
 @pytest.mark.parametrize("variant", ["plain", "dedup"])
 def test_sampling_cpu_small(benchmark, variant):
     """PF-B/2 width on 4 x 16 x 16 latents (64 tokens), batch 2, guided EulerPF, 2 steps."""
+    benchmark.group = f"sampling PF-B/2-cpu euler_pf b2 cfg{CFG}"
     model = make_model("PF-B/2", 16, "cpu")
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 2])

@@ -15,6 +15,10 @@ import sys
 from collections import defaultdict
 
 
+EAGER_NAMES = ("eager", "torch", "plain")
+COMPILE_NAMES = ("compile", "plain+blockc")
+
+
 def _ms(bench: dict) -> float:
     info = bench.get("extra_info", {})
     return float(info.get("ms", bench["stats"]["median"] * 1e3))
@@ -38,7 +42,10 @@ def table(data: dict) -> str:
         groups[bench.get("group") or bench["name"]].append(bench)
     for group in sorted(groups):
         by_impl = {b.get("extra_info", {}).get("impl"): b for b in groups[group]}
-        eager, compiled = by_impl.get("eager"), by_impl.get("compile")
+        # The eager-PyTorch baseline is "eager" (ops, training), "torch" (the LTG composite)
+        # or "plain" (sampling); the compiled one "compile" or "plain+blockc" (per-block).
+        eager = next((by_impl[k] for k in EAGER_NAMES if k in by_impl), None)
+        compiled = next((by_impl[k] for k in COMPILE_NAMES if k in by_impl), None)
         for bench in groups[group]:
             info = bench.get("extra_info", {})
             ms = _ms(bench)
