@@ -7,7 +7,7 @@ import torch
 import pf_kernels
 from model_helpers import tiny_model
 from pf import samplers
-from pf.models.dit import indexed_ops, time_table
+from pf.models.dit import time_table
 from pf_kernels.dispatch import interpreter_active
 
 needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
@@ -103,12 +103,6 @@ def test_dedup_only_when_it_pays_and_not_in_training():
     model.eval()
     model.dedup_max_distinct = 2
     assert model.time_table(t) is None  # 3 distinct > the cap
-
-
-def test_indexed_ops_come_from_pf_kernels_when_present():
-    modulate, residual = indexed_ops()
-    if hasattr(pf_kernels, "adaln_modulate_indexed"):
-        assert modulate is pf_kernels.adaln_modulate_indexed and residual is pf_kernels.gated_residual_indexed
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])

@@ -165,9 +165,10 @@ class PFBlock(nn.Module):
         # With ``index`` (B, N), c is a (B, K, D) table of distinct conditionings (deduplicated).
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, N|1|K, D)
         if index is not None:
-            modulate, residual = indexed_ops()
-            x = residual(x, gate1, self.attn(modulate(x, shift1, scale1, index)), index)
-            return residual(x, gate2, self.mlp(modulate(x, shift2, scale2, index)), index)
+            x = pf_kernels.gated_residual_indexed(
+                x, gate1, self.attn(pf_kernels.adaln_modulate_indexed(x, shift1, scale1, index)), index)
+            return pf_kernels.gated_residual_indexed(
+                x, gate2, self.mlp(pf_kernels.adaln_modulate_indexed(x, shift2, scale2, index)), index)
         x = pf_kernels.gated_residual(x, gate1, self.attn(pf_kernels.adaln_modulate(x, shift1, scale1)))
         x = pf_kernels.gated_residual(x, gate2, self.mlp(pf_kernels.adaln_modulate(x, shift2, scale2)))
         return x
@@ -185,7 +186,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, N|1|K, D)
         if index is not None:
-            return self.linear(indexed_ops()[0](x, shift, scale, index))  # (B, N, p*p*C_out)
+            return self.linear(pf_kernels.adaln_modulate_indexed(x, shift, scale, index))  # (B, N, p*p*C_out)
         return self.linear(pf_kernels.adaln_modulate(x, shift, scale))  # (B, N, p*p*C_out)
 
 
@@ -242,27 +243,6 @@ def time_table(t: torch.Tensor, k: int, ranks=None) -> TimeTable:
     times.scatter_(1, rank, ts)  # equal values land on the same row: order does not matter
     index = torch.empty_like(rank).scatter_(1, order, rank)  # (B, N) back to token order
     return TimeTable(times, index)
-
-
-def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table (B, K, D), index (B, N) -> (B, N, D)."""
-    return table.gather(1, index[:, :, None].expand(-1, -1, table.shape[-1]))
-
-
-def _adaln_modulate_gathered(x, shift, scale, index, eps: float = 1e-6):
-    # Fallback while pf_kernels has no indexed op: gather the rows, then the per-token op.
-    return pf_kernels.adaln_modulate(x, _gather_rows(shift, index), _gather_rows(scale, index), eps)
-
-
-def _gated_residual_gathered(x, gate, y, index):
-    return pf_kernels.gated_residual(x, _gather_rows(gate, index), y)
-
-
-def indexed_ops():
-    """(adaln_modulate_indexed, gated_residual_indexed): pf_kernels' when it has them."""
-    if hasattr(pf_kernels, "adaln_modulate_indexed") and hasattr(pf_kernels, "gated_residual_indexed"):
-        return pf_kernels.adaln_modulate_indexed, pf_kernels.gated_residual_indexed
-    return _adaln_modulate_gathered, _gated_residual_gathered
 
 
 #################################################################################
