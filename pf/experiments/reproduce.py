@@ -404,8 +404,13 @@ def render_markdown(cfg, results: dict) -> str:
     lines += ["", "## What this shows", ""] + findings(cfg, done)
     others = sorted(p for p in Path(cfg.grid).parent.glob("results_*.md") if p.resolve() != Path(cfg.results).resolve())
     if others:
-        lines += ["", "Other runs of this script (their own commands inside): "
-                  + ", ".join(f"[{p.as_posix()}]({_rel(p, cfg)})" for p in others) + "."]
+        lines += ["", "Other runs of this script (their own commands and settings inside):"]
+        for other in others:
+            text = other.read_text().splitlines()
+            budget = next((ln.split(": ", 1)[1] for ln in text if ln.startswith("- Training budget")), "")
+            keys = ("- PF Euler vs SiT Euler (same K)", "- Best FID overall")
+            lines.append(f"- [{other.as_posix()}]({_rel(other, cfg)}): {budget}")
+            lines += [f"  {ln}" for ln in text if ln.startswith(keys)]
     lines += ["", "## Samples", "",
               f"First {10 * cfg.grid_rows} images of sampling seed {ec.seeds[0]} (training seed {tc.seeds[0]}) for "
               f"every column, beside real digits; column j of each panel is class j. Same noise in every panel.", "",
