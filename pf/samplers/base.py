@@ -48,6 +48,13 @@ def certain_patches(logvar: torch.Tensor, patch_size: int, p_frac: float) -> tor
     return u < threshold
 
 
+def check_fraction(p: float) -> float:
+    """The fraction of certain patches of the adaptive samplers, in (0, 1)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p (the fraction of certain patches) must lie in (0, 1), got {p}")
+    return float(p)
+
+
 class Sampler:
     """Base class. Subclasses implement ``run(model, x, schedule, y)``; calls go through ``call``."""
 

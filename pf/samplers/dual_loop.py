@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import pf_kernels
-from pf.samplers.base import Sampler, certain_patches
+from pf.samplers.base import Sampler, certain_patches, check_fraction
 
 
 class DualLoop(Sampler):
@@ -22,11 +22,9 @@ class DualLoop(Sampler):
 
     def __init__(self, p: float = 0.4, n_inner: int = 4):
         super().__init__()
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"p (the fraction of certain patches) must lie in (0, 1), got {p}")
         if int(n_inner) != n_inner or n_inner < 1:
             raise ValueError(f"n_inner must be a positive integer, got {n_inner}")
-        self.p, self.n_inner = float(p), int(n_inner)
+        self.p, self.n_inner = check_fraction(p), int(n_inner)
 
     def run(self, model, x, schedule, y, steps):
         s = schedule.tolist()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import pf_kernels
-from pf.samplers.base import Sampler, certain_patches
+from pf.samplers.base import Sampler, certain_patches, check_fraction
 
 WARMUP_TIME = 0.05  # at or below this time every patch takes a plain (conditional) Euler step
 
@@ -23,11 +23,9 @@ class LookAhead(Sampler):
 
     def __init__(self, p: float = 0.4, context_t_ratio: float = 1.4):
         super().__init__()
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"p (the fraction of certain patches) must lie in (0, 1), got {p}")
         if not context_t_ratio >= 1.0:
             raise ValueError(f"context_t_ratio must be >= 1, got {context_t_ratio}")
-        self.p, self.context_t_ratio = float(p), float(context_t_ratio)
+        self.p, self.context_t_ratio = check_fraction(p), float(context_t_ratio)
 
     def _warmup(self, s_k: torch.Tensor) -> bool:
         return bool(s_k <= torch.tensor(WARMUP_TIME, dtype=torch.float32))  # host tensors: no sync
