@@ -8,9 +8,7 @@ import pf_kernels
 from model_helpers import tiny_model
 from pf import samplers
 from pf.models.dit import time_table
-from pf_kernels.dispatch import interpreter_active
-
-needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
+from kernel_cases import needs_interp
 
 
 def _times(b=3, n=16, seed=0, dtype=torch.float32):

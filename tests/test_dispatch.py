@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import pf_kernels
-from pf_kernels.dispatch import interpreter_active
 from pf_kernels.ops._utils import LAUNCHES
+from kernel_cases import needs_interp
 
-needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

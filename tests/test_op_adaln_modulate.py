@@ -9,17 +9,10 @@ import pytest
 import torch
 
 import pf_kernels
-from pf_kernels.dispatch import interpreter_active
 from pf_kernels.ops._utils import LAUNCHES
+from kernel_cases import device_dtype_cases, needs_interp
 
-needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
-CASES = [
-    pytest.param("cpu", torch.float32, marks=needs_interp, id="cpu-fp32"),
-    pytest.param("cpu", torch.float16, marks=needs_interp, id="cpu-fp16"),
-    pytest.param("cuda", torch.float32, marks=pytest.mark.gpu, id="cuda-fp32"),
-    pytest.param("cuda", torch.float16, marks=pytest.mark.gpu, id="cuda-fp16"),
-    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu, id="cuda-bf16"),
-]
+CASES = device_dtype_cases(cuda=(torch.float32, torch.float16, torch.bfloat16))
 # (atol, rtol) against float64: fp32 is limited by fp32 sums over D; half types by the
 # final rounding of outputs (and grads) of size up to ~10.
 TOL = {torch.float32: (5e-5, 5e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2e-2)}

@@ -8,16 +8,10 @@ import pytest
 import torch
 
 import pf_kernels
-from pf_kernels.dispatch import interpreter_active
 from pf_kernels.ops._utils import LAUNCHES
+from kernel_cases import device_dtype_cases, needs_interp
 
-needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
-CASES = [
-    pytest.param("cpu", torch.float32, marks=needs_interp, id="cpu-fp32"),
-    pytest.param("cpu", torch.float16, marks=needs_interp, id="cpu-fp16"),
-    pytest.param("cuda", torch.float32, marks=pytest.mark.gpu, id="cuda-fp32"),
-    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu, id="cuda-bf16"),
-]
+CASES = device_dtype_cases(cuda=(torch.float32, torch.bfloat16))
 TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (2e-3, 1e-3), torch.bfloat16: (2e-2, 8e-3)}
 
 

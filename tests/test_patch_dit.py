@@ -9,11 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pf_kernels
-from pf_kernels.dispatch import interpreter_active
 from pf_kernels.ops._utils import LAUNCHES
 from pf_kernels.patch import unpatch_dit
+from kernel_cases import needs_interp
 
-needs_interp = pytest.mark.skipif(not interpreter_active(), reason="Triton interpreter not active (TRITON_INTERPRET)")
 
 #################################################################################
 #                  A DiT in the original codebase's form (models.py)             #
