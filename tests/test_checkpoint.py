@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from model_helpers import TINY, tiny_global_model, tiny_model
+from model_helpers import tiny_global_model, tiny_model
 from pf.models import load_checkpoint, save_checkpoint
 from pf.models.checkpoint import model_checkpoint
 from pf.samplers import DualLoop
@@ -93,4 +93,3 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
-    _ = TINY
