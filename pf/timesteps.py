@@ -12,7 +12,7 @@ import math
 import torch
 
 
-def _check_prob(name: str, value: float) -> None:
+def _check_finite(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
 
@@ -74,7 +74,7 @@ class LTG(TimestepSampler):
     def __init__(self, loc: float = 0.7, scale: float = 1.0, std: float = 0.6, seed: int | None = None,
                  backend: str = "compiled"):
         for k, v in (("loc", loc), ("scale", scale), ("std", std)):
-            _check_prob(k, v)
+            _check_finite(k, v)
         if std <= 0:
             raise ValueError(f"LTG std must be > 0, got {std}")
         if backend not in ("compiled", "torch"):
@@ -137,8 +137,8 @@ class LogitNormal(TimestepSampler):
     name = "logit_normal"
 
     def __init__(self, loc: float = 0.0, scale: float = 1.0):
-        _check_prob("loc", loc)
-        _check_prob("scale", scale)
+        _check_finite("loc", loc)
+        _check_finite("scale", scale)
         self.loc, self.scale = float(loc), float(scale)
 
     def sample(self, batch, num_patches, device, generator):
@@ -161,7 +161,7 @@ class Gaussian(TimestepSampler):
     name = "gaussian"
 
     def __init__(self, std: float = 0.2):
-        _check_prob("std", std)
+        _check_finite("std", std)
         if std <= 0:
             raise ValueError(f"gaussian std must be > 0, got {std}")
         self.std = float(std)

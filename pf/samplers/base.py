@@ -68,7 +68,6 @@ class Sampler:
         self.nfe = 0  # model calls in the last run
         self._cfg_scale = 1.0
         self._uc_cond = None
-        self._pbar = None
 
     def __call__(self, model, x: torch.Tensor, timesteps, *, y: torch.Tensor | None = None,
                  cfg_scale: float = 1.0, uc_cond=None, progress: bool = False) -> torch.Tensor:
