@@ -1,6 +1,5 @@
 """Backend selection (PF_KERNELS_BACKEND / set_backend), argument checks, torch.compile tracing."""
 
-import os
 import subprocess
 import sys
 
@@ -9,9 +8,9 @@ import torch
 
 import pf_kernels
 from pf_kernels.ops._utils import LAUNCHES
+from child_env import child_env
 from kernel_cases import needs_interp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -38,8 +37,7 @@ def block(x, c, y, t):
 
 
 def _run_child(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PF_KERNELS_BACKEND")}
-    full_env.update(env, PYTHONPATH=ROOT)
+    full_env = child_env(drop=("TRITON_INTERPRET", "PF_KERNELS_BACKEND"), **env)
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
 
 
@@ -111,6 +109,30 @@ def test_argument_checks():
         pf_kernels.patch_euler(torch.zeros(1, 1, 5, 4), torch.zeros(1, 1, 5, 4), torch.zeros(1, 4), 2)
     with pytest.raises(ValueError, match="dt must have"):
         pf_kernels.patch_euler(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.zeros(1, 3), 2)
+
+
+# The public custom-op schemas. triton_op infers them from the op functions' annotations on
+# every supported torch (2.11 ignores an explicit schema string), so these pin the result.
+SCHEMAS = {
+    "adaln_modulate": "(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor",
+    "adaln_modulate_indexed": "(Tensor x, Tensor shift, Tensor scale, Tensor index, float eps) -> Tensor",
+    "adaln_modulate_backward": "(Tensor grad, Tensor x, Tensor shift, Tensor scale, Tensor? index, float eps)"
+    " -> (Tensor, Tensor, Tensor)",
+    "gated_residual": "(Tensor x, Tensor gate, Tensor y) -> Tensor",
+    "gated_residual_indexed": "(Tensor x, Tensor gate, Tensor y, Tensor index) -> Tensor",
+    "gated_residual_backward": "(Tensor grad, Tensor gate, Tensor y, Tensor? index) -> (Tensor, Tensor)",
+    "patch_euler_": "(Tensor(a0!) out, Tensor? x, Tensor v, Tensor dt, SymInt patch_size, Tensor? v_other,"
+    " Tensor? mask) -> ()",
+    "timestep_embedding": "(Tensor t, SymInt dim, float max_period) -> Tensor",
+    "timestep_embedding_backward": "(Tensor grad, Tensor t, SymInt dim, float max_period) -> Tensor",
+}
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="custom ops need torch >= 2.6")
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_registered_schemas(name):
+    schema = str(getattr(torch.ops.pf_kernels, name).default._schema)
+    assert schema == f"pf_kernels::{name}{SCHEMAS[name]}"
 
 
 def test_compile_fullgraph_cpu_reference(restore_backend):

@@ -8,16 +8,39 @@ must be set before ``pf_kernels`` is imported. Setting it later has no effect on
 from __future__ import annotations
 
 import collections
+import warnings
 
+import numpy as np
 import torch
 
 import triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 # True when ``@triton.jit`` returns interpreter functions (CPU tensors can then be launched).
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+# Triton 3.6's interpreter turns a loop bound into an int with int(<1-element array>), which
+# NumPy 2.4 made an error: every kernel with a run-time loop (the backward reductions) then
+# fails. Triton 3.7 squeezes the array first. Only the CPU interpreter is affected.
+if INTERPRETED and _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
+    warnings.warn(
+        f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run kernels with "
+        f"run-time loops under NumPy {np.__version__}: install 'numpy<2.4' or Triton >= 3.7",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 # ``torch.library.triton_op`` / ``wrap_triton`` arrived in torch 2.6; older torch takes the
-# plain ``autograd.Function`` route in each op file (eager only, no compile tracing).
+# plain ``autograd.Function`` route in each op file (eager only, no compile tracing). Each
+# op's schema is inferred from its function's annotations: torch 2.11's ``triton_op`` ignores
+# a ``schema=`` string and refuses an unannotated function.
 HAS_TRITON_OP: bool = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 # Kernel name -> number of launches from the host launchers. Tests read it to prove the
@@ -30,8 +53,13 @@ TILE_ELEMS = 4096
 
 
 def wrap(kernel):
-    """``wrap_triton(kernel)`` where available (traceable launch), else the kernel itself."""
-    if HAS_TRITON_OP:
+    """``wrap_triton(kernel)`` where available (traceable launch), else the kernel itself.
+
+    Triton before 3.7 turns ``@triton.jit`` into an ``InterpretedFunction`` under
+    ``TRITON_INTERPRET=1``, which ``wrap_triton`` refuses; it is launched directly (eager, as
+    every interpreter launch is: compile cannot run interpreted kernels on fake tensors).
+    """
+    if HAS_TRITON_OP and isinstance(kernel, (JITFunction, Autotuner)):
         return torch.library.wrap_triton(kernel)
     return kernel
 

@@ -12,9 +12,12 @@ Modulation forms (all with unit stride along D; row strides are passed, never co
 File layout: forward kernel, backward kernel, host launchers, op registration + autograd.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from pf_kernels.ops._utils import (
     HAS_TRITON_OP,
@@ -310,26 +313,18 @@ class AdalnModulateFunction(torch.autograd.Function):
 
 if HAS_TRITON_OP:
 
-    @torch.library.triton_op(
-        "pf_kernels::adaln_modulate", mutates_args=(), schema="(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor"
-    )
-    def _adaln_modulate_op(x, shift, scale, eps):
+    @torch.library.triton_op("pf_kernels::adaln_modulate", mutates_args=())
+    def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
         return adaln_modulate_fwd(x, shift, scale, None, eps)
 
-    @torch.library.triton_op(
-        "pf_kernels::adaln_modulate_indexed",
-        mutates_args=(),
-        schema="(Tensor x, Tensor shift, Tensor scale, Tensor index, float eps) -> Tensor",
-    )
-    def _adaln_modulate_indexed_op(x, shift, scale, index, eps):
+    @torch.library.triton_op("pf_kernels::adaln_modulate_indexed", mutates_args=())
+    def _adaln_modulate_indexed_op(x: Tensor, shift: Tensor, scale: Tensor, index: Tensor, eps: float) -> Tensor:
         return adaln_modulate_fwd(x, shift, scale, index, eps)
 
-    @torch.library.triton_op(
-        "pf_kernels::adaln_modulate_backward",
-        mutates_args=(),
-        schema="(Tensor grad, Tensor x, Tensor shift, Tensor scale, Tensor? index, float eps) -> (Tensor, Tensor, Tensor)",
-    )
-    def _adaln_modulate_backward_op(grad, x, shift, scale, index, eps):
+    @torch.library.triton_op("pf_kernels::adaln_modulate_backward", mutates_args=())
+    def _adaln_modulate_backward_op(
+        grad: Tensor, x: Tensor, shift: Tensor, scale: Tensor, index: Optional[Tensor], eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return adaln_modulate_bwd(grad, x, shift, scale, index, eps)
 
     # Explicit fake impls (triton_op's default runs the launcher on fake tensors, which works

@@ -7,9 +7,12 @@ indexed (B, K, D) table with ``index`` (B, N) (``HAS_INDEX``). Arithmetic in fp3
 File layout: forward kernel, backward kernel, host launchers, op registration + autograd.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from pf_kernels.ops._utils import (
     HAS_TRITON_OP,
@@ -212,26 +215,18 @@ class GatedResidualFunction(torch.autograd.Function):
 
 if HAS_TRITON_OP:
 
-    @torch.library.triton_op(
-        "pf_kernels::gated_residual", mutates_args=(), schema="(Tensor x, Tensor gate, Tensor y) -> Tensor"
-    )
-    def _gated_residual_op(x, gate, y):
+    @torch.library.triton_op("pf_kernels::gated_residual", mutates_args=())
+    def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
         return gated_residual_fwd(x, gate, y, None)
 
-    @torch.library.triton_op(
-        "pf_kernels::gated_residual_indexed",
-        mutates_args=(),
-        schema="(Tensor x, Tensor gate, Tensor y, Tensor index) -> Tensor",
-    )
-    def _gated_residual_indexed_op(x, gate, y, index):
+    @torch.library.triton_op("pf_kernels::gated_residual_indexed", mutates_args=())
+    def _gated_residual_indexed_op(x: Tensor, gate: Tensor, y: Tensor, index: Tensor) -> Tensor:
         return gated_residual_fwd(x, gate, y, index)
 
-    @torch.library.triton_op(
-        "pf_kernels::gated_residual_backward",
-        mutates_args=(),
-        schema="(Tensor grad, Tensor gate, Tensor y, Tensor? index) -> (Tensor, Tensor)",
-    )
-    def _gated_residual_backward_op(grad, gate, y, index):
+    @torch.library.triton_op("pf_kernels::gated_residual_backward", mutates_args=())
+    def _gated_residual_backward_op(
+        grad: Tensor, gate: Tensor, y: Tensor, index: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]:
         return gated_residual_bwd(grad, gate, y, index)
 
     def _fwd_fake(x, gate, y):

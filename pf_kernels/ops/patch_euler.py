@@ -11,9 +11,12 @@ the same program, so the in-place update is safe.
 File layout: the kernel, the host launcher, op registration.
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from pf_kernels.ops._utils import HAS_TRITON_OP, count, wrap
 
@@ -83,12 +86,16 @@ if HAS_TRITON_OP:
 
     # One mutating op: ``out`` is written, and ``x = None`` is the in-place form (out holds x),
     # so no two arguments alias (custom ops do not allow that).
-    @torch.library.triton_op(
-        "pf_kernels::patch_euler_",
-        mutates_args={"out"},
-        schema="(Tensor(a!) out, Tensor? x, Tensor v, Tensor dt, int patch_size, Tensor? v_other, Tensor? mask) -> ()",
-    )
-    def _patch_euler_op(out, x, v, dt, patch_size, v_other, mask):
+    @torch.library.triton_op("pf_kernels::patch_euler_", mutates_args={"out"})
+    def _patch_euler_op(
+        out: Tensor,
+        x: Optional[Tensor],
+        v: Tensor,
+        dt: Tensor,
+        patch_size: int,
+        v_other: Optional[Tensor],
+        mask: Optional[Tensor],
+    ) -> None:
         patch_euler_launch(out, x, v, dt, patch_size, v_other, mask)
 
     def _fake(out, x, v, dt, patch_size, v_other, mask):

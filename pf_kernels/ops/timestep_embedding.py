@@ -14,6 +14,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from pf_kernels.ops._utils import HAS_TRITON_OP, count, empty_rows, wrap
 
@@ -146,18 +147,12 @@ class TimestepEmbeddingFunction(torch.autograd.Function):
 
 if HAS_TRITON_OP:
 
-    @torch.library.triton_op(
-        "pf_kernels::timestep_embedding", mutates_args=(), schema="(Tensor t, int dim, float max_period) -> Tensor"
-    )
-    def _timestep_embedding_op(t, dim, max_period):
+    @torch.library.triton_op("pf_kernels::timestep_embedding", mutates_args=())
+    def _timestep_embedding_op(t: Tensor, dim: int, max_period: float) -> Tensor:
         return timestep_embedding_fwd(t, dim, max_period)
 
-    @torch.library.triton_op(
-        "pf_kernels::timestep_embedding_backward",
-        mutates_args=(),
-        schema="(Tensor grad, Tensor t, int dim, float max_period) -> Tensor",
-    )
-    def _timestep_embedding_backward_op(grad, t, dim, max_period):
+    @torch.library.triton_op("pf_kernels::timestep_embedding_backward", mutates_args=())
+    def _timestep_embedding_backward_op(grad: Tensor, t: Tensor, dim: int, max_period: float) -> Tensor:
         return timestep_embedding_bwd(grad, t, dim, max_period)
 
     def _fwd_fake(t, dim, max_period):
