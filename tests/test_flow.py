@@ -38,7 +38,6 @@ def test_training_loss_formula():
 
 
 def test_nll_does_not_train_the_velocity_and_clamps_logvar():
-    model = tiny_model(dtype=torch.float32)
     x1 = torch.randn(2, 3, 8, 8)
     xt, u = flow.interpolate(x1, torch.randn_like(x1), torch.rand(2, 16), 2)
     v = torch.randn_like(u, requires_grad=True)

@@ -1,7 +1,6 @@
 """``python -m pf.sample``: grids, the ADM ``.npz`` dump (one process and two under
 torchrun), the viz strip, and clear errors."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from child_env import child_env
 from model_helpers import tiny_model
 from pf import sample, samplers
 from pf.models.checkpoint import model_checkpoint, save_checkpoint
@@ -77,7 +77,7 @@ def _free_port() -> int:
 
 
 def test_fid_dump_two_processes_torchrun(ckpts, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "pf.sample", *_dump(ckpts, tmp_path / "tr", "batch=2", "device=cpu")]

@@ -20,6 +20,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import pf.train as pf_train
+from child_env import child_env
 from pf.data import DataError
 from pf.models import load_checkpoint
 from pf.models.checkpoint import read_checkpoint_file
@@ -83,7 +84,7 @@ def test_unknown_config_keys_are_errors(tmp_path):
 # ----------------------------------------------------------- artifacts, CLI, loss
 def test_default_config_cli_writes_every_artifact(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "pf.train", "trainer.max_steps=3", "trainer.val_every=3", "trainer.ckpt_every=3",
            "trainer.sample_every=3", *FAST, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
