@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The test suite on the oldest supported stack, the one the lent GPU machines run:
+# Python 3.12, torch 2.11, Triton 3.6 (scripts/install.sh and CI's main run use torch 2.14.1
+# and Triton 3.8 on Python 3.11). Catches what only the older releases reject before a GPU
+# lease is spent on it.
+#   bash scripts/compat_check.sh            -> ./.venv-compat, then pytest tests -q
+# PF_COMPAT_SPEC overrides the pins; PF_COMPAT_PYTHON the interpreter (Python 3.12: its
+# extension file, _C.cpython-312-*.so, sits beside .venv's 3.11 one instead of replacing it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${PF_COMPAT_VENV:-.venv-compat}"
+# Triton 3.6's interpreter cannot run loops under NumPy >= 2.4 (pf_kernels/ops/_utils.py).
+spec="${PF_COMPAT_SPEC:-torch==2.11.0 torchvision==0.26.0 triton==3.6.0 numpy<2.4}"
+
+find_python() {
+  local cand
+  for cand in "${PF_COMPAT_PYTHON:-}" python3.12 "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python; do
+    if [ -n "$cand" ] && "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      echo "$cand"
+      return 0
+    fi
+  done
+  echo "compat_check.sh: no Python 3.12 found (set PF_COMPAT_PYTHON)" >&2
+  return 1
+}
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$(find_python)" -m venv "$venv"
+fi
+py="$venv/bin/python"
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+tr ' ' '\n' <<<"$spec" >"$constraints"
+"$py" -m pip install -q --upgrade pip setuptools wheel
+# shellcheck disable=SC2086
+"$py" -m pip install -q -c "$constraints" $spec pybind11 ninja
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+export MAX_JOBS="${MAX_JOBS:-2}"
+"$py" -m pip install -q -c "$constraints" --no-build-isolation -e '.[dev,eval]'
+"$py" -c "import sys, torch, triton, pf_kernels._C as C; print(f'compat: Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, CUDA op built: {C.with_cuda}')"
+"$py" -m pytest tests -q
