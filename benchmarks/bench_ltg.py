@@ -6,6 +6,7 @@ Run: ``pytest benchmarks/bench_ltg.py --benchmark-only --benchmark-group-by=grou
 rand, mul, where: about ten kernels and torch's RNG). Shapes (B, N): (256, 256) is PF-B
 training at 256 px (N = 256), (64, 1024) at 512 px, (1024, 256) a large global batch.
 Targets: >= 2x on the CPU, >= 5x on a GPU. CUDA cases are skipped without a GPU.
+``PF_BENCH_SCOPE=quick`` on a GPU machine runs the CUDA cases only.
 CPU cases run with one thread and with torch's default thread count: on a shared, loaded
 machine the multi-threaded PyTorch composite stalls in spinning OpenMP waits (run with
 OMP_WAIT_POLICY=PASSIVE, as pf.train does), and the one-thread numbers are the fair
@@ -17,15 +18,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import QUICK
 from pf import timesteps
 from pf_kernels import ltg_sample
 
+CUDA = torch.cuda.is_available()
 SHAPES = [(256, 256), (64, 1024), (1024, 256)]
 DEVICES = [
     "cpu-1thread",
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
 ]
+if QUICK and CUDA:
+    DEVICES = DEVICES[2:]
 
 
 def _synced(fn, device):

@@ -7,7 +7,8 @@ op's minimal traffic (every input read once, every output written once) and that
 fraction of the measured copy bandwidth (see ``conftest.py``).
 
 Shapes: PF-B/2 (D 768) and PF-XL/2 (D 1152) at N = 256 tokens, B*N from 4096 to 65536;
-bf16 and fp32; forward and forward+backward. The modulation is per token (Patch Forcing's
+bf16 and fp32; forward and forward+backward (``PF_BENCH_SCOPE=quick``: B*N = 65536 and bf16
+only). The modulation is per token (Patch Forcing's
 case) as strided ``chunk(6, -1)`` views of a (B, N, 6D) tensor. On the CPU only small
 cases of the dispatched ops run (the torch path): the numbers mean nothing for the GPU.
 """
@@ -18,13 +19,15 @@ import pytest
 import torch
 
 import pf_kernels
+from conftest import QUICK
 from pf_kernels import reference as ref
 
 CUDA = torch.cuda.is_available()
 PRESETS = {"PF-B/2": 768, "PF-XL/2": 1152}
-TOKENS = [4096, 16384, 65536]  # B * N with N = 256 (B = 16, 64, 256)
+TOKENS = [65536] if QUICK else [4096, 16384, 65536]  # B * N with N = 256 (B = 16, 64, 256)
+INDEXED_TOKENS = [65536] if QUICK else [16384, 65536]
 N_TOKENS = 256
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16} if QUICK else {"bf16": torch.bfloat16, "fp32": torch.float32}
 IMPLS = ["fused", "eager", "compile"]
 MODES = ["fwd", "fwd+bwd"]
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA (GPU-sized cases)")
@@ -164,7 +167,7 @@ def test_modulation_ops(benchmark, record, backend_auto, op, preset, tokens, dty
 @gpu_only
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("tokens", [16384, 65536])
+@pytest.mark.parametrize("tokens", INDEXED_TOKENS)
 @pytest.mark.parametrize("op", ["adaln_modulate_indexed", "gated_residual_indexed"])
 def test_indexed_ops(benchmark, record, backend_auto, op, tokens, mode, impl):
     """PF-XL/2, bf16, K = 2 distinct times per sample (dual loop / look-ahead)."""

@@ -8,7 +8,8 @@ Variants (each adds to the one before, except the two baselines):
   ``+compile``        ``torch.compile`` of the model's forward, static time table (CUDA);
   ``+graphs``         the whole sampler as one CUDA graph around the compiled model (CUDA).
 On CUDA: PF-B/2 and PF-XL/2 (random weights), 256 px latents (4 x 32 x 32), batch 64,
-guidance 4.0, ``STEPS`` outer steps. On the CPU a PF-B/2-wide model on 16 x 16 latents, batch
+guidance 4.0, ``STEPS`` outer steps (``PF_BENCH_SCOPE=quick``: PF-XL/2, dual loop, the two
+baselines, ``dedup+fused`` and ``+graphs``). On the CPU a PF-B/2-wide model on 16 x 16 latents, batch
 2, EulerPF only, ``plain`` vs ``dedup``. ``extra_info`` holds images/s, NFE and the speed-up
 over ``plain``.
 
@@ -30,11 +31,17 @@ import pf_kernels
 from pf import samplers
 from pf.models import build_model
 from pf.sampling.graphs import GraphedSampler, compile_model
+from conftest import QUICK
 
 CUDA = torch.cuda.is_available()
 STEPS = 10
 CFG = 4.0
 CUDA_VARIANTS = ["plain", "plain+blockc", "dedup", "dedup+fused", "+compile", "+graphs"]
+CUDA_PRESETS = ["PF-B/2", "PF-XL/2"]
+CUDA_SAMPLERS = ["euler_pf", "dual_loop", "look_ahead"]
+if QUICK:
+    CUDA_VARIANTS = ["plain", "plain+blockc", "dedup+fused", "+graphs"]
+    CUDA_PRESETS, CUDA_SAMPLERS = ["PF-XL/2"], ["dual_loop"]
 _PLAIN_IPS: dict = {}
 
 
@@ -94,8 +101,8 @@ def _synced(fn):
 
 @pytest.mark.skipif(not CUDA, reason="PF-B/2 and PF-XL/2 at batch 64 need CUDA")
 @pytest.mark.parametrize("variant", CUDA_VARIANTS)
-@pytest.mark.parametrize("name", ["euler_pf", "dual_loop", "look_ahead"])
-@pytest.mark.parametrize("preset", ["PF-B/2", "PF-XL/2"])
+@pytest.mark.parametrize("name", CUDA_SAMPLERS)
+@pytest.mark.parametrize("preset", CUDA_PRESETS)
 def test_sampling_cuda(benchmark, preset, name, variant):
     benchmark.group = f"sampling {preset} {name} b64 cfg{CFG}"
     torch.backends.cuda.matmul.allow_tf32 = True

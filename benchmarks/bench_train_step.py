@@ -4,7 +4,7 @@ Variants: ``eager`` (torch reference ops), ``compile`` (per-block ``torch.compil
 eager model, as the published code does), ``fused`` (the Triton ops) and
 ``fused+compile``. Reported: ms per step (pytest-benchmark), images/s and peak memory in
 ``extra_info``. On a CPU a tiny model runs so the path stays exercised; the PF-B/2 and
-PF-XL/2 cases need CUDA (bf16 autocast, batch 32).
+PF-XL/2 cases need CUDA (bf16 autocast, batch 32); ``PF_BENCH_SCOPE=quick`` runs PF-XL/2 only.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import pf_kernels
 from pf import flow, timesteps
 from pf.models import build_model
 from bench_hw_limits import matmul_tflops
+from conftest import QUICK
 
 CUDA = torch.cuda.is_available()
 VARIANTS = ["eager", "compile", "fused", "fused+compile"]
+CUDA_PRESETS = ["PF-XL/2"] if QUICK else ["PF-B/2", "PF-XL/2"]
 
 
 @contextlib.contextmanager
@@ -90,7 +92,7 @@ def _run(benchmark, preset, variant, batch, device):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA: PF-B/2 / PF-XL/2 bf16 training steps")
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("preset", ["PF-B/2", "PF-XL/2"])
+@pytest.mark.parametrize("preset", CUDA_PRESETS)
 def test_train_step_cuda(benchmark, preset, variant):
     benchmark.group = f"train-step {preset} bf16 b32"
     _run(benchmark, preset, variant, 32, "cuda")

@@ -10,17 +10,37 @@
   table and puts ms, GB/s and the fraction of ``copy_bandwidth`` in ``extra_info``.
 - The GPU's name, torch/triton/CUDA versions and the copy bandwidth go into the machine
   info of the saved JSON (``pytest_benchmark_update_machine_info``).
+- ``PF_BENCH_JSONL=path``: each benchmark is appended to ``path`` as one JSON line the
+  moment it finishes (its stats, ``extra_info`` and the machine), so a run cut short by a
+  time limit still keeps every number it measured (``scripts/gpu_check.sh`` relies on it;
+  ``scripts/bench_table.py`` reads these files as well as ``--benchmark-json`` ones).
+- ``PF_BENCH_SCOPE=quick``: the cases a lease of a few minutes can hold (largest token
+  count, bf16, one sampling and one training preset); ``full`` (the default) runs all.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
 import time
+from datetime import datetime, timezone
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+
+
+def _scope() -> str:
+    scope = os.environ.get("PF_BENCH_SCOPE", "full")
+    if scope not in ("quick", "full"):
+        raise ValueError(f"PF_BENCH_SCOPE must be 'quick' or 'full', got {scope!r}")
+    return scope
+
+
+QUICK = _scope() == "quick"
 
 
 def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 512 * 2**20) -> float:
@@ -105,14 +125,41 @@ def record(device, copy_bandwidth):
     return _record
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]} x {len(names)}" if names else platform.machine()
+
+
+def machine_summary(measure_copy: bool = False) -> dict:
+    """torch / Triton / CUDA versions, the GPU's name (None on the CPU) and, when measured,
+    the copy bandwidth."""
     import triton
 
-    machine_info["torch"] = torch.__version__
-    machine_info["triton"] = triton.__version__
+    info = {"torch": torch.__version__, "triton": triton.__version__, "gpu": None, "cpu": {"brand_raw": _cpu_name()}}
     if CUDA:
-        machine_info["gpu"] = torch.cuda.get_device_name()
-        machine_info["cuda"] = torch.version.cuda
-        machine_info["copy_gb_per_s"] = round(_copy_bandwidth_cached("cuda"), 1)
-    else:
-        machine_info["gpu"] = None
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+        if measure_copy or _copy_bandwidth_cached.cache_info().currsize:
+            info["copy_gb_per_s"] = round(_copy_bandwidth_cached("cuda"), 1)
+    return info
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(machine_summary(measure_copy=True))
+
+
+@pytest.fixture(autouse=True)
+def _stream_result(request):
+    """Append the finished benchmark to ``$PF_BENCH_JSONL`` (see the module docstring)."""
+    yield
+    path = os.environ.get("PF_BENCH_JSONL")
+    bench = (getattr(request.node, "funcargs", None) or {}).get("benchmark")  # None once interrupted
+    if not path or bench is None or getattr(bench, "stats", None) is None:
+        return  # not a benchmark, or it did not get as far as timing
+    row = bench.stats.as_dict(include_data=False)
+    row.update(machine=machine_summary(), datetime=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")

@@ -1,6 +1,9 @@
-"""Print a compact Markdown table from a ``pytest-benchmark`` JSON file.
+"""Print a compact Markdown table from ``pytest-benchmark`` results.
 
-    python scripts/bench_table.py bench.json
+    python scripts/bench_table.py RESULTS [RESULTS ...]
+
+Each RESULTS file is a ``--benchmark-json`` file or a ``PF_BENCH_JSONL`` file (one benchmark
+per line, written as each finishes: see ``benchmarks/conftest.py``); several are merged.
 
 One row per benchmark: its group and implementation, ms, the speed-up over eager PyTorch
 and over ``torch.compile`` in the same group (when those ran), GB/s and the fraction of
@@ -62,12 +65,31 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def load(paths: list[str]) -> dict:
+    """Merge result files into one ``{"machine_info", "datetime", "benchmarks"}`` dict; the
+    machine and date are the first file's (a JSONL row carries its own)."""
+    merged: dict = {"machine_info": {}, "datetime": "", "benchmarks": []}
+    for path in paths:
+        with open(path) as f:
+            text = f.read()
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            data = {"benchmarks": rows}
+            if rows:
+                data.update(machine_info=rows[0].get("machine", {}), datetime=rows[0].get("datetime", ""))
+        else:
+            data = json.loads(text)
+        merged["machine_info"] = merged["machine_info"] or data.get("machine_info", {})
+        merged["datetime"] = merged["datetime"] or data.get("datetime", "")
+        merged["benchmarks"] += data.get("benchmarks", [])
+    return merged
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if not argv:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        print(table(json.load(f)))
+    print(table(load(argv)))
     return 0
 
 
