@@ -1,0 +1,223 @@
+"""Compile every pf_kernels Triton kernel for a GPU, on a machine without one, and report it.
+
+    python scripts/kernel_report.py [--arch 90] [--json report.json]
+
+Each op's host code runs on small CPU tensors shaped like the real calls (PF-B/2 and PF-XL/2
+widths and an odd one, N = 256 tokens, bf16 / fp16 / fp32, per-token ``chunk`` views,
+per-sample and indexed modulation, every ``patch_euler`` form), with two things swapped:
+Triton's driver names the target instead of asking a GPU, and each launch becomes
+``kernel.warmup`` (compile, no run). So every kernel goes through Triton's real compiler
+(TTIR, PTX, then ptxas to a cubin) with exactly the specialisation a launch would give it
+(dtypes, 16-byte alignment of pointers and strides, constexprs), which the interpreter never
+exercises. Per compiled variant it reports num_warps, registers, stack-frame and spill bytes
+(``ptxas -v``, the ptxas Triton bundles), shared memory, and the width of the
+global loads and stores in the PTX (``v4`` = 16 bytes per thread for 32-bit words, what
+coalesced memory-bound code wants). Needs ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TOKENS = 256
+WIDTHS = {"B/2": 768, "XL/2": 1152, "odd": 37}
+
+
+class _TargetDriver:
+    """Triton's active driver, reduced to what a compile-only launch asks of it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _Recorder:
+    """Stands in for ``wrap`` in the op modules: ``wrap(kernel)[grid](*args)`` compiles only."""
+
+    def __init__(self):
+        self.label = ""
+        self.compiled: list[tuple[str, str, object]] = []  # (case label, kernel name, CompiledKernel)
+
+    def __call__(self, kernel):
+        def launch(grid):
+            def run(*args, **kwargs):
+                self.compiled.append((self.label, kernel.fn.__name__, kernel.warmup(*args, grid=grid, **kwargs)))
+
+            return run
+
+        return _Indexable(launch)
+
+
+class _Indexable:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn(grid)
+
+
+def _cases(torch, ops):
+    """(label, thunk) for every launch form the ops have."""
+    am, gr, te, pe = ops["adaln_modulate"], ops["gated_residual"], ops["timestep_embedding"], ops["patch_euler"]
+    gen = torch.Generator().manual_seed(0)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    for width, d in WIDTHS.items():
+        for dname, dtype in dtypes.items():
+            x, y, grad = (randn(2, N_TOKENS, d, dtype=dtype) for _ in range(3))
+            shift, scale, gate = randn(2, N_TOKENS, 6 * d, dtype=dtype).chunk(6, dim=-1)[:3]  # row stride 6D
+            s_shift, s_scale, s_gate = randn(2, 1, 6 * d, dtype=dtype).chunk(6, dim=-1)[:3]  # per sample
+            k_shift, k_scale, k_gate = randn(2, 2, 6 * d, dtype=dtype).chunk(6, dim=-1)[:3]  # K = 2 table
+            index = torch.randint(0, 2, (2, N_TOKENS), generator=gen)
+            tag = f"{width} D={d} {dname}"
+            yield f"adaln fwd per-token {tag}", lambda: am.adaln_modulate_fwd(x, shift, scale, None, 1e-6)
+            yield f"adaln bwd per-token {tag}", lambda: am.adaln_modulate_bwd(grad, x, shift, scale, None, 1e-6)
+            yield f"adaln fwd per-sample {tag}", lambda: am.adaln_modulate_fwd(x, s_shift, s_scale, None, 1e-6)
+            yield f"adaln bwd per-sample {tag}", lambda: am.adaln_modulate_bwd(grad, x, s_shift, s_scale, None, 1e-6)
+            yield f"adaln fwd indexed {tag}", lambda: am.adaln_modulate_fwd(x, k_shift, k_scale, index, 1e-6)
+            yield f"adaln bwd indexed {tag}", lambda: am.adaln_modulate_bwd(grad, x, k_shift, k_scale, index, 1e-6)
+            yield f"gated fwd per-token {tag}", lambda: gr.gated_residual_fwd(x, gate, y, None)
+            yield f"gated bwd per-token {tag}", lambda: gr.gated_residual_bwd(grad, gate, y, None)
+            yield f"gated fwd per-sample {tag}", lambda: gr.gated_residual_fwd(x, s_gate, y, None)
+            yield f"gated bwd per-sample {tag}", lambda: gr.gated_residual_bwd(grad, s_gate, y, None)
+            yield f"gated fwd indexed {tag}", lambda: gr.gated_residual_fwd(x, k_gate, y, index)
+            yield f"gated bwd indexed {tag}", lambda: gr.gated_residual_bwd(grad, k_gate, y, index)
+    t = torch.rand(2, N_TOKENS, generator=gen)
+    for dim in (256, 37):
+        yield f"timestep_embedding fwd dim={dim}", lambda: te.timestep_embedding_fwd(t, dim, 10000.0)
+        g = randn(2, N_TOKENS, dim)
+        yield f"timestep_embedding bwd dim={dim}", lambda: te.timestep_embedding_bwd(g, t, dim, 10000.0)
+    for dname in ("bf16", "fp32"):
+        x, v, vo = (randn(2, 4, 32, 32, dtype=dtypes[dname]) for _ in range(3))
+        dt, mask = torch.rand(2, N_TOKENS, generator=gen), torch.rand(2, N_TOKENS, generator=gen) < 0.5
+        for form, kw in (("plain", {}), ("mask", {"mask": mask}), ("mask+other", {"mask": mask, "v_other": vo})):
+            yield f"patch_euler {form} {dname}", lambda kw=kw: pe.patch_euler_launch(torch.empty_like(x), x, v, dt, 2, kw.get("v_other"), kw.get("mask"))
+        yield f"patch_euler in-place {dname}", lambda: pe.patch_euler_launch(x.clone(), None, v, dt, 2, None, mask)
+
+
+def _ptxas() -> str | None:
+    """The ptxas Triton itself uses (bundled in its wheel), else the CUDA toolkit's."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    for cand in (str(bundled), shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _resources(ptx: str, arch: str, ptxas: str | None) -> dict:
+    """Registers, stack frame and spill bytes, from ``ptxas -v`` on the kernel's PTX."""
+    if ptxas is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    info = proc.stdout + proc.stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, info)) else -1  # noqa: E731
+    return {
+        "regs": num(r"Used (\d+) registers"),
+        "stack": num(r"(\d+) bytes stack frame"),
+        "spill": num(r"(\d+) bytes spill stores") + max(num(r"(\d+) bytes spill loads"), 0),
+    }
+
+
+def _memory_widths(ptx: str) -> dict:
+    """Counts of global load/store instructions by vector width in the PTX."""
+    counts = {}
+    for op in ("ld", "st"):
+        insts = re.findall(rf"\b{op}\.global(?:\.[a-z0-9]+)*", ptx)
+        counts[f"{op}_v4"] = sum(".v4" in i for i in insts)
+        counts[f"{op}_v2"] = sum(".v2" in i for i in insts)
+        counts[f"{op}_scalar"] = sum(".v2" not in i and ".v4" not in i for i in insts)
+    return counts
+
+
+def compile_all(arch: int) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernel_report.py: unset TRITON_INTERPRET (it compiles, the interpreter does not)")
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    import pf_kernels.ops.adaln_modulate as am
+    import pf_kernels.ops.gated_residual as gr
+    import pf_kernels.ops.patch_euler as pe
+    import pf_kernels.ops.timestep_embedding as te
+
+    ops = {"adaln_modulate": am, "gated_residual": gr, "timestep_embedding": te, "patch_euler": pe}
+    recorder = _Recorder()
+    saved = {name: mod.wrap for name, mod in ops.items()}
+    previous = getattr(driver, "_active", None)  # reset_active() would look for a real GPU
+    driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
+    try:
+        for mod in ops.values():
+            mod.wrap = recorder
+        for label, thunk in _cases(torch, ops):
+            recorder.label = label
+            thunk()
+    finally:
+        for name, mod in ops.items():
+            mod.wrap = saved[name]
+        driver.set_active(previous)
+
+    ptxas = _ptxas()
+    rows = []
+    for label, kernel, ck in recorder.compiled:
+        meta = ck.metadata
+        rows.append({
+            "case": label, "kernel": kernel, "arch": arch, "num_warps": meta.num_warps, "shared": meta.shared,
+            **_resources(ck.asm["ptx"], re.search(r"\.target (sm_\w+)", ck.asm["ptx"]).group(1), ptxas),
+            **_memory_widths(ck.asm["ptx"]),
+        })  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["case", "kernel", "num_warps", "regs", "stack", "spill", "shared", "ld_v4", "ld_v2", "ld_scalar", "st_v4", "st_v2", "st_scalar"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = compile_all(args.arch)
+    import triton
+
+    print(f"### pf_kernels compiled for sm_{args.arch} with Triton {triton.__version__}: {len(rows)} launches\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
