@@ -29,8 +29,16 @@ def euler64(x, v, dt, p, v_other=None, mask=None):
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
-@pytest.mark.parametrize("variant", ["plain", "mask", "mask_other", "in_place", "out_strided"])
-@pytest.mark.parametrize("shape,p", [((2, 4, 8, 8), 2), ((1, 3, 6, 10), 2), ((2, 1, 9, 9), 3), ((1, 2, 4, 4), 1), ((1, 5, 4, 4), 4)], ids=str)
+@pytest.mark.parametrize("variant", ["plain", "mask", "mask_other", "in_place", "out_strided", "strided_inputs"])
+@pytest.mark.parametrize(
+    "shape,p",
+    [
+        ((2, 4, 8, 8), 2), ((1, 3, 6, 10), 2), ((2, 1, 9, 9), 3), ((1, 2, 4, 4), 1), ((1, 5, 4, 4), 4),
+        ((1, 2, 4, 260), 2),  # W over one column block (128)
+        ((3, 5, 40, 8), 4),  # B*C*H = 600 rows: several row tiles, the last one partial
+    ],
+    ids=str,
+)  # fmt: skip
 def test_forward(shape, p, variant, device, dtype, triton_backend):
     b, c, h, w = shape
     n = (h // p) * (w // p)
@@ -41,22 +49,28 @@ def test_forward(shape, p, variant, device, dtype, triton_backend):
     kw = {}
     if variant != "plain":
         kw["mask"] = mask.to(device)
-    if variant in ("mask_other", "in_place", "out_strided"):
+    if variant in ("mask_other", "in_place", "out_strided", "strided_inputs"):
         kw["v_other"] = vo.to(device)
     ref = euler64(x.double(), v.double(), dt.double(), p, vo.double() if "v_other" in kw else None, mask if "mask" in kw else None)
 
     xd = x.clone().to(device)
+    vd = v.to(device)
+    if variant == "strided_inputs":  # read through strides, as the samplers pass them
+        vd = torch.cat([vd, torch.randn_like(vd)], dim=1)[:, :c]  # channel slice of a (B, 2C, H, W) output
+        xd = xd.transpose(2, 3).contiguous().transpose(2, 3)  # H and W strides swapped
+        kw["v_other"] = torch.cat([kw["v_other"], kw["v_other"]])[b:]  # a batch chunk (offset storage)
+        assert vd.stride(0) == 2 * c * h * w and xd.stride(2) == 1 and kw["v_other"].storage_offset() > 0
     launches = LAUNCHES["patch_euler"]
     if variant == "in_place":
-        res = pf_kernels.patch_euler(xd, v.to(device), dt.to(device), p, out=xd, **kw)
+        res = pf_kernels.patch_euler(xd, vd, dt.to(device), p, out=xd, **kw)
         assert res is xd
     elif variant == "out_strided":
         buf = torch.zeros(b, c, w, h, dtype=dtype, device=device).transpose(2, 3)  # (B, C, H, W) strided
-        res = pf_kernels.patch_euler(xd, v.to(device), dt.to(device), p, out=buf, **kw)
+        res = pf_kernels.patch_euler(xd, vd, dt.to(device), p, out=buf, **kw)
         assert res is buf
         torch.testing.assert_close(xd.cpu(), x)  # x untouched
     else:
-        res = pf_kernels.patch_euler(xd, v.to(device), dt.to(device), p, **kw)
+        res = pf_kernels.patch_euler(xd, vd, dt.to(device), p, **kw)
         torch.testing.assert_close(xd.cpu(), x)
     assert LAUNCHES["patch_euler"] == launches + 1
     assert res.dtype == dtype and res.shape == shape
