@@ -74,11 +74,12 @@ def _patch_euler_kernel(
     tl.store(OUT + out_offs, out.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _tile(rows: int, w: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_W): whole rows up to 128 columns, as many rows as fill TILE_ELEMS."""
+def _tile(w: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_W): whole rows up to 128 columns, as many rows as fill TILE_ELEMS.
+    Set by the width alone (a model constant), so a compiled sampler is not specialised on
+    the batch size."""
     block_w = min(triton.next_power_of_2(int(w)), 128)
-    block_r = min(max(1, TILE_ELEMS // block_w), triton.next_power_of_2(max(int(rows), 1)))
-    return block_r, block_w
+    return max(1, TILE_ELEMS // block_w), block_w
 
 
 def patch_euler_launch(out, x, v, dt, patch_size: int, v_other, mask) -> None:
@@ -91,7 +92,7 @@ def patch_euler_launch(out, x, v, dt, patch_size: int, v_other, mask) -> None:
     x_arg = out if x is None else x
     other = v if v_other is None else v_other
     mask_arg = dt if mask is None else mask.view(torch.uint8)  # bool -> bytes, no copy
-    block_r, block_w = _tile(rows, w)
+    block_r, block_w = _tile(w)
     count("patch_euler")
     wrap(_patch_euler_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(w, block_w))](
         x_arg, *x_arg.stride(),
