@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from child_env import ROOT, child_env
 
@@ -84,8 +85,8 @@ def test_benchmarks_stream_one_line_each(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    limits = {r["extra_info"]["limit"]: r for r in rows}
-    assert set(limits) == {"copy", "matmul"}  # the GPU-name case skips on the CPU
+    limits = {r["extra_info"]["limit"]: r for r in rows if "limit" in r["extra_info"]}
+    assert set(limits) == {"copy", "matmul"}
     assert limits["copy"]["extra_info"]["gb_per_s"] > 0 and limits["matmul"]["extra_info"]["tflops"] > 0
     assert limits["copy"]["stats"]["median"] > 0
     assert limits["copy"]["machine"]["torch"] and "gpu" in limits["copy"]["machine"]
@@ -99,6 +100,7 @@ def _gpu_check(tmp_path, **env):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the training phase runs PF-XL/2: gpu_check.sh itself is the check there")
 def test_gpu_check_runs_phases_and_prints_the_table(tmp_path):
     proc = _gpu_check(tmp_path, PF_GPU_PHASES="limits train", PF_GPU_BUDGET_S="200")
     assert proc.returncode == 0, proc.stdout + proc.stderr
