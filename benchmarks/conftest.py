@@ -11,7 +11,8 @@
 - The GPU's name, torch/triton/CUDA versions and the copy bandwidth go into the machine
   info of the saved JSON (``pytest_benchmark_update_machine_info``).
 - ``PF_BENCH_JSONL=path``: each benchmark is appended to ``path`` as one JSON line the
-  moment it finishes (its stats, ``extra_info`` and the machine), so a run cut short by a
+  moment it finishes (its stats and ``extra_info``; the first line of each run also the
+  machine info of the JSON file), so a run cut short by a
   time limit still keeps every number it measured (``scripts/gpu_check.sh`` relies on it;
   ``scripts/bench_table.py`` reads these files as well as ``--benchmark-json`` ones).
 - ``PF_BENCH_SCOPE=quick``: the cases a lease of a few minutes can hold (largest token
@@ -23,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import time
 from datetime import datetime, timezone
 
@@ -125,30 +125,20 @@ def record(device, copy_bandwidth):
     return _record
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0]} x {len(names)}" if names else platform.machine()
-
-
-def machine_summary(measure_copy: bool = False) -> dict:
-    """torch / Triton / CUDA versions, the GPU's name (None on the CPU) and, when measured,
-    the copy bandwidth."""
+def pytest_benchmark_update_machine_info(config, machine_info):
     import triton
 
-    info = {"torch": torch.__version__, "triton": triton.__version__, "gpu": None, "cpu": {"brand_raw": _cpu_name()}}
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
     if CUDA:
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-        if measure_copy or _copy_bandwidth_cached.cache_info().currsize:
-            info["copy_gb_per_s"] = round(_copy_bandwidth_cached("cuda"), 1)
-    return info
+        machine_info["gpu"] = torch.cuda.get_device_name()
+        machine_info["cuda"] = torch.version.cuda
+        machine_info["copy_gb_per_s"] = round(_copy_bandwidth_cached("cuda"), 1)
+    else:
+        machine_info["gpu"] = None
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info.update(machine_summary(measure_copy=True))
+_machine_streamed = False  # whether this process has written its machine info yet
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +149,11 @@ def _stream_result(request):
     bench = (getattr(request.node, "funcargs", None) or {}).get("benchmark")  # None once interrupted
     if not path or bench is None or getattr(bench, "stats", None) is None:
         return  # not a benchmark, or it did not get as far as timing
+    global _machine_streamed
     row = bench.stats.as_dict(include_data=False)
-    row.update(machine=machine_summary(), datetime=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    row["datetime"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if not _machine_streamed:  # the JSON file's machine_info (the hook above), once per process
+        row["machine"] = request.config._benchmarksession.get_machine_info()
+        _machine_streamed = True
     with open(path, "a") as f:
         f.write(json.dumps(row, default=str) + "\n")

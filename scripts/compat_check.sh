@@ -24,20 +24,10 @@ find_python() {
   return 1
 }
 
-if [ ! -x "$venv/bin/python" ]; then
-  "$(find_python)" -m venv "$venv"
-fi
+# scripts/install.sh with another interpreter and torch; the later installs keep these
+# pins (pip leaves a satisfied requirement alone).
+python="$(find_python)"
+PF_VENV="$venv" PF_PYTHON="$python" PF_TORCH_SPEC="$spec" bash scripts/install.sh
 py="$venv/bin/python"
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-tr ' ' '\n' <<<"$spec" >"$constraints"
-"$py" -m pip install -q --upgrade pip setuptools wheel
-# shellcheck disable=SC2086
-"$py" -m pip install -q -c "$constraints" $spec pybind11 ninja
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export CUDA_HOME=/usr/local/cuda
-fi
-export MAX_JOBS="${MAX_JOBS:-2}"
-"$py" -m pip install -q -c "$constraints" --no-build-isolation -e '.[dev,eval]'
-"$py" -c "import sys, torch, triton, pf_kernels._C as C; print(f'compat: Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, CUDA op built: {C.with_cuda}')"
+"$py" -c "import sys, torch, triton, numpy, pf_kernels._C as C; print(f'compat: Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}, CUDA op built: {C.with_cuda}')"
 "$py" -m pytest tests -q

@@ -3,6 +3,7 @@
 # package with its compiled LTG extension and the dev/eval extras.
 #   bash scripts/install.sh            -> ./.venv
 #   PF_VENV=/path bash scripts/install.sh
+#   PF_PYTHON=python3.12 bash scripts/install.sh   (the interpreter the venv is made from)
 # On a machine with a GPU, install the torch build that matches its driver first, or set
 # PF_TORCH_SPEC (e.g. PF_TORCH_SPEC="torch==2.11.0").
 set -euo pipefail
@@ -11,7 +12,7 @@ venv="${PF_VENV:-.venv}"
 torch_spec="${PF_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 
 if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+  "${PF_PYTHON:-python3}" -m venv "$venv"
 fi
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip setuptools wheel

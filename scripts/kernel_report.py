@@ -56,25 +56,24 @@ class _Recorder:
         self.compiled: list[tuple[str, str, object]] = []  # (case label, kernel name, CompiledKernel)
 
     def __call__(self, kernel):
-        def launch(grid):
-            def run(*args, **kwargs):
-                self.compiled.append((self.label, kernel.fn.__name__, kernel.warmup(*args, grid=grid, **kwargs)))
-
-            return run
-
-        return _Indexable(launch)
+        return _CompileOnly(self, kernel)
 
 
-class _Indexable:
-    def __init__(self, fn):
-        self.fn = fn
+class _CompileOnly:
+    def __init__(self, recorder: _Recorder, kernel):
+        self.recorder, self.kernel = recorder, kernel
 
     def __getitem__(self, grid):
-        return self.fn(grid)
+        def run(*args, **kwargs):
+            compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            self.recorder.compiled.append((self.recorder.label, self.kernel.fn.__name__, compiled))
+
+        return run
 
 
 def _cases(torch, ops):
-    """(label, thunk) for every launch form the ops have."""
+    """(label, thunk) for every launch form the ops have. Each thunk is called before the
+    next is made, so the lambdas may read the loop's current tensors."""
     am, gr, te, pe = ops["adaln_modulate"], ops["gated_residual"], ops["timestep_embedding"], ops["patch_euler"]
     gen = torch.Generator().manual_seed(0)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -111,7 +110,7 @@ def _cases(torch, ops):
         x, v, vo = (randn(2, 4, 32, 32, dtype=dtypes[dname]) for _ in range(3))
         dt, mask = torch.rand(2, N_TOKENS, generator=gen), torch.rand(2, N_TOKENS, generator=gen) < 0.5
         for form, kw in (("plain", {}), ("mask", {"mask": mask}), ("mask+other", {"mask": mask, "v_other": vo})):
-            yield f"patch_euler {form} {dname}", lambda kw=kw: pe.patch_euler_launch(torch.empty_like(x), x, v, dt, 2, kw.get("v_other"), kw.get("mask"))
+            yield f"patch_euler {form} {dname}", lambda: pe.patch_euler_launch(torch.empty_like(x), x, v, dt, 2, kw.get("v_other"), kw.get("mask"))
         yield f"patch_euler in-place {dname}", lambda: pe.patch_euler_launch(x.clone(), None, v, dt, 2, None, mask)
 
 
