@@ -1,4 +1,5 @@
-"""Where training data enters: the embedded digits, image folders and precomputed latents.
+"""Where training data enters: the embedded digits, MNIST-format sets (Fashion-MNIST), image
+folders and precomputed latents.
 
 Every dataset yields ``(x, y)`` with ``x`` a float32 ``(C, H, W)`` tensor (images in
 [-1, 1], latents already multiplied by their scale factor) and ``y`` an int class id, and
@@ -12,20 +13,31 @@ from pf.data.base import DataError, TensorImages, check_against_model, split_val
 from pf.data.digits import load_digits_dataset
 from pf.data.folder import ImageFolder
 from pf.data.latents import load_latents
+from pf.data.mnist_format import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_mnist_format
 from pf.data.loader import ShardedBatches
 
 
 def build_dataset(data_cfg) -> TensorImages | ImageFolder:
-    """The dataset named by ``data_cfg.name`` (``digits``, ``folder`` or ``latents``)."""
+    """The dataset named by ``data_cfg.name`` (``digits``, ``fashion_mnist``, ``mnist_format``,
+    ``folder`` or ``latents``); ``data_cfg.split`` (``train`` | ``test``) picks the split of the
+    sets that have one."""
     name = data_cfg.name
+    split = data_cfg.get("split", "train") or "train"
+    if split != "train" and name not in ("fashion_mnist", "mnist_format"):
+        raise DataError(f"data={name} has no {split!r} split (only data=fashion_mnist and data=mnist_format do)")
     if name == "digits":
         return load_digits_dataset(image_size=data_cfg.image_size)
+    if name == "fashion_mnist":
+        return load_mnist_format(data_cfg.get("path") or FASHION_MNIST_DIR, split, data_cfg.image_size,
+                                 name="Fashion-MNIST", class_names=FASHION_MNIST_CLASSES)
+    if name == "mnist_format":
+        return load_mnist_format(data_cfg.get("path"), split, data_cfg.image_size, num_classes=data_cfg.num_classes)
     if name == "folder":
         return ImageFolder(data_cfg.path, image_size=data_cfg.image_size, channels=data_cfg.channels)
     if name == "latents":
         return load_latents(data_cfg.path, labels_path=data_cfg.labels_path, scale_factor=data_cfg.scale_factor,
                             num_classes=data_cfg.num_classes)
-    raise DataError(f"unknown dataset {name!r}; choose data=digits, data=folder or data=latents")
+    raise DataError(f"unknown dataset {name!r}; choose data=digits, fashion_mnist, mnist_format, folder or latents")
 
 
 __all__ = [
@@ -37,5 +49,6 @@ __all__ = [
     "check_against_model",
     "load_digits_dataset",
     "load_latents",
+    "load_mnist_format",
     "split_validation",
 ]
