@@ -64,7 +64,7 @@ def test_config_groups_compose():
     big = make_cfg("model=pf-xl2", "data=latents", "trainer=fm", "sampler=look_ahead")
     assert big.model.name == "XL/2" and big.model.in_channels == 4 and big.model.num_classes == 1000
     assert big.trainer.lr == 1e-4 and big.trainer.ema_decay == 0.9999 and big.trainer.max_steps == 400000
-    assert big.trainer.timesteps.name == "logit_normal" and big.sampler.params.context_t_ratio == 1.4
+    assert big.trainer.timesteps.name == "uniform" and big.sampler.params.context_t_ratio == 1.4  # the paper's SiT
     for name in ("pf-s2", "pf-b2", "pf-l2"):
         assert make_cfg(f"model={name}").model.name == name[3:-1].upper() + "/2"
     assert make_cfg("sampler=dual_loop").sampler.params.n_inner == 4
