@@ -135,3 +135,56 @@ def test_uc_cond_replaces_null_label():
     c = EulerPF()(model, x, 3, y=y, cfg_scale=2.0, uc_cond=10)
     assert _rel(a, b) > 1e-6
     torch.testing.assert_close(b, c)
+
+
+# ------------------------------------------------------ patch selection (ablations)
+def _brute_lowest(scores: torch.Tensor, area: int, p: float) -> torch.Tensor:
+    """Independent: numpy's quantile over the pixel-repeated scores, strict compare."""
+    import numpy as np
+
+    out = []
+    for row in scores.double().numpy():
+        q = np.quantile(np.repeat(row, area), p)  # linear interpolation
+        out.append(row < q)
+    return torch.as_tensor(np.stack(out))
+
+
+def test_selection_rules_move_the_chosen_patches():
+    from pf.samplers.base import PatchSelection, below_pixel_quantile
+
+    lv = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)).reshape(1, 1, 2, 2)
+    lv = lv.repeat_interleave(2, 2).repeat_interleave(2, 3)  # 4 patches of 2x2 pixels
+    assert PatchSelection("uncertainty")(lv, 2, 0.5).tolist() == [[True, True, False, False]]
+    assert PatchSelection("most_uncertain")(lv, 2, 0.5).tolist() == [[False, False, True, True]]
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(5, 37, generator=g, dtype=torch.float64)
+    for p in (0.1, 0.4, 0.77):
+        assert torch.equal(below_pixel_quantile(scores, 4, p), _brute_lowest(scores, 4, p))
+
+
+def test_random_selection_keeps_the_count_and_is_seeded():
+    from pf.samplers.base import PatchSelection
+
+    model, x, y = _setup()
+    _, lv = model(x, torch.full((2, 16), 0.3, dtype=torch.float64), y, return_uncertainty=True)
+    base = PatchSelection("uncertainty")(lv, 2, 0.4)
+    picks = []
+    for seed in (0, 0, 1):
+        sel = PatchSelection("random", seed)
+        sel.reset(x.device)
+        picks.append(sel(lv, 2, 0.4))
+        assert torch.equal(picks[-1].sum(1), base.sum(1))  # as many patches as the method moves
+    assert torch.equal(picks[0], picks[1]) and not torch.equal(picks[0], picks[2])
+    with pytest.raises(ValueError, match=r"selection must be one of"):
+        PatchSelection("largest")
+
+
+@pytest.mark.parametrize("cls", [DualLoop, LookAhead])
+def test_selection_changes_the_run_and_random_is_reproducible(cls):
+    model, x, y = _setup()
+    default = cls()(model, x, K, y=y)
+    rand_a = cls(selection="random", selection_seed=5)(model, x, K, y=y)
+    rand_b = cls(selection="random", selection_seed=5)(model, x, K, y=y)
+    worst = cls(selection="most_uncertain")(model, x, K, y=y)
+    assert torch.equal(rand_a, rand_b)
+    assert _rel(rand_a, default) > 1e-6 and _rel(worst, default) > 1e-6

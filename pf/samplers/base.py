@@ -32,20 +32,60 @@ def certain_patches(logvar: torch.Tensor, patch_size: int, p_frac: float) -> tor
 
     logvar (B, 1, H, W) -> (B, N) bool. The quantile is taken over pixel values (each patch
     counted p*p times), with linear interpolation in float64; the compare is strict.
-    Computed on the device with no host sync (CUDA-graph safe): as every patch value fills
-    p*p consecutive places of the sorted pixels, pixel rank j is patch rank j // (p*p), and
-    the interpolation positions depend only on shapes. Same value as ``torch.quantile``
-    (same ``lerp``); a row holding NaN is not special-cased.
     """
     u = patch_mean(torch.exp(logvar), patch_size).double()  # (B, N)
-    sorted_u = u.sort(dim=1).values  # (B, N)
-    area = patch_size * patch_size
-    pos = p_frac * (u.shape[1] * area - 1)  # quantile position among the H*W pixels (host float)
+    return below_pixel_quantile(u, patch_size * patch_size, p_frac)
+
+
+def below_pixel_quantile(scores: torch.Tensor, area: int, p_frac: float) -> torch.Tensor:
+    """``scores < q`` per sample, ``q`` the ``p_frac`` quantile of the scores repeated ``area`` times.
+
+    scores (B, N) -> (B, N) bool. Computed on the device with no host sync (CUDA-graph safe):
+    as every patch value fills ``area`` consecutive places of the sorted pixels, pixel rank j
+    is patch rank j // area, and the interpolation positions depend only on shapes. Same
+    value as ``torch.quantile`` (same ``lerp``); a row holding NaN is not special-cased.
+    """
+    sorted_u = scores.sort(dim=1).values  # (B, N)
+    pos = p_frac * (scores.shape[1] * area - 1)  # quantile position among the N*area pixels (host float)
     lo, hi = math.floor(pos), math.ceil(pos)
     below = sorted_u[:, lo // area : lo // area + 1]  # (B, 1) pixel value at rank lo
     above = sorted_u[:, hi // area : hi // area + 1]  # (B, 1) pixel value at rank hi
     threshold = torch.lerp(below, above, pos - lo)  # (B, 1)
-    return u < threshold
+    return scores < threshold
+
+
+SELECTIONS = ("uncertainty", "random", "most_uncertain")
+
+
+class PatchSelection:
+    """Which patches an adaptive sampler treats as certain (moves first).
+
+    ``uncertainty`` (the method, SPEC section 6): the least uncertain ``p_frac``.
+    ``random``: as many patches, chosen at random (i.i.d. scores from a generator seeded by
+    ``seed`` at the start of every sampler call, so a run is reproducible).
+    ``most_uncertain``: the *most* uncertain ones (a control). The ablations keep the count:
+    the same pixel-quantile rule is applied to the rule's own scores.
+    """
+
+    def __init__(self, rule: str = "uncertainty", seed: int = 0):
+        if rule not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {rule!r}")
+        self.rule, self.seed = rule, int(seed)
+        self._generator = None
+
+    def reset(self, device: torch.device) -> None:
+        if self.rule == "random":
+            self._generator = torch.Generator(device).manual_seed(self.seed)
+
+    def __call__(self, logvar: torch.Tensor, patch_size: int, p_frac: float) -> torch.Tensor:
+        if self.rule == "uncertainty":
+            return certain_patches(logvar, patch_size, p_frac)
+        u = patch_mean(torch.exp(logvar), patch_size).double()  # (B, N)
+        if self.rule == "random":
+            u = torch.rand(u.shape, generator=self._generator, device=u.device, dtype=u.dtype)
+        else:
+            u = -u
+        return below_pixel_quantile(u, patch_size * patch_size, p_frac)
 
 
 def check_fraction(p: float) -> float:

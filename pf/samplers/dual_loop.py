@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import pf_kernels
-from pf.samplers.base import Sampler, certain_patches, check_fraction
+from pf.samplers.base import PatchSelection, Sampler, check_fraction
 
 
 class DualLoop(Sampler):
@@ -20,21 +20,24 @@ class DualLoop(Sampler):
     max_distinct_times = 2  # certain patches at one time, uncertain at another
     needs_uncertainty = True
 
-    def __init__(self, p: float = 0.4, n_inner: int = 4):
+    def __init__(self, p: float = 0.4, n_inner: int = 4, selection: str = "uncertainty", selection_seed: int = 0):
         super().__init__()
         if int(n_inner) != n_inner or n_inner < 1:
             raise ValueError(f"n_inner must be a positive integer, got {n_inner}")
         self.p, self.n_inner = check_fraction(p), int(n_inner)
+        self.selection = selection
+        self._select = PatchSelection(selection, selection_seed)
 
     def run(self, model, x, schedule, y, steps):
         s = schedule.tolist()
         ps = model.patch_size
+        self._select.reset(x.device)
         for k in steps:
             dt = float(schedule[k + 1] - schedule[k])
             h = dt / self.n_inner
             t = self.patch_times(model, x, s[k])  # (B, N)
             g = self.call(model, x, t, y, with_logvar=True)
-            certain = certain_patches(g.logvar, ps, self.p)  # (B, N) bool
+            certain = self._select(g.logvar, ps, self.p)  # (B, N) bool
             step = torch.full(t.shape, h, dtype=x.dtype, device=x.device).masked_fill(certain, dt)  # (B, N)
             x = pf_kernels.patch_euler(x, g.v, step, ps)
             t = torch.where(certain, s[k + 1], t + h)

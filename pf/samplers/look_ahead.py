@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import pf_kernels
-from pf.samplers.base import Sampler, certain_patches, check_fraction
+from pf.samplers.base import PatchSelection, Sampler, check_fraction
 
 WARMUP_TIME = 0.05  # at or below this time every patch takes a plain (conditional) Euler step
 
@@ -21,11 +21,14 @@ class LookAhead(Sampler):
     max_distinct_times = 2  # certain patches at one time, uncertain at another
     needs_uncertainty = True
 
-    def __init__(self, p: float = 0.4, context_t_ratio: float = 1.4):
+    def __init__(self, p: float = 0.4, context_t_ratio: float = 1.4, selection: str = "uncertainty",
+                 selection_seed: int = 0):
         super().__init__()
         if not context_t_ratio >= 1.0:
             raise ValueError(f"context_t_ratio must be >= 1, got {context_t_ratio}")
         self.p, self.context_t_ratio = check_fraction(p), float(context_t_ratio)
+        self.selection = selection
+        self._select = PatchSelection(selection, selection_seed)
 
     def _warmup(self, s_k: torch.Tensor) -> bool:
         return bool(s_k <= torch.tensor(WARMUP_TIME, dtype=torch.float32))  # host tensors: no sync
@@ -33,6 +36,7 @@ class LookAhead(Sampler):
     def run(self, model, x, schedule, y, steps):
         s = schedule.tolist()
         ps = model.patch_size
+        self._select.reset(x.device)
         for k in steps:
             dt = float(schedule[k + 1] - schedule[k])
             t = self.patch_times(model, x, s[k])  # (B, N)
@@ -41,7 +45,7 @@ class LookAhead(Sampler):
                 x = x + dt * g.v_cond
                 continue
             d = min(s[k] * self.context_t_ratio, 1.0) - s[k]
-            certain = certain_patches(g.logvar, ps, self.p)  # (B, N) bool
+            certain = self._select(g.logvar, ps, self.p)  # (B, N) bool
             x_ctx = pf_kernels.patch_euler(x, g.v_cond, torch.full_like(t, d, dtype=x.dtype), ps, mask=certain)
             t_ctx = torch.where(certain, t + d, t)
             v_ctx = self.call(model, x_ctx, t_ctx, y, with_logvar=False).v
