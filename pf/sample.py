@@ -26,7 +26,7 @@ DEFAULTS = {
     "ckpt": None,  # released PFT file or one of this project's checkpoints (required)
     "sampler": "look_ahead",  # euler_pf | dual_loop | look_ahead (euler for global-time models)
     "steps": 100,  # outer steps
-    "cfg": 4.0,  # guidance scale (1.0: no guidance, the FID setting)
+    "cfg": None,  # guidance scale; default 4.0 for pictures, 1.0 (no guidance, the published FID setting) with fid=true
     "classes": None,  # labels, cycled over the samples; default: random per sample
     "n": 16,  # pictures in the grid
     "seed": 0,
@@ -93,6 +93,8 @@ def validate(cfg: dict) -> dict:
     if not cfg["ckpt"]:
         raise UsageError(f"ckpt=PATH is required\n{USAGE}")
     cfg["ckpt"], cfg["out"] = str(cfg["ckpt"]), str(cfg["out"])
+    if cfg["cfg"] is None:
+        cfg["cfg"] = 1.0 if cfg["fid"] is True else 4.0
     for key in ("steps", "n", "seed", "batch", "num", "n_inner", "viz_cols"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "seed" else 1):
             raise UsageError(f"{key} must be a positive integer, got {cfg[key]!r}")

@@ -127,3 +127,9 @@ def test_latent_models_need_a_vae(ckpts, tmp_path, capsys):
         assert "needs the 'diffusers' package" in capsys.readouterr().err
     assert _run("steps=1") == 2
     assert "ckpt=PATH is required" in capsys.readouterr().err
+
+
+def test_guidance_default_is_4_for_pictures_and_1_for_fid(ckpts):
+    assert sample.parse_args([f"ckpt={ckpts['pixel']}"])["cfg"] == 4.0
+    assert sample.parse_args([f"ckpt={ckpts['pixel']}", "fid=true"])["cfg"] == 1.0  # the published FID setting
+    assert sample.parse_args([f"ckpt={ckpts['pixel']}", "fid=true", "cfg=2.5"])["cfg"] == 2.5  # explicit wins
