@@ -1,66 +1,75 @@
-"""pf.experiments.reproduce end to end at a toy size: both models train, every column is
-evaluated at the same K and at matched NFE, RESULTS.md and the grid are written and can be
-re-rendered; the matched-NFE step counts."""
+"""pf.experiments.reproduce end to end at the toy size (Fashion-MNIST 8x8, a few steps): every
+arm trains, every curve is evaluated on every (training, sampling) seed against the held-out
+test split, RESULTS.md, the plot and the grid are written, a rerun reuses everything, and
+the matched-NFE step counts."""
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("torch_fidelity")
+pytest.importorskip("matplotlib")
 
 from pf import samplers  # noqa: E402
+from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
 from pf.eval import cli  # noqa: E402
-from pf.experiments import reproduce  # noqa: E402
+from pf.experiments import common, reproduce  # noqa: E402
+
+needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 
 
 def test_steps_for_nfe_matches_the_budget():
-    assert reproduce.steps_for_nfe(samplers.EulerPF(), 20) == 20
-    assert reproduce.steps_for_nfe(samplers.DualLoop(n_inner=4), 20) == 5
+    assert common.steps_for_nfe(samplers.EulerPF(), 20) == 20
+    assert common.steps_for_nfe(samplers.DualLoop(n_inner=4), 20) == 5
+    assert common.steps_for_nfe(samplers.DualLoop(n_inner=4), 10) == 2  # 8 and 12 tie: the cheaper
     la = samplers.LookAhead()
-    k = reproduce.steps_for_nfe(la, 20)
-    assert abs(la.expected_nfe(k) - 20) <= 1 and la.expected_nfe(k) <= 20  # ties go to the cheaper K
+    k = common.steps_for_nfe(la, 50)
+    assert abs(la.expected_nfe(k) - 50) <= 1 and la.expected_nfe(k) <= 50
 
 
-def test_columns_cover_both_tables():
-    cfg = cli.parse(reproduce.DEFAULTS, ["eval.steps=10", "eval.nfe=20"])
-    cols = reproduce.columns(cfg)
-    same = [c for c in cols if c["table"] == "steps"]
-    matched = [c for c in cols if c["table"] == "nfe"]
-    assert [reproduce.label(c) for c in same] == ["SiT Euler", "PF Euler", "PF dual-loop", "PF look-ahead"]
-    assert all(c["steps"] == 10 for c in same)
-    assert [c["nfe"] for c in same] == [10, 10, 40, 19]
-    assert all(abs(c["nfe"] - 20) <= 1 for c in matched)
-    assert len(cfg.eval.seeds) >= 3  # the report's spread is over at least three seeds
+def test_the_default_study_is_the_papers_comparison():
+    cfg = cli.parse(reproduce.DEFAULTS, [])
+    study = reproduce.study_config(cfg)
+    assert study["data"] == "fashion_mnist" and len(study["train"]["seeds"]) >= 2 and len(study["eval"]["seeds"]) >= 3
+    assert study["eval"]["nfe"] == [10, 25, 50, 100] and study["eval"]["cfg_scale"] == 1.0
+    assert common.ARMS["sit_uniform"]["overrides"] == ["trainer=fm", "trainer.timesteps.name=uniform"]
+    names = [s.name for s in reproduce.build_stages(study)]
+    for arm in ("sit_uniform", "sit_logit_normal", "pf_ltg", "pf_logit_normal"):
+        assert f"train {arm} seed 0" in names and f"train {arm} seed 1" in names
+    assert "curve pf_ltg look_ahead seed 1" in names and "curve sit_uniform euler seed 0" in names
+    # stage keys do not depend on how the study is run or where it reports
+    other = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["jobs=2", "results=/tmp/x.md"]))
+    assert [s.key for s in reproduce.build_stages(other)] == [s.key for s in reproduce.build_stages(study)]
+    with pytest.raises(ValueError, match="global-time model"):
+        reproduce.build_stages({**study, "eval": {**study["eval"], "samplers": {"sit_uniform": ["look_ahead"]}}})
 
 
-def test_reproduce_end_to_end_toy(tmp_path):
-    argv = [f"out_dir={tmp_path / 'out'}", f"results={tmp_path / 'RESULTS.md'}", f"grid={tmp_path / 'grid.png'}",
-            "train.max_steps=2", "train.batch_size=8", "train.warmup_steps=1", "eval.num_samples=20",
-            "eval.seeds=[0,1]", "eval.steps=2", "eval.nfe=4", "eval.kid_subsets=2", "classifier.epochs=1",
-            "classifier.width=4", "grid_rows=1", "device=cpu"]
-    cfg = cli.parse(reproduce.DEFAULTS, argv)
-    results = reproduce.run(cfg, log=lambda *_: None)
-
-    assert set(results["train"]) == {"fm_seed0", "pf_seed0"}
-    assert results["train"]["fm_seed0"]["steps"] == results["train"]["pf_seed0"]["steps"] == 2
-    assert results["train"]["fm_seed0"]["params"] < results["train"]["pf_seed0"]["params"]  # PF adds the logvar head
-    cols = results["columns"]
-    assert len(cols) == 8
-    for col in cols:
-        assert len(col["runs"]) == 2 and {r["sample_seed"] for r in col["runs"]} == {0, 1}
-        assert col["nfe_measured"] == col["nfe"]
-        assert all(torch.isfinite(torch.tensor(r["fid"])) for r in col["runs"])
+@needs_fashion
+def test_reproduce_toy_end_to_end(tmp_path):
+    argv = reproduce.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"results={tmp_path / 'RESULTS.md'}",
+                                 f"figures={tmp_path / 'fig'}", "device=cpu"])
+    cfg = cli.parse(reproduce.DEFAULTS, argv, free=reproduce.FREE)
+    reproduce.main(cfg, argv=["toy=true"])
+    study = reproduce.study_config(cfg)
+    data = reproduce.collect(study)
+    assert all(seconds is not None for _, seconds in data["stages"])  # every stage finished
+    assert len(data["train"]) == 8  # 4 arms x 2 training seeds
+    pf_run, sit_run = data["train"][("pf_ltg", 0)], data["train"][("sit_uniform", 0)]
+    assert pf_run["flops_per_step"] > sit_run["flops_per_step"] > 0  # per-token modulation costs more
+    assert pf_run["steps"] == 4 and pf_run["train_seconds"] > 0
+    for (arm, sampler), points in data["curves"].items():
+        assert {(p["train_seed"], p["sample_seed"]) for p in points} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+        for p in points:
+            assert p["num_reference"] == 200 and p["num_generated"] == 20 and p["nfe"] >= 1
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "python -m pf.experiments.reproduce" in text and "pending" not in text
-    assert "| SiT Euler | 2 | 2 |" in text and "| PF dual-loop | 2 | 8 |" in text and "| PF dual-loop | 1 | 4 |" in text
-    assert "±" in text and "grid.png" in text
-    assert (tmp_path / "grid.png").stat().st_size > 0
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["finished"]
+    assert "python -m pf.experiments.reproduce toy=true" in text and "pending" not in text
+    assert "| PF (LTG) dual-loop | " in text and "(K=1, NFE 4)" in text and "SiT (uniform t) Euler" in text
+    assert "held-out **test split**" in text and "paired" in text
+    assert (tmp_path / "fig" / "fid_vs_nfe.png").stat().st_size > 0 and (tmp_path / "fig" / "samples.png").is_file()
 
-    # a second run reuses the trained models; report_only re-renders without computing
+    # a rerun computes nothing (every stage cached) and writes the same report
     (tmp_path / "RESULTS.md").unlink()
-    cli.run(reproduce.main, reproduce.DEFAULTS, "", argv=argv + ["report_only=true"])
-    assert (tmp_path / "RESULTS.md").read_text() == text
+    reproduce.main(cfg, argv=["toy=true"])
+    assert (tmp_path / "RESULTS.md").read_text().split("## Stages")[0] == text.split("## Stages")[0]

@@ -136,25 +136,30 @@ def load_dataset_images(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg_scale: float = 1.0,
-             batch_size: int = 500, labels: torch.Tensor | None = None, device=None) -> tuple[torch.Tensor, dict]:
+             batch_size: int = 500, labels: torch.Tensor | None = None, device=None,
+             static: bool = False) -> tuple[torch.Tensor, dict]:
     """Draw ``num_samples`` images with ``sampler`` at ``steps`` outer steps.
 
     Labels default to ``i % num_classes`` (balanced classes); the noise comes from a generator
     seeded by ``seed``, drawn on the CPU in one piece, so the same seed gives the same noise
-    for every sampler and batch size. Returns uint8 images (M, C, H, W) and
-    ``{"nfe": model calls per batch, "seconds": wall time}``.
+    for every sampler and batch size. ``static=True`` (for a ``torch.compile``-d model) runs
+    the model in ``sync_free(sampler.max_distinct_times)``, its static-shape form. Returns
+    uint8 images (M, C, H, W) and ``{"nfe": model calls per batch, "seconds": wall time}``.
     """
+    import contextlib
     import time
 
-    device = device or next(model.parameters()).device
-    shape = (num_samples, model.in_channels, model.input_size, model.input_size)
+    base = getattr(model, "_orig_mod", model)  # through a torch.compile wrapper
+    device = device or next(base.parameters()).device
+    shape = (num_samples, base.in_channels, base.input_size, base.input_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))  # (M, C, H, W)
     if labels is None:
-        labels = torch.arange(num_samples) % model.num_classes
+        labels = torch.arange(num_samples) % base.num_classes
     out, nfe, t0 = [], None, time.perf_counter()
-    for i in range(0, num_samples, batch_size):
-        x = sampler(model, noise[i:i + batch_size].to(device), steps, y=labels[i:i + batch_size].to(device),
-                    cfg_scale=cfg_scale)
-        out.append(to_uint8(x))
-        nfe = sampler.nfe
+    with base.sync_free(sampler.max_distinct_times) if static else contextlib.nullcontext():
+        for i in range(0, num_samples, batch_size):
+            x = sampler(model, noise[i:i + batch_size].to(device), steps, y=labels[i:i + batch_size].to(device),
+                        cfg_scale=cfg_scale)
+            out.append(to_uint8(x))
+            nfe = sampler.nfe
     return torch.cat(out), {"nfe": nfe, "seconds": time.perf_counter() - t0}

@@ -110,3 +110,39 @@ def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
     return path
+
+
+def labelled_panels(panels: list[tuple[str, torch.Tensor]], path: str | os.PathLike, *, nrow: int = 10,
+                    min_size: int = 48, per_row: int = 4) -> Path:
+    """Panels of images side by side, each under its caption, ``per_row`` panels a row.
+
+    ``panels``: (caption, uint8 (M, C, H, W)) pairs, C in (1, 3); each image is upscaled
+    (nearest) to at least ``min_size`` pixels and a panel is ``torchvision.utils.make_grid``
+    with ``nrow`` images a row. Captions may hold a newline.
+    """
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid as tv_grid
+
+    tiles = []
+    for caption, images in panels:
+        x = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)
+        factor = max(1, -(-min_size // x.shape[-1]))
+        x = x.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
+        grid = tv_grid(x, nrow=nrow, padding=2, pad_value=255)  # (3, H', W') uint8
+        lines = caption.count("\n") + 1
+        head = 6 + 12 * lines
+        tile = Image.new("RGB", (grid.shape[2], grid.shape[1] + head), "white")
+        tile.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (0, head))
+        ImageDraw.Draw(tile).multiline_text((4, 3), caption, fill="black", spacing=2)
+        tiles.append(tile)
+    w = max(t.width for t in tiles)
+    h = max(t.height for t in tiles)
+    rows = -(-len(tiles) // per_row)
+    canvas = Image.new("RGB", (min(per_row, len(tiles)) * (w + 8) + 8, rows * (h + 8) + 8), "white")
+    for i, tile in enumerate(tiles):
+        r, q = divmod(i, per_row)
+        canvas.paste(tile, (8 + q * (w + 8), 8 + r * (h + 8)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

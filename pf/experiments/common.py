@@ -1,0 +1,306 @@
+"""What the study's commands share: training configs, the feature classifier and the held-out
+reference, one cached evaluation point, and small report helpers.
+
+A *point* is one evaluation: a trained checkpoint, a sampler with its parameters, K outer
+steps and a sampling seed -> ``num_samples`` images (labels ``i mod classes``, the same noise
+for every column of a seed) -> FID / KID / precision / recall against the held-out test split
+in the features of the classifier trained on the train split. Points are cached by
+everything that decides them (:func:`pf.experiments.stages.cached`), so the main comparison
+and the findings share the points they have in common.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pf.experiments.stages import cached, config_key, ensure_trained, trajectory_config
+
+# The arms of the comparison: pf.train overrides on top of the shared recipe.
+ARMS = {
+    "sit_uniform": {"label": "SiT (uniform t)", "overrides": ["trainer=fm", "trainer.timesteps.name=uniform"]},
+    "sit_logit_normal": {"label": "SiT (logit-normal t)",
+                         "overrides": ["trainer=fm", "trainer.timesteps.name=logit_normal"]},
+    "pf_ltg": {"label": "PF (LTG)", "overrides": ["trainer=pf", "trainer.timesteps.name=ltg"]},
+    "pf_logit_normal": {"label": "PF (one logit-normal t per sample)",
+                        "overrides": ["trainer=pf", "trainer.timesteps.name=logit_normal"]},
+}
+SAMPLER_LABELS = {"euler": "Euler", "euler_pf": "Euler", "dual_loop": "dual-loop", "look_ahead": "look-ahead"}
+
+
+def is_pf(arm_overrides: list[str]) -> bool:
+    return "trainer=fm" not in arm_overrides
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+
+def compose_train_config(study: dict, overrides: list[str], seed: int):
+    """The ``pf.train`` config of one arm and training seed (hydra's compose, no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    import pf
+
+    tc = study["train"]
+    every = int(tc["keep_every"])
+    args = [
+        f"data={study['data']}", f"model={study['model']}", f"seed={seed}", f"device={resolve_device(study)}",
+        f"data.image_size={study['image_size']}", *study.get("data_overrides", []),
+        f"trainer.batch_size={tc['batch_size']}", f"trainer.lr={tc['lr']}",
+        f"trainer.warmup_steps={tc['warmup_steps']}", "trainer.progress=false",
+        f"trainer.ckpt_every={every}", f"trainer.keep_every={every}", f"trainer.val_every={every}",
+        f"trainer.sample_every={every}", f"trainer.log_every={max(1, min(50, every))}",
+        *overrides, *tc.get("overrides", []),
+        f"sampler={'euler_pf' if is_pf(overrides) else 'euler'}", "sampler.steps=25", "sampler.cfg_scale=1.0",
+    ]
+    config_dir = str(Path(pf.__file__).resolve().parent / "configs")
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return compose(config_name="config", overrides=args)
+
+
+def resolve_device(study: dict) -> str:
+    if study.get("device", "auto") == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(study["device"])
+
+
+def check_steps(study: dict, steps: int) -> int:
+    every = int(study["train"]["keep_every"])
+    if int(steps) < 1 or int(steps) % every:
+        raise ValueError(f"training steps must be a positive multiple of train.keep_every={every}, got {steps}")
+    return int(steps)
+
+
+def train_stage(study: dict, overrides: list[str], seed: int, steps: int) -> dict:
+    """Stage: one arm trained (or resumed) to ``steps``; its budget and losses."""
+    import json
+
+    cfg = compose_train_config(study, overrides, seed)
+    out = ensure_trained(cfg, study["out_dir"], check_steps(study, steps))
+    records = [json.loads(line) for line in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    upto = [r for r in records if r["step"] <= steps]
+    val = [r for r in upto if "val_loss" in r]
+    from pf.models import load_checkpoint
+
+    model = load_checkpoint(out["checkpoint"], use_ema=True)
+    return {**out, "trajectory": config_key(trajectory_config(cfg)), "params": sum(p.numel() for p in model.parameters()
+                                                                                   if p.requires_grad),
+            "first_loss": upto[0]["loss"] if upto else None, "final_loss": upto[-1]["loss"] if upto else None,
+            "val_loss": val[-1]["val_loss"] if val else None,
+            "flops_per_step": training_flops(model, cfg)}
+
+
+def training_flops(model, cfg) -> int:
+    """FLOPs of one training step (forward + backward of the loss on one batch), counted by
+    ``torch.utils.flop_counter`` (matrix products and attention; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pf.flow import training_loss
+
+    b, s, c = int(cfg.trainer.batch_size), int(model.input_size), int(model.in_channels)
+    model = model.train()
+    x1 = torch.zeros(b, c, s, s)
+    y = torch.zeros(b, dtype=torch.long)
+    n = (s // model.patch_size) ** 2
+    t = torch.full((b, n), 0.5) if model.per_token else torch.full((b,), 0.5)
+    with FlopCounterMode(display=False) as counter:
+        training_loss(model, x1, y, t, x0=torch.zeros_like(x1), nll_weight=float(cfg.trainer.nll_weight))["loss"].backward()
+    return int(counter.get_total_flops())
+
+
+#################################################################################
+#                         Classifier and held-out reference                     #
+#################################################################################
+
+
+def data_config(study: dict, split: str):
+    cfg = compose_train_config(study, ARMS["pf_ltg"]["overrides"], 0).data
+    cfg.split = split
+    return cfg
+
+
+def classifier_stage(study: dict) -> dict:
+    """Stage: the feature classifier trained on the train split; accuracy on the test split."""
+    from pf.eval.classifier import accuracy, load_classifier
+    from pf.eval.inputs import from_uint8, load_dataset_images
+    from pf.eval.train_classifier import ensure_classifier
+
+    cc = study["classifier"]
+    path, info = ensure_classifier(data_config(study, "train"), classifier_path(study), epochs=int(cc["epochs"]), width=int(cc["width"]),
+                                   lr=float(cc["lr"]), test_frac=0.0, log=None)
+    model, _ = load_classifier(path)
+    test, labels = load_dataset_images(data_config(study, "test"))
+    return {"path": str(path), "train_size": info["train_size"], "epochs": info["epochs"],
+            "test_accuracy": accuracy(model, from_uint8(test), labels), "test_size": int(test.shape[0]),
+            "seconds": info.get("seconds")}
+
+
+def classifier_path(study: dict) -> Path:
+    """Where the classifier of this data and classifier config lives (decided by both)."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(data_config(study, "train"), resolve=True)
+    data.pop("num_workers", None)
+    return Path(study["out_dir"]) / f"classifier_{config_key({'data': data, **study['classifier']})}.pt"
+
+
+_REFERENCE: dict = {}
+
+
+def _test_split(study: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    from pf.eval.inputs import load_dataset_images
+
+    limit = study["eval"].get("reference_size")
+    key = f"{data_config(study, 'test')}|{limit}"
+    if key not in _REFERENCE:
+        images, labels = load_dataset_images(data_config(study, "test"))
+        _REFERENCE[key] = (images[:limit], labels[:limit]) if limit else (images, labels)
+    return _REFERENCE[key]
+
+
+def reference_images(study: dict) -> torch.Tensor:
+    """The held-out test split as uint8 (M, C, H, W) (loaded once per process)."""
+    return _test_split(study)[0]
+
+
+def load_test_labels(study: dict) -> torch.Tensor:
+    return _test_split(study)[1]
+
+
+#################################################################################
+#                                Evaluation points                              #
+#################################################################################
+
+
+class PointModel:
+    """A checkpoint's EMA model, compiled once for sampling when asked (``torch.compile``,
+    about 2x on this CPU); the same callable for every point of a stage."""
+
+    def __init__(self, checkpoint: str, study: dict):
+        from pf.models import load_checkpoint
+
+        self.device = resolve_device(study)
+        self.model = load_checkpoint(checkpoint, use_ema=True).to(self.device).eval()
+        self.call = self.model
+        if study["eval"].get("compile"):
+            from pf.sampling.graphs import compile_model
+
+            torch._dynamo.reset()  # a fresh cache per model: no silent fall-back to eager after many recompiles
+            self.call = compile_model(self.model)
+        self.compiled = study["eval"].get("compile", False)
+
+
+def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int,
+                   model: PointModel | None = None, keep_images: int = 0, tag: str = "") -> dict:
+    """One cached point: metrics of ``sampler`` at ``steps`` on the trained run ``train``."""
+    from pf.experiments.stages import write_json
+
+    ec = study["eval"]
+    key = {"trajectory": train["trajectory"], "train_steps": train["steps"], "sampler": sampler, "params": params,
+           "steps": int(steps), "seed": int(seed), "num_samples": int(ec["num_samples"]),
+           "cfg_scale": float(ec["cfg_scale"]), "classifier": str(classifier_path(study)),
+           "kid_subsets": int(ec["kid_subsets"]), "device": resolve_device(study), "compile": bool(ec.get("compile"))}
+    if ec.get("reference_size"):
+        key["reference_size"] = int(ec["reference_size"])
+
+    def compute() -> dict:
+        from pf import samplers
+        from pf.eval.inputs import generate
+        from pf.eval.metrics import compute_metrics
+
+        pm = model or PointModel(train["checkpoint"], study)
+        s = samplers.make(sampler, **params)
+        images, info = generate(pm.call, s, int(ec["num_samples"]), int(steps), seed=int(seed),
+                                cfg_scale=float(ec["cfg_scale"]), batch_size=int(ec["batch_size"]),
+                                device=pm.device, static=pm.compiled)
+        t0 = time.perf_counter()
+        m = compute_metrics(images, reference_images(study), extractor="classifier",
+                            weights=str(classifier_path(study)), kid_subsets=int(ec["kid_subsets"]), seed=int(seed),
+                            device=pm.device)
+        out = {**m, **info, "metric_seconds": time.perf_counter() - t0}
+        if keep_images:
+            path = Path(study["out_dir"]) / "images" / f"{config_key(key)}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(images[:keep_images].clone(), path)
+            out["images"] = str(path)
+        return out
+
+    return cached(study["out_dir"], "points", key, compute)
+
+
+def steps_for_nfe(sampler, budget: int) -> int:
+    """The K whose expected NFE is closest to ``budget`` (ties: the cheaper one)."""
+    best = None
+    for k in range(1, 4 * budget + 1):
+        nfe = sampler.expected_nfe(k)
+        key = (abs(nfe - budget), nfe)
+        if best is None or key < best[0]:
+            best = (key, k)
+        if nfe > 2 * budget:
+            break
+    return best[1]
+
+
+#################################################################################
+#                                 Report helpers                                #
+#################################################################################
+
+
+def mean_std(values) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def fmt(values, digits: int = 2) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if math.isfinite(m) else "pending"
+
+
+def paired(a: dict, b: dict, key: str = "fid") -> list[float]:
+    """``b - a`` over the (training seed, sampling seed) pairs both have: same noise, labels and seeds."""
+    return [b[k][key] - a[k][key] for k in sorted(set(a) & set(b))]
+
+
+def verdict(diffs: list[float], lower_is_better: bool = True) -> str:
+    """``mean ± std`` of paired differences and how many pairs favour the second column."""
+    if not diffs:
+        return "not measured yet"
+    better = sum((d < 0) == lower_is_better for d in diffs if d != 0)
+    worse = sum(1 for d in diffs if d != 0) - better
+    m, s = mean_std(diffs)
+    n = len(diffs)
+    if better == n:
+        word = f"better in all {n} paired runs"
+    elif worse == n:
+        word = f"worse in all {n} paired runs"
+    else:
+        word = f"better in {better}, worse in {worse}" + (f", equal in {n - better - worse}" if n - better - worse else "") \
+            + f" of {n} paired runs"
+    return f"{m:+.2f} ± {s:.2f}, {word}"
+
+
+def rel(path: str | Path, results_file: str | Path) -> str:
+    """``path`` as a link from the folder of ``results_file``."""
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), Path(results_file).resolve().parent)).as_posix()
+
+
+def device_name(study: dict) -> str:
+    import os
+    import platform
+
+    if resolve_device(study) == "cuda":
+        return torch.cuda.get_device_name()
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+            f"{study['jobs']} worker process(es) with {study['threads']} torch thread(s) each")
