@@ -1,0 +1,594 @@
+"""The paper's findings, each measured and drawn: ``python -m pf.experiments.findings [key=value ...]``.
+
+Uses the study of ``pf.experiments.reproduce`` (the same ``out_dir``, data, recipe and keys,
+so its trained models and evaluation points are reused) and writes ``docs/findings.md``:
+
+1. *Uncertainty tracks difficulty*: on held-out test images noised to a time ``s`` (every
+   patch at ``s``), each patch's predicted variance (``exp(logvar)`` averaged over the patch)
+   against its actual squared velocity error; rank correlation pooled and within images, and
+   the error per bin of predicted variance.
+2. *Context helps*: the error of the uncertain patches (all but the ``p`` least uncertain)
+   when the certain ones are moved ahead to ``min(s * ratio, 1)`` (as look-ahead moves them,
+   along the model's own velocity; and, as an upper bound, to their true noisy value there),
+   against when they are not.
+3. *Context reduces uncertainty*: the predicted variance of the same patches in both cases.
+4. *The timestep-sampler ablation*: PF trained with each timestep sampler of SPEC section 4 at
+   one (smaller, stated) budget; FID with Euler and look-ahead.
+5. *Patch selection at fixed compute*: the adaptive samplers with the patches that go ahead
+   chosen by uncertainty (the method), at random, and most-uncertain first (a control).
+
+Every stage is cached and resumable like the comparison's (``jobs=2`` for two processes).
+``toy=true`` is a minute-sized run of everything (CI).
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pf.eval import cli
+from pf.experiments import common, reproduce
+from pf.experiments.common import ARMS, fmt, mean_std, paired, rel, verdict
+from pf.experiments.stages import Stage, run_stages, stage_result
+
+DEFAULTS = copy.deepcopy(reproduce.DEFAULTS)
+DEFAULTS.pop("results")
+DEFAULTS.update({
+    "page": "docs/findings.md",
+    "findings": {
+        "arms": ["pf_ltg", "pf_logit_normal"],   # models of findings 1-3 (main budget, every training seed)
+        "images": 1000,                          # held-out test images for findings 1-3
+        "times": [0.2, 0.4, 0.6, 0.8],           # the noise level s of every patch
+        "p": 0.4,                                # fraction of certain patches (moved ahead)
+        "context_t_ratio": 1.4,
+        "bins": 10,
+        "ablation": {
+            "steps": 1000,                       # the ablation's (smaller) training budget
+            "seed": 0,
+            "samplers": ["independent", "uniform", "logit_normal", "gaussian", "truncated_gaussian", "srm", "ltg"],
+            "eval": [["euler_pf", 25], ["look_ahead", 25]],   # sampler and target NFE
+        },
+        "selection": {
+            "samplers": ["dual_loop", "look_ahead"],
+            "rules": ["uncertainty", "random", "most_uncertain"],
+            "nfe": 50,
+            "train_seeds": [0],
+        },
+    },
+})
+TOY = [*reproduce.TOY, "findings.images=40", "findings.times=[0.3,0.7]", "findings.bins=4",
+       "findings.ablation.steps=2", "findings.ablation.eval=[[euler_pf,2],[look_ahead,3]]", "findings.selection.nfe=4",
+       "findings.ablation.samplers=[independent,ltg]"]
+FREE = (*reproduce.FREE, "findings.ablation", "findings.selection")
+DOC_COMMAND = "python -m pf.experiments.findings"
+PRESENTATION_KEYS = ("jobs", "threads", "page", "figures")
+
+
+#################################################################################
+#                        Findings 1-3: uncertainty and context                  #
+#################################################################################
+
+
+def _rank_rows(a):
+    from scipy.stats import rankdata
+
+    return rankdata(a, axis=1)
+
+
+def _row_corr(a, b):
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (numpy (B, N))."""
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = (a * a).sum(1) ** 0.5 * (b * b).sum(1) ** 0.5
+    return (a * b).sum(1) / den
+
+
+@torch.no_grad()
+def _forward(model, x, t, y, batch: int = 500):
+    vs, lvs = [], []
+    for i in range(0, x.shape[0], batch):
+        v, lv = model(x[i:i + batch], t[i:i + batch], y[i:i + batch], return_uncertainty=True)
+        vs.append(v)
+        lvs.append(lv)
+    return torch.cat(vs), torch.cat(lvs)
+
+
+def patch_stats(v, logvar, target, patch_size: int):
+    """(per-patch predicted variance, per-patch squared error), each (B, N)."""
+    from pf.flow import patch_mean
+
+    var = patch_mean(torch.exp(logvar.double()), patch_size)
+    err = patch_mean(((v.double() - target.double()) ** 2).mean(1, keepdim=True), patch_size)
+    return var, err
+
+
+def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
+    """Stage: findings 1-3 for one trained model, on held-out test images."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    import pf_kernels
+    from pf.flow import interpolate
+    from pf.samplers import certain_patches
+
+    fc = study["findings"]
+    trained = common.train_stage(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
+    from pf.models import load_checkpoint
+
+    model = load_checkpoint(trained["checkpoint"], use_ema=True).eval()
+    images = common.reference_images(study)[:int(fc["images"])]
+    labels = common.load_test_labels(study)[:int(fc["images"])]
+    x1 = images.float() / 127.5 - 1.0  # (B, 1, S, S)
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1234))
+    ps = model.patch_size
+    n = (x1.shape[-1] // ps) ** 2
+    out = {"arm": arm, "seed": seed, "images": int(x1.shape[0]), "times": []}
+    map_s = min((float(s) for s in fc["times"]), key=lambda s: abs(s - 0.5))  # the time of the pictured maps
+    for s in fc["times"]:
+        s = float(s)
+        t = torch.full((x1.shape[0], n), s)
+        xt, target = interpolate(x1, x0, t, ps)
+        v, lv = _forward(model, xt, t, labels)
+        var, err = patch_stats(v, lv, target, ps)  # (B, N)
+        a, b = var.numpy(), err.numpy()
+        within = _row_corr(_rank_rows(a), _rank_rows(b))
+        edges = np.quantile(a.ravel(), np.linspace(0, 1, int(fc["bins"]) + 1))
+        which = np.clip(np.searchsorted(edges, a.ravel(), side="right") - 1, 0, int(fc["bins"]) - 1)
+        bins = [{"var": float(a.ravel()[which == k].mean()), "err": float(b.ravel()[which == k].mean())}
+                for k in range(int(fc["bins"])) if (which == k).any()]
+
+        # context: the certain patches moved ahead, the uncertain ones left at s
+        certain = certain_patches(lv, ps, float(fc["p"]))  # (B, N)
+        uncertain = ~certain
+        d = min(s * float(fc["context_t_ratio"]), 1.0) - s
+        t_ctx = torch.where(certain, torch.full_like(t, s + d), t)
+        x_model = pf_kernels.patch_euler(xt, v, torch.full_like(t, d), ps, mask=certain)  # look-ahead's move
+        x_true, _ = interpolate(x1, x0, t_ctx, ps)  # the certain patches' true noisy value at s + d
+        rows = {}
+        for name, x_ctx in (("model", x_model), ("true", x_true)):
+            v2, lv2 = _forward(model, x_ctx, t_ctx, labels)
+            var2, err2 = patch_stats(v2, lv2, target, ps)
+            rows[name] = (var2, err2)
+
+        def on_uncertain(values):
+            """Per image: mean over its uncertain patches."""
+            return (values * uncertain).sum(1) / uncertain.sum(1).clamp(min=1)
+
+        base_err, base_var = on_uncertain(err), on_uncertain(var)
+        context = {}
+        for name, (var2, err2) in rows.items():
+            e2, u2 = on_uncertain(err2), on_uncertain(var2)
+            context[name] = {"err": float(e2.mean()), "var": float(u2.mean()),
+                             "err_change": float((e2.mean() - base_err.mean()) / base_err.mean()),
+                             "var_change": float((u2.mean() - base_var.mean()) / base_var.mean()),
+                             "err_lower_frac": float((e2 < base_err).double().mean()),
+                             "var_lower_frac": float((u2 < base_var).double().mean())}
+        out["times"].append({
+            "s": s, "context_t": s + d, "spearman_pooled": float(spearmanr(a.ravel(), b.ravel()).statistic),
+            "spearman_within": float(np.nanmean(within)), "bins": bins,
+            "certain_err": float(((err * certain).sum(1) / certain.sum(1).clamp(min=1)).mean()),
+            "uncertain_err": float(base_err.mean()), "uncertain_var": float(base_var.mean()), "context": context})
+        if s == map_s:
+            maps = Path(study["out_dir"]) / "findings" / f"maps_{arm}_{seed}_{s}.pt"
+            maps.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"x1": x1[:8].clone(), "xt": xt[:8].clone(), "var": var[:8].float().clone(),
+                        "err": err[:8].float().clone(), "certain": certain[:8].clone(), "s": s}, maps)
+            out["maps"] = str(maps)
+    return out
+
+
+#################################################################################
+#                      Findings 4 and 5: ablation and selection                 #
+#################################################################################
+
+
+def ablation_overrides(name: str) -> list[str]:
+    return ["trainer=pf", f"trainer.timesteps.name={name}"]
+
+
+def ablation_stage(study: dict, sampler_name: str) -> dict:
+    """Stage: PF trained with one timestep sampler at the ablation budget, and its FID points."""
+    ac = study["findings"]["ablation"]
+    seed = int(ac["seed"])
+    trained = common.train_stage(study, ablation_overrides(sampler_name), seed, int(ac["steps"]))
+    model = common.PointModel(trained["checkpoint"], study)
+    points = []
+    for name, target in ac["eval"]:
+        from pf import samplers
+
+        params = reproduce.sampler_params(study, name)
+        k = common.steps_for_nfe(samplers.make(name, **params), int(target))
+        for sseed in study["eval"]["seeds"]:
+            p = common.evaluate_point(study, trained, name, params, k, sseed, model=model)
+            points.append({"sampler": name, "target_nfe": int(target), "steps": k, "train_seed": seed,
+                           "sample_seed": int(sseed), **p})
+    return {"train": {k: trained[k] for k in ("val_loss", "final_loss", "train_seconds", "steps")}, "points": points}
+
+
+def selection_stage(study: dict, sampler: str, rule: str, seed: int) -> dict:
+    """Stage: one adaptive sampler with one selection rule at the fixed NFE, every sampling seed."""
+    from pf import samplers
+
+    sc = study["findings"]["selection"]
+    trained = common.train_stage(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"])
+    params = reproduce.sampler_params(study, sampler)
+    if rule != "uncertainty":  # the method's own points are the comparison's (same key)
+        params = {**params, "selection": rule}
+    k = common.steps_for_nfe(samplers.make(sampler, **params), int(sc["nfe"]))
+    model = common.PointModel(trained["checkpoint"], study)
+    points = []
+    for sseed in study["eval"]["seeds"]:
+        if rule == "random":
+            params = {**params, "selection_seed": int(sseed)}
+        p = common.evaluate_point(study, trained, sampler, params, k, sseed, model=model)
+        points.append({"steps": k, "train_seed": seed, "sample_seed": int(sseed), **p})
+    return {"points": points}
+
+
+def build_stages(study: dict) -> list[Stage]:
+    """The ablation first (its own training runs), then the findings on the main models."""
+    study = {k: v for k, v in study.items() if k not in PRESENTATION_KEYS}
+    fc = study["findings"]
+    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": study})]
+    main_budget = {"ltg", "logit_normal"}  # these reuse the comparison's trajectories: last
+    for name in sorted(fc["ablation"]["samplers"], key=lambda n: n in main_budget):
+        stages.append(Stage(f"ablation {name}", "pf.experiments.findings:ablation_stage",
+                            {"study": study, "sampler_name": name}, deps=("classifier",)))
+    for seed in study["train"]["seeds"]:
+        for arm in fc["arms"]:
+            stages.append(Stage(f"uncertainty {arm} seed {seed}", "pf.experiments.findings:uncertainty_stage",
+                                {"study": study, "arm": arm, "seed": int(seed)}))
+    for seed in fc["selection"]["train_seeds"]:
+        for sampler in fc["selection"]["samplers"]:
+            for rule in fc["selection"]["rules"]:
+                stages.append(Stage(f"selection {sampler} {rule} seed {seed}",
+                                    "pf.experiments.findings:selection_stage",
+                                    {"study": study, "sampler": sampler, "rule": rule, "seed": int(seed)},
+                                    deps=("classifier",)))
+    return stages
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+
+def collect(study: dict) -> dict:
+    out = {"stages": [], "uncertainty": [], "selection": {}, "ablation": {}}
+    for s in build_stages(study):
+        rec = stage_result(study["out_dir"], s)
+        out["stages"].append((s.name, rec["seconds"] if rec else None))
+        if rec is None or s.name == "classifier":
+            continue
+        if s.name.startswith("uncertainty"):
+            out["uncertainty"].append(rec["result"])
+        elif s.name.startswith("selection"):
+            out["selection"].setdefault((s.args["sampler"], s.args["rule"]), []).extend(rec["result"]["points"])
+        else:
+            out["ablation"][s.args["sampler_name"]] = rec["result"]
+    return out
+
+
+def _runs(points, **match) -> dict:
+    return {(p["train_seed"], p["sample_seed"]): p for p in points if all(p.get(k) == v for k, v in match.items())}
+
+
+def plot_uncertainty(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in data["uncertainty"] if r["arm"] == "pf_ltg"] or data["uncertainty"]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    cmap = plt.get_cmap("viridis")
+    times = [t["s"] for t in results[0]["times"]]
+    for i, s in enumerate(times):
+        for j, r in enumerate(results):
+            row = next(t for t in r["times"] if t["s"] == s)
+            xs, ys = [b["var"] for b in row["bins"]], [b["err"] for b in row["bins"]]
+            ax[0].plot(xs, ys, "-o" if j == 0 else "--", color=cmap(i / max(len(times) - 1, 1)), ms=3,
+                       label=f"s={s}" if j == 0 else None)
+    lo = min(b["var"] for r in results for t in r["times"] for b in t["bins"])
+    hi = max(b["var"] for r in results for t in r["times"] for b in t["bins"])
+    ax[0].plot([lo, hi], [lo, hi], "k:", lw=0.8, label="error = variance")
+    ax[0].set(xscale="log", yscale="log", xlabel="predicted variance (bin mean)", ylabel="actual squared error (bin mean)",
+              title="1. uncertainty tracks difficulty (PF, LTG)")
+    ax[0].legend(fontsize=7)
+    width = 0.25
+    for k, (key, title) in enumerate((("err", "2. error of the uncertain patches"),
+                                      ("var", "3. predicted variance of the uncertain patches"))):
+        a = ax[k + 1]
+        xs = range(len(times))
+        base = [mean_std([next(t for t in r["times"] if t["s"] == s)[f"uncertain_{key}"] for r in results])[0]
+                for s in times]
+        model = [mean_std([next(t for t in r["times"] if t["s"] == s)["context"]["model"][key] for r in results])[0]
+                 for s in times]
+        true = [mean_std([next(t for t in r["times"] if t["s"] == s)["context"]["true"][key] for r in results])[0]
+                for s in times]
+        a.bar([x - width for x in xs], base, width, label="no context", color="tab:gray")
+        a.bar(list(xs), model, width, label="certain moved ahead (model, as look-ahead)", color="tab:blue")
+        a.bar([x + width for x in xs], true, width, label="certain moved ahead (true values)", color="tab:green")
+        a.set_xticks(list(xs), [f"s={s}" for s in times])
+        a.set(title=title)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_maps(data: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = next((r for r in data["uncertainty"] if r["arm"] == "pf_ltg" and r.get("maps")), None)
+    if r is None or not Path(r["maps"]).is_file():
+        return False
+    m = torch.load(r["maps"], weights_only=True)
+    n = m["x1"].shape[0]
+    g = int(m["var"].shape[1] ** 0.5)
+    fig, ax = plt.subplots(4, n, figsize=(1.4 * n, 6))
+    rows = [("clean test image", m["x1"][:, 0], "gray"), (f"noisy, s={m['s']}", m["xt"][:, 0], "gray"),
+            ("predicted variance", m["var"].reshape(n, g, g), "magma"), ("actual error", m["err"].reshape(n, g, g), "magma")]
+    for i, (title, values, cmap) in enumerate(rows):
+        for j in range(n):
+            ax[i, j].imshow(values[j].numpy(), cmap=cmap)
+            ax[i, j].set_xticks([])
+            ax[i, j].set_yticks([])
+        ax[i, 0].set_ylabel(title, fontsize=7)
+    fig.suptitle("per-patch predicted variance against the actual error (PF, LTG; brighter = larger)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_bars(groups: list[tuple[str, list[tuple[str, list[float]]]]], path: Path, title: str, ylabel: str) -> None:
+    """Grouped bars with std error bars: groups of (group name, [(bar name, values)])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, (gname, bars) in zip(axes[0], groups):
+        ms = [mean_std(v) for _, v in bars]
+        ax.bar(range(len(bars)), [m for m, _ in ms], yerr=[s for _, s in ms], capsize=3,
+               color=["tab:blue" if "ltg" in b or "uncertainty" in b else "tab:gray" for b, _ in bars])
+        ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=30, ha="right", fontsize=8)
+        ax.set_title(gname, fontsize=9)
+        ax.set_ylabel(ylabel)
+        finite = [m for m, _ in ms if m == m]
+        if finite:
+            ax.set_ylim(0.9 * min(finite), 1.05 * max(finite))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(study: dict, data: dict, command: str) -> str:
+    fc, ec, tc = study["findings"], study["eval"], study["train"]
+    figures, page = Path(study["figures"]), Path(study["page"])
+    n_sample = len(ec["seeds"])
+    lines = ["# The paper's findings, measured at small scale", "",
+             f"Generated by `pf/experiments/findings.py` from the stages finished so far "
+             f"({sum(s is not None for _, s in data['stages'])} of {len(data['stages'])}); regenerate (or continue) "
+             f"with:", "", "```", command, "```", "",
+             f"Data `data={study['data']}` {study['image_size']}x{study['image_size']}, `model={study['model']}`; the "
+             f"models of the main comparison ([RESULTS.md]({rel('RESULTS.md', page)}): {tc['steps']} steps, batch "
+             f"{tc['batch_size']}, lr {tc['lr']}, training seeds {list(tc['seeds'])}). Held-out test images only. "
+             f"Device: {common.device_name(study)}.", ""]
+
+    # ---- 1-3
+    unc = data["uncertainty"]
+    if unc:
+        lines += ["## 1. Uncertainty tracks difficulty", "",
+                  f"{unc[0]['images']} test images, every patch noised to the same time s (fixed noise), one forward "
+                  f"pass: per patch the predicted variance (exp(logvar) averaged over the patch) and the actual "
+                  f"squared error of the velocity. Spearman rank correlation over all patches pooled, and within an "
+                  f"image (what the samplers use: they rank the patches of one image), mean ± std over training "
+                  f"seeds.", "",
+                  f"![uncertainty against error]({rel(figures / 'uncertainty.png', page)})", "",
+                  "| model | s | Spearman pooled | Spearman within an image | error of the certain / uncertain patches |",
+                  "|---|---|---|---|---|"]
+        for arm in fc["arms"]:
+            rs = [r for r in unc if r["arm"] == arm]
+            if not rs:
+                continue
+            for s in fc["times"]:
+                rows = [next(t for t in r["times"] if t["s"] == float(s)) for r in rs]
+                lines.append(f"| {ARMS[arm]['label']} | {s} | {fmt([t['spearman_pooled'] for t in rows], 3)} | "
+                             f"{fmt([t['spearman_within'] for t in rows], 3)} | "
+                             f"{mean_std([t['certain_err'] for t in rows])[0]:.4f} / "
+                             f"{mean_std([t['uncertain_err'] for t in rows])[0]:.4f} |")
+        if (figures / "difficulty_maps.png").is_file():
+            lines += ["", f"![difficulty maps]({rel(figures / 'difficulty_maps.png', page)})"]
+        lines += ["", "## 2 and 3. Context helps, and reduces uncertainty", "",
+                  f"The same images: the certain patches (the {fc['p']} least uncertain) moved ahead to "
+                  f"min(s x {fc['context_t_ratio']}, 1), either along the model's own velocity (as look-ahead moves "
+                  f"them) or to their true noisy value there (an upper bound), the uncertain ones left at s; a second "
+                  f"pass. Mean over the uncertain patches, relative change against no context, and the share of "
+                  f"images where it went down; mean over training seeds.", "",
+                  "| model | s -> context t | uncertain-patch error: no context | with context (model) | "
+                  "with context (true) | predicted variance: no context | with context (model) | with context (true) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for arm in fc["arms"]:
+            rs = [r for r in unc if r["arm"] == arm]
+            for s in fc["times"] if rs else []:
+                rows = [next(t for t in r["times"] if t["s"] == float(s)) for r in rs]
+
+                def cell(kind, key, rows=rows):
+                    m = mean_std([t["context"][kind][key] for t in rows])[0]
+                    ch = mean_std([t["context"][kind][f"{key}_change"] for t in rows])[0]
+                    fr = mean_std([t["context"][kind][f"{key}_lower_frac"] for t in rows])[0]
+                    return f"{m:.4f} ({ch * 100:+.1f}%, lower in {fr * 100:.0f}% of images)"
+
+                lines.append(f"| {ARMS[arm]['label']} | {s} -> {rows[0]['context_t']:.2f} | "
+                             f"{mean_std([t['uncertain_err'] for t in rows])[0]:.4f} | {cell('model', 'err')} | "
+                             f"{cell('true', 'err')} | {mean_std([t['uncertain_var'] for t in rows])[0]:.4f} | "
+                             f"{cell('model', 'var')} | {cell('true', 'var')} |")
+        lines += [""] + uncertainty_statements(fc, unc)
+
+    # ---- 4
+    ab = data["ablation"]
+    if ab:
+        ac = fc["ablation"]
+        lines += ["", "## 4. The timestep-sampler ablation", "",
+                  f"PF (same network, recipe and seed {ac['seed']}) trained for **{ac['steps']} steps** (a smaller "
+                  f"budget than the comparison's {tc['steps']}) with each timestep sampler of SPEC section 4; FID "
+                  f"against the test split, {ec['num_samples']} images, mean ± std over {n_sample} sampling seeds.", "",
+                  f"![ablation]({rel(figures / 'ablation.png', page)})", "",
+                  "| timestep sampler | validation MSE | " + " | ".join(
+                      f"{reproduce.SAMPLER_LABELS[n]} NFE ~{t}" for n, t in ac["eval"]) + " |",
+                  "|---|---|" + "---|" * len(ac["eval"])]
+        for name in ac["samplers"]:
+            r = ab.get(name)
+            if r is None:
+                lines.append(f"| {name} | pending |" + " pending |" * len(ac["eval"]))
+                continue
+            cells = []
+            for sname, target in ac["eval"]:
+                runs = list(_runs(r["points"], sampler=sname, target_nfe=int(target)).values())
+                cells.append(f"{fmt([p['fid'] for p in runs])} (K={runs[0]['steps']}, NFE {runs[0]['nfe']})")
+            lines.append(f"| {name} | {r['train']['val_loss']:.4f} | " + " | ".join(cells) + " |")
+        lines += [""] + ablation_statements(fc, ab)
+
+    # ---- 5
+    sel = data["selection"]
+    if sel:
+        sc = fc["selection"]
+        lines += ["", "## 5. Patch selection at fixed compute", "",
+                  f"PF (LTG), {tc['steps']} steps, training seed(s) {list(sc['train_seeds'])}; the adaptive samplers at "
+                  f"NFE ~{sc['nfe']} with the patches that go ahead chosen by uncertainty (the method: least "
+                  f"uncertain first), at random (as many patches), or most uncertain first; FID mean ± std over "
+                  f"{n_sample} sampling seeds, paired by seed.", "",
+                  f"![patch selection]({rel(figures / 'selection.png', page)})", "",
+                  "| sampler | " + " | ".join(sc["rules"]) + " |", "|---|" + "---|" * len(sc["rules"])]
+        for sampler in sc["samplers"]:
+            cells = []
+            for rule in sc["rules"]:
+                pts = sel.get((sampler, rule), [])
+                cells.append(f"{fmt([p['fid'] for p in pts])} (K={pts[0]['steps']}, NFE {pts[0]['nfe']})"
+                             if pts else "pending")
+            lines.append(f"| {reproduce.SAMPLER_LABELS[sampler]} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for sampler in sc["samplers"]:
+            base = _runs(sel.get((sampler, "uncertainty"), []))
+            for rule in sc["rules"]:
+                if rule != "uncertainty" and (sampler, rule) in sel:
+                    d = paired(_runs(sel[(sampler, rule)]), base)
+                    lines.append(f"- {reproduce.SAMPLER_LABELS[sampler]}: uncertainty-guided against {rule} "
+                                 f"selection, FID difference {verdict(d)} (negative: uncertainty-guided is better).")
+    lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
+    lines += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'pending'} |" for name, s in data["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+def uncertainty_statements(fc: dict, unc: list[dict]) -> list[str]:
+    out = []
+    rs = [r for r in unc if r["arm"] == "pf_ltg"]
+    if not rs:
+        return out
+    pooled = [t["spearman_pooled"] for r in rs for t in r["times"]]
+    within = [t["spearman_within"] for r in rs for t in r["times"]]
+    out.append(f"- Finding 1 (PF, LTG): the predicted variance ranks the actual error with Spearman "
+               f"{min(pooled):.2f} to {max(pooled):.2f} pooled and {min(within):.2f} to {max(within):.2f} within an "
+               f"image over s = {list(fc['times'])}: "
+               + ("uncertainty tracks difficulty, as the paper says." if min(within) > 0.3 else
+                  "weaker than the paper suggests at some times." if max(within) > 0.3 else
+                  "it does **not** track it well here."))
+    for kind, what in (("model", "moved along the model's velocity"), ("true", "set to their true values")):
+        ch = [t["context"][kind]["err_change"] for r in rs for t in r["times"]]
+        vch = [t["context"][kind]["var_change"] for r in rs for t in r["times"]]
+        out.append(f"- Findings 2 and 3, certain patches {what}: the uncertain patches' error changes by "
+                   f"{min(ch) * 100:+.1f}% to {max(ch) * 100:+.1f}% and their predicted variance by "
+                   f"{min(vch) * 100:+.1f}% to {max(vch) * 100:+.1f}% over the times measured"
+                   + (" (context helps and reduces uncertainty at every time)." if max(ch) < 0 and max(vch) < 0 else
+                      " (not at every time: see the table)."))
+    other = [r for r in unc if r["arm"] == "pf_logit_normal"]
+    if other:
+        ch = [t["context"]["model"]["err_change"] for r in other for t in r["times"]]
+        out.append(f"- The PF network trained with one time per sample (never shown patches at different times) "
+                   f"changes the uncertain patches' error by {min(ch) * 100:+.1f}% to {max(ch) * 100:+.1f}% with the "
+                   f"same context: the comparison shows what training with heterogeneous times buys.")
+    return out
+
+
+def ablation_statements(fc: dict, ab: dict) -> list[str]:
+    out = []
+    for sname, target in fc["ablation"]["eval"]:
+        means = {n: mean_std([p["fid"] for p in _runs(r["points"], sampler=sname, target_nfe=int(target)).values()])[0]
+                 for n, r in ab.items()}
+        if len(means) < 2:
+            continue
+        order = sorted(means, key=means.get)
+        out.append(f"- {reproduce.SAMPLER_LABELS[sname]} NFE ~{target}, best to worst FID: "
+                   + ", ".join(f"{n} {means[n]:.2f}" for n in order) + ". LTG is "
+                   + ("**best**, as the paper says" if order[0] == "ltg" else f"**not** best (rank {order.index('ltg') + 1} "
+                      f"of {len(order)})" if "ltg" in means else "not measured yet")
+                   + "; independent per-patch times are "
+                   + (f"rank {order.index('independent') + 1} of {len(order)}" if "independent" in means else "pending")
+                   + (" (the paper: naive independent times perform poorly)." if "independent" in means else "."))
+        if "ltg" in ab and "independent" in ab:
+            d = paired(_runs(ab["independent"]["points"], sampler=sname, target_nfe=int(target)),
+                       _runs(ab["ltg"]["points"], sampler=sname, target_nfe=int(target)))
+            out.append(f"  - LTG against independent, paired by sampling seed: {verdict(d)}.")
+    return out
+
+
+def write_report(study: dict, command: str) -> None:
+    data = collect(study)
+    figures = Path(study["figures"])
+    figures.mkdir(parents=True, exist_ok=True)
+    if data["uncertainty"]:
+        plot_uncertainty(data, figures / "uncertainty.png")
+        plot_maps(data, figures / "difficulty_maps.png")
+    fc = study["findings"]
+    if data["ablation"]:
+        groups = []
+        for sname, target in fc["ablation"]["eval"]:
+            bars = [(n, [p["fid"] for p in _runs(data["ablation"][n]["points"], sampler=sname,
+                                               target_nfe=int(target)).values()])
+                    for n in fc["ablation"]["samplers"] if n in data["ablation"]]
+            groups.append((f"{reproduce.SAMPLER_LABELS[sname]}, NFE ~{target}", bars))
+        plot_bars(groups, figures / "ablation.png", f"PF trained with each timestep sampler "
+                  f"({fc['ablation']['steps']} steps): FID against the test split", "FID ↓")
+    if data["selection"]:
+        groups = [(f"{reproduce.SAMPLER_LABELS[s]}, NFE ~{fc['selection']['nfe']}",
+                   [(r, [p["fid"] for p in data["selection"].get((s, r), [])]) for r in fc["selection"]["rules"]])
+                  for s in fc["selection"]["samplers"]]
+        plot_bars(groups, figures / "selection.png", "which patches go ahead: FID at fixed compute", "FID ↓")
+    Path(study["page"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(study["page"]).write_text(render(study, data, command))
+
+
+def expand_toy(argv: list[str]) -> list[str]:
+    return [*TOY, *argv] if any(a.lstrip("+") in ("toy=true", "toy=True") for a in argv) else argv
+
+
+def main(cfg, argv: list[str] | None = None) -> None:
+    t0 = time.perf_counter()
+    study = reproduce.study_config(cfg)
+    args = sys.argv[1:] if argv is None else argv
+    command = " ".join([DOC_COMMAND, *map(shlex.quote, args)])
+    if not cfg.report_only:
+        run_stages(build_stages(study), study["out_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
+                   on_finish=lambda *_: write_report(study, command))
+    write_report(study, command)
+    print(f"wrote {study['page']} in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(cli.run(main, DEFAULTS, __doc__, free=FREE, argv=expand_toy(sys.argv[1:])))
