@@ -2,6 +2,8 @@
 
     # a checkpoint drawn with a sampler, against the embedded digits, in classifier features
     python -m pf.eval generated=runs/x/checkpoints/last.pt sampler.name=look_ahead sampler.steps=50
+    # against the held-out Fashion-MNIST test split (classifier: train_classifier data.name=fashion_mnist)
+    python -m pf.eval generated=runs/x/checkpoints/last.pt data.name=fashion_mnist data.split=test
     # a folder of PNGs (or an .npz with arr_0 uint8 NHWC) against another set
     python -m pf.eval generated=samples/ reference=ref.npz
     # Inception features (the weights file must be local: nothing is downloaded)

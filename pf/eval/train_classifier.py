@@ -2,6 +2,7 @@
 
     python -m pf.eval.train_classifier                      # digits at 16x16 -> the default cache file
     python -m pf.eval.train_classifier data.image_size=8 out=/tmp/clf8.pt
+    python -m pf.eval.train_classifier data.name=fashion_mnist     # its train split only
     python -m pf.eval.train_classifier data.name=folder data.path=/data/imgs data.channels=3 data.num_classes=null
 
 Writes the classifier (config, weights, held-out test accuracy) to ``out`` (default
@@ -17,7 +18,7 @@ import sys
 from pf.eval import cli
 
 DEFAULTS = {
-    "data": {"name": "digits", "path": None, "labels_path": None, "image_size": 16, "channels": 1,
+    "data": {"name": "digits", "path": None, "labels_path": None, "split": "train", "image_size": 16, "channels": 1,
              "num_classes": 10, "scale_factor": 1.0},
     "out": None,
     "epochs": 40,
