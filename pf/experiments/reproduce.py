@@ -74,6 +74,10 @@ DEFAULTS = {
         "reference_size": None,       # null: the whole test split; a number: its first images (toy runs)
         "compile": True,              # torch.compile the model for sampling (about 2x on this CPU)
         "grid_steps": 50,             # Euler K (and matched NFE) of the sample grid
+        # Does more training make more steps help? Euler at the smallest and largest K of eval.nfe
+        # along the training trajectory (these steps; the first training and sampling seed).
+        "trend_steps": [1000, 2000, 3000],
+        "trend_arms": ["pf_ltg", "sit_uniform"],
     },
     "classifier": {"epochs": 10, "width": 32, "lr": 3.0e-3},
     "toy": False,                     # a minute-sized run of everything (CI)
@@ -81,7 +85,7 @@ DEFAULTS = {
 }
 TOY = ["train.steps=4", "train.keep_every=2", "train.batch_size=8", "train.warmup_steps=1", "eval.num_samples=20",
        "eval.batch_size=10", "eval.seeds=[0,1]", "eval.nfe=[2,4]", "eval.kid_subsets=2", "eval.compile=false",
-       "eval.grid_steps=4", "eval.reference_size=200", "classifier.epochs=1", "classifier.width=4", "image_size=8"]
+       "eval.grid_steps=4", "eval.trend_steps=[2,4]", "eval.reference_size=200", "classifier.epochs=1", "classifier.width=4", "image_size=8"]
 DOC_COMMAND = "python -m pf.experiments.reproduce"
 FREE = ("eval.dual_loop", "eval.look_ahead", "eval.samplers")
 
@@ -120,6 +124,22 @@ def curve_stage(study: dict, arm: str, seed: int, sampler: str) -> dict:
 PRESENTATION_KEYS = ("jobs", "threads", "results", "figures")
 
 
+def trend_stage(study: dict, arm: str, seed: int) -> dict:
+    """Stage: Euler FID at the smallest and largest K of the curves along one arm's training."""
+    ec = study["eval"]
+    sampler = "euler_pf" if common.is_pf(ARMS[arm]["overrides"]) else "euler"
+    sseed = int(ec["seeds"][0])
+    points = []
+    for steps in ec["trend_steps"]:
+        trained = common.train_stage(study, ARMS[arm]["overrides"], seed, int(steps))
+        model = common.PointModel(trained["checkpoint"], study)
+        for k in (min(ec["nfe"]), max(ec["nfe"])):
+            p = common.evaluate_point(study, trained, sampler, {}, int(k), sseed, model=model)
+            points.append({"train_steps": int(steps), "steps": int(k), "train_seed": seed, "sample_seed": sseed,
+                           "val_loss": trained["val_loss"], **p})
+    return {"points": points}
+
+
 def build_stages(study: dict) -> list[Stage]:
     """Every stage of the comparison, in the order they are started (when their inputs are ready)."""
     study = {k: v for k, v in study.items() if k not in PRESENTATION_KEYS}  # not part of any stage's key
@@ -145,6 +165,11 @@ def build_stages(study: dict) -> list[Stage]:
                 stages.append(Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
                                     {"study": study, "arm": arm, "seed": int(seed), "sampler": sampler},
                                     deps=(train_names[(arm, seed)], "classifier")))
+    seed = int(study["train"]["seeds"][0])
+    for arm in study["eval"].get("trend_arms", []):
+        if arm in study["arms"]:
+            stages.append(Stage(f"trend {arm} seed {seed}", "pf.experiments.reproduce:trend_stage",
+                                {"study": study, "arm": arm, "seed": seed}, deps=(train_names[(arm, seed)], "classifier")))
     return stages
 
 
@@ -174,7 +199,7 @@ def floor_stage(study: dict) -> dict:
 
 def collect(study: dict) -> dict:
     """Everything finished so far, read from the stage records."""
-    out = {"stages": [], "train": {}, "curves": {}, "classifier": None, "floor": None}
+    out = {"stages": [], "train": {}, "curves": {}, "classifier": None, "floor": None, "trend": {}}
     for s in build_stages(study):
         rec = stage_result(study["out_dir"], s)
         out["stages"].append((s.name, rec["seconds"] if rec else None))
@@ -187,6 +212,8 @@ def collect(study: dict) -> dict:
         elif s.fn.endswith("train_stage"):
             arm = s.name.split()[1]
             out["train"][(arm, s.args["seed"])] = rec["result"]
+        elif s.fn.endswith("trend_stage"):
+            out["trend"][s.args["arm"]] = rec["result"]["points"]
         else:
             key = (s.args["arm"], s.args["sampler"])
             out["curves"].setdefault(key, []).extend(rec["result"]["points"])
@@ -322,8 +349,9 @@ def render(study: dict, command: str) -> str:
         lines.append(f"- Metrics: torch-fidelity FID, KID and precision/recall (k=3) in the penultimate features of "
                      f"a small CNN trained on the {clf['train_size']:,} train images only ({clf['epochs']} epochs; "
                      f"accuracy on the {clf['test_size']:,} test images {clf['test_accuracy'] * 100:.1f}%). "
-                     f"{ec['num_samples']} generated images per point (labels i mod 10, no guidance) against all "
-                     f"{clf['test_size']:,} test images. KID in raw feature units.")
+                     f"{ec['num_samples']} generated images per point (labels i mod 10, no guidance) against "
+                     + (f"the first {ec['reference_size']:,}" if ec.get("reference_size") else f"all {clf['test_size']:,}")
+                     + " test images. KID in raw feature units.")
     lines.append(f"- Seeds: every number is mean ± sample std over {len(tc['seeds'])} training seeds x "
                  f"{len(ec['seeds'])} sampling seeds ({list(ec['seeds'])}). Within a sampling seed every column starts "
                  f"from the same noise and labels, so comparisons below are paired by (training seed, sampling seed).")
@@ -366,6 +394,21 @@ def render(study: dict, command: str) -> str:
         lines.append(f"| {column_label(arm, sampler)} | " + " | ".join(cells) + " |")
 
     lines += ["", "## What this shows", ""] + statements(study, data)
+    if data["trend"]:
+        lo, hi = min(ec["nfe"]), max(ec["nfe"])
+        lines += ["", "## Do more sampling steps help as training goes on?", "",
+                  f"Euler at K={lo} and K={hi} along the training of the first training seed (sampling seed "
+                  f"{ec['seeds'][0]}, {ec['num_samples']} images): the checkpoints of the same run at each step.", "",
+                  f"| arm | training steps | validation MSE | FID K={lo} | FID K={hi} | FID K={hi} - K={lo} | "
+                  f"precision K={lo} / K={hi} | recall K={lo} / K={hi} |", "|---|---|---|---|---|---|---|---|"]
+        for arm, points in data["trend"].items():
+            for st in sorted({p["train_steps"] for p in points}):
+                a = next(p for p in points if p["train_steps"] == st and p["steps"] == lo)
+                b = next(p for p in points if p["train_steps"] == st and p["steps"] == hi)
+                lines.append(f"| {ARMS[arm]['label']} | {st} | {a['val_loss']:.4f} | {a['fid']:.2f} | {b['fid']:.2f} | "
+                             f"{b['fid'] - a['fid']:+.2f} | {a['precision']:.3f} / {b['precision']:.3f} | "
+                             f"{a['recall']:.3f} / {b['recall']:.3f} |")
+        lines += [""] + trend_statements(data["trend"], lo, hi)
     if (figures / "samples.png").is_file():
         lines += ["", "## Samples", "",
                   f"The first 30 images of sampling seed {ec['seeds'][0]} (training seed {tc['seeds'][0]}) of every "
@@ -433,6 +476,25 @@ def statements(study: dict, data: dict) -> list[str]:
             out.append(f"- The paper's ordering (SiT > PF Euler > dual-loop > look-ahead in FID) at NFE ~{n}: "
                        + ("**reproduced**" if paper else "**not reproduced**") + " ("
                        + ", ".join(f"{name} {v:.2f}" for name, v in vals) + ").")
+    return out
+
+
+def trend_statements(trend: dict, lo: int, hi: int) -> list[str]:
+    out = []
+    for arm, points in trend.items():
+        gaps = []
+        for st in sorted({p["train_steps"] for p in points}):
+            a = next(p for p in points if p["train_steps"] == st and p["steps"] == lo)
+            b = next(p for p in points if p["train_steps"] == st and p["steps"] == hi)
+            gaps.append((st, b["fid"] - a["fid"], b["precision"] - a["precision"], b["recall"] - a["recall"]))
+        if len(gaps) < 2:
+            continue
+        shrinking = all(abs(g[1]) < abs(f[1]) for f, g in zip(gaps, gaps[1:]))
+        out.append(f"- {ARMS[arm]['label']}: going from K={lo} to K={hi} changes FID by "
+                   + ", ".join(f"{g[1]:+.2f} at {g[0]} steps" for g in gaps)
+                   + f"; precision by {', '.join(f'{g[2]:+.3f}' for g in gaps)}, recall by "
+                   f"{', '.join(f'{g[3]:+.3f}' for g in gaps)}. "
+                   + ("The gap shrinks with every stage of training." if shrinking else "The gap does not shrink steadily."))
     return out
 
 
