@@ -55,13 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output file (default: next to the input)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     args = parser.parse_args(argv)
-    try:
-        path = export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"pf.export: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    from pf.errors import run_command
+
+    def run() -> None:
+        print(f"wrote {export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema)}")
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -353,10 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("help", "-h", "--help") for a in argv):
         print(__doc__ + "\n" + USAGE)
         return 0
+    from pf.errors import debug, expected_errors, one_line
+
     try:
         cfg = parse_args(argv)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if debug():
+            raise
+        print(one_line(err), file=sys.stderr)
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -385,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                 import torch.distributed as dist
 
                 dist.destroy_process_group()
-    except (UsageError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except expected_errors() as err:
+        if debug():
+            raise
+        print(one_line(err), file=sys.stderr)
         return 2
     return 0
 

@@ -52,10 +52,10 @@ from pf.training.checkpointing import (
     training_checkpoint,
     write_checkpoint,
 )
-from pf.training.config_check import check_config_keys
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
+from pf.training.schema import check_config, check_overrides
 from pf.training.pictures import draw_samples, save_picture
 
 log = logging.getLogger("pf.train")
@@ -151,7 +151,7 @@ def _validate(model, x1, y, x0, batch: int, autocast) -> dict:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as ``cfg`` says, writing into ``run_dir``. Returns the model, its EMA and a summary."""
-    check_config_keys(cfg)
+    check_config(cfg)
     run_dir = Path(run_dir)
     tc = cfg.trainer
     device = _pick_device(cfg.device)
@@ -287,7 +287,11 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         stats = mean_over_ranks(torch.stack([out["loss"].detach().float(), out["mse"].detach().float(),
                                              out["nll"].detach().float(), grad_norm.detach().float()]), d)
-        loss, mse, nll, gnorm = stats.tolist()
+        # this rank's time range rides along with the one host read of the step
+        loss, mse, nll, gnorm, t_lo, t_hi = torch.cat([stats, torch.stack([t.min(), t.max()]).float()]).tolist()
+        if not (0.0 <= t_lo and t_hi <= 1.0):
+            raise ValueError(f"the timestep sampler {timestep_sampler} drew patch times in [{t_lo}, {t_hi}] at step "
+                             f"{step + 1}; times must be finite and lie in [0, 1]")
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise NonFiniteLoss(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
@@ -354,10 +358,24 @@ def _picture(path: Path, ema_model, sampler, noise, labels, sc, autocast) -> Non
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    import sys
+
     from hydra.core.hydra_config import HydraConfig
 
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    from pf.errors import run_command
+
+    # Inside hydra's app: an expected error is our one line (hydra would print a trace summary).
+    code = run_command(lambda: train(cfg, HydraConfig.get().runtime.output_dir))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from pf.errors import run_command
+
+    # Group options and key names are checked before hydra composes (it would print its search
+    # path or a trace summary); every expected error reads as one line (PF_DEBUG=1: traceback).
+    code = run_command(lambda: check_overrides(sys.argv[1:]))
+    sys.exit(code or main())

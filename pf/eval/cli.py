@@ -35,23 +35,39 @@ def parse(defaults: dict, argv: list[str], free: tuple[str, ...] = ()) -> DictCo
                 k.startswith(f"{key}.") for k in known):
             raise UsageError(f"unknown option {key!r}; known keys: {', '.join(known)}")
         items.append(arg)
-    cfg = OmegaConf.create(defaults)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
+    cfg = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.from_dotlist(items))
+    for item in items:  # a value must have its default's type (when the default is not null)
+        key = item.split("=", 1)[0]
+        default, value = OmegaConf.select(OmegaConf.create(defaults), key), OmegaConf.select(cfg, key)
+        _check_type(key, default, value)
+    return cfg
+
+
+def _check_type(key: str, default, value) -> None:
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, (str, int, float)) and not isinstance(value, bool), "a string"
+    else:
+        ok, want = True, ""
+        if OmegaConf.is_list(default) or isinstance(default, list):
+            ok, want = OmegaConf.is_list(value) or isinstance(value, list), "a list like [1,2]"
+    if not ok:
+        raise UsageError(f"{key}={value!r}: expected {want}")
 
 
 def run(main, defaults: dict, doc: str, free: tuple[str, ...] = (), argv: list[str] | None = None) -> int:
-    """Parse, call ``main(cfg)``, turn expected errors into one line on stderr and exit code 2."""
+    """Parse, call ``main(cfg)``; expected errors are one line on stderr and exit code 2 (``pf.errors``)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip() + "\n\ndefaults:\n" + OmegaConf.to_yaml(OmegaConf.create(defaults)))
         return 0
-    from pf.data import DataError
-    from pf.eval.inputs import InputError
+    from pf.errors import run_command
 
-    try:
-        cfg = parse(defaults, argv, free)
-        main(cfg)
-    except (UsageError, FileNotFoundError, InputError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: main(parse(defaults, argv, free)))

@@ -375,13 +375,20 @@ class PatchForcingDiT(nn.Module):
             raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"y must hold integer class ids, got dtype {y.dtype}")
-        if not self._sync_free and not torch.compiler.is_compiling() and not _capturing(y):
-            lo, hi = int(y.min()), int(y.max())
+        if not t.is_floating_point():
+            raise TypeError(f"t must hold floating-point times in [0, 1], got dtype {t.dtype}")
+        if not self._sync_free and not torch.compiler.is_compiling() and not _capturing(y) and b > 0:
+            # one host read for both checks (skipped inside sync_free: graphs and compile)
+            lo, hi, t_lo, t_hi = torch.stack([y.min().double(), y.max().double(), t.min().double(),
+                                              t.max().double()]).tolist()
             if lo < 0 or hi > self.num_classes:
                 raise ValueError(
                     f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                    f"got values in [{lo}, {hi}]"
+                    f"got values in [{int(lo)}, {int(hi)}]"
                 )
+            if not (0.0 <= t_lo and t_hi <= 1.0):  # also false for NaN
+                raise ValueError(f"patch times must be finite and lie in [0, 1] (0 = noise, 1 = data), got values "
+                                 f"in [{t_lo}, {t_hi}]")
 
     def _check_t(self, t: torch.Tensor, b: int, n: int) -> None:
         if t.shape not in ((b, n), (b,)):

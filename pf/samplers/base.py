@@ -24,6 +24,8 @@ def outer_schedule(timesteps: int | Sequence[float] | torch.Tensor) -> torch.Ten
     s = torch.as_tensor(timesteps, dtype=torch.float32).cpu()
     if s.dim() != 1 or s.numel() < 2 or not bool((s[1:] > s[:-1]).all()):
         raise ValueError("timesteps must be an int or an increasing 1-D sequence of at least two times")
+    if not bool(((s >= 0) & (s <= 1)).all()):  # also false for NaN
+        raise ValueError(f"timesteps must be finite times in [0, 1] (0 = noise, 1 = data), got {s.tolist()}")
     return s
 
 

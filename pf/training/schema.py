@@ -1,0 +1,290 @@
+"""The typed schema of ``python -m pf.train``'s config: every key, its type and what it allows.
+
+``check_config(cfg)`` runs before anything is built. A wrong type, a value out of range, an
+unknown choice, an unknown or missing key stops the run with one :class:`ConfigError` line
+that names the key, the value and what is allowed::
+
+    trainer.lr=abc: expected a number > 0
+    trainer.timesteps.name='ltgg': expected one of independent, logit_normal, ltg, ...
+    unknown config key trainer.bogus (trainer takes: kind, timesteps, nll_weight, ...)
+
+The schema is dataclasses (one per group); a field's ``metadata`` holds its range
+(``lo``/``hi`` and whether they are open) or its ``choices``. Hydra's group options
+(``model=...``) and key names on the command line are checked by :func:`check_overrides`
+before hydra composes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("model", "trainer", "sampler", "data")
+
+
+class ConfigError(ValueError):
+    """The config cannot run: a key's type, range or choice, or an unknown key."""
+
+
+def _rng(lo=None, hi=None, lo_open=False, hi_open=False, **more):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, **more}
+
+
+def _f(default, **meta):
+    return field(default=default, metadata=meta)
+
+
+def _choices(*values):
+    return {"choices": values}
+
+
+def _timestep_names():
+    from pf.timesteps import SAMPLERS
+
+    return tuple(sorted(SAMPLERS))
+
+
+def _sampler_names():
+    from pf.samplers import SAMPLERS
+
+    return tuple(sorted(SAMPLERS))
+
+
+def _model_names():
+    from pf.models.dit import PRESET_SIZES
+
+    return tuple(PRESET_SIZES)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("Tiny/2", choices=_model_names)
+    input_size: int = _f(16, **_rng(1))
+    in_channels: int = _f(1, **_rng(1))
+    num_classes: typing.Optional[int] = _f(None, **_rng(1))
+    class_dropout_prob: float = _f(0.1, **_rng(0.0, 1.0, hi_open=True))
+
+
+@dataclass
+class TimestepsConfig:
+    name: str = _f("ltg", choices=_timestep_names)
+    loc: typing.Optional[float] = None
+    scale: typing.Optional[float] = _f(None, **_rng(0.0, lo_open=True))
+    std: typing.Optional[float] = _f(None, **_rng(0.0, lo_open=True))
+
+
+@dataclass
+class TrainerConfig:
+    kind: str = _f("pf", **_choices("pf", "fm"))
+    timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
+    nll_weight: float = _f(0.01, **_rng(0.0))
+    max_steps: int = _f(400000, **_rng(1))
+    batch_size: int = _f(64, **_rng(1))
+    lr: float = _f(1e-4, **_rng(0.0, lo_open=True))
+    weight_decay: float = _f(0.0, **_rng(0.0))
+    betas: typing.List[float] = _f((0.9, 0.999), **_rng(0.0, 1.0, hi_open=True), length=2)
+    warmup_steps: int = _f(1000, **_rng(0))
+    grad_clip: float = _f(1.0, **_rng(0.0, lo_open=True))
+    ema_decay: float = _f(0.9999, **_rng(0.0, 1.0, hi_open=True))
+    ema_warmup: bool = False
+    precision: str = _f("bf16", **_choices("bf16", "fp32"))
+    tf32: bool = True
+    compile: bool = False
+    log_every: int = _f(100, **_rng(1))
+    val_every: int = _f(5000, **_rng(1))
+    ckpt_every: int = _f(5000, **_rng(1))
+    keep_every: int = _f(50000, **_rng(1))
+    sample_every: int = _f(10000, **_rng(1))
+    progress: bool = True
+
+
+@dataclass
+class SamplerConfig:
+    name: str = _f("euler_pf", choices=_sampler_names)
+    params: dict = field(default_factory=dict)  # the sampler's own; checked by building it
+    steps: int = _f(100, **_rng(1))
+    cfg_scale: float = 4.0
+    num_images: int = _f(64, **_rng(1))
+    nrow: int = _f(8, **_rng(1))
+    classes: typing.Optional[typing.List[int]] = _f(None, **_rng(0))
+    map_time: float = _f(0.5, **_rng(0.0, 1.0))
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", **_choices("digits", "fashion_mnist", "mnist_format", "folder", "latents"))
+    path: typing.Optional[str] = None
+    labels_path: typing.Optional[str] = None
+    split: str = _f("train", **_choices("train", "test"))
+    image_size: int = _f(16, **_rng(1))
+    channels: int = _f(1, **_rng(1))
+    num_classes: typing.Optional[int] = _f(None, **_rng(1))
+    scale_factor: float = _f(1.0, **_rng(0.0, lo_open=True))
+    val_size: int = _f(0, **_rng(0))
+    num_workers: int = _f(0, **_rng(0))
+
+
+@dataclass
+class TrainConfig:
+    # data first: the model's sizes interpolate data's keys, so a bad value is named where it was set
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = _f(0, **_rng(0))
+    device: str = _f("auto", **_choices("auto", "cpu", "cuda"))
+    resume: typing.Optional[str] = None
+
+
+#################################################################################
+#                                   Checking                                    #
+#################################################################################
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _is(value, tp) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _range_text(meta: dict) -> str:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        return f" in {'(' if meta['lo_open'] else '['}{lo}, {hi}{')' if meta['hi_open'] else ']'}"
+    if lo is not None:
+        return f" {'>' if meta['lo_open'] else '>='} {lo}"
+    if hi is not None:
+        return f" {'<' if meta['hi_open'] else '<='} {hi}"
+    return ""
+
+
+def _in_range(value, meta: dict) -> bool:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if value != value:  # NaN
+        return False
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        return False
+    return not (hi is not None and (value >= hi if meta.get("hi_open") else value > hi))
+
+
+def _check_leaf(key: str, value, tp, meta: dict) -> None:
+    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if optional:
+        if value is None:
+            return
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin = typing.get_origin(tp)
+    choices = meta.get("choices")
+    if callable(choices):
+        choices = choices()
+    null = " or null" if optional else ""
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1]
+        want = f"a list of {_TYPE_WORDS[item].split(' ', 1)[1]}s{_range_text(meta)}" + (
+            f" of length {meta['length']}" if meta.get("length") else "") + null
+        if not isinstance(value, (list, tuple)) or not all(_is(v, item) and _in_range(v, meta) for v in value) or (
+                meta.get("length") and len(value) != meta["length"]):
+            raise ConfigError(f"{key}={value!r}: expected {want}")
+        return
+    if not _is(value, tp):
+        raise ConfigError(f"{key}={value!r}: expected {_TYPE_WORDS.get(tp, tp.__name__)}{_range_text(meta)}{null}"
+                          + (f" (one of {', '.join(map(str, choices))})" if choices else ""))
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+    if tp in (int, float) and not _in_range(value, meta):
+        raise ConfigError(f"{key}={value!r}: expected {_TYPE_WORDS[tp]}{_range_text(meta)}")
+
+
+def _check(node: dict, schema, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node:
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix}{key} ({prefix.rstrip('.') or 'the config'} takes: "
+                              f"{', '.join(fields)})")
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in node:
+            raise ConfigError(f"config key {key} is missing")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(node[name], dict):
+                raise ConfigError(f"{key}={node[name]!r}: expected a group of keys ({', '.join(x.name for x in dataclasses.fields(tp))})")
+            _check(node[name], tp, f"{key}.")
+        else:
+            _check_leaf(key, node[name], tp, dict(f.metadata))
+
+
+def check_config(cfg) -> None:
+    """Stop with one :class:`ConfigError` line unless ``cfg`` (a DictConfig or dict) fits the schema."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = {k: v for k, v in (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
+                              else dict(cfg)).items() if k != "hydra"}
+    _check(node, TrainConfig, "")
+    sc = node["sampler"]
+    from pf import samplers
+
+    try:
+        samplers.make(sc["name"], **sc["params"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sampler.params={sc['params']!r} for sampler {sc['name']}: {err}") from None
+    from pf import timesteps
+
+    ts = {k: v for k, v in node["trainer"]["timesteps"].items() if k != "name" and v is not None}
+    try:
+        timesteps.make(node["trainer"]["timesteps"]["name"], **ts)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"trainer.timesteps={node['trainer']['timesteps']!r}: {err}") from None
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _unknown_part(path: list[str]) -> tuple[str, list[str]] | None:
+    """None if ``path`` names a key of the schema, else (the group reached, the keys it takes)."""
+    schema, where = TrainConfig, "the config"
+    for i, part in enumerate(path):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        if part not in fields:
+            return where, fields
+        tp = typing.get_type_hints(schema)[part]
+        if tp is dict:
+            return None  # free keys below (sampler.params)
+        if not dataclasses.is_dataclass(tp):
+            return None if i == len(path) - 1 else (".".join(path[:i + 1]), [])
+        schema, where = tp, ".".join(path[:i + 1])
+    return None
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Command-line overrides name existing group options and keys (checked before hydra composes)."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key.startswith("hydra.") or key == "hydra":
+            continue
+        if key in GROUPS:
+            if value not in group_options(key):
+                raise ConfigError(f"{key}={value}: unknown option; choose one of {', '.join(group_options(key))}")
+            continue
+        bad = _unknown_part(key.split("."))
+        if bad is not None:
+            where, known = bad
+            raise ConfigError(f"unknown config key {key}" + (f" ({where} takes: {', '.join(known)})" if known else
+                                                               f" ({where} is not a group of keys)"))
