@@ -150,12 +150,16 @@ class Runner:
 
     def __init__(self, cfg: dict, device: torch.device, verbose: bool = True):
         from pf import samplers
-        from pf.models import load_checkpoint
-        from pf.sampling.grid import Decoder
+        from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
+        from pf.sampling.grid import Decoder, class_names
 
         self.cfg, self.device, self.verbose = cfg, device, verbose
-        model = load_checkpoint(cfg["ckpt"]).to(device).eval()
+        ckpt = read_checkpoint_file(cfg["ckpt"])
+        model = model_from_checkpoint_dict(ckpt, source=str(cfg["ckpt"])).to(device).eval()
         self.base = model
+        # one more name for the null class (label num_classes)
+        self.class_names = class_names(ckpt.get("train_config"), model.num_classes) + ["(no class)"]
+        del ckpt
         self.shape = (model.in_channels, model.input_size, model.input_size)
         for c in cfg["classes"] or []:
             if not 0 <= c <= model.num_classes:
@@ -250,17 +254,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def caption(cfg: dict) -> str:
+    return f"{cfg['sampler']}, {cfg['steps']} steps, cfg {cfg['cfg']:g}, seed {cfg['seed']}"
+
+
 def write_grid(runner: Runner, cfg: dict) -> Path:
     from tqdm.auto import tqdm
 
-    from pf.sampling.grid import make_grid, save_png
+    from pf.sampling.grid import save_png, tile_grid
 
+    indices = list(range(cfg["n"]))
     with tqdm(total=cfg["n"], desc="images", disable=not cfg["progress"]) as bar:
         t0 = time.perf_counter()
-        pictures = runner.run(list(range(cfg["n"])), bar)
+        pictures = runner.run(indices, bar)
         _sync(runner.device)
         seconds = time.perf_counter() - t0
-    path = save_png(make_grid(pictures), Path(cfg["out"]) / f"{_tag(cfg)}.png")
+    _, labels = sample_inputs(indices, runner.shape, runner.base.num_classes, cfg["seed"], cfg["classes"])
+    names = [runner.class_names[int(c)] for c in labels]
+    ncol = min(len(indices), 10 if len(indices) >= 10 else len(indices))
+    path = save_png(tile_grid(pictures, ncol, labels=names, caption=caption(cfg)), Path(cfg["out"]) / f"{_tag(cfg)}.png")
     print(f"NFE {runner.nfe} per sample ({'guided, doubled batch' if cfg['cfg'] != 1.0 else 'unguided'}); "
           f"{cfg['n'] / seconds:.3f} images/s ({cfg['n']} in {seconds:.1f}s on {runner.device})")
     print(f"wrote {path}")
@@ -275,7 +287,8 @@ def write_viz(runner: Runner, cfg: dict) -> Path:
     recorder = StepRecorder(runner.base, batch=1)
     with runner.autocast():
         runner.sampler(recorder, x.to(runner.device), cfg["steps"], y=y.to(runner.device), cfg_scale=cfg["cfg"])
-    strip = viz_strip(recorder.frames, runner.decoder, runner.base.patch_size, max_cols=cfg["viz_cols"])
+    strip = viz_strip(recorder.frames, runner.decoder, runner.base.patch_size, max_cols=cfg["viz_cols"],
+                      caption=f"{runner.class_names[int(y[0])]}: {caption(cfg)}")
     path = save_png(strip, Path(cfg["out"]) / f"{_tag(cfg)}-viz.png")
     print(f"wrote {path} (rows: image, difficulty exp(logvar), patch times; {len(recorder.frames)} model calls)")
     return path

@@ -44,6 +44,7 @@ from pf.data import ShardedBatches, build_dataset, check_against_model, split_va
 from pf.flow import training_loss, validation_loss
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.dit import build_model, num_params
+from pf.sampling.grid import class_names
 from pf.training.checkpointing import (
     load_training_checkpoint,
     resolve_resume,
@@ -249,6 +250,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     picture_noise = torch.randn(shape, generator=fixed).to(device)
     classes = list(sc.classes) if sc.classes else list(range(num_classes))
     picture_labels = torch.as_tensor([classes[i % len(classes)] for i in range(sc.num_images)], device=device)
+    picture_names = class_names(OmegaConf.to_container(cfg, resolve=True), num_classes) + ["(no class)"]
 
     # ---- run directory (rank 0)
     ckpt_dir = run_dir / "checkpoints"
@@ -322,7 +324,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
             metrics.write(record)
         if d.is_main and (step % tc.sample_every == 0 or final):
             _picture(run_dir / "samples" / f"step_{step:06d}.png", ema.model, picture_sampler, picture_noise,
-                     picture_labels, sc, autocast)
+                     picture_labels, sc, autocast, picture_names)
         keep = step % tc.keep_every == 0 or final
         if step % tc.ckpt_every == 0 or keep:
             rng = _gather_rng(rng_state(generators, timestep_sampler, device), d)
@@ -348,11 +350,12 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     return {"model": model, "ema": ema.model, "summary": summary}
 
 
-def _picture(path: Path, ema_model, sampler, noise, labels, sc, autocast) -> None:
+def _picture(path: Path, ema_model, sampler, noise, labels, sc, autocast, names: list[str]) -> None:
     with autocast():
         samples, difficulty = draw_samples(ema_model, sampler, noise, labels, sc.steps, sc.cfg_scale, sc.map_time)
-    save_picture(path, samples, difficulty, sc.nrow,
-                 title=f"EMA samples: {sampler.name}, {sc.steps} steps, cfg {sc.cfg_scale}",
+    step = path.stem.split("_")[-1].lstrip("0") or "0"
+    save_picture(path, samples, difficulty, sc.nrow, labels=[names[int(c)] for c in labels],
+                 title=f"EMA samples at step {step}: {sampler.name}, {sc.steps} steps, cfg {sc.cfg_scale:g}",
                  map_title=f"difficulty exp(logvar) at t={sc.map_time}")
 
 

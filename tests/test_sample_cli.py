@@ -41,7 +41,11 @@ def test_grid_png_and_nfe(ckpts, tmp_path, capsys):
     assert "NFE 12" in out and "images/s" in out  # 3 outer steps x 4 inner calls
     png = tmp_path / "dual_loop-steps3-cfg4-seed0.png"
     picture = np.asarray(Image.open(png))
-    assert picture.shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # 5 tiles of 8x8 in 3 columns, 2 px gaps
+    # readable at 1:1: 8 px samples upscaled to 64, a 14 px label under each, 2 px gaps, a 16 px caption row
+    assert picture.shape == (16 + (64 + 14 + 2) + 2, 5 * (64 + 2) + 2, 3)
+    assert (picture[:16] < 128).any()  # the caption is written
+    tiles = picture[16 + 2:16 + 2 + 64, 2:2 + 64]
+    assert len(np.unique(tiles.reshape(-1, 3), axis=0)) > 1  # a sample, not padding
 
 
 def test_cli_samples_are_the_sampler_output(ckpts):
@@ -96,8 +100,9 @@ def test_viz_strip(ckpts, tmp_path, capsys):
     assert _run(f"ckpt={ckpts['pixel']}", "sampler=look_ahead", "steps=4", "n=2", "viz=true", "viz_cols=4",
                 f"out={tmp_path}", "progress=false") == 0
     strip = np.asarray(Image.open(tmp_path / "look_ahead-steps4-cfg4-seed0-viz.png"))
-    tile = 128 + 2  # 8 px upscaled to 128, 2 px gaps
-    assert strip.shape == (3 * tile + 2, LABEL_WIDTH + 4 * tile + 2, 3)  # image, difficulty, patch times x 4 calls
+    tile = 64 + 2  # 8 px upscaled to 64, 2 px gaps
+    assert strip.shape[1] == LABEL_WIDTH + 4 * tile + 2  # 4 recorded calls
+    assert strip.shape[0] > 3 * tile + 2  # image, difficulty, patch times, then each column's time and a caption
     assert "7 model calls" in capsys.readouterr().out
 
 
@@ -133,3 +138,17 @@ def test_guidance_default_is_4_for_pictures_and_1_for_fid(ckpts):
     assert sample.parse_args([f"ckpt={ckpts['pixel']}"])["cfg"] == 4.0
     assert sample.parse_args([f"ckpt={ckpts['pixel']}", "fid=true"])["cfg"] == 1.0  # the published FID setting
     assert sample.parse_args([f"ckpt={ckpts['pixel']}", "fid=true", "cfg=2.5"])["cfg"] == 2.5  # explicit wins
+
+
+def test_tile_grid_upscales_labels_and_captions():
+    from pf.sampling.grid import tile_grid
+
+    images = np.zeros((3, 16, 16, 3), np.uint8)
+    images[1] = 255
+    grid = tile_grid(images, 3, labels=["Sandal", "Bag", "Coat"], caption="look_ahead, 100 steps, cfg 4")
+    assert grid.shape == (16 + 64 + 14 + 4, 3 * 66 + 2, 3)
+    assert (grid[18:18 + 64, 2 + 66:2 + 66 + 64] == 255).all() and (grid[18:18 + 64, 2:66] == 0).all()
+    assert (grid[18 + 64:18 + 64 + 14, 2:66] < 128).any()  # the label under the first image
+    with pytest.raises(ValueError, match="2 labels for 3 images"):
+        tile_grid(images, labels=["a", "b"])
+    assert tile_grid(np.zeros((4, 200, 200, 3), np.uint8), 2).shape == (2 * 202 + 2, 2 * 202 + 2, 3)  # no upscaling

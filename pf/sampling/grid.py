@@ -85,22 +85,85 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # NHWC
 
 
-def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
-    """(B, H, W, 3) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) picture, raster order."""
-    b, h, w, c = images.shape
-    ncol = ncol or math.ceil(math.sqrt(b))
-    nrow = math.ceil(b / ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, dtype=np.uint8)
-    for i in range(b):
-        r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+MIN_TILE = 64  # pixels across a tile: small samples are upscaled (nearest) to at least this
+
+
+def upscale(images: np.ndarray, min_size: int = MIN_TILE) -> np.ndarray:
+    """(B, H, W, 3) uint8, nearest-neighbour upscaled by an integer factor to at least ``min_size``."""
+    factor = max(1, -(-min_size // max(images.shape[-3], 1)))
+    return images.repeat(factor, axis=-3).repeat(factor, axis=-2) if factor > 1 else images
+
+
+def _text_strip(width: int, lines: list[str], height: int | None = None) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    height = height or 4 + 12 * len(lines)
+    strip = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(strip).multiline_text((3, 2), "\n".join(lines), fill="black", spacing=2)
+    return np.asarray(strip)
+
+
+def tile_grid(images: np.ndarray, ncol: int | None = None, *, labels: list[str] | None = None,
+              caption: str | list[str] | None = None, min_size: int = MIN_TILE, pad: int = 2) -> np.ndarray:
+    """The one picture helper: (B, H, W, 3) uint8 -> a readable (H', W', 3) grid.
+
+    Each image is upscaled (nearest) to at least ``min_size`` pixels, ``labels[i]`` (a class
+    name or prompt) is written under image ``i``, the tiles are laid out ``ncol`` a row by
+    ``torchvision.utils.make_grid``, and ``caption`` (sampler, steps, guidance ...) is a row
+    of text on top.
+    """
+    import torch
+    from torchvision.utils import make_grid as tv_make_grid
+
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected (B, H, W, 3) uint8 images, got {images.dtype} {images.shape}")
+    tiles = upscale(images, min_size)
+    if labels is not None:
+        if len(labels) != len(tiles):
+            raise ValueError(f"{len(labels)} labels for {len(tiles)} images")
+        w = tiles.shape[2]
+        chars = max(4, w // 6)  # the default font is about 6 pixels a character
+        tiles = np.stack([np.concatenate([t, _text_strip(w, [str(lab)[:chars]], 14)]) for t, lab in zip(tiles, labels)])
+    ncol = ncol or math.ceil(math.sqrt(len(tiles)))
+    grid = tv_make_grid(torch.from_numpy(tiles).permute(0, 3, 1, 2), nrow=ncol, padding=pad, pad_value=255)
+    grid = grid.permute(1, 2, 0).numpy()  # (H', W', 3)
+    if caption:
+        grid = np.concatenate([_text_strip(grid.shape[1], [caption] if isinstance(caption, str) else caption), grid])
     return grid
 
 
-def upscale(images: np.ndarray, min_size: int = 128) -> np.ndarray:
-    """Nearest-neighbour upscaling by an integer factor so tiny samples stay visible."""
-    factor = max(1, min_size // max(images.shape[-3], 1))
-    return images.repeat(factor, axis=-3).repeat(factor, axis=-2) if factor > 1 else images
+def side_by_side(pictures: list[np.ndarray], gap: int = 12) -> np.ndarray:
+    """(H_i, W_i, 3) pictures in one row on white, top-aligned."""
+    h = max(p.shape[0] for p in pictures)
+    parts = []
+    for i, p in enumerate(pictures):
+        parts.append(np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)), constant_values=255))
+        if i < len(pictures) - 1:
+            parts.append(np.full((h, gap, 3), 255, np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+def stacked(pictures: list[np.ndarray], gap: int = 12) -> np.ndarray:
+    """(H_i, W_i, 3) pictures one under the other on white, left-aligned."""
+    w = max(p.shape[1] for p in pictures)
+    parts = []
+    for i, p in enumerate(pictures):
+        parts.append(np.pad(p, ((0, 0), (0, w - p.shape[1]), (0, 0)), constant_values=255))
+        if i < len(pictures) - 1:
+            parts.append(np.full((gap, w, 3), 255, np.uint8))
+    return np.concatenate(parts)
+
+
+def class_names(train_config: dict | None, num_classes: int) -> list[str]:
+    """Readable class names for a checkpoint's training data (ids where the data has no names)."""
+    data = (train_config or {}).get("data", {}) or {}
+    if data.get("name") == "fashion_mnist":
+        from pf.data.mnist_format import FASHION_MNIST_CLASSES
+
+        return list(FASHION_MNIST_CLASSES)
+    if data.get("name") == "digits":
+        return [f"digit {i}" for i in range(num_classes)]
+    return [f"class {i}" for i in range(num_classes)]
 
 
 def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
@@ -113,36 +176,12 @@ def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def labelled_panels(panels: list[tuple[str, torch.Tensor]], path: str | os.PathLike, *, nrow: int = 10,
-                    min_size: int = 48, per_row: int = 4) -> Path:
-    """Panels of images side by side, each under its caption, ``per_row`` panels a row.
-
-    ``panels``: (caption, uint8 (M, C, H, W)) pairs, C in (1, 3); each image is upscaled
-    (nearest) to at least ``min_size`` pixels and a panel is ``torchvision.utils.make_grid``
-    with ``nrow`` images a row. Captions may hold a newline.
-    """
-    from PIL import Image, ImageDraw
-    from torchvision.utils import make_grid as tv_grid
-
-    tiles = []
+                    per_row: int = 4) -> Path:
+    """Captioned panels of uint8 (M, C, H, W) images, ``per_row`` panels a row, saved as a PNG."""
+    grids = []
     for caption, images in panels:
         x = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)
-        factor = max(1, -(-min_size // x.shape[-1]))
-        x = x.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
-        grid = tv_grid(x, nrow=nrow, padding=2, pad_value=255)  # (3, H', W') uint8
-        lines = caption.count("\n") + 1
-        head = 6 + 12 * lines
-        tile = Image.new("RGB", (grid.shape[2], grid.shape[1] + head), "white")
-        tile.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (0, head))
-        ImageDraw.Draw(tile).multiline_text((4, 3), caption, fill="black", spacing=2)
-        tiles.append(tile)
-    w = max(t.width for t in tiles)
-    h = max(t.height for t in tiles)
-    rows = -(-len(tiles) // per_row)
-    canvas = Image.new("RGB", (min(per_row, len(tiles)) * (w + 8) + 8, rows * (h + 8) + 8), "white")
-    for i, tile in enumerate(tiles):
-        r, q = divmod(i, per_row)
-        canvas.paste(tile, (8 + q * (w + 8), 8 + r * (h + 8)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+        grids.append(tile_grid(x.permute(0, 2, 3, 1).contiguous().numpy(), nrow, caption=caption.split("\n"),
+                               min_size=48))
+    rows = [side_by_side(grids[i:i + per_row]) for i in range(0, len(grids), per_row)]
+    return save_png(stacked(rows), path)

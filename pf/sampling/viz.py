@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pf.sampling.grid import make_grid, to_uint8, upscale
+from pf.sampling.grid import tile_grid, to_uint8, upscale
 
 
 class StepRecorder:
@@ -54,9 +54,9 @@ def _heat(values: torch.Tensor) -> np.ndarray:
     return (low + a[..., None] * (high - low)).round().astype(np.uint8)
 
 
-def viz_strip(frames: list[dict], decode, patch_size: int, max_cols: int = 10) -> np.ndarray:
+def viz_strip(frames: list[dict], decode, patch_size: int, max_cols: int = 10, caption: str | None = None) -> np.ndarray:
     """Rows: image (decoded), difficulty (exp(logvar), per-frame scaled), patch times (0 black,
-    1 white). Returns an (H, W, 3) uint8 picture."""
+    1 white), one column per recorded call (its mean time below it). Returns (H, W, 3) uint8."""
     if not frames:
         raise ValueError("no model calls were recorded")
     picks = np.unique(np.linspace(0, len(frames) - 1, min(max_cols, len(frames))).round().astype(int))
@@ -71,9 +71,17 @@ def viz_strip(frames: list[dict], decode, patch_size: int, max_cols: int = 10) -
     times = np.stack([_grey(f["t"].reshape(1, gh, gh), 0.0, 1.0) for f in chosen])  # (K, gh, gw, 3)
     rows.append(upscale(_resize(times, size)))
     tiles = np.concatenate(rows)  # (rows*K, S, S, 3), row-major: all images, then maps, then times
-    grid = make_grid(tiles, ncol=len(chosen))
+    grid = tile_grid(tiles, ncol=len(chosen))
     names = ["image", "difficulty", "patch t"] if len(rows) == 3 else ["image", "patch t"]
-    return _label_rows(grid, names, rows[0].shape[1])
+    times_row = tile_grid(np.full((len(chosen), 1, rows[0].shape[1], 3), 255, np.uint8), ncol=len(chosen), min_size=1,
+                          labels=[f"t={float(f['t'].float().mean()):.2f}" for f in chosen])
+    grid = np.concatenate([grid, times_row[1:]])
+    strip = _label_rows(grid, names, rows[0].shape[1])
+    if caption:
+        from pf.sampling.grid import _text_strip
+
+        strip = np.concatenate([_text_strip(strip.shape[1], [caption]), strip])
+    return strip
 
 
 LABEL_WIDTH = 72

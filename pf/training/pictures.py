@@ -75,40 +75,18 @@ def _heat(u: torch.Tensor) -> np.ndarray:
     return (_HEAT[i] * (1 - f) + _HEAT[i + 1] * f).round().astype(np.uint8)
 
 
-def _grid(tiles: np.ndarray, nrow: int, zoom: int, pad: int = 2) -> np.ndarray:
-    b, h, w, _ = tiles.shape
-    tiles = tiles.repeat(zoom, axis=1).repeat(zoom, axis=2)
-    h, w = h * zoom, w * zoom
-    rows = (b + nrow - 1) // nrow
-    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for k in range(b):
-        r, c = divmod(k, nrow)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tiles[k]
-    return out
-
-
 def save_picture(path: Path, samples: torch.Tensor, difficulty: torch.Tensor | None, nrow: int,
-                 title: str = "", map_title: str = "") -> None:
-    """Write the samples grid, and the difficulty grid beside it when there is one, as a PNG."""
-    from PIL import Image, ImageDraw
+                 title: str = "", map_title: str = "", labels: list[str] | None = None) -> None:
+    """Write the samples grid, and the difficulty grid beside it when there is one, as a PNG
+    (each image upscaled to at least 64 pixels, ``labels`` under the images, titles on top)."""
+    from PIL import Image
 
-    zoom = max(1, 64 // samples.shape[-1])
-    panels = [_grid(_to_rgb(samples), nrow, zoom)]
-    titles = [title]
+    from pf.sampling.grid import side_by_side, tile_grid
+
+    panels = [tile_grid(_to_rgb(samples), nrow, labels=labels, caption=title)]
     if difficulty is not None:
-        panels.append(_grid(_heat(difficulty), nrow, zoom))
-        titles.append(map_title)
-    header, gap = 16, 12
-    width = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
-    height = max(p.shape[0] for p in panels) + header
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for panel, text in zip(panels, titles):
-        canvas.paste(Image.fromarray(panel), (x, header))
-        draw.text((x + 2, 2), text, fill=(0, 0, 0))
-        x += panel.shape[1] + gap
+        panels.append(tile_grid(_heat(difficulty), nrow, labels=labels, caption=map_title))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
+    Image.fromarray(side_by_side(panels)).save(tmp, format="PNG")
     tmp.replace(path)
