@@ -115,6 +115,10 @@ def test_build_model_names():
         (dict(y=torch.tensor([0, 11])), r"labels must lie in \[0, 10\]"),
         (dict(y=torch.tensor([-1, 0])), r"labels must lie in \[0, 10\]"),
         (dict(x=torch.randn(2, 4, 8, 8)), "channels"),
+        (dict(t=torch.full((2, 16), float("nan"))), r"patch times must be finite and lie in \[0, 1\]"),
+        (dict(t=torch.full((2, 16), 1.5)), r"patch times must be finite and lie in \[0, 1\].*1\.5"),
+        (dict(t=torch.tensor([-0.1, 0.5])), r"patch times must be finite and lie in \[0, 1\]"),
+        (dict(t=torch.tensor([0.2, float("inf")])), r"patch times must be finite"),
     ],
 )
 def test_bad_input_errors(kwargs, match):
@@ -123,6 +127,15 @@ def test_bad_input_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         model(**args)
+
+
+def test_time_checks_stay_out_of_graph_capture():
+    model = PatchForcingDiT(**TINY)
+    with model.sync_free():  # no host read: out-of-range times are the caller's promise here
+        v = model(torch.randn(2, 3, 8, 8), torch.full((2, 16), 1.5), torch.tensor([0, 1]))
+    assert v.shape == (2, 3, 8, 8)
+    with pytest.raises(TypeError, match="floating-point times"):
+        model(torch.randn(2, 3, 8, 8), torch.ones(2, 16, dtype=torch.long), torch.tensor([0, 1]))
 
 
 def test_float_labels_are_a_type_error():

@@ -188,3 +188,10 @@ def test_selection_changes_the_run_and_random_is_reproducible(cls):
     worst = cls(selection="most_uncertain")(model, x, K, y=y)
     assert torch.equal(rand_a, rand_b)
     assert _rel(rand_a, default) > 1e-6 and _rel(worst, default) > 1e-6
+
+
+@pytest.mark.parametrize("timesteps", [[0.0, 0.5, 2.0], [-0.5, 0.5, 1.0], [0.0, float("nan"), 1.0]])
+def test_a_schedule_outside_zero_one_is_refused(timesteps):
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match=r"timesteps must be|finite times in \[0, 1\]"):
+        EulerPF()(model, x, timesteps, y=y)

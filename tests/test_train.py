@@ -248,3 +248,21 @@ def test_two_rank_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     if lt0 is not None:
         assert lt0["seed"] != lt1["seed"] and lt0["offset"] == lt1["offset"] == 3 * 8 * 64
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_timestep_sampler_drawing_bad_times_stops_the_run(tmp_path, monkeypatch):
+    from pf import timesteps
+
+    def broken(self, batch, num_patches, device, generator):
+        return torch.full((batch, num_patches), float("nan"), device=device)
+
+    monkeypatch.setattr(timesteps.Uniform, "sample", broken)
+    cfg = make_cfg("trainer=fm", "trainer.max_steps=2")
+    with pytest.raises(ValueError, match=r"patch times must be finite and lie in \[0, 1\]"):  # the model's check
+        pf_train.train(cfg, tmp_path)
+    # where the model does not look (torch.compile), the loop's own check of the drawn times stops the run
+    from pf.models.dit import PatchForcingDiT
+
+    monkeypatch.setattr(PatchForcingDiT, "_check_inputs", lambda self, x, t, y: None)
+    with pytest.raises(ValueError, match=r"drew patch times in \[nan, nan\] at step 1; times must be finite"):
+        pf_train.train(cfg, tmp_path / "again")
