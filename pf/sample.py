@@ -33,8 +33,8 @@ DEFAULTS = {
     "out": "samples",  # output folder
     "batch": 64,  # samples per model batch (doubled inside by guidance)
     "device": "auto",  # auto | cpu | cuda | cuda:1 (torchrun: cuda:LOCAL_RANK)
-    "vae": None,  # local diffusers AutoencoderKL folder/file, for latent models
-    "vae_scale": 0.18215,
+    "vae": None,  # local diffusers AutoencoderKL folder/file; null: the one the training latent set's manifest names
+    "vae_scale": None,  # null: the manifest's scale factor (0.18215 for SD-VAE)
     "fid": False,  # write the ADM evaluator .npz of `num` samples instead of a grid
     "num": 50000,
     "viz": False,  # also a PNG strip of image / difficulty / patch times over the steps
@@ -98,6 +98,8 @@ def validate(cfg: dict) -> dict:
     for key in ("steps", "n", "seed", "batch", "num", "n_inner", "viz_cols"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "seed" else 1):
             raise UsageError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg["vae_scale"] is None:
+        cfg["vae_scale"] = 0.0  # resolved from the checkpoint's manifest (or 0.18215) by the Runner
     for key in ("cfg", "p", "ratio", "vae_scale"):
         if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool):
             raise UsageError(f"{key} must be a number, got {cfg[key]!r}")
@@ -151,15 +153,16 @@ class Runner:
     def __init__(self, cfg: dict, device: torch.device, verbose: bool = True):
         from pf import samplers
         from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
-        from pf.sampling.grid import Decoder, class_names
+        from pf.sampling.grid import LATENT_SCALE, Decoder, class_names, training_autoencoder
 
         self.cfg, self.device, self.verbose = cfg, device, verbose
         ckpt = read_checkpoint_file(cfg["ckpt"])
         model = model_from_checkpoint_dict(ckpt, source=str(cfg["ckpt"])).to(device).eval()
+        train_config = ckpt.get("train_config")
+        del ckpt
         self.base = model
         # one more name for the null class (label num_classes)
-        self.class_names = class_names(ckpt.get("train_config"), model.num_classes) + ["(no class)"]
-        del ckpt
+        self.class_names = class_names(train_config, model.num_classes) + ["(no class)"]
         self.shape = (model.in_channels, model.input_size, model.input_size)
         for c in cfg["classes"] or []:
             if not 0 <= c <= model.num_classes:
@@ -177,7 +180,10 @@ class Runner:
             raise UsageError(f"this is a global-time model: use sampler=euler, not {name}")
         if self.sampler.needs_uncertainty and not model.predict_uncertainty:
             raise UsageError(f"sampler={name} needs a model with a difficulty head (predict_uncertainty)")
-        self.decoder = Decoder(model.in_channels, cfg["vae"], device=device, scale=cfg["vae_scale"])
+        vae, scale = training_autoencoder(train_config)  # the manifest's, unless vae= is given
+        vae = cfg["vae"] or vae
+        scale = cfg["vae_scale"] or scale or LATENT_SCALE
+        self.decoder = Decoder(model.in_channels, vae, device=device, scale=scale)
         if (cfg["graphs"] or cfg["compile"] or cfg["precision"] != "fp32") and device.type != "cuda":
             raise UsageError("graphs=true, compile=true and precision=bf16/fp16 need a CUDA device; this run is on the CPU")
         self.model = model

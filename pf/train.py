@@ -180,18 +180,20 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         raise ValueError(f"trainer.kind must be pf or fm, got {tc.kind!r}")
 
     # ---- data: checked against the model before anything trains
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, seed=seed)
+    # null sizes come from the data (a latent set's manifest)
     num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes
-    check_against_model(dataset, num_classes=num_classes, channels=cfg.model.in_channels,
-                        image_size=cfg.model.input_size)
+    input_size = cfg.model.input_size if cfg.model.input_size is not None else dataset.image_size
+    in_channels = cfg.model.in_channels if cfg.model.in_channels is not None else dataset.channels
+    check_against_model(dataset, num_classes=num_classes, channels=in_channels, image_size=input_size)
     train_set, val_set = split_validation(dataset, cfg.data.val_size, seed)
     batches = ShardedBatches(train_set, tc.batch_size, rank=d.rank, world_size=d.world_size, seed=seed,
                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
 
     # ---- model, EMA, optimizer (identical initial weights on every rank)
     torch.manual_seed(seed)
-    model = build_model(cfg.model.name, per_token=per_token, input_size=cfg.model.input_size,
-                        in_channels=cfg.model.in_channels, num_classes=num_classes,
+    model = build_model(cfg.model.name, per_token=per_token, input_size=input_size,
+                        in_channels=in_channels, num_classes=num_classes,
                         class_dropout_prob=cfg.model.class_dropout_prob, predict_uncertainty=per_token).to(device)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,

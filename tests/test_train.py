@@ -63,7 +63,7 @@ def test_config_groups_compose():
     assert cfg.model.name == "Tiny/2" and cfg.data.name == "digits" and cfg.trainer.kind == "pf"
     assert cfg.model.input_size == 16 and cfg.model.num_classes == 10 and cfg.sampler.name == "euler_pf"
     big = make_cfg("model=pf-xl2", "data=latents", "trainer=fm", "sampler=look_ahead")
-    assert big.model.name == "XL/2" and big.model.in_channels == 4 and big.model.num_classes == 1000
+    assert big.model.name == "XL/2" and big.model.in_channels is None and big.model.num_classes is None  # from the data
     assert big.trainer.lr == 1e-4 and big.trainer.ema_decay == 0.9999 and big.trainer.max_steps == 400000
     assert big.trainer.timesteps.name == "uniform" and big.sampler.params.context_t_ratio == 1.4  # the paper's SiT
     for name in ("pf-s2", "pf-b2", "pf-l2"):

@@ -12,15 +12,17 @@ from __future__ import annotations
 from pf.data.base import DataError, TensorImages, check_against_model, split_validation
 from pf.data.digits import load_digits_dataset
 from pf.data.folder import ImageFolder
+from pf.data.latent_shards import LatentShards, is_latent_set
 from pf.data.latents import load_latents
 from pf.data.mnist_format import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_mnist_format
 from pf.data.loader import ShardedBatches
 
 
-def build_dataset(data_cfg) -> TensorImages | ImageFolder:
+def build_dataset(data_cfg, seed: int = 0) -> TensorImages | ImageFolder | LatentShards:
     """The dataset named by ``data_cfg.name`` (``digits``, ``fashion_mnist``, ``mnist_format``,
     ``folder`` or ``latents``); ``data_cfg.split`` (``train`` | ``test``) picks the split of the
-    sets that have one."""
+    sets that have one. ``data=latents`` reads a latent set folder (``pf.data.encode``)
+    memory-mapped, or a single ``.npz`` / ``.npy`` into memory; ``seed`` keys its random flips."""
     name = data_cfg.name
     split = data_cfg.get("split", "train") or "train"
     if split != "train" and name not in ("fashion_mnist", "mnist_format"):
@@ -34,6 +36,10 @@ def build_dataset(data_cfg) -> TensorImages | ImageFolder:
         return load_mnist_format(data_cfg.get("path"), split, data_cfg.image_size, num_classes=data_cfg.num_classes)
     if name == "folder":
         return ImageFolder(data_cfg.path, image_size=data_cfg.image_size, channels=data_cfg.channels)
+    if name == "latents" and is_latent_set(data_cfg.path):
+        return LatentShards(data_cfg.path, flip=bool(data_cfg.get("flip", True)),
+                            sample_posterior=bool(data_cfg.get("sample_posterior", False)),
+                            scale_factor=data_cfg.scale_factor, seed=seed)
     if name == "latents":
         return load_latents(data_cfg.path, labels_path=data_cfg.labels_path, scale_factor=data_cfg.scale_factor,
                             num_classes=data_cfg.num_classes)
@@ -44,6 +50,7 @@ __all__ = [
     "DataError",
     "TensorImages",
     "ImageFolder",
+    "LatentShards",
     "ShardedBatches",
     "build_dataset",
     "check_against_model",

@@ -36,9 +36,12 @@ def _pick(npz, keys, what: str, path: Path) -> np.ndarray:
     raise DataError(f"{path} has no {what} array: looked for keys {list(keys)}, found {npz.files}")
 
 
-def load_latents(path, labels_path=None, scale_factor: float = 0.18215, num_classes: int | None = None) -> TensorImages:
+def load_latents(path, labels_path=None, scale_factor: float | None = 0.18215, num_classes: int | None = None) -> TensorImages:
     if path is None or str(path) in ("", "???"):
-        raise DataError("data=latents needs data.path=<file.npz> (or a .npy plus data.labels_path=<labels.npy>)")
+        raise DataError("data=latents needs data.path=<latent set folder from python -m pf.data.encode> (or a "
+                        "file.npz, or a .npy plus data.labels_path=<labels.npy>)")
+    if scale_factor is None:
+        scale_factor = 0.18215  # the SD-VAE convention for a file of raw latents
     path = Path(path).expanduser()
     arr = _load_array(path, "latents")
     if isinstance(arr, np.lib.npyio.NpzFile):

@@ -11,7 +11,7 @@ global torch RNG (which class dropout uses).
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 
 class _EpochBatches:
@@ -50,8 +50,13 @@ class ShardedBatches:
 
     def iterate(self, start_step: int = 0):
         epoch, start = divmod(start_step, self.batches_per_epoch)
+        base = self.dataset
+        while isinstance(base, Subset):  # the validation split wraps the dataset
+            base = base.dataset
         while True:
             self.sampler.set_epoch(epoch)
+            if hasattr(base, "set_epoch"):  # per-epoch randomness of the items (latent flips)
+                base.set_epoch(epoch)
             loader = DataLoader(
                 self.dataset,
                 batch_sampler=_EpochBatches(self.sampler, self.batch_size, start),

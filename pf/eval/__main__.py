@@ -39,6 +39,7 @@ DEFAULTS = {
     "seed": 0,
     "batch_size": 500,
     "use_ema": True,
+    "vae": None,                # latent models: a local AutoencoderKL; null: the one the training manifest names
     "device": "auto",
     "threads": 0,               # torch CPU threads (0: torch's default; 1 is often fastest on a busy CPU)
     "save_samples": None,       # write the drawn images: a folder, or a path ending in .npz
@@ -74,15 +75,22 @@ def draw_from_checkpoint(path: Path, cfg):
 
     from pf import samplers
     from pf.eval.inputs import generate
-    from pf.models import load_checkpoint
+
+    from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
+    from pf.sampling.grid import LATENT_SCALE, Decoder, training_autoencoder
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    model = load_checkpoint(path, use_ema=cfg.use_ema).to(device)
+    ckpt = read_checkpoint_file(path)
+    model = model_from_checkpoint_dict(ckpt, use_ema=cfg.use_ema, source=str(path)).eval().to(device)
+    vae, scale = training_autoencoder(ckpt.get("train_config"))
+    del ckpt
+    decoder = Decoder(model.in_channels, cfg.vae or vae, device=device, scale=scale or LATENT_SCALE)
     sampler = samplers.make(cfg.sampler.name, **cfg.sampler.params)
     if type(model).__name__ == "GlobalTimeDiT" and sampler.name != "euler":
         raise ValueError(f"{path} holds a global-time model (the SiT baseline): use sampler.name=euler")
     images, info = generate(model, sampler, cfg.num_samples, cfg.sampler.steps, seed=cfg.seed,
-                            cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.batch_size, device=device)
+                            cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.batch_size, device=device,
+                            decode=decoder if decoder.latent else None)
     return images, {"source": str(path), "sampler": repr(sampler), "steps": cfg.sampler.steps,
                     "cfg_scale": cfg.sampler.cfg_scale, "seed": cfg.seed, **info}
 

@@ -137,13 +137,14 @@ def load_dataset_images(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg_scale: float = 1.0,
              batch_size: int = 500, labels: torch.Tensor | None = None, device=None,
-             static: bool = False) -> tuple[torch.Tensor, dict]:
+             static: bool = False, decode=None) -> tuple[torch.Tensor, dict]:
     """Draw ``num_samples`` images with ``sampler`` at ``steps`` outer steps.
 
     Labels default to ``i % num_classes`` (balanced classes); the noise comes from a generator
     seeded by ``seed``, drawn on the CPU in one piece, so the same seed gives the same noise
     for every sampler and batch size. ``static=True`` (for a ``torch.compile``-d model) runs
-    the model in ``sync_free(sampler.max_distinct_times)``, its static-shape form. Returns
+    the model in ``sync_free(sampler.max_distinct_times)``, its static-shape form. ``decode``
+    turns latents into images in [-1, 1] (``pf.sampling.grid.Decoder``). Returns
     uint8 images (M, C, H, W) and ``{"nfe": model calls per batch, "seconds": wall time}``.
     """
     import contextlib
@@ -160,6 +161,6 @@ def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg
         for i in range(0, num_samples, batch_size):
             x = sampler(model, noise[i:i + batch_size].to(device), steps, y=labels[i:i + batch_size].to(device),
                         cfg_scale=cfg_scale)
-            out.append(to_uint8(x))
+            out.append(to_uint8(decode(x) if decode is not None else x))
             nfe = sampler.nfe
     return torch.cat(out), {"nfe": nfe, "seconds": time.perf_counter() - t0}

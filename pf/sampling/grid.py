@@ -53,6 +53,18 @@ class Decoder:
         return torch.cat(out).clamp(-1, 1)  # (B, 3, 8H, 8W)
 
 
+def training_autoencoder(train_config: dict | None) -> tuple[str | None, float | None]:
+    """(autoencoder path, scale factor) named by the manifest of a checkpoint's latent training data."""
+    from pf.data.latent_shards import is_latent_set, read_manifest
+
+    data = (train_config or {}).get("data", {}) or {}
+    if data.get("name") == "latents" and is_latent_set(data.get("path")):
+        manifest = read_manifest(Path(data["path"]).expanduser())
+        scale = data.get("scale_factor") or manifest["scale_factor"]
+        return manifest["autoencoder"]["path"], float(scale)
+    return None, None
+
+
 def load_vae(path: str | os.PathLike, device="cpu"):
     """A diffusers ``AutoencoderKL`` from a local folder or single file (never downloads)."""
     path = Path(path)
@@ -163,6 +175,12 @@ def class_names(train_config: dict | None, num_classes: int) -> list[str]:
         return list(FASHION_MNIST_CLASSES)
     if data.get("name") == "digits":
         return [f"digit {i}" for i in range(num_classes)]
+    from pf.data.latent_shards import is_latent_set, read_manifest
+
+    if data.get("name") == "latents" and is_latent_set(data.get("path")):
+        names = read_manifest(Path(data["path"]).expanduser()).get("class_names")
+        if names and len(names) == num_classes:
+            return list(names)
     return [f"class {i}" for i in range(num_classes)]
 
 

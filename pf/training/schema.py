@@ -62,8 +62,8 @@ def _model_names():
 @dataclass
 class ModelConfig:
     name: str = _f("Tiny/2", choices=_model_names)
-    input_size: int = _f(16, **_rng(1))
-    in_channels: int = _f(1, **_rng(1))
+    input_size: typing.Optional[int] = _f(16, **_rng(1))  # null: from the data
+    in_channels: typing.Optional[int] = _f(1, **_rng(1))
     num_classes: typing.Optional[int] = _f(None, **_rng(1))
     class_dropout_prob: float = _f(0.1, **_rng(0.0, 1.0, hi_open=True))
 
@@ -119,12 +119,15 @@ class DataConfig:
     path: typing.Optional[str] = None
     labels_path: typing.Optional[str] = None
     split: str = _f("train", **_choices("train", "test"))
-    image_size: int = _f(16, **_rng(1))
-    channels: int = _f(1, **_rng(1))
+    image_size: typing.Optional[int] = _f(16, **_rng(1))  # null: from the data (a latent set's manifest)
+    channels: typing.Optional[int] = _f(1, **_rng(1))
     num_classes: typing.Optional[int] = _f(None, **_rng(1))
-    scale_factor: float = _f(1.0, **_rng(0.0, lo_open=True))
+    scale_factor: typing.Optional[float] = _f(1.0, **_rng(0.0, lo_open=True))
     val_size: int = _f(0, **_rng(0))
     num_workers: int = _f(0, **_rng(0))
+    # data=latents only (keys the other options do not have)
+    flip: bool = _f(True, may_be_absent=True)
+    sample_posterior: bool = _f(False, may_be_absent=True)
 
 
 @dataclass
@@ -181,6 +184,7 @@ def _in_range(value, meta: dict) -> bool:
 
 
 def _check_leaf(key: str, value, tp, meta: dict) -> None:
+    meta = {k: v for k, v in meta.items() if k != "may_be_absent"}
     optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
     if optional:
         if value is None:
@@ -218,6 +222,8 @@ def _check(node: dict, schema, prefix: str) -> None:
     for name, f in fields.items():
         key = f"{prefix}{name}"
         if name not in node:
+            if f.metadata.get("may_be_absent"):
+                continue
             raise ConfigError(f"config key {key} is missing")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):

@@ -1,0 +1,211 @@
+"""From an image folder to a trained model: the ADM crop, encoding both flips with a small
+randomly initialised AutoencoderKL (built from a config, nothing downloaded), the shards and
+manifest, resuming a killed encode, webdataset input, the memory-mapped loader (flips,
+posterior samples, resident memory that does not grow with the set), training on it and
+decoding samples with the manifest's autoencoder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from child_env import ROOT, child_env  # noqa: E402
+from pf.data import DataError, LatentShards, ShardedBatches  # noqa: E402
+from pf.data.encode import DEFAULTS, center_crop_adm, encode, plan  # noqa: E402
+from pf.eval import cli  # noqa: E402
+
+
+def tiny_vae(path: Path) -> Path:
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(path)
+    return path
+
+
+def image_folder(root: Path, per_class: int = 8) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog", "fox")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    base = tmp_path_factory.mktemp("enc")
+    vae = tiny_vae(base / "vae")
+    images = image_folder(base / "images")
+    cfg = cli.parse(DEFAULTS, [f"images={images}", f"out={base / 'latents'}", f"vae={vae}", "image_size=32",
+                               "batch=5", "shard_size=10", "num_workers=0", "progress=false", "device=cpu"])
+    manifest = encode(cfg)
+    return {"base": base, "vae": vae, "images": images, "cfg": cfg, "manifest": manifest, "out": base / "latents"}
+
+
+def test_center_crop_is_adm():
+    from PIL import Image
+
+    img = Image.fromarray(np.arange(150 * 100 * 3, dtype=np.uint8).reshape(100, 150, 3) % 251)
+    out = center_crop_adm(img, 32)  # 100 >= 64: one box halving to 75x50, then bicubic to 48x32, then center
+    half = img.resize((75, 50), resample=Image.Resampling.BOX)
+    want = half.resize((48, 32), resample=Image.Resampling.BICUBIC).crop((8, 0, 40, 32))
+    assert out.size == (32, 32) and np.array_equal(np.asarray(out), np.asarray(want))
+
+
+def test_manifest_counts_and_shards(chain):
+    m, out = chain["manifest"], chain["out"]
+    assert m["num_images"] == 24 and m["skipped"] == 1 and m["num_classes"] == 3
+    assert m["class_names"] == ["cat", "dog", "fox"] and m["latent_shape"] == [4, 4, 4] and m["image_size"] == 32
+    assert m["scale_factor"] == pytest.approx(0.18215) and m["autoencoder"]["path"] == str(chain["vae"].resolve())
+    assert [s["count"] for s in m["shards"]] == [10, 9, 5] and sum(s["skipped"] for s in m["shards"]) == 1
+    mean = np.load(out / "shard_00000.mean.npy")
+    assert mean.shape == (10, 2, 4, 4, 4) and mean.dtype == np.float16
+    assert np.load(out / "shard_00000.std.npy").shape == mean.shape
+    assert np.load(out / "shard_00002.labels.npy").tolist() == [2] * 5
+
+
+def test_latents_are_the_autoencoder_posterior_of_both_flips(chain):
+    from PIL import Image
+
+    from pf.data.encode import to_tensor
+
+    vae = diffusers.AutoencoderKL.from_pretrained(chain["vae"]).eval()
+    first = sorted((chain["images"] / "cat").glob("*.png"))[0]
+    x = to_tensor(Image.open(first), 32)[None]
+    with torch.no_grad():
+        post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    mean = np.load(chain["out"] / "shard_00000.mean.npy")[0].astype(np.float32)  # (2, C, h, w)
+    std = np.load(chain["out"] / "shard_00000.std.npy")[0].astype(np.float32)
+    assert np.allclose(mean, post.mean.numpy(), atol=2e-3) and np.allclose(std, post.std.numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_a_killed_encode_resumes_where_it_stopped(chain, tmp_path):
+    import shutil
+
+    out = tmp_path / "latents"
+    shutil.copytree(chain["out"], out)
+    (out / "manifest.json").unlink()
+    (out / "shard_00001.json").unlink()  # shard 1 was being written when the run died
+    (out / "shard_00001.mean.npy").write_bytes(b"half written")
+    before = (out / "shard_00000.mean.npy").stat().st_mtime_ns
+    with pytest.raises(DataError, match=r"has no manifest.json"):
+        LatentShards(out)
+    cfg = cli.parse(DEFAULTS, [f"images={chain['images']}", f"out={out}", f"vae={chain['vae']}", "image_size=32",
+                               "batch=5", "shard_size=10", "num_workers=0", "progress=false", "device=cpu"])
+    manifest = encode(cfg)
+    assert (out / "shard_00000.mean.npy").stat().st_mtime_ns == before  # not encoded again
+    assert manifest["num_images"] == 24
+    assert np.array_equal(np.load(out / "shard_00001.mean.npy"), np.load(chain["out"] / "shard_00001.mean.npy"))
+
+
+def test_webdataset_shards_as_input(chain, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    tar_path = tmp_path / "train-0000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, p in enumerate(sorted((chain["images"] / "fox").glob("*.png"))[:4]):
+            for ext, data in (("png", p.read_bytes()), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert plan(str(tmp_path), 10)["kind"] == "webdataset"
+    cfg = cli.parse(DEFAULTS, [f"images={tmp_path}", f"out={tmp_path / 'lat'}", f"vae={chain['vae']}",
+                               "image_size=32", "num_workers=0", "progress=false", "device=cpu", "keep_std=false"])
+    m = encode(cfg)
+    assert m["num_images"] == 4 and m["num_classes"] == 2 and not (tmp_path / "lat" / "shard_00000.std.npy").exists()
+    with pytest.raises(DataError, match=r"without the posterior std"):
+        LatentShards(tmp_path / "lat", sample_posterior=True)
+    assert isinstance(Image.open(io.BytesIO((chain["images"] / "fox" / "0.png").read_bytes())), Image.Image)
+
+
+def test_loader_flips_per_epoch_and_samples_the_posterior(chain):
+    ds = LatentShards(chain["out"], seed=3)
+    mean = np.load(chain["out"] / "shard_00001.mean.npy").astype(np.float32)
+    assert len(ds) == 24 and ds.channels == 4 and ds.image_size == 4 and ds.num_classes == 3
+    sides = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        z, y = ds[12]  # shard 1, item 2
+        side = next(k for k in (0, 1) if torch.allclose(z, torch.from_numpy(mean[2, k]) * 0.18215))
+        sides.append(side)
+        assert y == int(np.load(chain["out"] / "shard_00001.labels.npy")[2])
+        assert torch.equal(ds[12][0], z)  # the same (epoch, item): the same flip
+    assert set(sides) == {0, 1}
+    still = LatentShards(chain["out"], flip=False)
+    assert all(torch.allclose(still[12][0], torch.from_numpy(mean[2, 0]) * 0.18215) for _ in range(3))
+    post = LatentShards(chain["out"], flip=False, sample_posterior=True, scale_factor=1.0)
+    a, b = post[12][0], post[12][0]
+    assert torch.equal(a, b) and not torch.allclose(a, torch.from_numpy(mean[2, 0]))
+    batches = ShardedBatches(ds, 4, seed=0)
+    next(batches.iterate(len(ds) // 4 * 2))  # step in epoch 2: the loader tells the dataset
+    assert ds.epoch == 2
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to read resident memory")
+def test_opening_gigabytes_of_latents_does_not_load_them(tmp_path):
+    n = 32768  # 32768 x 2 x 4 x 32 x 32 float32 = 1 GiB per file: 4 GiB in mean and std of two shards
+    root = tmp_path / "big"
+    root.mkdir()
+    shards = []
+    for s in range(2):
+        for kind in ("mean", "std"):
+            arr = np.lib.format.open_memmap(root / f"shard_{s:05d}.{kind}.npy", mode="w+", dtype=np.float32,
+                                            shape=(n, 2, 4, 32, 32))
+            arr[::997] = 1.0  # a few real pages; the rest of the file is sparse
+            del arr
+        np.save(root / f"shard_{s:05d}.labels.npy", np.zeros(n, np.int64))
+        shards.append({"name": f"shard_{s:05d}", "count": n, "skipped": 0})
+    (root / "manifest.json").write_text(json.dumps({"format": "pf-latents", "version": 1, "scale_factor": 0.18215,
+                                                   "num_classes": 1000, "shards": shards}))
+    size_gb = sum(p.stat().st_size for p in root.glob("*.npy")) / 2**30
+    assert size_gb > 3.9
+    before = _rss_mb()
+    ds = LatentShards(root, sample_posterior=True)
+    for i in range(0, len(ds), 97):
+        ds[i]
+    grown = _rss_mb() - before
+    assert len(ds) == 2 * n and grown < 200, f"resident memory grew by {grown:.0f} MB for a {size_gb:.1f} GB set"
+
+
+def test_train_on_the_latent_set_and_decode_samples_with_its_autoencoder(chain, tmp_path):
+    env = child_env(OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-m", "pf.train", "data=latents", f"data.path={chain['out']}",
+                            "trainer.max_steps=2", "trainer.batch_size=4", "trainer.progress=false", "data.val_size=0",
+                            "sampler.steps=2", "sampler.num_images=3", "device=cpu", f"hydra.run.dir={run}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (run / "samples" / "step_000002.png").is_file()
+    sample = subprocess.run([sys.executable, "-m", "pf.sample", f"ckpt={run / 'checkpoints' / 'last.pt'}",
+                             "sampler=euler_pf", "steps=2", "n=3", "classes=[0,1,2]", f"out={tmp_path / 's'}",
+                             "progress=false", "device=cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    from PIL import Image
+
+    png = next((tmp_path / "s").glob("*.png"))
+    assert Image.open(png).size[0] >= 3 * 64  # decoded 32 px images, upscaled
