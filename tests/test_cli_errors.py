@@ -53,6 +53,9 @@ CASES = [
     (["-m", "pf.eval.train_classifier", "data.name=fashion_mnist", "data.path=/nope"], r"/nope: no train images file"),
     (["-m", "pf.experiments.reproduce", "train.steps=abc"], r"train\.steps='abc': expected an integer"),
     (["-m", "pf.experiments.findings", "bogus=1"], r"unknown option 'bogus'"),
+    (["-m", "pf.data.encode", "images=/nonexistent", "out=/tmp/pf-cli-errors-lat", "vae=/nope"],
+     r"images=/nonexistent: no such folder"),
+    (["-m", "pf.data.encode", "images=/tmp", "out=/tmp/pf-cli-errors-lat"], r"set vae=<local diffusers AutoencoderKL"),
 ]
 
 
