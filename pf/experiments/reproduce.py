@@ -165,11 +165,12 @@ def build_stages(study: dict) -> list[Stage]:
                 stages.append(Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
                                     {"study": study, "arm": arm, "seed": int(seed), "sampler": sampler},
                                     deps=(train_names[(arm, seed)], "classifier")))
-    seed = int(study["train"]["seeds"][0])
-    for arm in study["eval"].get("trend_arms", []):
-        if arm in study["arms"]:
-            stages.append(Stage(f"trend {arm} seed {seed}", "pf.experiments.reproduce:trend_stage",
-                                {"study": study, "arm": arm, "seed": seed}, deps=(train_names[(arm, seed)], "classifier")))
+        if seed == study["train"]["seeds"][0]:  # the trend right after the first seed's curves
+            for arm in study["eval"].get("trend_arms", []):
+                if arm in study["arms"]:
+                    stages.append(Stage(f"trend {arm} seed {seed}", "pf.experiments.reproduce:trend_stage",
+                                        {"study": study, "arm": arm, "seed": int(seed)},
+                                        deps=(train_names[(arm, seed)], "classifier")))
     return stages
 
 
