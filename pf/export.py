@@ -11,7 +11,6 @@ config as JSON metadata. ``pf.models.load_checkpoint`` reads both.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pf.models.checkpoint import RELEASED_TARGETS, read_checkpoint_file, model_from_checkpoint_dict, save_checkpoint, save_safetensors

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pf.experiments.stages import cached, config_key, ensure_trained, trajectory_config
+from pf.experiments.stages import cached, cached_result, config_key, ensure_trained, trajectory_config
 
 # The arms of the comparison: pf.train overrides on top of the shared recipe.
 ARMS = {
@@ -40,8 +40,22 @@ def is_pf(arm_overrides: list[str]) -> bool:
 #################################################################################
 
 
+_COMPOSED: dict = {}
+
+
 def compose_train_config(study: dict, overrides: list[str], seed: int):
-    """The ``pf.train`` config of one arm and training seed (hydra's compose, no run directory)."""
+    """The ``pf.train`` config of one arm and training seed (hydra's compose, no run directory;
+    composed once per process for the same inputs)."""
+    import copy
+
+    key = config_key({"study": {k: study.get(k) for k in ("data", "model", "device", "image_size", "data_overrides",
+                                                          "train")}, "overrides": overrides, "seed": seed})
+    if key not in _COMPOSED:
+        _COMPOSED[key] = _compose(study, overrides, seed)
+    return copy.deepcopy(_COMPOSED[key])
+
+
+def _compose(study: dict, overrides: list[str], seed: int):
     from hydra import compose, initialize_config_dir
 
     import pf
@@ -196,11 +210,8 @@ class PointModel:
         self.compiled = study["eval"].get("compile", False)
 
 
-def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int,
-                   model: PointModel | None = None, keep_images: int = 0, tag: str = "") -> dict:
-    """One cached point: metrics of ``sampler`` at ``steps`` on the trained run ``train``."""
-    from pf.experiments.stages import write_json
-
+def point_key(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int) -> dict:
+    """Everything that decides a point's numbers."""
     ec = study["eval"]
     key = {"trajectory": train["trajectory"], "train_steps": train["steps"], "sampler": sampler, "params": params,
            "steps": int(steps), "seed": int(seed), "num_samples": int(ec["num_samples"]),
@@ -208,6 +219,19 @@ def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: 
            "kid_subsets": int(ec["kid_subsets"]), "device": resolve_device(study), "compile": bool(ec.get("compile"))}
     if ec.get("reference_size"):
         key["reference_size"] = int(ec["reference_size"])
+    return key
+
+
+def stored_point(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int) -> dict | None:
+    """A point already evaluated (by any stage), or None."""
+    return cached_result(study["out_dir"], "points", point_key(study, train, sampler, params, steps, seed))
+
+
+def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int,
+                   model: PointModel | None = None, keep_images: int = 0) -> dict:
+    """One cached point: metrics of ``sampler`` at ``steps`` on the trained run ``train``."""
+    ec = study["eval"]
+    key = point_key(study, train, sampler, params, steps, seed)
 
     def compute() -> dict:
         from pf import samplers

@@ -24,9 +24,7 @@ Every stage is cached and resumable like the comparison's (``jobs=2`` for two pr
 from __future__ import annotations
 
 import copy
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ import torch
 from pf.eval import cli
 from pf.experiments import common, reproduce
 from pf.experiments.common import ARMS, fmt, mean_std, paired, rel, verdict
-from pf.experiments.stages import Stage, run_stages, stage_result
+from pf.experiments.stages import Stage, stage_result
 
 DEFAULTS = copy.deepcopy(reproduce.DEFAULTS)
 DEFAULTS.pop("results")
@@ -576,15 +574,7 @@ def expand_toy(argv: list[str]) -> list[str]:
 
 
 def main(cfg, argv: list[str] | None = None) -> None:
-    t0 = time.perf_counter()
-    study = reproduce.study_config(cfg)
-    args = sys.argv[1:] if argv is None else argv
-    command = " ".join([DOC_COMMAND, *map(shlex.quote, args)])
-    if not cfg.report_only:
-        run_stages(build_stages(study), study["out_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
-                   on_finish=lambda *_: write_report(study, command))
-    write_report(study, command)
-    print(f"wrote {study['page']} in {(time.perf_counter() - t0) / 60:.1f} min")
+    reproduce.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
 
 
 if __name__ == "__main__":

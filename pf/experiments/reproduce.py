@@ -107,18 +107,33 @@ def curve_points(study: dict, name: str) -> list[tuple[int, int]]:
     return [(int(n), common.steps_for_nfe(s, int(n))) for n in study["eval"]["nfe"]]
 
 
+def curve_specs(study: dict, sampler: str) -> list[tuple[int, int, int, int]]:
+    """(target NFE, K, sampling seed, images kept for the grid) of every point of a curve."""
+    ec = study["eval"]
+    return [(target, k, int(sseed), 30 if (sseed == ec["seeds"][0] and target == ec["grid_steps"]) else 0)
+            for target, k in curve_points(study, sampler) for sseed in ec["seeds"]]
+
+
 def curve_stage(study: dict, arm: str, seed: int, sampler: str) -> dict:
     """Stage: one arm's FID against NFE with one sampler, every sampling seed."""
     trained = common.train_stage(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
     model = common.PointModel(trained["checkpoint"], study)
     points = []
-    for target, k in curve_points(study, sampler):
-        for sseed in study["eval"]["seeds"]:
-            keep = 30 if (sseed == study["eval"]["seeds"][0] and target == study["eval"]["grid_steps"]) else 0
-            p = common.evaluate_point(study, trained, sampler, sampler_params(study, sampler), k, sseed, model=model,
-                                      keep_images=keep)
-            points.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": int(sseed), **p})
+    for target, k, sseed, keep in curve_specs(study, sampler):
+        p = common.evaluate_point(study, trained, sampler, sampler_params(study, sampler), k, sseed, model=model,
+                                  keep_images=keep)
+        points.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
     return {"points": points}
+
+
+def stored_curve(study: dict, arm: str, seed: int, sampler: str, trained: dict) -> list[dict]:
+    """The points of an unfinished curve that are already evaluated (for a report in progress)."""
+    out = []
+    for target, k, sseed, _ in curve_specs(study, sampler):
+        p = common.stored_point(study, trained, sampler, sampler_params(study, sampler), k, sseed)
+        if p is not None:
+            out.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
+    return out
 
 
 PRESENTATION_KEYS = ("jobs", "threads", "results", "figures")
@@ -203,8 +218,13 @@ def collect(study: dict) -> dict:
     out = {"stages": [], "train": {}, "curves": {}, "classifier": None, "floor": None, "trend": {}}
     for s in build_stages(study):
         rec = stage_result(study["out_dir"], s)
-        out["stages"].append((s.name, rec["seconds"] if rec else None))
+        out["stages"].append((s.name, work_seconds(rec)))
         if rec is None:
+            if s.fn.endswith("curve_stage") and (s.args["arm"], s.args["seed"]) in out["train"]:
+                partial = stored_curve(study, s.args["arm"], s.args["seed"], s.args["sampler"],
+                                       out["train"][(s.args["arm"], s.args["seed"])])
+                if partial:
+                    out["curves"].setdefault((s.args["arm"], s.args["sampler"]), []).extend(partial)
             continue
         if s.name == "classifier":
             out["classifier"] = rec["result"]
@@ -219,6 +239,20 @@ def collect(study: dict) -> dict:
             key = (s.args["arm"], s.args["sampler"])
             out["curves"].setdefault(key, []).extend(rec["result"]["points"])
     return out
+
+
+def work_seconds(rec: dict | None) -> float | None:
+    """The time a stage's work took: its training (however often it was resumed) or its points'
+    sampling and metrics, not the time a rerun took to read them back."""
+    if rec is None:
+        return None
+    result = rec["result"]
+    if "train_seconds" in result:
+        return result["train_seconds"]
+    points = result.get("points")
+    if points:
+        return sum(p.get("seconds", 0) + p.get("metric_seconds", 0) for p in points)
+    return rec["seconds"]
 
 
 def series(points: list[dict]) -> dict[int, dict]:
@@ -339,8 +373,9 @@ def render(study: dict, command: str) -> str:
         if runs:
             r = runs[0]
             extra = (f": {r['params'] / 1e6:.2f}M parameters, {r['flops_per_step'] / 1e9:.1f} GFLOP per training "
-                     f"step (forward + backward, matmuls and attention), {r['seconds_per_step']:.2f} s per step "
-                     f"here; final loss " + ", ".join(f"{v['final_loss']:.3f}" for v in runs)
+                     f"step (forward + backward, matmuls and attention, batch {tc['batch_size']}), "
+                     f"{r['seconds_per_step']:.2f} s per step here (wall time on the shared 2 cores, other stages "
+                     f"running); final loss " + ", ".join(f"{v['final_loss']:.3f}" for v in runs)
                      + "; validation MSE " + ", ".join(f"{v['val_loss']:.3f}" for v in runs if v["val_loss"]))
         lines.append(f"  - **{ARMS[arm]['label']}** (`{' '.join(ARMS[arm]['overrides'])}`){extra}")
     lines.append("  - SiT (uniform t) is the paper's baseline column (SPEC.md section 7); SiT (logit-normal t) is "
@@ -369,30 +404,12 @@ def render(study: dict, command: str) -> str:
     # ---- the table: FID per column and NFE
     targets = [int(n) for n in ec["nfe"]]
     lines += ["", "## FID against NFE", "", f"![FID against NFE]({rel(figures / 'fid_vs_nfe.png', results)})", "",
-              "FID ↓ (mean ± std), with K and the measured NFE:", "",
-              "| model + sampler | " + " | ".join(f"NFE ~{n}" for n in targets) + " |",
-              "|---|" + "---|" * len(targets)]
-    for (arm, sampler), points in data["curves"].items():
-        ser = series(points)
-        cells = []
-        for n in targets:
-            runs = list(ser.get(n, {}).values())
-            if not runs:
-                cells.append("pending")
-                continue
-            cells.append(f"{fmt([r['fid'] for r in runs])} (K={runs[0]['steps']}, NFE {runs[0]['nfe']})")
-        lines.append(f"| {column_label(arm, sampler)} | " + " | ".join(cells) + " |")
-    lines += ["", "Precision ↑ / recall ↑ at the same points:", "",
-              "| model + sampler | " + " | ".join(f"NFE ~{n}" for n in targets) + " |",
-              "|---|" + "---|" * len(targets)]
-    for (arm, sampler), points in data["curves"].items():
-        ser = series(points)
-        cells = []
-        for n in targets:
-            runs = list(ser.get(n, {}).values())
-            cells.append(f"{mean_std([r['precision'] for r in runs])[0]:.3f} / "
-                         f"{mean_std([r['recall'] for r in runs])[0]:.3f}" if runs else "pending")
-        lines.append(f"| {column_label(arm, sampler)} | " + " | ".join(cells) + " |")
+              "FID ↓ (mean ± std), with K and the measured NFE:", ""]
+    lines += nfe_table(data, targets, lambda runs: f"{fmt([r['fid'] for r in runs])} (K={runs[0]['steps']}, "
+                                                   f"NFE {runs[0]['nfe']})")
+    lines += ["", "Precision ↑ / recall ↑ at the same points:", ""]
+    lines += nfe_table(data, targets, lambda runs: f"{mean_std([r['precision'] for r in runs])[0]:.3f} / "
+                                                   f"{mean_std([r['recall'] for r in runs])[0]:.3f}")
 
     lines += ["", "## What this shows", ""] + statements(study, data)
     if data["trend"]:
@@ -425,6 +442,16 @@ def render(study: dict, command: str) -> str:
     lines += ["", "Paper, for scale (ImageNet-256, 400K steps, FID-50K, no guidance, SPEC.md section 7): B/2 SiT 33.0, "
               "PF Euler 27.9, dual-loop 26.0, look-ahead 24.2 (NFE of the adaptive columns not published).", ""]
     return "\n".join(lines)
+
+
+def nfe_table(data: dict, targets: list[int], cell) -> list[str]:
+    """Rows: every (arm, sampler) curve; columns: the target NFEs; ``cell(runs)`` fills a cell."""
+    lines = ["| model + sampler | " + " | ".join(f"NFE ~{n}" for n in targets) + " |", "|---|" + "---|" * len(targets)]
+    for (arm, sampler), points in data["curves"].items():
+        ser = series(points)
+        cells = [cell(list(ser[n].values())) if ser.get(n) else "pending" for n in targets]
+        lines.append(f"| {column_label(arm, sampler)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def statements(study: dict, data: dict) -> list[str]:
@@ -529,17 +556,21 @@ def expand_toy(argv: list[str]) -> list[str]:
     return [*TOY, *argv] if any(a.lstrip("+") in ("toy=true", "toy=True") for a in argv) else argv
 
 
-def main(cfg, argv: list[str] | None = None) -> None:
+def run_study(cfg, argv, build, report, doc_command: str, output: str) -> None:
+    """The body of both study commands: run (or continue) the stages, then write the report."""
     t0 = time.perf_counter()
     study = study_config(cfg)
-    args = sys.argv[1:] if argv is None else argv
-    command = " ".join([DOC_COMMAND, *map(shlex.quote, args)])
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("report_only")]
+    command = " ".join([doc_command, *map(shlex.quote, args)])
     if not cfg.report_only:
-        stages = build_stages(study)
-        run_stages(stages, study["out_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
-                   on_finish=lambda *_: write_report(study, command))
-    write_report(study, command)
-    print(f"wrote {study['results']} in {(time.perf_counter() - t0) / 60:.1f} min")
+        run_stages(build(study), study["out_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
+                   on_finish=lambda *_: report(study, command))
+    report(study, command)
+    print(f"wrote {study[output]} in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+def main(cfg, argv: list[str] | None = None) -> None:
+    run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "results")
 
 
 if __name__ == "__main__":

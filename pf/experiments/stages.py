@@ -44,6 +44,12 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def cached_result(out_dir: str | Path, kind: str, key_obj) -> dict | None:
+    """What :func:`cached` stored for ``key_obj``, or None (nothing is computed)."""
+    path = Path(out_dir) / kind / f"{config_key(key_obj)}.json"
+    return json.loads(path.read_text())["result"] if path.is_file() else None
+
+
 def cached(out_dir: str | Path, kind: str, key_obj, compute: Callable[[], dict]) -> dict:
     """``compute()`` once per ``key_obj``: stored in ``<out_dir>/<kind>/<hash>.json`` with its key."""
     path = Path(out_dir) / kind / f"{config_key(key_obj)}.json"
