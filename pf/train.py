@@ -325,7 +325,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         if d.is_main and record:
             metrics.write(record)
         if d.is_main and (step % tc.sample_every == 0 or final):
-            _picture(run_dir / "samples" / f"step_{step:06d}.png", ema.model, picture_sampler, picture_noise,
+            _picture(run_dir / "samples" / f"step_{step:06d}.png", step, ema.model, picture_sampler, picture_noise,
                      picture_labels, sc, autocast, picture_names)
         keep = step % tc.keep_every == 0 or final
         if step % tc.ckpt_every == 0 or keep:
@@ -352,10 +352,9 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     return {"model": model, "ema": ema.model, "summary": summary}
 
 
-def _picture(path: Path, ema_model, sampler, noise, labels, sc, autocast, names: list[str]) -> None:
+def _picture(path: Path, step: int, ema_model, sampler, noise, labels, sc, autocast, names: list[str]) -> None:
     with autocast():
         samples, difficulty = draw_samples(ema_model, sampler, noise, labels, sc.steps, sc.cfg_scale, sc.map_time)
-    step = path.stem.split("_")[-1].lstrip("0") or "0"
     save_picture(path, samples, difficulty, sc.nrow, labels=[names[int(c)] for c in labels],
                  title=f"EMA samples at step {step}: {sampler.name}, {sc.steps} steps, cfg {sc.cfg_scale:g}",
                  map_title=f"difficulty exp(logvar) at t={sc.map_time}")
