@@ -38,7 +38,8 @@ def test_the_default_study_is_the_papers_comparison():
     names = [s.name for s in reproduce.build_stages(study)]
     for arm in ("sit_uniform", "sit_logit_normal", "pf_ltg", "pf_logit_normal"):
         assert f"train {arm} seed 0" in names and f"train {arm} seed 1" in names
-    assert "curve pf_ltg look_ahead seed 1" in names and "curve sit_uniform euler seed 0" in names
+    assert "curve pf_ltg look_ahead seed 0" in names and "curve sit_uniform euler seed 1" in names
+    assert "curve pf_ltg euler_pf seed 1" in names and "curve pf_ltg look_ahead seed 1" not in names  # adaptive: seed 0
     # stage keys do not depend on how the study is run or where it reports
     other = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["jobs=2", "results=/tmp/x.md"]))
     assert [s.key for s in reproduce.build_stages(other)] == [s.key for s in reproduce.build_stages(study)]
