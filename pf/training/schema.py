@@ -283,7 +283,7 @@ def check_overrides(argv: list[str]) -> None:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, _, value = arg.lstrip("+~").partition("=")
-        if key.startswith("hydra.") or key == "hydra":
+        if key.startswith("hydra"):  # hydra.run.dir=..., hydra/launcher=...: hydra's own
             continue
         if key in GROUPS:
             if value not in group_options(key):
