@@ -26,6 +26,7 @@ DEFAULTS = {
     "ckpt": None,  # released PFT file or one of this project's checkpoints (required)
     "sampler": "look_ahead",  # euler_pf | dual_loop | look_ahead (euler for global-time models)
     "steps": 100,  # outer steps
+    "guidance_interval": None,  # [lo, hi]: guide only the outer steps with lo <= s_k <= hi (SPEC section 10)
     "cfg": None,  # guidance scale; default 4.0 for pictures, 1.0 (no guidance, the published FID setting) with fid=true
     "classes": None,  # labels, cycled over the samples; default: random per sample
     "n": 16,  # pictures in the grid
@@ -112,6 +113,12 @@ def validate(cfg: dict) -> dict:
         if not classes or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
             raise UsageError(f"classes must be a list of class ids like [1,2,3], got {cfg['classes']!r}")
         cfg["classes"] = classes
+    gi = cfg["guidance_interval"]
+    if gi is not None:
+        if not (isinstance(gi, list) and len(gi) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               for v in gi) and 0 <= gi[0] <= gi[1] <= 1):
+            raise UsageError(f"guidance_interval must be [lo,hi] with 0 <= lo <= hi <= 1, got {gi!r}")
+        cfg["guidance_interval"] = [float(v) for v in gi]
     if cfg["precision"] not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["vae"] is not None:
@@ -195,7 +202,7 @@ class Runner:
             except ValueError as err:
                 raise UsageError(str(err)) from err
         self.graphs: dict = {}
-        self.nfe = 0
+        self.nfe, self.guided_nfe = 0, 0
 
     def autocast(self):
         import contextlib
@@ -215,12 +222,13 @@ class Runner:
                 b = cfg["batch"]
                 if b not in self.graphs:
                     self.graphs[b] = GraphedSampler(self.sampler, self.model, (b, *self.shape), cfg["steps"],
-                                                    cfg_scale=cfg["cfg"], device=self.device)
+                                                    cfg_scale=cfg["cfg"], device=self.device,
+                                                    guidance_interval=cfg["guidance_interval"])
                 k = x.shape[0]  # pad a short last batch: one graph per batch size
                 pad = torch.cat([x, x[-1:].expand(b - k, *x.shape[1:])]) if k < b else x
                 ypad = torch.cat([y, y[-1:].expand(b - k)]) if k < b else y
                 out = self.graphs[b](pad, ypad)[:k]
-                self.nfe = self.graphs[b].nfe
+                self.nfe, self.guided_nfe = self.graphs[b].nfe, self.graphs[b].guided_nfe
                 return out
             import contextlib
 
@@ -228,8 +236,9 @@ class Runner:
             static = self.base.sync_free(self.sampler.max_distinct_times) if cfg["compile"] else contextlib.nullcontext()
             with static:
                 out = self.sampler(self.model, x, cfg["steps"], y=y, cfg_scale=cfg["cfg"],
+                                   guidance_interval=cfg["guidance_interval"],
                                    progress=cfg["progress"] and self.verbose)
-            self.nfe = self.sampler.nfe
+            self.nfe, self.guided_nfe = self.sampler.nfe, self.sampler.guided_nfe
             return out
 
     def run(self, indices: list[int], bar=None) -> np.ndarray:
@@ -260,8 +269,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def nfe_note(runner: Runner) -> str:
+    """How many of the model calls ran the doubled (guided) batch."""
+    if runner.guided_nfe == 0:
+        return "unguided"
+    if runner.guided_nfe == runner.nfe:
+        return "guided, doubled batch"
+    return f"{runner.guided_nfe} guided on a doubled batch, {runner.nfe - runner.guided_nfe} unguided"
+
+
 def caption(cfg: dict) -> str:
-    return f"{cfg['sampler']}, {cfg['steps']} steps, cfg {cfg['cfg']:g}, seed {cfg['seed']}"
+    gi = cfg.get("guidance_interval")
+    interval = f" on [{gi[0]:g}, {gi[1]:g}]" if gi else ""
+    return f"{cfg['sampler']}, {cfg['steps']} steps, cfg {cfg['cfg']:g}{interval}, seed {cfg['seed']}"
 
 
 def write_grid(runner: Runner, cfg: dict) -> Path:
@@ -279,7 +299,7 @@ def write_grid(runner: Runner, cfg: dict) -> Path:
     names = [runner.class_names[int(c)] for c in labels]
     ncol = min(len(indices), 10 if len(indices) >= 10 else len(indices))
     path = save_png(tile_grid(pictures, ncol, labels=names, caption=caption(cfg)), Path(cfg["out"]) / f"{_tag(cfg)}.png")
-    print(f"NFE {runner.nfe} per sample ({'guided, doubled batch' if cfg['cfg'] != 1.0 else 'unguided'}); "
+    print(f"NFE {runner.nfe} per sample ({nfe_note(runner)}); "
           f"{cfg['n'] / seconds:.3f} images/s ({cfg['n']} in {seconds:.1f}s on {runner.device})")
     print(f"wrote {path}")
     return path
@@ -292,7 +312,8 @@ def write_viz(runner: Runner, cfg: dict) -> Path:
     x, y = sample_inputs([0], runner.shape, runner.base.num_classes, cfg["seed"], cfg["classes"])
     recorder = StepRecorder(runner.base, batch=1)
     with runner.autocast():
-        runner.sampler(recorder, x.to(runner.device), cfg["steps"], y=y.to(runner.device), cfg_scale=cfg["cfg"])
+        runner.sampler(recorder, x.to(runner.device), cfg["steps"], y=y.to(runner.device), cfg_scale=cfg["cfg"],
+                       guidance_interval=cfg["guidance_interval"])
     strip = viz_strip(recorder.frames, runner.decoder, runner.base.patch_size, max_cols=cfg["viz_cols"],
                       caption=f"{runner.class_names[int(y[0])]}: {caption(cfg)}")
     path = save_png(strip, Path(cfg["out"]) / f"{_tag(cfg)}-viz.png")

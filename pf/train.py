@@ -354,9 +354,11 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
 
 def _picture(path: Path, step: int, ema_model, sampler, noise, labels, sc, autocast, names: list[str]) -> None:
     with autocast():
-        samples, difficulty = draw_samples(ema_model, sampler, noise, labels, sc.steps, sc.cfg_scale, sc.map_time)
+        gi = list(sc.guidance_interval) if sc.get("guidance_interval") is not None else None
+        samples, difficulty = draw_samples(ema_model, sampler, noise, labels, sc.steps, sc.cfg_scale, sc.map_time, gi)
     save_picture(path, samples, difficulty, sc.nrow, labels=[names[int(c)] for c in labels],
-                 title=f"EMA samples at step {step}: {sampler.name}, {sc.steps} steps, cfg {sc.cfg_scale:g}",
+                 title=f"EMA samples at step {step}: {sampler.name}, {sc.steps} steps, cfg {sc.cfg_scale:g}"
+                       + (f" on [{gi[0]:g}, {gi[1]:g}]" if gi else ""),
                  map_title=f"difficulty exp(logvar) at t={sc.map_time}")
 
 

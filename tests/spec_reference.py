@@ -118,10 +118,20 @@ def ltg(batch: int, n: int, gen: torch.Generator, loc=0.7, scale=1.0, std=0.6):
 class RefSampler:
     """SPEC section 6 with a per-pixel time grid, as the text describes it."""
 
-    def __init__(self, sd, cfg, y, cfg_scale):
-        self.sd, self.cfg, self.y, self.s = sd, cfg, y, cfg_scale
+    def __init__(self, sd, cfg, y, cfg_scale, interval=None):
+        self.sd, self.cfg, self.y, self.scale = sd, cfg, y, cfg_scale
+        self.interval = interval  # section 10: guide only the outer steps with lo <= s_k <= hi
+        self.s = cfg_scale
         self.p = cfg["patch_size"]
         self.nfe = 0
+
+    def step(self, s32_k):
+        """Section 10 for outer step k (s32_k the float32 schedule value)."""
+        if self.interval is None:
+            self.s = self.scale
+            return
+        lo, hi = (torch.tensor(v, dtype=torch.float32) for v in self.interval)
+        self.s = self.scale if bool(lo <= s32_k) and bool(s32_k <= hi) else 1.0
 
     def _patch_times(self, grid):  # (B, 1, H, W) -> (B, N): patch mean, raster order
         b, _, h, w = grid.shape
@@ -159,14 +169,18 @@ class RefSampler:
 
     def euler_pf(self, x, k_steps):
         s, dt = self.schedule(k_steps)
+        s32 = torch.linspace(0, 1, k_steps + 1, dtype=torch.float32)
         for k in range(k_steps):
+            self.step(s32[k])
             v, _, _ = self.guided(x, torch.full((x.shape[0], 1, *x.shape[2:]), s[k], dtype=f64))
             x = x + dt[k] * v
         return x
 
     def dual_loop(self, x, k_steps, p_frac=0.4, n_inner=4):
         s, dt = self.schedule(k_steps)
+        s32 = torch.linspace(0, 1, k_steps + 1, dtype=torch.float32)
         for k in range(k_steps):
+            self.step(s32[k])
             grid = torch.full((x.shape[0], 1, *x.shape[2:]), s[k], dtype=f64)
             v, lv, _ = self.guided(x, grid)
             cert = self.certain(lv, p_frac)
@@ -182,6 +196,7 @@ class RefSampler:
         s, dt = self.schedule(k_steps)
         s32 = torch.linspace(0, 1, k_steps + 1, dtype=torch.float32)
         for k in range(k_steps):
+            self.step(s32[k])
             grid = torch.full((x.shape[0], 1, *x.shape[2:]), s[k], dtype=f64)
             v, lv, vc = self.guided(x, grid)
             if s32[k] <= torch.tensor(0.05, dtype=torch.float32):

@@ -114,6 +114,8 @@ def test_viz_strip(ckpts, tmp_path, capsys):
     (["sampler=euler"], "global-time"),
     (["graphs=true"], "need a CUDA device") if not torch.cuda.is_available() else (["cfg=x"], "must be a number"),
     (["classes=[11]"], "outside"),
+    (["guidance_interval=[0.8,0.2]"], "guidance_interval must be [lo,hi]"),
+    (["guidance_interval=0.5"], "guidance_interval must be [lo,hi]"),
 ])
 def test_clear_errors(ckpts, tmp_path, capsys, args, match):
     assert _run(f"ckpt={ckpts['pixel']}", f"out={tmp_path}", "progress=false", *args) == 2
@@ -152,3 +154,17 @@ def test_tile_grid_upscales_labels_and_captions():
     with pytest.raises(ValueError, match="2 labels for 3 images"):
         tile_grid(images, labels=["a", "b"])
     assert tile_grid(np.zeros((4, 200, 200, 3), np.uint8), 2).shape == (2 * 202 + 2, 2 * 202 + 2, 3)  # no upscaling
+
+
+def test_guidance_interval_in_the_cli(ckpts, tmp_path, capsys):
+    # K = 4: s_k = 0, .25, .5, .75; [0.2, 0.6] guides the 2nd and 3rd steps only
+    assert _run(f"ckpt={ckpts['pixel']}", "sampler=euler_pf", "steps=4", "cfg=3.0", "guidance_interval=[0.2,0.6]",
+                "n=2", f"out={tmp_path}", "progress=false") == 0
+    assert "NFE 4 per sample (2 guided on a doubled batch, 2 unguided)" in capsys.readouterr().out
+    cfg = sample.parse_args([f"ckpt={ckpts['pixel']}", "sampler=euler_pf", "steps=4", "cfg=3.0",
+                             "guidance_interval=[0.2,0.6]", "classes=[3,5]", "progress=false"])
+    got = sample.Runner(cfg, torch.device("cpu")).run([0, 1])
+    x, y = sample.sample_inputs([0, 1], (3, 8, 8), 10, 0, [3, 5])
+    runner = sample.Runner(cfg, torch.device("cpu"))
+    expected = to_uint8(samplers.EulerPF()(runner.base, x, 4, y=y, cfg_scale=3.0, guidance_interval=(0.2, 0.6)))
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1

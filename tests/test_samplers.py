@@ -195,3 +195,40 @@ def test_a_schedule_outside_zero_one_is_refused(timesteps):
     model, x, y = _setup()
     with pytest.raises(ValueError, match=r"timesteps must be|finite times in \[0, 1\]"):
         EulerPF()(model, x, timesteps, y=y)
+
+
+# ------------------------------------------------------------- guidance interval (SPEC 10)
+@pytest.mark.parametrize("name", ["euler_pf", "dual_loop", "look_ahead"])
+def test_guidance_interval_matches_spec_reference(name):
+    model, x, y = _setup()
+    interval = (0.3, 0.7)  # K = 6: s_k = 1/3 and 1/2 are guided, the rest unguided
+    sampler = samplers.make(name)
+    out = sampler(model, x, K, y=y, cfg_scale=4.0, guidance_interval=interval)
+    reference = ref.RefSampler(model.state_dict(), TINY, y, 4.0, interval=interval)
+    expected = getattr(reference, name)(x.clone(), K)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
+    assert sampler.nfe == reference.nfe and 0 < sampler.guided_nfe < sampler.nfe
+
+
+@pytest.mark.parametrize("name", ["euler_pf", "dual_loop", "look_ahead"])
+def test_interval_over_every_step_is_plain_cfg_and_over_none_is_no_guidance(name):
+    model, x, y = _setup()
+    plain = samplers.make(name)(model, x, K, y=y, cfg_scale=4.0)
+    every = samplers.make(name)
+    assert torch.equal(every(model, x, K, y=y, cfg_scale=4.0, guidance_interval=(0.0, 1.0)), plain)
+    assert every.guided_nfe == every.nfe
+    none = samplers.make(name)
+    unguided = samplers.make(name)(model, x, K, y=y, cfg_scale=1.0)
+    assert torch.equal(none(model, x, K, y=y, cfg_scale=4.0, guidance_interval=(0.4, 0.45)), unguided)
+    assert none.guided_nfe == 0 and none.nfe == every.nfe
+
+
+def test_guided_steps_on_the_host_schedule_and_bad_intervals():
+    from pf.samplers.base import guided_steps, outer_schedule
+
+    s = outer_schedule(4)  # 0, .25, .5, .75, 1
+    assert guided_steps(s, 4.0, None) == [True] * 4 and guided_steps(s, 1.0, (0, 1)) == [False] * 4
+    assert guided_steps(s, 4.0, (0.25, 0.5)) == [False, True, True, False]  # both ends included
+    for bad in ((0.6, 0.4), (-0.1, 0.5), (0.2,), "ab"):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            guided_steps(s, 4.0, bad)

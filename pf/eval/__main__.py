@@ -34,7 +34,7 @@ DEFAULTS = {
     "kid_subset_size": 1000,
     "kid_subsets": 100,
     # drawing from a checkpoint
-    "sampler": {"name": "euler_pf", "params": {}, "steps": 50, "cfg_scale": 1.0},
+    "sampler": {"name": "euler_pf", "params": {}, "steps": 50, "cfg_scale": 1.0, "guidance_interval": None},
     "num_samples": 2000,
     "seed": 0,
     "batch_size": 500,
@@ -90,7 +90,8 @@ def draw_from_checkpoint(path: Path, cfg):
         raise ValueError(f"{path} holds a global-time model (the SiT baseline): use sampler.name=euler")
     images, info = generate(model, sampler, cfg.num_samples, cfg.sampler.steps, seed=cfg.seed,
                             cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.batch_size, device=device,
-                            decode=decoder if decoder.latent else None)
+                            decode=decoder if decoder.latent else None,
+                            guidance_interval=cfg.sampler.guidance_interval)
     return images, {"source": str(path), "sampler": repr(sampler), "steps": cfg.sampler.steps,
                     "cfg_scale": cfg.sampler.cfg_scale, "seed": cfg.seed, **info}
 

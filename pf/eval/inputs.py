@@ -137,7 +137,7 @@ def load_dataset_images(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg_scale: float = 1.0,
              batch_size: int = 500, labels: torch.Tensor | None = None, device=None,
-             static: bool = False, decode=None) -> tuple[torch.Tensor, dict]:
+             static: bool = False, decode=None, guidance_interval=None) -> tuple[torch.Tensor, dict]:
     """Draw ``num_samples`` images with ``sampler`` at ``steps`` outer steps.
 
     Labels default to ``i % num_classes`` (balanced classes); the noise comes from a generator
@@ -160,7 +160,7 @@ def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg
     with base.sync_free(sampler.max_distinct_times) if static else contextlib.nullcontext():
         for i in range(0, num_samples, batch_size):
             x = sampler(model, noise[i:i + batch_size].to(device), steps, y=labels[i:i + batch_size].to(device),
-                        cfg_scale=cfg_scale)
+                        cfg_scale=cfg_scale, guidance_interval=guidance_interval)
             out.append(to_uint8(decode(x) if decode is not None else x))
             nfe = sampler.nfe
-    return torch.cat(out), {"nfe": nfe, "seconds": time.perf_counter() - t0}
+    return torch.cat(out), {"nfe": nfe, "guided_nfe": sampler.guided_nfe, "seconds": time.perf_counter() - t0}

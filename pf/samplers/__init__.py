@@ -1,5 +1,8 @@
 """Samplers (SPEC.md section 6), each called as
-``sampler(model, x, timesteps, *, y=None, cfg_scale=1.0, uc_cond=None, progress=False)``."""
+``sampler(model, x, timesteps, *, y=None, cfg_scale=1.0, uc_cond=None, guidance_interval=None, progress=False)``.
+
+``guidance_interval=(lo, hi)`` guides only the outer steps with ``lo <= s_k <= hi`` (SPEC
+section 10); ``sampler.nfe`` counts model calls and ``sampler.guided_nfe`` the guided ones."""
 
 from pf.samplers.base import Sampler, certain_patches, outer_schedule
 from pf.samplers.dual_loop import DualLoop

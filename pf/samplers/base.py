@@ -56,6 +56,25 @@ def below_pixel_quantile(scores: torch.Tensor, area: int, p_frac: float) -> torc
     return scores < threshold
 
 
+def guided_steps(schedule: torch.Tensor, cfg_scale: float, interval) -> list[bool]:
+    """Which outer steps are guided: all when ``cfg_scale != 1`` and no interval; with
+    ``interval = (lo, hi)`` those with ``lo <= s_k <= hi`` (float32 compare on the host
+    schedule: no sync, the same decisions inside a CUDA graph)."""
+    k_steps = len(schedule) - 1
+    if cfg_scale == 1.0:
+        return [False] * k_steps
+    if interval is None:
+        return [True] * k_steps
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (lo, hi), got {interval!r}") from None
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"guidance_interval (lo, hi) needs 0 <= lo <= hi <= 1, got ({lo}, {hi})")
+    lo32, hi32 = torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+    return [bool((lo32 <= schedule[k]) & (schedule[k] <= hi32)) for k in range(k_steps)]
+
+
 SELECTIONS = ("uncertainty", "random", "most_uncertain")
 
 
@@ -108,11 +127,15 @@ class Sampler:
 
     def __init__(self):
         self.nfe = 0  # model calls in the last run
+        self.guided_nfe = 0  # of which guided (a doubled batch)
         self._cfg_scale = 1.0
+        self._step_scale = 1.0
+        self._guided_steps: list[bool] = []
         self._uc_cond = None
 
     def __call__(self, model, x: torch.Tensor, timesteps, *, y: torch.Tensor | None = None,
-                 cfg_scale: float = 1.0, uc_cond=None, progress: bool = False) -> torch.Tensor:
+                 cfg_scale: float = 1.0, uc_cond=None, guidance_interval=None,
+                 progress: bool = False) -> torch.Tensor:
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor of noise, got {getattr(x, 'shape', type(x))}")
         if y is None:
@@ -122,7 +145,8 @@ class Sampler:
         if self.needs_uncertainty and not getattr(model, "predict_uncertainty", False):
             raise ValueError(f"{type(self).__name__} needs a model with a difficulty head (predict_uncertainty=True)")
         schedule = outer_schedule(timesteps)
-        self.nfe, self._cfg_scale, self._uc_cond = 0, float(cfg_scale), uc_cond
+        self.nfe, self.guided_nfe, self._cfg_scale, self._uc_cond = 0, 0, float(cfg_scale), uc_cond
+        self._guided_steps = guided_steps(schedule, float(cfg_scale), guidance_interval)
         steps = range(len(schedule) - 1)
         if progress:
             from tqdm.auto import tqdm
@@ -134,10 +158,15 @@ class Sampler:
     def run(self, model, x, schedule, y, steps) -> torch.Tensor:
         raise NotImplementedError
 
+    def at_step(self, k: int) -> None:
+        """Start outer step ``k``: its model calls are guided or not (SPEC section 10)."""
+        self._step_scale = self._cfg_scale if self._guided_steps[k] else 1.0
+
     def call(self, model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, with_logvar: bool) -> Guided:
         """One guided model evaluation (one NFE, whatever the guidance doubles)."""
         self.nfe += 1
-        return guided_call(model, x, t, y, self._cfg_scale, self._uc_cond, with_logvar=with_logvar)
+        self.guided_nfe += self._step_scale != 1.0
+        return guided_call(model, x, t, y, self._step_scale, self._uc_cond, with_logvar=with_logvar)
 
     def expected_nfe(self, num_steps: int) -> int:
         """Model calls for ``num_steps`` outer steps on the default schedule."""

@@ -33,6 +33,7 @@ class DualLoop(Sampler):
         ps = model.patch_size
         self._select.reset(x.device)
         for k in steps:
+            self.at_step(k)
             dt = float(schedule[k + 1] - schedule[k])
             h = dt / self.n_inner
             t = self.patch_times(model, x, s[k])  # (B, N)

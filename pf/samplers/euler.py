@@ -15,6 +15,7 @@ class Euler(Sampler):
     def run(self, model, x, schedule, y, steps):
         s = schedule.tolist()
         for k in steps:
+            self.at_step(k)
             t = torch.full((x.shape[0],), s[k], dtype=self.time_dtype(x), device=x.device)  # (B,)
             v = self.call(model, x, t, y, with_logvar=False).v
             x = x + float(schedule[k + 1] - schedule[k]) * v
@@ -33,6 +34,7 @@ class EulerPF(Sampler):
     def run(self, model, x, schedule, y, steps):
         s = schedule.tolist()
         for k in steps:
+            self.at_step(k)
             v = self.call(model, x, self.patch_times(model, x, s[k]), y, with_logvar=False).v
             x = x + float(schedule[k + 1] - schedule[k]) * v
         return x

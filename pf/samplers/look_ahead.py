@@ -38,6 +38,7 @@ class LookAhead(Sampler):
         ps = model.patch_size
         self._select.reset(x.device)
         for k in steps:
+            self.at_step(k)
             dt = float(schedule[k + 1] - schedule[k])
             t = self.patch_times(model, x, s[k])  # (B, N)
             g = self.call(model, x, t, y, with_logvar=True)

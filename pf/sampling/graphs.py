@@ -58,13 +58,13 @@ class GraphedSampler:
     """
 
     def __init__(self, sampler: Sampler, model: torch.nn.Module, shape: tuple[int, ...], steps,
-                 *, cfg_scale: float = 1.0, uc_cond=None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cuda", warmup: int = 1):
+                 *, cfg_scale: float = 1.0, uc_cond=None, guidance_interval=None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cuda", warmup: int = 1):
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device; sample eagerly on the CPU")
         self.sampler, self.model, self.steps, self.cfg_scale = sampler, model, steps, float(cfg_scale)
-        self.shape = tuple(shape)
+        self.shape, self.guidance_interval = tuple(shape), guidance_interval  # decided on the host: fixed in the graph
         self.static_x = torch.randn(self.shape, device=device, dtype=dtype)  # (B, C, H, W) noise
         self.static_y = torch.zeros(self.shape[0], device=device, dtype=torch.long)  # (B,) labels
         self.static_uc = None
@@ -82,11 +82,11 @@ class GraphedSampler:
             torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(self.graph):
                 self.static_out = self._run()
-        self.nfe = sampler.nfe
+        self.nfe, self.guided_nfe = sampler.nfe, sampler.guided_nfe
 
     def _run(self) -> torch.Tensor:
-        return self.sampler(self.model, self.static_x, self.steps, y=self.static_y,
-                            cfg_scale=self.cfg_scale, uc_cond=self.uc_cond)
+        return self.sampler(self.model, self.static_x, self.steps, y=self.static_y, cfg_scale=self.cfg_scale,
+                            uc_cond=self.uc_cond, guidance_interval=self.guidance_interval)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, uc_cond: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(x.shape) != self.shape or y.shape != (self.shape[0],):
@@ -101,12 +101,13 @@ class GraphedSampler:
                 raise ValueError("uc_cond was not a tensor at capture time; capture with a tensor uc_cond to change it")
             self.static_uc.copy_(uc_cond.expand(self.shape[0]))
         self.graph.replay()
-        self.sampler.nfe = self.nfe
+        self.sampler.nfe, self.sampler.guided_nfe = self.nfe, self.guided_nfe
         return self.static_out.clone()
 
 
 def check_sync_free(sampler: Sampler, model: torch.nn.Module, shape: tuple[int, ...], steps, *,
-                    cfg_scale: float = 1.0, uc_cond=None, dtype: torch.dtype = torch.float32) -> int:
+                    cfg_scale: float = 1.0, uc_cond=None, guidance_interval=None,
+                    dtype: torch.dtype = torch.float32) -> int:
     """Run ``sampler`` on a ``meta`` copy of ``model``: raises if anything reads tensor data
     on the host (see the module docstring). Returns the NFE of the run.
 
@@ -120,7 +121,8 @@ def check_sync_free(sampler: Sampler, model: torch.nn.Module, shape: tuple[int, 
     if torch.is_tensor(uc_cond):
         uc_cond = torch.empty(shape[0], device="meta", dtype=torch.long)
     with meta_model.sync_free(distinct_times=sampler.max_distinct_times):
-        out = sampler(meta_model, x, steps, y=y, cfg_scale=cfg_scale, uc_cond=uc_cond)
+        out = sampler(meta_model, x, steps, y=y, cfg_scale=cfg_scale, uc_cond=uc_cond,
+                      guidance_interval=guidance_interval)
     if out.shape != x.shape:
         raise AssertionError(f"sampler returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
     return sampler.nfe

@@ -40,10 +40,10 @@ class _MapRecorder:
 
 @torch.no_grad()
 def draw_samples(model, sampler, noise: torch.Tensor, labels: torch.Tensor, steps: int, cfg_scale: float,
-                 map_time: float = 0.5):
+                 map_time: float = 0.5, guidance_interval=None):
     """``(samples, difficulty)``: (B, C, H, W) and (B, 1, H, W) exp(logvar) or None."""
     recorder = _MapRecorder(model, map_time, noise.shape[0])
-    x = sampler(recorder, noise, steps, y=labels, cfg_scale=cfg_scale)
+    x = sampler(recorder, noise, steps, y=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval)
     difficulty = None if recorder.logvar is None else torch.exp(recorder.logvar.clamp(-30, 20))
     return x.float(), difficulty
 

@@ -107,6 +107,7 @@ class SamplerConfig:
     params: dict = field(default_factory=dict)  # the sampler's own; checked by building it
     steps: int = _f(100, **_rng(1))
     cfg_scale: float = 4.0
+    guidance_interval: typing.Optional[typing.List[float]] = _f(None, **_rng(0.0, 1.0), length=2)
     num_images: int = _f(64, **_rng(1))
     nrow: int = _f(8, **_rng(1))
     classes: typing.Optional[typing.List[int]] = _f(None, **_rng(0))
