@@ -44,7 +44,7 @@ def test_within_image_rank_correlation_is_spearman_per_row():
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_findings_toy_end_to_end(tmp_path):
-    argv = findings.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"page={tmp_path / 'findings.md'}",
+    argv = findings.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"records_dir={tmp_path / 'records'}", f"page={tmp_path / 'findings.md'}",
                                 f"figures={tmp_path / 'fig'}", "device=cpu"])
     cfg = cli.parse(findings.DEFAULTS, argv, free=findings.FREE)
     findings.main(cfg, argv=["toy=true"])

@@ -49,7 +49,7 @@ def test_the_default_study_is_the_papers_comparison():
 
 @needs_fashion
 def test_reproduce_toy_end_to_end(tmp_path):
-    argv = reproduce.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"results={tmp_path / 'RESULTS.md'}",
+    argv = reproduce.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"records_dir={tmp_path / 'records'}", f"results={tmp_path / 'RESULTS.md'}",
                                  f"figures={tmp_path / 'fig'}", "device=cpu"])
     cfg = cli.parse(reproduce.DEFAULTS, argv, free=reproduce.FREE)
     reproduce.main(cfg, argv=["toy=true"])
@@ -73,4 +73,17 @@ def test_reproduce_toy_end_to_end(tmp_path):
     # a rerun computes nothing (every stage cached) and writes the same report
     (tmp_path / "RESULTS.md").unlink()
     reproduce.main(cfg, argv=["toy=true"])
+    assert (tmp_path / "RESULTS.md").read_text().split("## Stages")[0] == text.split("## Stages")[0]
+
+    # a fresh clone has the records but no trained runs: a curve whose points are all stored
+    # finishes from them without retraining its arm
+    import shutil
+
+    from pf.experiments.stages import stage_file
+
+    curve = next(s for s in reproduce.build_stages(study) if s.name == "curve pf_ltg euler_pf seed 0")
+    stage_file(study["records_dir"], curve).unlink()
+    shutil.rmtree(tmp_path / "out")
+    reproduce.main(cfg, argv=["toy=true"])
+    assert not (tmp_path / "out" / "train").exists()
     assert (tmp_path / "RESULTS.md").read_text().split("## Stages")[0] == text.split("## Stages")[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -210,6 +211,30 @@ class PointModel:
         self.compiled = study["eval"].get("compile", False)
 
 
+class TrainedRun:
+    """One arm's run at a step count, trained (or resumed) only when a point still needs it:
+    a study continued from its records in a fresh clone evaluates its missing points without
+    retraining the arms whose points are all stored."""
+
+    def __init__(self, study: dict, overrides: list[str], seed: int, steps: int):
+        self.study, self.overrides, self.seed, self.steps = study, list(overrides), int(seed), int(steps)
+        cfg = compose_train_config(study, overrides, seed)
+        self.identity = {"trajectory": config_key(trajectory_config(cfg)), "steps": check_steps(study, steps)}
+        self._trained: dict | None = None
+        self._model: PointModel | None = None
+
+    @property
+    def trained(self) -> dict:
+        if self._trained is None:
+            self._trained = train_stage(self.study, self.overrides, self.seed, self.steps)
+        return self._trained
+
+    def model(self) -> PointModel:
+        if self._model is None:
+            self._model = PointModel(self.trained["checkpoint"], self.study)
+        return self._model
+
+
 def point_key(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int) -> dict:
     """Everything that decides a point's numbers."""
     ec = study["eval"]
@@ -224,12 +249,14 @@ def point_key(study: dict, train: dict, sampler: str, params: dict, steps: int, 
 
 def stored_point(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int) -> dict | None:
     """A point already evaluated (by any stage), or None."""
-    return cached_result(study["out_dir"], "points", point_key(study, train, sampler, params, steps, seed))
+    return cached_result(study["records_dir"], "points", point_key(study, train, sampler, params, steps, seed))
 
 
 def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int,
-                   model: PointModel | None = None, keep_images: int = 0) -> dict:
-    """One cached point: metrics of ``sampler`` at ``steps`` on the trained run ``train``."""
+                   model: PointModel | Callable[[], PointModel] | None = None, keep_images: int = 0) -> dict:
+    """One cached point: metrics of ``sampler`` at ``steps`` on the trained run ``train`` (a
+    train-stage result, or a :class:`TrainedRun`'s ``identity``). ``model``: the loaded model, or
+    a function that loads it (called only when the point is not stored yet)."""
     ec = study["eval"]
     key = point_key(study, train, sampler, params, steps, seed)
 
@@ -238,7 +265,7 @@ def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: 
         from pf.eval.inputs import generate
         from pf.eval.metrics import compute_metrics
 
-        pm = model or PointModel(train["checkpoint"], study)
+        pm = model() if callable(model) else model or PointModel(train["checkpoint"], study)
         s = samplers.make(sampler, **params)
         images, info = generate(pm.call, s, int(ec["num_samples"]), int(steps), seed=int(seed),
                                 cfg_scale=float(ec["cfg_scale"]), batch_size=int(ec["batch_size"]),
@@ -255,7 +282,7 @@ def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: 
             out["images"] = str(path)
         return out
 
-    return cached(study["out_dir"], "points", key, compute)
+    return cached(study["records_dir"], "points", key, compute)
 
 
 def steps_for_nfe(sampler, budget: int) -> int:

@@ -1,6 +1,6 @@
 """The paper's findings, each measured and drawn: ``python -m pf.experiments.findings [key=value ...]``.
 
-Uses the study of ``pf.experiments.reproduce`` (the same ``out_dir``, data, recipe and keys,
+Uses the study of ``pf.experiments.reproduce`` (the same ``out_dir`` and ``records_dir``, data, recipe and keys,
 so its trained models and evaluation points are reused) and writes ``docs/findings.md``:
 
 1. *Uncertainty tracks difficulty*: on held-out test images noised to a time ``s`` (every
@@ -193,8 +193,7 @@ def ablation_stage(study: dict, sampler_name: str) -> dict:
     """Stage: PF trained with one timestep sampler at the ablation budget, and its FID points."""
     ac = study["findings"]["ablation"]
     seed = int(ac["seed"])
-    trained = common.train_stage(study, ablation_overrides(sampler_name), seed, int(ac["steps"]))
-    model = common.PointModel(trained["checkpoint"], study)
+    run = common.TrainedRun(study, ablation_overrides(sampler_name), seed, int(ac["steps"]))
     points = []
     for name, target in ac["eval"]:
         from pf import samplers
@@ -202,9 +201,10 @@ def ablation_stage(study: dict, sampler_name: str) -> dict:
         params = reproduce.sampler_params(study, name)
         k = common.steps_for_nfe(samplers.make(name, **params), int(target))
         for sseed in study["eval"]["seeds"]:
-            p = common.evaluate_point(study, trained, name, params, k, sseed, model=model)
+            p = common.evaluate_point(study, run.identity, name, params, k, sseed, model=run.model)
             points.append({"sampler": name, "target_nfe": int(target), "steps": k, "train_seed": seed,
                            "sample_seed": int(sseed), **p})
+    trained = run.trained  # the run's losses and time (a fresh clone retrains it for them)
     return {"train": {k: trained[k] for k in ("val_loss", "final_loss", "train_seconds", "steps")}, "points": points}
 
 
@@ -213,17 +213,16 @@ def selection_stage(study: dict, sampler: str, rule: str, seed: int) -> dict:
     from pf import samplers
 
     sc = study["findings"]["selection"]
-    trained = common.train_stage(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"])
+    run = common.TrainedRun(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"])
     params = reproduce.sampler_params(study, sampler)
     if rule != "uncertainty":  # the method's own points are the comparison's (same key)
         params = {**params, "selection": rule}
     k = common.steps_for_nfe(samplers.make(sampler, **params), int(sc["nfe"]))
-    model = common.PointModel(trained["checkpoint"], study)
     points = []
     for sseed in study["eval"]["seeds"]:
         if rule == "random":
             params = {**params, "selection_seed": int(sseed)}
-        p = common.evaluate_point(study, trained, sampler, params, k, sseed, model=model)
+        p = common.evaluate_point(study, run.identity, sampler, params, k, sseed, model=run.model)
         points.append({"steps": k, "train_seed": seed, "sample_seed": int(sseed), **p})
     return {"points": points}
 
@@ -259,7 +258,7 @@ def build_stages(study: dict) -> list[Stage]:
 def collect(study: dict) -> dict:
     out = {"stages": [], "uncertainty": [], "selection": {}, "ablation": {}}
     for s in build_stages(study):
-        rec = stage_result(study["out_dir"], s)
+        rec = stage_result(study["records_dir"], s)
         out["stages"].append((s.name, rec["seconds"] if rec else None))
         if rec is None or s.name == "classifier":
             continue

@@ -16,9 +16,12 @@ difficulty-aware samplers improve on Euler. On Fashion-MNIST (16x16, 64 patches)
 4. writes ``RESULTS.md`` (text generated from the settings used, with the command), the FID
    against NFE plot and the sample grid.
 
-Every stage (the classifier, one arm's training, one curve) is cached by its config in
-``out_dir`` and resumable: run the same command again after a kill and it continues. Training
-runs are trajectories (``pf.experiments.stages``), so more steps resume a shorter run.
+Every stage (the classifier, one arm's training, one curve) is cached by its config and
+resumable: run the same command again after a kill and it continues. Stage records and every
+evaluated point are small JSON files in ``records_dir`` (``results/study``, kept in git, so the
+study goes on from a fresh clone); trained runs live in ``out_dir`` and are retrained, exactly,
+only when a point still to evaluate needs them. Training runs are trajectories
+(``pf.experiments.stages``), so more steps resume a shorter run.
 ``jobs=2`` uses two worker processes (one per core here). ``report_only=true`` rewrites the
 report from what is cached. The toy size CI runs end to end::
 
@@ -38,7 +41,8 @@ from pf.experiments.common import ARMS, SAMPLER_LABELS, fmt, mean_std, paired, r
 from pf.experiments.stages import Stage, run_stages, stage_result
 
 DEFAULTS = {
-    "out_dir": "runs/study",          # trained runs, cached points, stage records
+    "out_dir": "runs/study",          # trained runs, sampled images, the classifier (large; recomputable)
+    "records_dir": "results/study",   # stage records and evaluated points (small JSON, kept in git)
     "results": "RESULTS.md",
     "figures": "docs/study",          # plots and sample grids
     "device": "auto",                 # auto | cpu | cuda
@@ -84,7 +88,7 @@ DEFAULTS = {
     "toy": False,                     # a minute-sized run of everything (CI)
     "report_only": False,
 }
-TOY = ["eval.adaptive_train_seeds=[0,1]", "train.steps=4", "train.keep_every=2", "train.batch_size=8", "train.warmup_steps=1", "eval.num_samples=20",
+TOY = ["out_dir=runs/toy", "records_dir=runs/toy/records", "eval.adaptive_train_seeds=[0,1]", "train.steps=4", "train.keep_every=2", "train.batch_size=8", "train.warmup_steps=1", "eval.num_samples=20",
        "eval.batch_size=10", "eval.seeds=[0,1]", "eval.nfe=[2,4]", "eval.kid_subsets=2", "eval.compile=false",
        "eval.grid_steps=4", "eval.trend_steps=[2,4]", "eval.reference_size=200", "classifier.epochs=1", "classifier.width=4", "image_size=8"]
 DOC_COMMAND = "python -m pf.experiments.reproduce"
@@ -117,12 +121,11 @@ def curve_specs(study: dict, sampler: str) -> list[tuple[int, int, int, int]]:
 
 def curve_stage(study: dict, arm: str, seed: int, sampler: str) -> dict:
     """Stage: one arm's FID against NFE with one sampler, every sampling seed."""
-    trained = common.train_stage(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
-    model = common.PointModel(trained["checkpoint"], study)
+    run = common.TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
     points = []
     for target, k, sseed, keep in curve_specs(study, sampler):
-        p = common.evaluate_point(study, trained, sampler, sampler_params(study, sampler), k, sseed, model=model,
-                                  keep_images=keep)
+        p = common.evaluate_point(study, run.identity, sampler, sampler_params(study, sampler), k, sseed,
+                                  model=run.model, keep_images=keep)
         points.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
     return {"points": points}
 
@@ -221,7 +224,7 @@ def collect(study: dict) -> dict:
     """Everything finished so far, read from the stage records."""
     out = {"stages": [], "train": {}, "curves": {}, "classifier": None, "floor": None, "trend": {}}
     for s in build_stages(study):
-        rec = stage_result(study["out_dir"], s)
+        rec = stage_result(study["records_dir"], s)
         out["stages"].append((s.name, work_seconds(rec)))
         if rec is None:
             if s.fn.endswith("curve_stage") and (s.args["arm"], s.args["seed"]) in out["train"]:
@@ -572,7 +575,7 @@ def run_study(cfg, argv, build, report, doc_command: str, output: str) -> None:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("report_only")]
     command = " ".join([doc_command, *map(shlex.quote, args)])
     if not cfg.report_only:
-        run_stages(build(study), study["out_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
+        run_stages(build(study), study["records_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
                    on_finish=lambda *_: report(study, command))
     report(study, command)
     print(f"wrote {study[output]} in {(time.perf_counter() - t0) / 60:.1f} min")
