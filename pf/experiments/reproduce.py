@@ -171,22 +171,24 @@ def build_stages(study: dict) -> list[Stage]:
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
     for seed in study["train"]["seeds"]:
-        for arm in order:
+        adaptive_curves = []
+        for arm in order:  # each arm's training, then its Euler curve: the main comparison comes first
             name = f"train {arm} seed {seed}"
             train_names[(arm, seed)] = name
             stages.append(Stage(name, "pf.experiments.common:train_stage",
                                 {"study": study, "overrides": ARMS[arm]["overrides"], "seed": int(seed),
                                  "steps": int(study["train"]["steps"])}))
-        for arm in order:
             for sampler in study["eval"]["samplers"].get(arm, []):
                 if sampler != "euler" and not common.is_pf(ARMS[arm]["overrides"]):
                     raise ValueError(f"arm {arm} is a global-time model: eval.samplers.{arm} can only be [euler]")
                 adaptive = sampler not in ("euler", "euler_pf")
                 if adaptive and seed not in study["eval"].get("adaptive_train_seeds", study["train"]["seeds"]):
                     continue
-                stages.append(Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
-                                    {"study": study, "arm": arm, "seed": int(seed), "sampler": sampler},
-                                    deps=(train_names[(arm, seed)], "classifier")))
+                curve = Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
+                              {"study": study, "arm": arm, "seed": int(seed), "sampler": sampler},
+                              deps=(name, "classifier"))
+                (adaptive_curves if adaptive else stages).append(curve)
+        stages.extend(adaptive_curves)
         if seed == study["train"]["seeds"][0]:  # the trend right after the first seed's curves
             for arm in study["eval"].get("trend_arms", []):
                 if arm in study["arms"]:
