@@ -19,11 +19,12 @@ from pf.models.checkpoint import RELEASED_TARGETS, read_checkpoint_file, model_f
 # is not the default 4 (the released loader passes params straight to the constructor).
 RELEASED_PARAMS = ("in_channels", "input_size", "depth", "hidden_size", "patch_size", "num_heads", "num_classes",
                    "predict_uncertainty")
+REPA_PARAMS = ("z_dim", "encoder_depth", "projector_dim")  # the released REPA config's three more (SPEC section 9)
 
 
 def released_checkpoint(model) -> dict:
     config = model.config()
-    params = {k: config[k] for k in RELEASED_PARAMS}
+    params = {k: config[k] for k in (*RELEASED_PARAMS, *REPA_PARAMS) if k in config}
     params["compile"] = False
     if config["mlp_ratio"] != 4.0:
         params["mlp_ratio"] = config["mlp_ratio"]

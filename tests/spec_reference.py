@@ -53,8 +53,9 @@ def _ln(h):
     return (h - mu) / torch.sqrt(var + 1e-6)
 
 
-def model_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-    """Returns (v, logvar) of PatchForcingDiT with state dict ``sd`` (float64)."""
+def model_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tap: int = 0):
+    """Returns (v, logvar) of PatchForcingDiT with state dict ``sd`` (float64); with ``tap=k``
+    also the tokens after block k (1-based), SPEC section 9's input to the REPA projector."""
     b, c, h, w = x.shape
     p, d, heads = cfg["patch_size"], cfg["hidden_size"], cfg["num_heads"]
     gh, gw = h // p, w // p
@@ -84,6 +85,8 @@ def model_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: torc
         toks = toks + g1 * _lin(sd, pre + "attn.proj", att.transpose(1, 2).reshape(b, n, d))
         m_in = _ln(toks) * (1 + sc2) + sh2
         toks = toks + g2 * _lin(sd, pre + "mlp.fc2", _gelu_tanh(_lin(sd, pre + "mlp.fc1", m_in)))
+        if k + 1 == tap:
+            tapped = toks
     fmod = _lin(sd, "final_layer.adaLN_modulation.1", _silu(cond))
     out_tok = _lin(sd, "final_layer.linear", _ln(toks) * (1 + fmod[..., d:]) + fmod[..., :d])
     co = c + 1
@@ -92,7 +95,23 @@ def model_forward(sd: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: torc
         for j in range(gw):
             vec = out_tok[:, i * gw + j].reshape(b, p, p, co)  # (row a, col q, channel)
             out[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p] = vec.permute(0, 3, 1, 2)
+    if tap:
+        return out[:, :c], out[:, c:], tapped
     return out[:, :c], out[:, c:]
+
+
+def repa_projection(sd: dict, hidden: torch.Tensor) -> torch.Tensor:
+    """SPEC section 9: Linear(D, P) -> SiLU -> Linear(P, P) -> SiLU -> Linear(P, z_dim)."""
+    h = _silu(_lin(sd, "projector.0", hidden))
+    h = _silu(_lin(sd, "projector.2", h))
+    return _lin(sd, "projector.4", h)
+
+
+def repa_loss(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """-mean over (b, n) of cos(z[b, n], h[b, n]), float64."""
+    z, h = z.to(f64), h.to(f64)
+    cos = (z * h).sum(-1) / (z.norm(dim=-1) * h.norm(dim=-1))
+    return -cos.mean()
 
 
 # ----------------------------------------------------------------------------- section 4

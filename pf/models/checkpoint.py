@@ -5,6 +5,9 @@ Released file (SPEC.md section 2)::
     {"state_dict": {...}, "config": {"target": "patch_flow.models.pf_transformer.PatchForcingDiT",
                                      "params": {in_channels, input_size, depth, ...}}}
 
+(REPA: target ``patch_flow.models.pf_transformer_repa.REPAPatchForcingDiT``, params with
+``z_dim``, ``encoder_depth`` and ``projector_dim``, and the ``projector.*`` weights.)
+
 ``config`` may be a plain dict or an OmegaConf ``DictConfig``. This project's own files::
 
     {"format": "patch-forcing", "model_class": "PatchForcingDiT" | "GlobalTimeDiT",
@@ -25,13 +28,16 @@ from typing import Any
 import torch
 
 from pf.models.dit import GlobalTimeDiT, PatchForcingDiT
+from pf.models.repa import REPAGlobalTimeDiT, REPAPatchForcingDiT
 
 FORMAT = "patch-forcing"
-MODEL_CLASSES = {"PatchForcingDiT": PatchForcingDiT, "GlobalTimeDiT": GlobalTimeDiT}
-# ``config.target`` written into released-format files (the published code's class path
-# for the PF model; the baseline has no published file, so it names ours).
+MODEL_CLASSES = {"PatchForcingDiT": PatchForcingDiT, "GlobalTimeDiT": GlobalTimeDiT,
+                 "REPAPatchForcingDiT": REPAPatchForcingDiT, "REPAGlobalTimeDiT": REPAGlobalTimeDiT}
+# ``config.target`` written into released-format files (the published code's class paths
+# for the PF models; the baselines have no published file, so they name ours).
 RELEASED_TARGETS = {"PatchForcingDiT": "patch_flow.models.pf_transformer.PatchForcingDiT",
-                    "GlobalTimeDiT": "pf.models.GlobalTimeDiT"}
+                    "REPAPatchForcingDiT": "patch_flow.models.pf_transformer_repa.REPAPatchForcingDiT",
+                    "GlobalTimeDiT": "pf.models.GlobalTimeDiT", "REPAGlobalTimeDiT": "pf.models.REPAGlobalTimeDiT"}
 
 
 def _omegaconf_safe_globals() -> list:

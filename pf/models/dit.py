@@ -452,6 +452,12 @@ class PatchForcingDiT(nn.Module):
         return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, h, w)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_uncertainty: bool = False):
+        out, _ = self._trunk(x, t, y)
+        return self._heads(out, return_uncertainty)
+
+    def _trunk(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tap_after: int = 0):
+        """The network's output (B, C_out, H, W), and the tokens (B, N, D) after block
+        ``tap_after`` (1-based; 0: None) for a head on the hidden states (REPA)."""
         self._check_inputs(x, t, y)
         _, _, h, w = x.shape
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
@@ -463,9 +469,14 @@ class PatchForcingDiT(nn.Module):
             times, index = table.times, table.index  # (B, K) distinct times, (B, N) row per token
         c = self.embed_time(times) + self.y_embedder(y)[:, None, :]  # (B, N|1|K, D)
         c = c.to(tokens.dtype)
-        for block in self.blocks:
+        tapped = None
+        for i, block in enumerate(self.blocks):
             tokens = block(tokens, c, index)  # (B, N, D)
-        out = self.unpatchify(self.final_layer(tokens, c, index), h, w)  # (B, C_out, H, W)
+            if i + 1 == tap_after:
+                tapped = tokens
+        return self.unpatchify(self.final_layer(tokens, c, index), h, w), tapped  # (B, C_out, H, W)
+
+    def _heads(self, out: torch.Tensor, return_uncertainty: bool):
         v = out[:, : self.in_channels]
         if not return_uncertainty:
             return v
@@ -511,13 +522,19 @@ PRESET_SIZES = {
 }
 
 
-def build_model(name: str, per_token: bool = True, **kwargs) -> PatchForcingDiT:
-    """Build a preset by name (``PF-B/2``, ``B/2``, ``SiT-B/2``); ``per_token=False`` gives the baseline."""
+def build_model(name: str, per_token: bool = True, repa: dict | None = None, **kwargs) -> PatchForcingDiT:
+    """Build a preset by name (``PF-B/2``, ``B/2``, ``SiT-B/2``); ``per_token=False`` gives the
+    baseline; ``repa={"z_dim", "encoder_depth", "projector_dim"}`` adds the REPA projector."""
     key = name.split("-", 1)[1] if "-" in name else name
     if key not in PRESET_SIZES:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESET_SIZES)}")
     d, depth, heads = PRESET_SIZES[key]
-    cls = PatchForcingDiT if per_token else GlobalTimeDiT
+    if repa is not None:
+        from pf.models.repa import REPAGlobalTimeDiT, REPAPatchForcingDiT
+
+        cls, kwargs = (REPAPatchForcingDiT if per_token else REPAGlobalTimeDiT), {**kwargs, **repa}
+    else:
+        cls = PatchForcingDiT if per_token else GlobalTimeDiT
     return cls(hidden_size=d, depth=depth, num_heads=heads, patch_size=int(key.split("/")[1]), **kwargs)
 
 
