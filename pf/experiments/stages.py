@@ -198,6 +198,8 @@ def trajectory_config(train_cfg) -> dict:
     for key in FREE_TRAINER_KEYS:
         cfg["trainer"].pop(key, None)
     cfg["data"].pop("num_workers", None)
+    if not cfg["trainer"].get("repa", {}).get("enabled", False):
+        cfg["trainer"].pop("repa", None)  # an option that is off computes nothing: runs from before it keep their key
     return cfg
 
 
