@@ -54,20 +54,16 @@ def training_loss(model, x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor, x0:
     """MSE of the velocity plus ``nll_weight`` times the difficulty head's NLL.
 
     Works for global-time models (t of shape (B,), no uncertainty head: MSE only).
-    Returns ``{"loss", "mse", "nll"}`` (nll is 0 without an uncertainty head).
+    Returns ``{"loss", "mse", "nll"}`` (nll is 0 without an uncertainty head). The training
+    loop builds the same sum from ``pf.training.objective`` (where more terms plug in).
     """
+    from pf.training.objective import FlowBatch, flow_objective
+
     if x0 is None:
         x0 = torch.randn_like(x1)
-    xt, u = interpolate(x1, x0, t, model.patch_size)
-    if getattr(model, "predict_uncertainty", False):
-        v, logvar = model(xt, t, y, return_uncertainty=True)
-        mse = ((v.float() - u.float()) ** 2).mean()
-        nll = gaussian_nll(u.float(), v.float(), logvar.float()).mean()
-    else:
-        v = model(xt, t, y)
-        mse = ((v.float() - u.float()) ** 2).mean()
-        nll = torch.zeros((), device=x1.device)
-    return {"loss": mse + nll_weight * nll, "mse": mse, "nll": nll}
+    out = flow_objective(model, nll_weight)(model, FlowBatch(x1, y, t, x0))
+    out.setdefault("nll", torch.zeros((), device=x1.device))
+    return out
 
 
 @torch.no_grad()

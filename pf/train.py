@@ -11,10 +11,15 @@ directory (``hydra.run.dir``) receives::
 ``resume=<run dir or checkpoint>`` continues exactly; ``torchrun --nproc_per_node=N -m
 pf.train`` trains with DDP (rank 0 writes). One step::
 
+    cond = conditioning(labels)       class ids (pf.training.conditioning)
     t  ~ timestep sampler             (B, N) per patch (pf) or (B,) per sample (fm)
     x0 ~ N(0, I)                      noise from this rank's generator
-    loss = MSE(v, x1 - x0) + nll_weight * NLL(logvar)       (pf.flow.training_loss)
+    loss = MSE + nll_weight * NLL [+ lambda * repa_loss]    (pf.training.objective, each term logged)
     AdamW step with clipped gradients, warm-up LR, EMA update
+
+``trainer.repa.enabled=true`` adds REPA (SPEC section 9): the model gets the projector and the
+objective the alignment to a frozen encoder's tokens of the clean image (default: this
+project's classifier of the same data, trained once and cached).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
 from pf.data import ShardedBatches, build_dataset, check_against_model, split_validation
-from pf.flow import training_loss, validation_loss
+from pf.flow import validation_loss
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.dit import build_model, num_params
 from pf.sampling.grid import class_names
@@ -54,8 +59,10 @@ from pf.training.checkpointing import (
     write_checkpoint,
 )
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
+from pf.training.conditioning import ClassConditioning
 from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
+from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective
 from pf.training.schema import check_config, check_overrides
 from pf.training.pictures import draw_samples, save_picture
 
@@ -145,6 +152,48 @@ def _validate(model, x1, y, x0, batch: int, autocast) -> dict:
     return {"val_loss": sum(segments) / len(segments), "segments": segments}
 
 
+def _repa_encoder(cfg, d: Dist, device: torch.device):
+    """The frozen encoder of ``trainer.repa`` (the default classifier: trained once on the
+    training data and cached, by rank 0 first)."""
+    from pf.encoders import build_image_encoder
+
+    rc = cfg.trainer.repa
+    if cfg.data.name == "latents":
+        raise ValueError("trainer.repa.enabled needs the pixels behind each latent, and data=latents carries none: "
+                         "train REPA on pixel data (data=digits|fashion_mnist|mnist_format|folder)")
+    weights = rc.weights
+    if rc.encoder == "classifier" and weights is None:
+        from pf.eval.train_classifier import ensure_classifier
+
+        if d.enabled and not d.is_main:
+            dist.barrier()  # rank 0 trains and caches it first
+        if d.is_main:
+            log.info("REPA encoder: this project's classifier of data=%s (trained once, then cached; "
+                     "trainer.repa.weights=FILE picks another)", cfg.data.name)
+        weights, info = ensure_classifier(cfg.data, log=None)
+        if d.is_main:
+            log.info("REPA encoder: %s (test accuracy %.3f)", weights, info.get("test_accuracy", float("nan")))
+        if d.enabled and d.is_main:
+            dist.barrier()
+    encoder = build_image_encoder(rc.encoder, weights=weights, repo=rc.repo, model=rc.model, resolution=rc.resolution)
+    return encoder.to(device)
+
+
+def _build_network(cfg, per_token: bool, input_size: int, in_channels: int, num_classes: int, z_dim: int | None):
+    repa = None
+    if z_dim is not None:
+        rc = cfg.trainer.repa
+        repa = {"z_dim": int(z_dim), "encoder_depth": int(rc.encoder_depth), "projector_dim": int(rc.projector_dim)}
+    try:
+        return build_model(cfg.model.name, per_token=per_token, input_size=input_size, in_channels=in_channels,
+                           num_classes=num_classes, class_dropout_prob=cfg.model.class_dropout_prob,
+                           predict_uncertainty=per_token, repa=repa)
+    except ValueError as err:
+        if repa is not None and "encoder_depth" in str(err):
+            raise ValueError(f"trainer.repa.encoder_depth: {err}") from None
+        raise
+
+
 #################################################################################
 #                                 Training                                      #
 #################################################################################
@@ -173,61 +222,48 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         shutdown(d)
 
 
-def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> dict:
-    seed = int(cfg.seed)
-    per_token = tc.kind == "pf"
-    if tc.kind not in ("pf", "fm"):
-        raise ValueError(f"trainer.kind must be pf or fm, got {tc.kind!r}")
-
-    # ---- data: checked against the model before anything trains
+def _data(cfg, d: Dist, device: torch.device, seed: int):
+    """The data, checked against the model's sizes (null sizes come from the data, e.g. a
+    latent set's manifest), split for validation, and this rank's batches."""
     dataset = build_dataset(cfg.data, seed=seed)
-    # null sizes come from the data (a latent set's manifest)
-    num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes
-    input_size = cfg.model.input_size if cfg.model.input_size is not None else dataset.image_size
-    in_channels = cfg.model.in_channels if cfg.model.in_channels is not None else dataset.channels
-    check_against_model(dataset, num_classes=num_classes, channels=in_channels, image_size=input_size)
+    sizes = {"num_classes": cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes,
+             "input_size": cfg.model.input_size if cfg.model.input_size is not None else dataset.image_size,
+             "in_channels": cfg.model.in_channels if cfg.model.in_channels is not None else dataset.channels}
+    check_against_model(dataset, num_classes=sizes["num_classes"], channels=sizes["in_channels"],
+                        image_size=sizes["input_size"])
     train_set, val_set = split_validation(dataset, cfg.data.val_size, seed)
-    batches = ShardedBatches(train_set, tc.batch_size, rank=d.rank, world_size=d.world_size, seed=seed,
+    batches = ShardedBatches(train_set, cfg.trainer.batch_size, rank=d.rank, world_size=d.world_size, seed=seed,
                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    return sizes, train_set, val_set, batches
 
-    # ---- model, EMA, optimizer (identical initial weights on every rank)
-    torch.manual_seed(seed)
-    model = build_model(cfg.model.name, per_token=per_token, input_size=input_size,
-                        in_channels=in_channels, num_classes=num_classes,
-                        class_dropout_prob=cfg.model.class_dropout_prob, predict_uncertainty=per_token).to(device)
-    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                                  betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps))
-    timestep_sampler = _timestep_sampler(tc, per_token, _stream_seed(seed, d.rank, 2))
-    num_patches = model.grid_size**2
 
-    # ---- this rank's random streams: global (class dropout), noise, timesteps
-    torch.manual_seed(_stream_seed(seed, d.rank, 0))
-    generators = {
-        "noise": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 1)),
-        "timesteps": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 2)),
-    }
+def _objective(tc, model, encoder):
+    """The loss as its named parts: flow MSE, the difficulty NLL (PF), REPA's alignment."""
+    terms = flow_objective(model, tc.nll_weight).terms
+    if encoder is not None:
+        terms.append(Alignment(encoder, model.grid_size, tc.repa["lambda"]))
+    return Objective(terms)
 
-    # ---- resume
-    step = 0
-    if cfg.resume:
-        path = resolve_resume(cfg.resume)
-        ckpt = load_training_checkpoint(path)
-        load_state_dict_checked(model, ckpt["state_dict"], source=str(path))
-        ema.load_state_dict(ckpt["ema"], ckpt.get("ema_updates", ckpt["step"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step = int(ckpt["step"])
-        if len(ckpt["rng"]) == d.world_size:
-            restore_rng_state(ckpt["rng"][d.rank], generators, timestep_sampler, device)
-        else:
-            log.warning("resume: the checkpoint was written by %d rank(s), this run has %d: data order continues, "
-                        "random streams are reseeded (not bit-exact)", len(ckpt["rng"]), d.world_size)
-        if d.is_main:
-            log.info("resumed from %s at step %d", path, step)
-        del ckpt
 
+def _resume(cfg, d: Dist, device, state: dict, generators: dict, timestep_sampler) -> int:
+    """Load ``cfg.resume`` into the model, EMA, optimizer, scheduler and random streams; its step."""
+    path = resolve_resume(cfg.resume)
+    ckpt = load_training_checkpoint(path)
+    load_state_dict_checked(state["model"], ckpt["state_dict"], source=str(path))
+    state["ema"].load_state_dict(ckpt["ema"], ckpt.get("ema_updates", ckpt["step"]))
+    state["optimizer"].load_state_dict(ckpt["optimizer"])
+    state["scheduler"].load_state_dict(ckpt["scheduler"])
+    if len(ckpt["rng"]) == d.world_size:
+        restore_rng_state(ckpt["rng"][d.rank], generators, timestep_sampler, device)
+    else:
+        log.warning("resume: the checkpoint was written by %d rank(s), this run has %d: data order continues, "
+                    "random streams are reseeded (not bit-exact)", len(ckpt["rng"]), d.world_size)
+    if d.is_main:
+        log.info("resumed from %s at step %d", path, int(ckpt["step"]))
+    return int(ckpt["step"])
+
+
+def _wrap(model, tc, d: Dist, device) -> _Forward:
     train_model = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -235,78 +271,126 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
         train_model = torch.compile(train_model)
-    forward = _Forward(train_model, model)
+    return _Forward(train_model, model)
 
-    # ---- fixed inputs for validation and pictures (same every time: comparable across steps)
+
+class _Pictures:
+    """Fixed noise and conditions for the EMA pictures (comparable across steps)."""
+
+    def __init__(self, cfg, model, conditioning, per_token: bool, fixed: torch.Generator, device):
+        sc = self.sc = cfg.sampler
+        self.sampler = pf_samplers.make(sc.name, **sc.params)
+        if not per_token and sc.name != "euler":
+            log.warning("sampler=%s needs per-patch times; the fm baseline draws its pictures with sampler=euler",
+                        sc.name)
+            self.sampler = pf_samplers.make("euler")
+        shape = (sc.num_images, model.in_channels, model.input_size, model.input_size)
+        self.noise = torch.randn(shape, generator=fixed).to(device)
+        self.labels = conditioning.for_pictures(sc.classes, sc.num_images, device)
+        self.names = class_names(OmegaConf.to_container(cfg, resolve=True), conditioning.num_classes) + ["(no class)"]
+
+    def draw(self, path: Path, step: int, ema_model, autocast) -> None:
+        _picture(path, step, ema_model, self.sampler, self.noise, self.labels, self.sc, autocast, self.names)
+
+
+def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, timestep_sampler, last_ckpt) -> None:
+    if not (0.0 <= t_lo and t_hi <= 1.0):
+        raise ValueError(f"the timestep sampler {timestep_sampler} drew patch times in [{t_lo}, {t_hi}] at step "
+                         f"{step + 1}; times must be finite and lie in [0, 1]")
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                            f"(loss={loss}, grad_norm={gnorm}) at step {step + 1}; stopped before the update, {where}")
+
+
+def _summary(run_dir: Path, step: int, first_loss, seconds: float, main: bool) -> dict:
+    import json
+
+    summary = {"steps": step, "first_loss": first_loss, "seconds": seconds, "run_dir": str(run_dir)}
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line] if main and path.is_file() else []
+    if records:
+        summary["final_loss"] = records[-1]["loss"]
+        summary["val_loss"] = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
+    return summary
+
+
+def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> dict:
+    seed = int(cfg.seed)
+    per_token = tc.kind == "pf"
+    encoder = _repa_encoder(cfg, d, device) if tc.repa.enabled else None  # REPA: the frozen encoder
+    sizes, train_set, val_set, batches = _data(cfg, d, device, seed)
+
+    # ---- the parts of a step: conditioning and the objective's terms (REPA: alignment and its head)
+    conditioning = ClassConditioning(sizes["num_classes"])
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = _build_network(cfg, per_token, sizes["input_size"], sizes["in_channels"], sizes["num_classes"],
+                           encoder.z_dim if encoder is not None else None).to(device)
+    objective = _objective(tc, model, encoder)
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                  betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps))
+    timestep_sampler = _timestep_sampler(tc, per_token, _stream_seed(seed, d.rank, 2))
+    # this rank's random streams: global (class dropout), noise, timesteps
+    torch.manual_seed(_stream_seed(seed, d.rank, 0))
+    generators = {"noise": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 1)),
+                  "timesteps": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 2))}
+    state = {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
+    step = _resume(cfg, d, device, state, generators, timestep_sampler) if cfg.resume else 0
+    forward = _wrap(model, tc, d, device)
+
+    # ---- fixed inputs for validation and pictures
     fixed = torch.Generator().manual_seed(seed + 12345)
     val = None
     if val_set is not None:
         x1_val, y_val = _stack(val_set, len(val_set))
         val = (x1_val.to(device), y_val.to(device), torch.randn(x1_val.shape, generator=fixed).to(device))
-    sc = cfg.sampler
-    picture_sampler = pf_samplers.make(sc.name, **sc.params)
-    if not per_token and sc.name != "euler":
-        log.warning("sampler=%s needs per-patch times; the fm baseline draws its pictures with sampler=euler", sc.name)
-        picture_sampler = pf_samplers.make("euler")
-    shape = (sc.num_images, model.in_channels, model.input_size, model.input_size)
-    picture_noise = torch.randn(shape, generator=fixed).to(device)
-    classes = list(sc.classes) if sc.classes else list(range(num_classes))
-    picture_labels = torch.as_tensor([classes[i % len(classes)] for i in range(sc.num_images)], device=device)
-    picture_names = class_names(OmegaConf.to_container(cfg, resolve=True), num_classes) + ["(no class)"]
+    pictures = _Pictures(cfg, model, conditioning, per_token, fixed, device)
 
     # ---- run directory (rank 0)
-    ckpt_dir = run_dir / "checkpoints"
-    metrics = None
+    ckpt_dir, metrics = run_dir / "checkpoints", None
     if d.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=step if cfg.resume else None)
         if not cfg.resume:
             (run_dir / "metrics.jsonl").write_text("")
-        log.info("%s %s: %.2fM parameters, %d training examples (%d per rank), batch %d x %d rank(s), %s, device %s",
-                 "PF" if per_token else "SiT", cfg.model.name, num_params(model) / 1e6, len(train_set),
-                 batches.sampler.num_samples, tc.batch_size, d.world_size, timestep_sampler, device)
+        log.info("%s %s: %.2fM parameters, %d training examples (%d per rank), batch %d x %d rank(s), %s, "
+                 "objective %s, device %s", "PF" if per_token else "SiT", cfg.model.name, num_params(model) / 1e6,
+                 len(train_set), batches.sampler.num_samples, tc.batch_size, d.world_size, timestep_sampler,
+                 " + ".join(f"{t.weight:g}*{t.name}" for t in objective.terms), device)
 
     last_ckpt = ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").is_file() else None
+    names = ["loss", *objective.names, "grad_norm"]
     first_loss, window, window_images, record = None, [], 0, {}
     bar = progress_bar(tc.max_steps, step, enabled=d.is_main and tc.progress)
-    t_window = time.perf_counter()
-    t_start = t_window
+    t_start = t_window = time.perf_counter()
     model.train()
     data = batches.iterate(step)
     while step < tc.max_steps:
-        x1, y = next(data)
-        x1, y = x1.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x1, labels = next(data)
+        x1 = x1.to(device, non_blocking=True)  # (B, C, H, W)
         b = x1.shape[0]
-        if per_token:
-            t = timestep_sampler(b, num_patches, device=device, generator=generators["timesteps"])  # (B, N)
-        else:
-            t = timestep_sampler(b, 1, device=device, generator=generators["timesteps"])[:, 0]  # (B,)
-        x0 = torch.randn(x1.shape, generator=generators["noise"], device=device)  # (B, C, H, W)
-
-        with autocast():
-            out = training_loss(forward, x1, y, t, x0=x0, nll_weight=tc.nll_weight)
+        t = timestep_sampler(b, model.grid_size**2 if per_token else 1, device=device,
+                             generator=generators["timesteps"])  # (B, N) per patch, (B, 1) per sample
+        t = t if per_token else t[:, 0]
+        x0 = torch.randn(x1.shape, generator=generators["noise"], device=device)
+        with autocast():  # pixel-space data: x1 is the image the encoder sees
+            out = objective(forward, FlowBatch(x1, conditioning(labels, device), t, x0, pixels=x1))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        stats = mean_over_ranks(torch.stack([out["loss"].detach().float(), out["mse"].detach().float(),
-                                             out["nll"].detach().float(), grad_norm.detach().float()]), d)
+        stats = mean_over_ranks(torch.stack([out[n].detach().float() for n in names[:-1]] + [grad_norm.float()]), d)
         # this rank's time range rides along with the one host read of the step
-        loss, mse, nll, gnorm, t_lo, t_hi = torch.cat([stats, torch.stack([t.min(), t.max()]).float()]).tolist()
-        if not (0.0 <= t_lo and t_hi <= 1.0):
-            raise ValueError(f"the timestep sampler {timestep_sampler} drew patch times in [{t_lo}, {t_hi}] at step "
-                             f"{step + 1}; times must be finite and lie in [0, 1]")
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                                f"(loss={loss}, grad_norm={gnorm}) at step {step + 1}; stopped before the update, "
-                                f"{where}")
+        values = torch.cat([stats, torch.stack([t.min(), t.max()]).float()]).tolist()
+        _check_step(step, values[0], values[-3], values[-2], values[-1], timestep_sampler, last_ckpt)
         optimizer.step()
         scheduler.step()
         ema.update(model)
         step += 1
-        first_loss = loss if first_loss is None else first_loss
-        window.append((loss, mse, nll, gnorm))
+        first_loss = values[0] if first_loss is None else first_loss
+        window.append(values[:-2])
         window_images += b * d.world_size
         bar.update(1)
 
@@ -315,9 +399,8 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         if step % tc.log_every == 0 or final or val_step:
             elapsed = time.perf_counter() - t_window
             mean = [sum(col) / len(window) for col in zip(*window)]
-            record = {"step": step, "loss": mean[0], "mse": mean[1], "nll": mean[2], "grad_norm": mean[3],
-                      "lr": scheduler.get_last_lr()[0], "img_per_s": window_images / max(elapsed, 1e-9),
-                      "epoch": batches.epoch_of(step - 1)}
+            record = {"step": step, **dict(zip(names, mean)), "lr": scheduler.get_last_lr()[0],
+                      "img_per_s": window_images / max(elapsed, 1e-9), "epoch": batches.epoch_of(step - 1)}
             bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['img_per_s']:.0f}")
             window, window_images = [], 0
         if d.is_main and val_step:
@@ -325,8 +408,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         if d.is_main and record:
             metrics.write(record)
         if d.is_main and (step % tc.sample_every == 0 or final):
-            _picture(run_dir / "samples" / f"step_{step:06d}.png", step, ema.model, picture_sampler, picture_noise,
-                     picture_labels, sc, autocast, picture_names)
+            pictures.draw(run_dir / "samples" / f"step_{step:06d}.png", step, ema.model, autocast)
         keep = step % tc.keep_every == 0 or final
         if step % tc.ckpt_every == 0 or keep:
             rng = _gather_rng(rng_state(generators, timestep_sampler, device), d)
@@ -339,15 +421,8 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         record = {}
     bar.close()
 
-    summary = {"steps": step, "first_loss": first_loss, "seconds": time.perf_counter() - t_start,
-               "run_dir": str(run_dir)}
-    if d.is_main and (run_dir / "metrics.jsonl").is_file():
-        import json
-
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        if records:
-            summary["final_loss"] = records[-1]["loss"]
-            summary["val_loss"] = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
+    summary = _summary(run_dir, step, first_loss, time.perf_counter() - t_start, d.is_main)
+    if d.is_main:
         log.info("done: %s", summary)
     return {"model": model, "ema": ema.model, "summary": summary}
 

@@ -76,10 +76,29 @@ class TimestepsConfig:
     std: typing.Optional[float] = _f(None, **_rng(0.0, lo_open=True))
 
 
+class RepaConfig:
+    enabled: bool = False
+    encoder: str = "classifier"  # a registered encoder (classifier | dinov2 | timm | ...) or "package.module:function"
+    weights: typing.Optional[str] = None
+    repo: typing.Optional[str] = None
+    model: typing.Optional[str] = None
+    resolution: typing.Optional[int] = _f(None, **_rng(1))
+    encoder_depth: int = _f(8, **_rng(1))
+    projector_dim: int = _f(2048, **_rng(1))
+
+
+# the weight of the alignment term, config key trainer.repa.lambda (no generated __init__: a
+# keyword cannot be a parameter or attribute name in generated code; the schema only reads the fields)
+RepaConfig.__annotations__["lambda"] = float
+setattr(RepaConfig, "lambda", _f(0.5, **_rng(0.0)))
+RepaConfig = dataclass(init=False, repr=False, eq=False)(RepaConfig)
+
+
 @dataclass
 class TrainerConfig:
     kind: str = _f("pf", **_choices("pf", "fm"))
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
     nll_weight: float = _f(0.01, **_rng(0.0))
     max_steps: int = _f(400000, **_rng(1))
     batch_size: int = _f(64, **_rng(1))
