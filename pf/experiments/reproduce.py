@@ -451,6 +451,11 @@ def render(study: dict, command: str) -> str:
         lines += ["", "## The paper's findings, measured", "",
                   f"Uncertainty against error, context, the timestep-sampler ablation and patch selection: "
                   f"[{findings_page.as_posix()}]({rel(findings_page, results)}) (`python -m pf.experiments.findings`)."]
+    repa_page = Path(study["figures"]).parent / "repa.md"
+    if repa_page.is_file():
+        lines += ["", "## With representation alignment", "",
+                  f"PF against PF + REPA on the same data and recipe: [{repa_page.as_posix()}]({rel(repa_page, results)}) "
+                  f"(`python -m pf.experiments.repa`)."]
     lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
     lines += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'pending'} |" for name, s in data["stages"]]
     lines += ["", "Paper, for scale (ImageNet-256, 400K steps, FID-50K, no guidance, SPEC.md section 7): B/2 SiT 33.0, "

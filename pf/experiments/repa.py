@@ -1,0 +1,275 @@
+"""PF against PF + REPA at small scale: ``python -m pf.experiments.repa [key=value ...]``.
+
+The paper calls Patch Forcing orthogonal to representation alignment. On the study's data and
+recipe (``pf.experiments.reproduce``: Fashion-MNIST 16x16, Tiny/2, the same steps, batch,
+optimizer, EMA and seeds) this trains PF (LTG) with and without REPA (SPEC.md section 9) and
+writes ``docs/repa.md``:
+
+- FID / precision / recall against the held-out test split, Euler at the K of ``repa.nfe``
+  (a subset of ``eval.nfe``), paired sampling seeds (PF's points are the comparison's own,
+  shared by key);
+- the alignment: ``repa_loss`` along training, and the cosine similarity of the projector's
+  output to the encoder's tokens on held-out test images noised to several times.
+
+The REPA encoder is a second classifier of the train split (``repa.encoder``: another width
+and seed), not the network whose features the FID is computed in: aligning to the metric's
+own features would reward the metric, not the images. Stages are cached and resumable as in
+``pf.experiments.reproduce`` (records in ``records_dir``). ``toy=true`` runs it at CI size.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+from pf.eval import cli
+from pf.experiments import common, reproduce
+from pf.experiments.common import ARMS, fmt, mean_std, paired, verdict
+from pf.experiments.stages import Stage, config_key, stage_result
+
+DEFAULTS = copy.deepcopy(reproduce.DEFAULTS)
+DEFAULTS.pop("results")
+DEFAULTS.update({
+    "page": "docs/repa.md",
+    "repa": {
+        "encoder": {"width": 32, "seed": 1, "epochs": 5},    # the aligned-to classifier (not the FID one)
+        "lambda": 0.5,
+        "encoder_depth": 2,          # of Tiny/2's 4 blocks
+        "projector_dim": 256,
+        "train_seeds": [0],
+        "nfe": [10, 50],             # Euler K (a subset of eval.nfe: PF's points are the comparison's)
+        "times": [0.25, 0.5, 0.75],  # held-out alignment at these (every patch at t)
+        "images": 1000,
+    },
+})
+TOY = [*reproduce.TOY, "repa.nfe=[2,4]", "repa.encoder.epochs=1", "repa.encoder.width=4", "repa.images=40", "repa.projector_dim=16",
+       "repa.times=[0.5]"]
+FREE = reproduce.FREE
+DOC_COMMAND = "python -m pf.experiments.repa"
+PRESENTATION_KEYS = ("jobs", "threads", "page", "figures")
+
+
+def encoder_path(study: dict) -> Path:
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(common.data_config(study, "train"), resolve=True)
+    data.pop("num_workers", None)
+    return Path(study["out_dir"]) / f"repa_encoder_{config_key({'data': data, **study['repa']['encoder']})}.pt"
+
+
+def repa_overrides(study: dict) -> list[str]:
+    rc = study["repa"]
+    return [*ARMS["pf_ltg"]["overrides"], "trainer.repa.enabled=true", "trainer.repa.encoder=classifier",
+            f"trainer.repa.weights={encoder_path(study)}", f"trainer.repa.lambda={rc['lambda']}",
+            f"trainer.repa.encoder_depth={rc['encoder_depth']}", f"trainer.repa.projector_dim={rc['projector_dim']}"]
+
+
+def arm_overrides(study: dict, arm: str) -> list[str]:
+    return repa_overrides(study) if arm == "pf_ltg_repa" else ARMS[arm]["overrides"]
+
+
+LABELS = {"pf_ltg": "PF (LTG)", "pf_ltg_repa": "PF (LTG) + REPA"}
+
+
+#################################################################################
+#                                    Stages                                     #
+#################################################################################
+
+
+def encoder_stage(study: dict) -> dict:
+    """Stage: the classifier REPA aligns to, trained on the train split; its test accuracy."""
+    from pf.eval.classifier import accuracy, load_classifier
+    from pf.eval.inputs import from_uint8, load_dataset_images
+    from pf.eval.train_classifier import ensure_classifier
+
+    ec = study["repa"]["encoder"]
+    path, info = ensure_classifier(common.data_config(study, "train"), encoder_path(study), epochs=int(ec["epochs"]),
+                                   width=int(ec["width"]), seed=int(ec["seed"]), test_frac=0.0, log=None)
+    model, _ = load_classifier(path)
+    test, labels = load_dataset_images(common.data_config(study, "test"))
+    return {"path": str(path), "test_accuracy": accuracy(model, from_uint8(test), labels),
+            "seconds": info.get("seconds")}
+
+
+def train_stage(study: dict, arm: str, seed: int) -> dict:
+    """Stage: one arm trained; its losses along training (repa_loss for the REPA arm)."""
+    import json
+
+    trained = common.train_stage(study, arm_overrides(study, arm), seed, study["train"]["steps"])
+    records = [json.loads(line) for line in (Path(trained["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    curve = [{k: r[k] for k in ("step", "loss", "mse", "repa_loss") if k in r} for r in records
+             if "loss" in r and r["step"] <= trained["steps"]]
+    return {**{k: v for k, v in trained.items() if k != "flops_per_step"}, "losses": curve}
+
+
+def curve_stage(study: dict, arm: str, seed: int) -> dict:
+    """Stage: Euler FID at every K of ``eval.nfe`` and sampling seed."""
+    run = common.TrainedRun(study, arm_overrides(study, arm), seed, study["train"]["steps"])
+    points = []
+    for target, k, sseed, keep in reproduce.curve_specs(study, "euler_pf"):
+        if target not in study["repa"]["nfe"]:
+            continue
+        p = common.evaluate_point(study, run.identity, "euler_pf", {}, k, sseed, model=run.model,
+                                  keep_images=keep)  # the same point (and kept images) as the comparison's
+        points.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
+    return {"points": points}
+
+
+def alignment_stage(study: dict, seed: int) -> dict:
+    """Stage: cosine similarity of the REPA model's projection to the encoder's tokens on
+    held-out test images, every patch at each time of ``repa.times``."""
+    from pf.encoders import build_image_encoder
+    from pf.models import load_checkpoint
+    from pf.training.objective import Alignment
+
+    rc = study["repa"]
+    trained = common.train_stage(study, repa_overrides(study), seed, study["train"]["steps"])
+    model = load_checkpoint(trained["checkpoint"], use_ema=True).eval()
+    term = Alignment(build_image_encoder("classifier", weights=str(encoder_path(study))), model.grid_size)
+    images = common.reference_images(study)[:int(rc["images"])]
+    labels = common.load_test_labels(study)[:int(rc["images"])]
+    x1 = images.float() / 127.5 - 1.0
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(4321))
+    n = model.grid_size**2
+    from pf.flow import interpolate
+
+    out = []
+    for s in rc["times"]:
+        cos = []
+        for i in range(0, x1.shape[0], 250):
+            xb, yb = x1[i:i + 250], labels[i:i + 250]
+            t = torch.full((xb.shape[0], n), float(s))
+            xt, _ = interpolate(xb, x0[i:i + 250], t, model.patch_size)
+            with torch.no_grad():
+                _, z = model(xt, t, yb, return_repa=True)  # (b, N, z_dim)
+                h = term.target(xb)
+            cos.append(torch.nn.functional.cosine_similarity(z.float(), h.float(), dim=-1).mean(1))  # (b,)
+        cos = torch.cat(cos)
+        out.append({"t": float(s), "cosine": float(cos.mean()), "std": float(cos.std())})
+    return {"seed": seed, "images": int(x1.shape[0]), "times": out}
+
+
+def build_stages(study: dict) -> list[Stage]:
+    study = {k: v for k, v in study.items() if k not in PRESENTATION_KEYS}
+    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": study}),
+              Stage("repa encoder", "pf.experiments.repa:encoder_stage", {"study": study})]
+    for seed in study["repa"]["train_seeds"]:
+        for arm in ("pf_ltg_repa", "pf_ltg"):  # PF's run and points are usually the comparison's, made meanwhile
+            deps = ("repa encoder",) if arm == "pf_ltg_repa" else ()
+            stages.append(Stage(f"train {arm} seed {seed}", "pf.experiments.repa:train_stage",
+                                {"study": study, "arm": arm, "seed": int(seed)}, deps=deps))
+            stages.append(Stage(f"curve {arm} seed {seed}", "pf.experiments.repa:curve_stage",
+                                {"study": study, "arm": arm, "seed": int(seed)},
+                                deps=(f"train {arm} seed {seed}", "classifier")))
+        stages.append(Stage(f"alignment seed {seed}", "pf.experiments.repa:alignment_stage",
+                            {"study": study, "seed": int(seed)}, deps=(f"train pf_ltg_repa seed {seed}",)))
+    return stages
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+
+def collect(study: dict) -> dict:
+    out = {"stages": [], "encoder": None, "train": {}, "curves": {}, "alignment": []}
+    for s in build_stages(study):
+        rec = stage_result(study["records_dir"], s)
+        out["stages"].append((s.name, rec["seconds"] if rec else None))
+        if rec is None:
+            continue
+        if s.name == "repa encoder":
+            out["encoder"] = rec["result"]
+        elif s.name.startswith("train"):
+            out["train"][(s.args["arm"], s.args["seed"])] = rec["result"]
+        elif s.name.startswith("curve"):
+            out["curves"].setdefault(s.args["arm"], []).extend(rec["result"]["points"])
+        elif s.name.startswith("alignment"):
+            out["alignment"].append(rec["result"])
+    return out
+
+
+def _by_pair(points: list[dict], target: int) -> dict:
+    return {(p["train_seed"], p["sample_seed"]): p for p in points if p["target_nfe"] == target}
+
+
+def render(study: dict, data: dict, command: str) -> str:
+    tc, ec, rc = study["train"], study["eval"], study["repa"]
+    lines = ["# PF against PF + REPA (representation alignment), small scale", "",
+             f"Generated by `pf/experiments/repa.py`; regenerate (or continue) with:", "", "```", command, "```", "",
+             "## Setup", "",
+             f"- Data, network and recipe of the main comparison (RESULTS.md): {study['data']} at "
+             f"{study['image_size']}x{study['image_size']}, model={study['model']}, {tc['steps']} steps, batch "
+             f"{tc['batch_size']}, lr {tc['lr']}, training seed(s) {rc['train_seeds']}.",
+             f"- REPA (SPEC.md section 9): projector after block {rc['encoder_depth']} (width {rc['projector_dim']}), "
+             f"lambda {rc['lambda']}, aligned to a classifier of the train split (width {rc['encoder']['width']}, "
+             f"seed {rc['encoder']['seed']}, {rc['encoder']['epochs']} epochs"
+             + (f", test accuracy {data['encoder']['test_accuracy']:.3f}" if data["encoder"] else "")
+             + "); its tokens are its last conv stage before pooling, 8x8 at 16x16, the DiT's grid. It is a "
+             "different network from the FID classifier, so REPA is not rewarded for copying the metric's features.",
+             f"- FID, precision and recall as in RESULTS.md: {ec['num_samples']} images per point against the "
+             f"held-out test split, no guidance, Euler (per-patch times all equal), sampling seeds {ec['seeds']} "
+             f"paired across the two columns.", ""]
+    nfe = rc["nfe"]
+    lines += ["## FID against NFE", "", "| model | " + " | ".join(f"K={k}" for k in nfe) + " |",
+              "|---|" + "---|" * len(nfe)]
+    for arm in ("pf_ltg", "pf_ltg_repa"):
+        pts = data["curves"].get(arm, [])
+        cells = [fmt([p["fid"] for p in _by_pair(pts, k).values()]) for k in nfe]
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    lines += ["", "Precision / recall:", "", "| model | " + " | ".join(f"K={k}" for k in nfe) + " |",
+              "|---|" + "---|" * len(nfe)]
+    for arm in ("pf_ltg", "pf_ltg_repa"):
+        pts = data["curves"].get(arm, [])
+        cells = []
+        for k in nfe:
+            run = list(_by_pair(pts, k).values())
+            cells.append(f"{mean_std([p['precision'] for p in run])[0]:.3f} / {mean_std([p['recall'] for p in run])[0]:.3f}"
+                         if run else "pending")
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    a, b = data["curves"].get("pf_ltg", []), data["curves"].get("pf_ltg_repa", [])
+    if a and b:
+        lines += ["", "REPA against PF at the same K (FID difference, negative = REPA better): "
+                  + "; ".join(f"K={k}: {verdict(paired(_by_pair(a, k), _by_pair(b, k)))}" for k in nfe) + "."]
+    lines += ["", "## Alignment", ""]
+    for (arm, seed), tr in sorted(data["train"].items()):
+        rl = [r for r in tr.get("losses", []) if "repa_loss" in r]
+        if rl:
+            lines.append(f"- Training seed {seed}: `repa_loss` (minus the mean cosine on training batches) went from "
+                         f"{rl[0]['repa_loss']:.3f} at step {rl[0]['step']} to {rl[-1]['repa_loss']:.3f} at step "
+                         f"{rl[-1]['step']}; training took {tr['train_seconds'] / 60:.1f} min "
+                         f"(PF alone: {data['train'].get(('pf_ltg', seed), {}).get('train_seconds', float('nan')) / 60:.1f} min).")
+    for al in data["alignment"]:
+        lines.append(f"- Held-out alignment, training seed {al['seed']} ({al['images']} test images, every patch at "
+                     f"t): " + ", ".join(f"t={r['t']:g}: cosine {r['cosine']:.3f} ± {r['std']:.3f}" for r in al["times"])
+                     + ".")
+    if not data["alignment"] and not any("repa_loss" in str(t) for t in data["train"].values()):
+        lines.append("pending")
+    lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
+    lines += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'pending'} |" for name, s in data["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: dict, command: str) -> None:
+    page = Path(study["page"])
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render(study, collect(study), command))
+
+
+def expand_toy(argv: list[str]) -> list[str]:
+    return [*TOY, *argv] if any(a.lstrip("+") in ("toy=true", "toy=True") for a in argv) else argv
+
+
+def main(cfg, argv: list[str] | None = None) -> None:
+    reproduce.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(cli.run(main, DEFAULTS, __doc__, free=FREE, argv=expand_toy(sys.argv[1:])))
