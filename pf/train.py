@@ -135,7 +135,7 @@ def _gather_rng(state: dict, d: Dist) -> list[dict]:
 
 
 def _stack(dataset, limit: int):
-    xs, ys = zip(*(dataset[i] for i in range(min(limit, len(dataset)))))
+    xs, ys = zip(*(dataset[i][:2] for i in range(min(limit, len(dataset)))))
     return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
 
 
@@ -158,9 +158,6 @@ def _repa_encoder(cfg, d: Dist, device: torch.device):
     from pf.encoders import build_image_encoder
 
     rc = cfg.trainer.repa
-    if cfg.data.name == "latents":
-        raise ValueError("trainer.repa.enabled needs the pixels behind each latent, and data=latents carries none: "
-                         "train REPA on pixel data (data=digits|fashion_mnist|mnist_format|folder)")
     weights = rc.weights
     if rc.encoder == "classifier" and weights is None:
         from pf.eval.train_classifier import ensure_classifier
@@ -224,8 +221,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 def _data(cfg, d: Dist, device: torch.device, seed: int):
     """The data, checked against the model's sizes (null sizes come from the data, e.g. a
-    latent set's manifest), split for validation, and this rank's batches."""
-    dataset = build_dataset(cfg.data, seed=seed)
+    latent set's manifest), split for validation, and this rank's batches. With REPA a latent
+    set's items also carry their pixels."""
+    dataset = build_dataset(cfg.data, seed=seed, pixels=bool(cfg.trainer.repa.enabled))
     sizes = {"num_classes": cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes,
              "input_size": cfg.model.input_size if cfg.model.input_size is not None else dataset.image_size,
              "in_channels": cfg.model.in_channels if cfg.model.in_channels is not None else dataset.channels}
@@ -369,15 +367,16 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     model.train()
     data = batches.iterate(step)
     while step < tc.max_steps:
-        x1, labels = next(data)
+        x1, labels, *images = next(data)  # latents with REPA: and the images behind them
         x1 = x1.to(device, non_blocking=True)  # (B, C, H, W)
+        pixels = images[0].to(device, non_blocking=True) if images else x1  # pixel data: x1 is the image
         b = x1.shape[0]
         t = timestep_sampler(b, model.grid_size**2 if per_token else 1, device=device,
                              generator=generators["timesteps"])  # (B, N) per patch, (B, 1) per sample
         t = t if per_token else t[:, 0]
         x0 = torch.randn(x1.shape, generator=generators["noise"], device=device)
-        with autocast():  # pixel-space data: x1 is the image the encoder sees
-            out = objective(forward, FlowBatch(x1, conditioning(labels, device), t, x0, pixels=x1))
+        with autocast():
+            out = objective(forward, FlowBatch(x1, conditioning(labels, device), t, x0, pixels=pixels))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -209,3 +209,44 @@ def test_train_on_the_latent_set_and_decode_samples_with_its_autoencoder(chain, 
 
     png = next((tmp_path / "s").glob("*.png"))
     assert Image.open(png).size[0] >= 3 * 64  # decoded 32 px images, upscaled
+
+
+def test_pixels_ride_with_their_latents_and_train_repa(chain, tmp_path):
+    from pf.data.encode import to_tensor
+    from PIL import Image
+
+    out = tmp_path / "latents"
+    cfg = cli.parse(DEFAULTS, [f"images={chain['images']}", f"out={out}", f"vae={chain['vae']}", "image_size=32",
+                               "batch=5", "shard_size=10", "num_workers=0", "progress=false", "device=cpu",
+                               "pixels=true"])
+    assert encode(cfg)["pixels"] is True
+    px = np.load(out / "shard_00000.pixels.npy")
+    assert px.shape == (10, 3, 32, 32) and px.dtype == np.uint8
+    first = sorted((chain["images"] / "cat").glob("*.png"))[0]
+    want = to_tensor(Image.open(first), 32)  # the cropped image that was encoded, in [-1, 1]
+    ds = LatentShards(out, seed=3, pixels=True)
+    mean = np.load(out / "shard_00000.mean.npy").astype(np.float32)
+    seen = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        z, y, image = ds[0]
+        side = next(k for k in (0, 1) if torch.allclose(z, torch.from_numpy(mean[0, k]) * 0.18215))
+        seen.add(side)
+        expected = want.flip(-1) if side else want  # the image is mirrored with its latent
+        assert image.shape == (3, 32, 32) and (image - expected).abs().max() <= 1 / 127.5 + 1e-6
+    assert seen == {0, 1}
+    with pytest.raises(DataError, match="holds no pixels, which trainer.repa needs"):
+        LatentShards(chain["out"], pixels=True)
+    # REPA on the latent set: the encoder reads the pixels, the DiT the latents
+    env = child_env(OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-m", "pf.train", "data=latents", f"data.path={out}",
+                            "trainer.max_steps=2", "trainer.batch_size=4", "trainer.progress=false", "data.val_size=4",
+                            "trainer.repa.enabled=true", "trainer.repa.encoder=test_repa:_stub_factory",
+                            "trainer.repa.encoder_depth=2", "trainer.repa.projector_dim=16", "trainer.log_every=1",
+                            "sampler.steps=2", "sampler.num_images=3", "device=cpu", f"hydra.run.dir={run}"],
+                           cwd=ROOT, env={**env, "PYTHONPATH": f"{Path(ROOT) / 'tests'}:{env.get('PYTHONPATH', '')}"},
+                           capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    assert all("repa_loss" in r for r in records if "loss" in r)

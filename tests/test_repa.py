@@ -326,7 +326,7 @@ def test_repa_resume_is_exact(tmp_path, classifier_file):
 def test_repa_needs_pixels_and_a_fitting_depth(tmp_path, classifier_file):
     with pytest.raises(ValueError, match=r"trainer.repa.encoder_depth: encoder_depth must lie in \[1, depth=4\]"):
         pf_train.train(_cfg(classifier_file, "trainer.max_steps=1", "trainer.repa.encoder_depth=5"), tmp_path)
-    with pytest.raises(ValueError, match="needs the pixels behind each latent"):
+    with pytest.raises(ValueError, match="a single file of latents carries no pixels, which trainer.repa needs"):
         pf_train.train(_cfg(classifier_file, "trainer.max_steps=1", "data=latents", f"data.path={tmp_path}"),
                        tmp_path / "lat")
 

@@ -2,7 +2,8 @@
 folders and precomputed latents.
 
 Every dataset yields ``(x, y)`` with ``x`` a float32 ``(C, H, W)`` tensor (images in
-[-1, 1], latents already multiplied by their scale factor) and ``y`` an int class id, and
+[-1, 1], latents already multiplied by their scale factor) and ``y`` an int class id (a latent
+set asked for pixels adds the image behind the latent), and
 carries ``num_classes``, ``channels`` and ``image_size``. ``build_dataset(cfg)`` picks one
 from the ``data`` config group and checks it against the model before training starts.
 """
@@ -18,11 +19,12 @@ from pf.data.mnist_format import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_
 from pf.data.loader import ShardedBatches
 
 
-def build_dataset(data_cfg, seed: int = 0) -> TensorImages | ImageFolder | LatentShards:
+def build_dataset(data_cfg, seed: int = 0, pixels: bool = False) -> TensorImages | ImageFolder | LatentShards:
     """The dataset named by ``data_cfg.name`` (``digits``, ``fashion_mnist``, ``mnist_format``,
     ``folder`` or ``latents``); ``data_cfg.split`` (``train`` | ``test``) picks the split of the
     sets that have one. ``data=latents`` reads a latent set folder (``pf.data.encode``)
-    memory-mapped, or a single ``.npz`` / ``.npy`` into memory; ``seed`` keys its random flips."""
+    memory-mapped, or a single ``.npz`` / ``.npy`` into memory; ``seed`` keys its random flips.
+    ``pixels=True``: latent items also carry their images (REPA); pixel data are their own."""
     name = data_cfg.name
     split = data_cfg.get("split", "train") or "train"
     if split != "train" and name not in ("fashion_mnist", "mnist_format"):
@@ -39,7 +41,10 @@ def build_dataset(data_cfg, seed: int = 0) -> TensorImages | ImageFolder | Laten
     if name == "latents" and is_latent_set(data_cfg.path):
         return LatentShards(data_cfg.path, flip=bool(data_cfg.get("flip", True)),
                             sample_posterior=bool(data_cfg.get("sample_posterior", False)),
-                            scale_factor=data_cfg.scale_factor, seed=seed)
+                            scale_factor=data_cfg.scale_factor, seed=seed, pixels=pixels)
+    if name == "latents" and pixels:
+        raise DataError("a single file of latents carries no pixels, which trainer.repa needs: make a latent set "
+                        "with `python -m pf.data.encode images=... out=... vae=... pixels=true`")
     if name == "latents":
         return load_latents(data_cfg.path, labels_path=data_cfg.labels_path, scale_factor=data_cfg.scale_factor,
                             num_classes=data_cfg.num_classes)

@@ -13,7 +13,9 @@ shorter side, then the center), is scaled to [-1, 1], and is encoded together wi
 image by a local diffusers ``AutoencoderKL`` (SD-VAE ft-EMA / ft-MSE, or one with more latent
 channels); the posterior mean (and std, ``keep_std``) go to ``.npy`` shards of
 ``shard_size`` images with their labels (``pf.data.latent_shards``), and ``manifest.json``
-(autoencoder, resolution, scale factor, counts, class names) is written last.
+(autoencoder, resolution, scale factor, counts, class names) is written last. ``pixels=true``
+also keeps the cropped images (uint8, the unmirrored one: the loader mirrors it with its
+latent), which training with REPA needs (``trainer.repa.enabled=true``).
 
 A shard is written atomically and is never encoded twice: run the same command again after a
 kill and it continues. Under ``torchrun`` rank ``r`` encodes shards ``r, r + W, ...``.
@@ -47,6 +49,7 @@ DEFAULTS = {
     "shard_size": 10000,   # images per shard of a folder input (a .tar input: one shard per tar)
     "dtype": "float16",    # float16 | float32: how the latents are stored
     "keep_std": True,      # also store the posterior std (training may then sample the posterior)
+    "pixels": False,       # also store the cropped images (uint8), which REPA's encoder reads
     "scale_factor": None,  # null: the autoencoder's config.scaling_factor (0.18215 for SD-VAE)
     "device": "auto",      # auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)
     "num_workers": 4,      # image-decoding processes
@@ -193,10 +196,12 @@ def encode_unit(vae, unit: dict, index: int, out: Path, cfg, device, bar=None) -
                                          num_workers=int(cfg.num_workers), collate_fn=_collate)
     dtype = np.float16 if cfg.dtype == "float16" else np.float32
     vae_dtype = next(vae.parameters()).dtype
-    means, stds, labels, skipped = [], [], [], 0
+    means, stds, labels, pixels, skipped = [], [], [], [], 0
     for x, y, bad in loader:
         skipped += bad
         if x is not None:
+            if cfg.pixels:  # [-1, 1] -> uint8, exactly the pixels that were encoded (up to rounding)
+                pixels.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())  # (B, 3, S, S)
             x = x.to(device, vae_dtype)
             post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist  # (2B, C, h, w): images, then mirrors
             b = x.shape[0]
@@ -212,6 +217,8 @@ def encode_unit(vae, unit: dict, index: int, out: Path, cfg, device, bar=None) -
         if cfg.keep_std:
             _atomic_save(base.with_name(base.name + ".std.npy"), np.concatenate(stds))
         _atomic_save(base.with_name(base.name + ".labels.npy"), np.concatenate(labels).astype(np.int64))
+        if cfg.pixels:
+            _atomic_save(base.with_name(base.name + ".pixels.npy"), np.concatenate(pixels))
     record = {"name": shard_name(index), "count": int(sum(len(m) for m in means)), "skipped": int(skipped),
               "source": unit.get("tar") or f"items {index}"}
     tmp = base.with_name(f".{base.name}.json.tmp")
@@ -277,6 +284,7 @@ def encode(cfg) -> dict:
                             "latent_channels": int(first.shape[2]), "scaling_factor": float(scaling)},
             "image_size": int(cfg.image_size), "latent_shape": [int(s) for s in first.shape[2:]],
             "scale_factor": float(scaling), "dtype": cfg.dtype, "std": bool(cfg.keep_std), "flips": 2,
+            "pixels": bool(cfg.pixels),
             "num_images": int(sum(r["count"] for r in records)), "skipped": int(sum(r["skipped"] for r in records)),
             "num_classes": len(work["class_names"]) if work["class_names"] else int(max(int(x.max()) for x in labels)) + 1,
             "class_names": work["class_names"], "input": str(cfg.images), "shards": records,

@@ -6,6 +6,7 @@ A latent set is a folder::
     shard_00000.mean.npy          (n, 2, C, h, w) posterior means; [:, 0] the image, [:, 1] its mirror
     shard_00000.std.npy           (n, 2, C, h, w) posterior standard deviations (when kept)
     shard_00000.labels.npy        (n,) int64 class ids
+    shard_00000.pixels.npy        (n, 3, S, S) uint8 cropped images (when encoded with pixels=true)
     shard_00000.json              the shard's own record (count, unreadable images skipped)
 
 :class:`LatentShards` maps the ``.npy`` files (``np.load(mmap_mode="r")``): opening a set
@@ -13,7 +14,9 @@ reads only the headers, every DDP rank maps the same files, and an item reads on
 Item ``i`` of epoch ``e`` takes the mirror or not from a hash of ``(seed, e, i)`` (the
 published training flips at random; a resumed run sees the same flips), and with
 ``sample_posterior`` draws ``mean + std * eps`` with ``eps`` from the same hash, else the mean.
-Latents are multiplied by the manifest's scale factor (0.18215 for SD-VAE).
+Latents are multiplied by the manifest's scale factor (0.18215 for SD-VAE). With
+``pixels=True`` an item also carries the image the latent was made from, in [-1, 1] and
+mirrored with it (REPA's encoder reads the pixels, the DiT the latent).
 """
 
 from __future__ import annotations
@@ -64,16 +67,20 @@ def _mix(*values: int) -> int:
 
 
 class LatentShards(Dataset):
-    """A latent set from ``python -m pf.data.encode``, memory-mapped; yields ``(latent (C, h, w), label)``."""
+    """A latent set from ``python -m pf.data.encode``, memory-mapped; yields ``(latent (C, h, w), label)``,
+    and ``(latent, label, pixels (3, S, S))`` with ``pixels=True``."""
 
     def __init__(self, root: str | Path, *, flip: bool = True, sample_posterior: bool = False,
-                 scale_factor: float | None = None, seed: int = 0):
+                 scale_factor: float | None = None, seed: int = 0, pixels: bool = False):
         self.root = Path(root).expanduser()
         self.manifest = read_manifest(self.root)
         self.source = f"latent set {self.root}"
         self.flip, self.sample_posterior, self.seed, self.epoch = bool(flip), bool(sample_posterior), int(seed), 0
         self.scale = float(self.manifest["scale_factor"] if scale_factor is None else scale_factor)
-        self.means, self.stds, labels, counts = [], [], [], []
+        if pixels and not self.manifest.get("pixels"):
+            raise DataError(f"{self.source} holds no pixels, which trainer.repa needs (its encoder reads the images "
+                            f"behind the latents): encode it again with `python -m pf.data.encode ... pixels=true`")
+        self.means, self.stds, self.pixels, labels, counts = [], [], [], [], []
         for shard in self.manifest["shards"]:
             if shard["count"] == 0:
                 continue
@@ -82,6 +89,11 @@ class LatentShards(Dataset):
             self.means.append(mean)
             if sample_posterior:
                 self.stds.append(self._map(base.with_name(base.name + ".std.npy")))
+            if pixels:
+                px = base.with_name(base.name + ".pixels.npy")
+                if not px.is_file():
+                    raise DataError(f"{self.source}: missing {px.name} (encode with pixels=true)")
+                self.pixels.append(np.load(px, mmap_mode="r"))
             labels.append(np.load(base.with_name(base.name + ".labels.npy")))  # small: read into memory
             counts.append(mean.shape[0])
             if labels[-1].shape != (mean.shape[0],):
@@ -127,4 +139,7 @@ class LatentShards(Dataset):
             std = torch.from_numpy(np.array(self.stds[s][j, side], dtype=np.float32))
             g = torch.Generator().manual_seed(h >> 1)
             z = z + std * torch.randn(z.shape, generator=g)
-        return z * self.scale, int(self.labels[i])
+        if not self.pixels:
+            return z * self.scale, int(self.labels[i])
+        px = torch.from_numpy(np.array(self.pixels[s][j], dtype=np.float32)) / 127.5 - 1.0  # (3, S, S)
+        return z * self.scale, int(self.labels[i]), (px.flip(-1) if side else px)  # mirrored with its latent
