@@ -5,7 +5,7 @@ torch.utils.cpp_extension and ninja:
 - the CPU op always;
 - the CUDA op when PyTorch is a CUDA build and a CUDA toolkit (nvcc) is found, even with no
   GPU present (CI compiles and links it); ``PF_BUILD_CUDA=0`` skips it, ``PF_BUILD_CUDA=1``
-  requires it. Targets sm_80 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says otherwise.
+  requires it. Targets sm_80 and sm_90, with sm_90 PTX for newer GPUs, unless ``TORCH_CUDA_ARCH_LIST`` says otherwise.
 - ``MAX_JOBS`` defaults to 2 parallel compiler jobs.
 A wheel also carries the sources as ``pf_kernels/csrc`` so that ``pf_kernels.ltg`` can
 JIT-build them if the prebuilt module does not load (e.g. a different PyTorch).
@@ -28,7 +28,7 @@ CUDA_SOURCES = [f"{CSRC}/ltg_cuda.cu"]
 # the -g that Python's sysconfig adds: debug info for the torch headers doubles the build.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-g0"]
 NVCC_FLAGS = ["-O3", "--fmad=false"]
-CUDA_ARCH_LIST = "8.0;9.0"
+CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _cuda_home() -> str | None:

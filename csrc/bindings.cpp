@@ -1,6 +1,6 @@
-// Registers pf::ltg_sample with the PyTorch dispatcher and exposes raw Philox for tests.
+// Registers pf_kernels::ltg_sample with the PyTorch dispatcher and exposes raw Philox for tests.
 //
-//   pf::ltg_sample(SymInt batch, SymInt num_patches, float loc, float scale, float std,
+//   pf_kernels::ltg_sample(SymInt batch, SymInt num_patches, float loc, float scale, float std,
 //                  int seed, int offset, ScalarType dtype, Device device) -> Tensor (B, N)
 //
 // A factory op: it has no tensor input to dispatch on, so a BackendSelect kernel turns the
@@ -31,11 +31,11 @@ namespace pf {
 namespace {
 
 void check_args(int64_t batch, int64_t num_patches, double stdev, at::ScalarType dtype) {
-  TORCH_CHECK(batch >= 0 && num_patches >= 0, "pf::ltg_sample: sizes must be >= 0, got (", batch,
+  TORCH_CHECK(batch >= 0 && num_patches >= 0, "pf_kernels::ltg_sample: sizes must be >= 0, got (", batch,
               ", ", num_patches, ")");
-  TORCH_CHECK(stdev > 0, "pf::ltg_sample: std must be > 0, got ", stdev);
+  TORCH_CHECK(stdev > 0, "pf_kernels::ltg_sample: std must be > 0, got ", stdev);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "pf::ltg_sample: dtype must be float32 or float64, got ", dtype);
+              "pf_kernels::ltg_sample: dtype must be float32 or float64, got ", dtype);
 }
 
 at::Tensor ltg_sample_cpu_op(int64_t batch, int64_t num_patches, double loc, double scale,
@@ -75,7 +75,8 @@ at::Tensor ltg_sample_cuda_op(int64_t batch, int64_t num_patches, double loc, do
     const LtgParams<double> p{loc, scale, stdev};
     err = ltg_sample_cuda(out.data_ptr<double>(), batch, num_patches, p, s, o, stream);
   }
-  TORCH_CHECK(err == cudaSuccess, "pf::ltg_sample: CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "pf_kernels::ltg_sample: its CUDA kernel failed to launch: ",
+              cudaGetErrorString(err));
   return out;
 }
 #endif
@@ -85,7 +86,7 @@ at::Tensor ltg_sample_backend_select(int64_t batch, int64_t num_patches, double 
                                      double stdev, int64_t seed, int64_t offset,
                                      at::ScalarType dtype, at::Device device) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pf::ltg_sample", "")
+                       .findSchemaOrThrow("pf_kernels::ltg_sample", "")
                        .typed<decltype(ltg_sample_backend_select)>();
   const c10::DispatchKeySet backend(c10::computeDispatchKey(dtype, at::kStrided, device));
   const c10::DispatchKeySet below(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
@@ -96,24 +97,24 @@ at::Tensor ltg_sample_backend_select(int64_t batch, int64_t num_patches, double 
 }  // namespace
 }  // namespace pf
 
-TORCH_LIBRARY(pf, m) {
+TORCH_LIBRARY(pf_kernels, m) {
   m.set_python_module("pf_kernels.ltg");
   m.def(
       "ltg_sample(SymInt batch, SymInt num_patches, float loc, float scale, float std, int seed, "
       "int offset, ScalarType dtype, Device device) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pf, BackendSelect, m) { m.impl("ltg_sample", &pf::ltg_sample_backend_select); }
+TORCH_LIBRARY_IMPL(pf_kernels, BackendSelect, m) { m.impl("ltg_sample", &pf::ltg_sample_backend_select); }
 
-TORCH_LIBRARY_IMPL(pf, CPU, m) { m.impl("ltg_sample", &pf::ltg_sample_cpu_op); }
+TORCH_LIBRARY_IMPL(pf_kernels, CPU, m) { m.impl("ltg_sample", &pf::ltg_sample_cpu_op); }
 
 #if defined(PF_WITH_CUDA)
-TORCH_LIBRARY_IMPL(pf, CUDA, m) { m.impl("ltg_sample", &pf::ltg_sample_cuda_op); }
+TORCH_LIBRARY_IMPL(pf_kernels, CUDA, m) { m.impl("ltg_sample", &pf::ltg_sample_cuda_op); }
 #endif
 
 // The Python module: a Philox known-answer hook for the tests, and what was compiled in.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "patch-forcing compiled ops: pf::ltg_sample (see torch.ops.pf)";
+  m.doc() = "patch-forcing compiled ops: pf_kernels::ltg_sample (see torch.ops.pf_kernels)";
   m.def(
       "philox4x32_10",
       [](std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {

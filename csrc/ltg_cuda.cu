@@ -33,6 +33,9 @@ cudaError_t launch(T* out, int64_t batch, int64_t num_patches, LtgParams<T> p, u
   constexpr int kThreads = 256;
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
+  // An error left by an earlier launch (someone else's) must not be reported as this one's:
+  // take it off the queue first, so the check below sees only this kernel's launch.
+  (void)cudaGetLastError();
   ltg_kernel<T><<<grid, kThreads, 0, stream>>>(out, num_patches, total, p,
                                                static_cast<uint32_t>(seed),
                                                static_cast<uint32_t>(seed >> 32), offset);

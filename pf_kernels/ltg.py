@@ -15,6 +15,7 @@ by default ``~/.cache/torch_extensions``); later processes reuse that build.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -32,7 +33,7 @@ __all__ = ["ltg_sample", "load_extension"]
 # branch-free row loop without changing any value.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--fmad=false"]
-CUDA_ARCH_LIST = "8.0;9.0"  # sm_80 (A100), sm_90 (H100); nvcc 13 has dropped older defaults
+CUDA_ARCH_LIST = "8.0;9.0+PTX"  # sm_80 (A100), sm_90 (H100), and PTX that newer GPUs JIT-compile
 
 _SOURCES = ["bindings.cpp", "ltg_cpu.cpp"]
 _CUDA_SOURCES = ["ltg_cuda.cu"]
@@ -90,16 +91,16 @@ def _jit_build():
         sources += [str(src / s) for s in _CUDA_SOURCES]
         cflags.append("-DPF_WITH_CUDA")
         cuda_flags.append("-DPF_WITH_CUDA")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
     try:
-        return cpp_extension.load(
-            name="pf_kernels_C",
-            sources=sources,
-            extra_cflags=cflags,
-            extra_cuda_cflags=cuda_flags if with_cuda else None,
-            with_cuda=with_cuda,
-            verbose=os.environ.get("PF_VERBOSE_BUILD", "0") == "1",
-        )
+        with _build_arch_list(with_cuda):
+            return cpp_extension.load(
+                name="pf_kernels_C",
+                sources=sources,
+                extra_cflags=cflags,
+                extra_cuda_cflags=cuda_flags if with_cuda else None,
+                with_cuda=with_cuda,
+                verbose=os.environ.get("PF_VERBOSE_BUILD", "0") == "1",
+            )
     except Exception as err:  # compiler errors arrive as RuntimeError/CalledProcessError
         raise RuntimeError(
             f"pf_kernels: JIT build of the LTG extension from {src} failed "
@@ -107,9 +108,23 @@ def _jit_build():
         ) from err
 
 
+@contextlib.contextmanager
+def _build_arch_list(with_cuda: bool):
+    """``TORCH_CUDA_ARCH_LIST`` for this build only (when the user has not set one): the
+    user's process environment is left as it was."""
+    if not with_cuda or "TORCH_CUDA_ARCH_LIST" in os.environ:
+        yield
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCH_LIST
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+
+
 def _register_fake() -> None:
     # Shapes and dtypes for FakeTensor / torch.compile / the meta device.
-    @torch.library.register_fake("pf::ltg_sample")
+    @torch.library.register_fake("pf_kernels::ltg_sample")
     def _ltg_sample_fake(batch, num_patches, loc, scale, std, seed, offset, dtype, device):
         return torch.empty((batch, num_patches), dtype=dtype, device=device)
 
@@ -232,5 +247,5 @@ def ltg_sample(
             "toolkit (PF_BUILD_CUDA=1 pip install --no-build-isolation -e .)"
         )
     compute = dtype if dtype in _NATIVE_DTYPES else torch.float32
-    out = torch.ops.pf.ltg_sample(batch, num_patches, loc, scale, std, seed, offset, compute, device)
+    out = torch.ops.pf_kernels.ltg_sample(batch, num_patches, loc, scale, std, seed, offset, compute, device)
     return out if compute == dtype else out.to(dtype)

@@ -302,7 +302,7 @@ def test_meta_device_and_compile():
 
 
 def test_opcheck():
-    op = torch.ops.pf.ltg_sample.default
+    op = torch.ops.pf_kernels.ltg_sample.default
     torch.library.opcheck(op, (3, 5, 0.7, 1.0, 0.6, 1, 0, torch.float32, torch.device("cpu")))
 
 
@@ -360,7 +360,7 @@ def test_bad_input(kwargs, err):
 
 
 def test_op_checks_its_arguments():
-    op = torch.ops.pf.ltg_sample
+    op = torch.ops.pf_kernels.ltg_sample
     cpu = torch.device("cpu")
     with pytest.raises(RuntimeError, match="sizes"):
         op(-1, 3, 0.7, 1.0, 0.6, 0, 0, torch.float32, cpu)
@@ -409,7 +409,7 @@ def test_portable_cpu_path_equals_avx2_path():
         "import importlib.util, sys, torch\n"
         "spec = importlib.util.spec_from_file_location(sys.argv[1], sys.argv[2])\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-        "op, cpu = torch.ops.pf.ltg_sample, torch.device('cpu')\n"
+        "op, cpu = torch.ops.pf_kernels.ltg_sample, torch.device('cpu')\n"
         "a = op(5, 123, 0.7, 1.0, 0.6, 9, 2**32 - 300, torch.float32, cpu)\n"
         "b = op(3, 77, 0.7, 1.0, 0.6, 9, 5, torch.float64, cpu)\n"
         "torch.save((a, b), sys.argv[3])\n"
@@ -421,3 +421,43 @@ def test_portable_cpu_path_equals_avx2_path():
         a, b = torch.load(path)
     assert torch.equal(a, ltg_sample(5, 123, seed=9, offset=2**32 - 300))
     assert torch.equal(b, ltg_sample(3, 77, seed=9, offset=5, dtype=torch.float64))
+
+
+def test_registered_under_the_pf_kernels_namespace():
+    ltg_sample(1, 1, seed=0)  # loads the extension
+    assert str(torch.ops.pf_kernels.ltg_sample.default._schema).startswith("pf_kernels::ltg_sample(")
+    with pytest.raises((AttributeError, RuntimeError)):
+        torch.ops.pf.ltg_sample  # the short name is left free for others
+
+
+def test_the_jit_build_sets_the_arch_list_only_for_itself(monkeypatch):
+    from pf_kernels import ltg
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    with ltg._build_arch_list(True):
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"  # PTX: GPUs newer than sm_90 run it too
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ  # the user's process is left as it was
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    with ltg._build_arch_list(True):
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6"  # the user's choice wins
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6"
+
+
+def test_the_built_cuda_op_carries_sm90_ptx():
+    import glob
+    import shutil
+
+    import pf_kernels
+
+    so = glob.glob(os.path.join(os.path.dirname(pf_kernels.__file__), "_C*.so"))
+    tool = shutil.which("cuobjdump") or ("/usr/local/cuda/bin/cuobjdump" if os.path.exists("/usr/local/cuda/bin/cuobjdump")
+                                         else None)
+    if not so or tool is None:
+        pytest.skip("no built extension or no cuobjdump")
+    from pf_kernels.ltg import load_extension
+
+    if not getattr(load_extension(), "with_cuda", False):
+        pytest.skip("the extension was built without CUDA")
+    ptx = subprocess.run([tool, "--list-ptx", so[0]], capture_output=True, text=True).stdout
+    elf = subprocess.run([tool, "--list-elf", so[0]], capture_output=True, text=True).stdout
+    assert "sm_90" in ptx and "sm_80" in elf and "sm_90" in elf
