@@ -32,10 +32,16 @@ def adaln_modulate_ref(
     return out.to(x.dtype)
 
 
+def gated_residual_dtype(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    """The dtype eager ``x + gate * y`` gives (type promotion: fp16 x with an fp32 gate is fp32)."""
+    return torch.promote_types(torch.promote_types(x.dtype, gate.dtype), y.dtype)
+
+
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y``; gate (B, N, D) or (B, 1, D)."""
-    acc = _acc_dtype(x.dtype)
-    return (x.to(acc) + gate.to(acc) * y.to(acc)).to(x.dtype)
+    """``x + gate * y``; gate (B, N, D) or (B, 1, D). Returns eager PyTorch's promoted dtype."""
+    out = gated_residual_dtype(x, gate, y)
+    acc = _acc_dtype(out)
+    return (x.to(acc) + gate.to(acc) * y.to(acc)).to(out)
 
 
 def timestep_embedding_ref(
@@ -77,16 +83,18 @@ def patch_euler_ref(
     """``x + dt_patch * (mask ? v : v_other)``; x, v, v_other (B, C, H, W); dt, mask (B, N).
 
     A masked-out patch with no ``v_other`` keeps its value (its velocity counts as zero).
+    Computed in float32 (float64 for float64 x), as the kernel does, and returned in x's dtype.
     """
     _, _, h, w = x.shape
     gw = w // patch_size
-    dt_px = patch_to_pixels(dt.to(x.dtype), patch_size, gw)  # (B, 1, H, W)
-    vel = v
+    acc = _acc_dtype(x.dtype)
+    dt_px = patch_to_pixels(dt.to(acc), patch_size, gw)  # (B, 1, H, W)
+    vel = v.to(acc)
     if mask is not None:
         m = patch_to_pixels(mask, patch_size, gw)  # (B, 1, H, W) bool
-        other = v_other if v_other is not None else torch.zeros_like(v)
-        vel = torch.where(m, v, other)
-    res = x + dt_px * vel
+        other = v_other.to(acc) if v_other is not None else torch.zeros_like(vel)
+        vel = torch.where(m, vel, other)
+    res = (x.to(acc) + dt_px * vel).to(x.dtype)
     if out is not None:
         out.copy_(res)
         return out

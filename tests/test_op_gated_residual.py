@@ -154,3 +154,24 @@ def test_opcheck_indexed():
     index = torch.randint(0, 3, (2, 5), generator=gen)
     with torch._functorch.config.patch(decompose_custom_triton_ops=False):
         torch.library.opcheck(torch.ops.pf_kernels.gated_residual_indexed.default, (x, gate, y, index))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interp)])
+def test_follows_eager_type_promotion(backend):
+    """fp16 x and y with an fp32 gate: eager ``x + gate * y`` is fp32, and so is the op (both routes)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 24, generator=gen).half().requires_grad_()
+    y = torch.randn(2, 3, 24, generator=gen).half().requires_grad_()
+    g = torch.randn(2, 1, 24, generator=gen, requires_grad=True)
+    previous = pf_kernels.get_backend()
+    pf_kernels.set_backend(backend)
+    try:
+        out = pf_kernels.gated_residual(x, g, y)
+        out.sum().backward()
+    finally:
+        pf_kernels.set_backend(previous)
+    eager = x.detach() + g.detach() * y.detach()
+    assert eager.dtype == torch.float32 and out.dtype == eager.dtype
+    assert (x.grad.dtype, y.grad.dtype, g.grad.dtype) == (torch.float16, torch.float16, torch.float32)
+    want = x.detach().double() + g.detach().double() * y.detach().double()
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

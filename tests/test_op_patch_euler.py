@@ -108,3 +108,18 @@ def test_opcheck_gpu():
     x, v = (torch.randn(2, 3, 4, 4, device="cuda") for _ in range(2))
     dt, mask = torch.rand(2, 4, device="cuda"), torch.rand(2, 4, device="cuda") < 0.5
     torch.library.opcheck(torch.ops.pf_kernels.patch_euler_.default, (torch.empty_like(x), x, v, dt, 2, None, mask))
+
+
+@needs_interp
+def test_half_precision_reference_computes_in_fp32_like_the_kernel(triton_backend):
+    """The CPU reference and the kernel agree in fp16: both step in fp32, then round once."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 3, 8, 8, generator=gen) * 8).half()
+    v = torch.randn(2, 3, 8, 8, generator=gen).half()
+    dt = (torch.rand(2, 16, generator=gen) * 0.01).half()
+    kernel = pf_kernels.patch_euler(x, v, dt, 2)
+    pf_kernels.set_backend("torch")
+    reference = pf_kernels.patch_euler(x, v, dt, 2)
+    want = euler64(x.double(), v.double(), dt.double(), 2).half()  # one rounding of the exact step
+    assert reference.dtype == torch.float16 and torch.equal(reference, kernel)
+    assert (reference.double() - want.double()).abs().max() <= 2 ** -7  # half an fp16 ulp for |x| < 32: rounded once

@@ -24,6 +24,7 @@ from pf_kernels.ops._utils import (
     wrap,
 )
 from pf_kernels.ops.adaln_modulate import _index_args, _mod_row_stride, _scatter_rows, reduce_programs
+from pf_kernels.reference import gated_residual_dtype
 
 #################################################################################
 #                                 Forward kernel                                #
@@ -122,7 +123,7 @@ def gated_residual_fwd(x, gate, y, index) -> torch.Tensor:
     """x, y (B, N, D); gate (B, N|1, D) or (B, K, D) with index (B, N). Returns (B, N, D)."""
     x, gate, y = last_dim_contiguous(x), last_dim_contiguous(gate), last_dim_contiguous(y)
     bsz, n, d = x.shape
-    out = empty_rows((bsz, n, d), x.dtype, x.device)
+    out = empty_rows((bsz, n, d), gated_residual_dtype(x, gate, y), x.device)  # eager's type promotion
     if out.numel() == 0:
         return out
     indexed = index is not None
@@ -230,10 +231,10 @@ if HAS_TRITON_OP:
         return gated_residual_bwd(grad, gate, y, index)
 
     def _fwd_fake(x, gate, y):
-        return empty_rows(x.shape, x.dtype, x.device)
+        return empty_rows(x.shape, gated_residual_dtype(x, gate, y), x.device)
 
     def _fwd_indexed_fake(x, gate, y, index):
-        return empty_rows(x.shape, x.dtype, x.device)
+        return empty_rows(x.shape, gated_residual_dtype(x, gate, y), x.device)
 
     _gated_residual_op.register_fake(_fwd_fake)
     _gated_residual_indexed_op.register_fake(_fwd_indexed_fake)
