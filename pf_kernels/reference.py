@@ -44,6 +44,12 @@ def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> 
     return (x.to(acc) + gate.to(acc) * y.to(acc)).to(out)
 
 
+def timestep_frequencies(half: int, max_period: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """``f_k = exp(-ln(max_period) * k / half)``, k < half (the kernel reads this very table)."""
+    k = torch.arange(half, device=device, dtype=dtype)
+    return torch.exp(-math.log(max_period) * k / half)
+
+
 def timestep_embedding_ref(
     t: torch.Tensor, dim: int = 256, max_period: float = 10000.0
 ) -> torch.Tensor:
@@ -54,8 +60,7 @@ def timestep_embedding_ref(
     """
     half = dim // 2
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    k = torch.arange(half, device=t.device, dtype=acc)
-    freqs = torch.exp(-math.log(max_period) * k / half)  # (half,)
+    freqs = timestep_frequencies(half, max_period, acc, t.device)  # (half,)
     args = t.to(acc)[..., None] * freqs  # t.shape + (half,)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

@@ -54,12 +54,26 @@ def test_forward_backward(shape, dim, max_period, device, dtype, triton_backend)
     torch.testing.assert_close(t.grad.double().cpu(), tr.grad, atol=atol, rtol=1e-2 if atol > 1e-3 else 1e-4)
 
 
-@needs_interp
-def test_large_times(triton_backend):
-    """DiT-style times in [0, 1000] (other codebases): arguments up to 1000 rad."""
-    t = torch.tensor([[0.0, 1.0, 999.0, 500.5]])
+@pytest.mark.parametrize("device,dtype", [c for c in CASES if c[1] == torch.float32])
+def test_large_times(device, dtype, triton_backend):
+    """DiT-style times in [0, 1000] (other codebases): arguments up to 1000 rad. The kernel reads
+    the reference's own frequency table, so it matches the fp32 reference to the last ulps of
+    cos/sin (an approximate exp on the GPU was ~3e-4 off here); against float64 the gap is the
+    fp32 rounding of the argument itself (1000 rad * 6e-8)."""
+    from pf_kernels.reference import timestep_embedding_ref
+
+    t = torch.tensor([[0.0, 1.0, 999.0, 500.5], [0.25, 250.0, 1000.0, 0.001]], device=device)
     out = pf_kernels.timestep_embedding(t, 256)
-    torch.testing.assert_close(out.double(), embedding64(t.double(), 256, 10000), atol=2e-4, rtol=0)
+    torch.testing.assert_close(out, timestep_embedding_ref(t, 256, 10000), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out.double().cpu(), embedding64(t.double().cpu(), 256, 10000), atol=2e-4, rtol=0)
+
+
+def test_the_frequency_table_is_the_references_bit_for_bit():
+    from pf_kernels.reference import timestep_frequencies
+
+    got = timestep_frequencies(128, 10000, torch.float32, "cpu")
+    want = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    assert torch.equal(got, want) and got.dtype == torch.float32
 
 
 @needs_interp

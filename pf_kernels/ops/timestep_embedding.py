@@ -1,7 +1,10 @@
 """Sinusoidal timestep features for per-patch times (SPEC.md section 2).
 
 ``emb[..., k] = cos(t * f_k)``, ``emb[..., half + k] = sin(t * f_k)`` for ``k < half = dim // 2``,
-``f_k = exp(-ln(max_period) * k / half)``; an odd ``dim`` ends with a zero column. With per-patch
+``f_k = exp(-ln(max_period) * k / half)``; an odd ``dim`` ends with a zero column. The
+frequency table is computed once per (dim, max_period, device) in torch, with the reference's
+own function, and read by the kernels: no ``exp`` on the GPU (its fast approximation and a
+division were a few ulp off, up to ~3e-4 in the features at DiT-style times t ~ 1000). With per-patch
 times this is a (B, N, 256) fp32 tensor written once from the (B, N) times, instead of
 the ``arange``/``exp``/outer-product/``cat`` chain. Differentiable in ``t`` (cheap: the
 backward recomputes the angles), ``dt = sum_k f_k * (g_sin_k * cos - g_cos_k * sin)``.
@@ -9,14 +12,13 @@ backward recomputes the angles), ``dt = sum_k f_k * (g_sin_k * cos - g_cos_k * s
 File layout: forward kernel, backward kernel, host launchers, op registration + autograd.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from pf_kernels.ops._utils import HAS_TRITON_OP, count, empty_rows, wrap
+from pf_kernels.reference import timestep_frequencies
 
 #################################################################################
 #                                 Forward kernel                                #
@@ -26,8 +28,9 @@ from pf_kernels.ops._utils import HAS_TRITON_OP, count, empty_rows, wrap
 @triton.jit
 def _timestep_embedding_fwd_kernel(
     T,  # (M,) times, any real dtype, flattened from t's shape
+    FREQS,  # (HALF,) fp32 frequency table (pf_kernels.reference.timestep_frequencies)
     OUT,  # (M, DIM) fp32, contiguous
-    M, HALF, DIM, neg_log_period,  # neg_log_period = -ln(max_period)
+    M, HALF, DIM,
     ODD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -37,8 +40,7 @@ def _timestep_embedding_fwd_kernel(
     row_ok = rows < M
     mask = row_ok[:, None] & (k < HALF)[None, :]
     t = tl.load(T + rows, mask=row_ok, other=0.0).to(tl.float32)
-    # f_k = exp(-ln(P) * k / half), in the reference's order of operations.
-    freqs = tl.exp(neg_log_period * k.to(tl.float32) / HALF)  # (BLOCK_H,)
+    freqs = tl.load(FREQS + k, mask=k < HALF, other=0.0)  # (BLOCK_H,)
     args = t[:, None] * freqs[None, :]  # (BLOCK_M, BLOCK_H)
     base = OUT + rows[:, None] * DIM + k[None, :]
     tl.store(base, tl.cos(args), mask=mask)
@@ -56,8 +58,9 @@ def _timestep_embedding_fwd_kernel(
 def _timestep_embedding_bwd_kernel(
     DOUT, stride_gm,  # (M, DIM) incoming gradient, unit stride along DIM
     T,  # (M,)
+    FREQS,  # (HALF,) fp32
     DT,  # (M,) in t's dtype
-    M, HALF, neg_log_period,
+    M, HALF,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -66,7 +69,7 @@ def _timestep_embedding_bwd_kernel(
     row_ok = rows < M
     mask = row_ok[:, None] & (k < HALF)[None, :]
     t = tl.load(T + rows, mask=row_ok, other=0.0).to(tl.float32)
-    freqs = tl.exp(neg_log_period * k.to(tl.float32) / HALF)
+    freqs = tl.load(FREQS + k, mask=k < HALF, other=0.0)
     args = t[:, None] * freqs[None, :]
     base = DOUT + rows[:, None] * stride_gm + k[None, :]
     g_cos = tl.load(base, mask=mask, other=0.0).to(tl.float32)
@@ -90,6 +93,17 @@ def _blocks(m, half: int) -> tuple[int, int, int]:
     return block_m, block_h, 4
 
 
+_FREQS: dict = {}
+
+
+def _freqs(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """The fp32 frequency table on ``device``, made once (bit-equal to the reference's)."""
+    key = (int(half), float(max_period), str(device))
+    if key not in _FREQS:
+        _FREQS[key] = timestep_frequencies(int(half), float(max_period), torch.float32, device)
+    return _FREQS[key]
+
+
 def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
     """t any shape -> t.shape + (dim,), fp32."""
     out = empty_rows((*t.shape, dim), torch.float32, t.device)
@@ -100,7 +114,7 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torc
     block_m, block_h, num_warps = _blocks(m, half)
     count("timestep_embedding_fwd")
     wrap(_timestep_embedding_fwd_kernel)[(triton.cdiv(m, block_m),)](
-        flat, out, m, half, dim, -math.log(max_period),
+        flat, _freqs(half, max_period, t.device), out, m, half, dim,
         ODD=dim % 2 == 1, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )  # fmt: skip
     return out
@@ -119,7 +133,7 @@ def timestep_embedding_bwd(grad: torch.Tensor, t: torch.Tensor, dim: int, max_pe
     block_m, block_h, num_warps = _blocks(m, half)
     count("timestep_embedding_bwd")
     wrap(_timestep_embedding_bwd_kernel)[(triton.cdiv(m, block_m),)](
-        g, g.stride(0), flat, dt, m, half, -math.log(max_period),
+        g, g.stride(0), flat, _freqs(half, max_period, t.device), dt, m, half,
         BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )  # fmt: skip
     return dt
