@@ -12,11 +12,20 @@ strided views of the modulation output: the kernels read them in place.
 
 Only LayerNorms without affine parameters are fused (that is DiT's design); a module whose
 norms carry weights, or whose modulation Linear has an unexpected width, is left alone.
+
+The names only nominate a module: it is patched when the fused forward computes what its own
+forward does. ``patch_dit`` runs both on a copy of the module with random weights (AdaLN-Zero
+init would hide any difference) and a small probe input, and skips, with a warning that
+names the module and the reason, a module whose forward computes something else (an extra
+submodule, another residual form), takes other arguments, or has forward hooks on a norm the
+fused path would bypass. A patched module stays picklable (``torch.save(model)``) and its
+state dict is unchanged.
 """
 
 from __future__ import annotations
 
-import types
+import copy
+import warnings
 
 import torch
 import torch.nn as nn
@@ -74,42 +83,130 @@ def _final_forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor |
     return self.linear(adaln_modulate(x, shift, scale, self.norm_final.eps))
 
 
-def _is_block(m: nn.Module) -> bool:
-    if not all(hasattr(m, a) for a in ("adaLN_modulation", "norm1", "norm2", "attn", "mlp")):
-        return False
-    if not (_plain_layernorm(m.norm1) and _plain_layernorm(m.norm2)):
-        return False
-    return _modulation_width(m.adaLN_modulation) == 6 * m.norm1.normalized_shape[0]
+BLOCK_PARTS = ("adaLN_modulation", "norm1", "norm2", "attn", "mlp")
+FINAL_PARTS = ("adaLN_modulation", "norm_final", "linear")
 
 
-def _is_final(m: nn.Module) -> bool:
-    if not all(hasattr(m, a) for a in ("adaLN_modulation", "norm_final", "linear")):
-        return False
-    if not _plain_layernorm(m.norm_final):
-        return False
-    return _modulation_width(m.adaLN_modulation) == 2 * m.norm_final.normalized_shape[0]
+def _nominate(m: nn.Module) -> tuple[str | None, str | None]:
+    """(kind, None) for a module the fused forward may replace, (kind, reason) for one named
+    like a DiT module that it cannot, (None, None) for the rest."""
+    if all(hasattr(m, a) for a in BLOCK_PARTS):
+        kind, norms, chunks = "block", ("norm1", "norm2"), 6
+    elif all(hasattr(m, a) for a in FINAL_PARTS):
+        kind, norms, chunks = "final", ("norm_final",), 2
+    else:
+        return None, None
+    for name in norms:
+        if not _plain_layernorm(getattr(m, name)):
+            return kind, f"{name} is not a LayerNorm without affine weights (fusing it would drop them)"
+    width = _modulation_width(m.adaLN_modulation)
+    d = getattr(m, norms[0]).normalized_shape[0]
+    if width != chunks * d:
+        return kind, f"adaLN_modulation gives {width} features, not {chunks} x {d}"
+    return kind, None
 
 
-def patch_dit(model: nn.Module) -> int:
+class FusedForward:
+    """The patched ``forward`` of one module: a picklable callable (a bound method of a
+    function the module's class does not have would not unpickle)."""
+
+    def __init__(self, module: nn.Module, kind: str):
+        self.module, self.kind = module, kind
+
+    def __call__(self, *args, **kwargs):
+        fn = _block_forward if self.kind == "block" else _final_forward
+        return fn(self.module, *args, **kwargs)
+
+
+class PatchReport(int):
+    """How many modules ``patch_dit`` patched (an int), and ``skipped``: (name, reason) pairs."""
+
+    skipped: list
+
+    def __new__(cls, patched: int, skipped: list):
+        report = super().__new__(cls, patched)
+        report.skipped = list(skipped)
+        return report
+
+    def __str__(self) -> str:
+        text = f"patched {int(self)} module(s)"
+        if self.skipped:
+            text += f", skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped)
+        return text
+
+    __repr__ = __str__
+
+
+PROBE_B, PROBE_N = 2, 3  # unequal, so a wrong broadcast cannot pass by chance
+
+
+def _bypassed_hooks(module: nn.Module, kind: str) -> str | None:
+    norms = ("norm1", "norm2") if kind == "block" else ("norm_final",)
+    for name in norms:
+        norm = getattr(module, name)
+        if norm._forward_hooks or norm._forward_pre_hooks:
+            return f"{name} has forward hooks, which the fused path (it never calls {name}) would not fire"
+    return None
+
+
+@torch.no_grad()
+def _judge(module: nn.Module, kind: str) -> str | None:
+    """None if the fused forward computes what ``module``'s forward does, else the reason."""
+    probe = copy.deepcopy(module).eval()
+    probe.__dict__.pop("forward", None)
+    gen = torch.Generator().manual_seed(0)
+    for prm in probe.parameters():
+        prm.copy_(0.3 * torch.randn(prm.shape, generator=gen, dtype=torch.float32).to(prm))
+    norm = probe.norm1 if kind == "block" else probe.norm_final
+    d = norm.normalized_shape[0]
+    like = next(probe.parameters())
+    x = torch.randn(PROBE_B, PROBE_N, d, generator=gen).to(like)
+    fused = _block_forward if kind == "block" else _final_forward
+    tried = []
+    for c_shape in ((PROBE_B, d), (PROBE_B, PROBE_N, d)):  # DiT's (B, D), then per token
+        c = torch.randn(c_shape, generator=gen).to(like)
+        try:
+            want = probe(x, c)
+        except Exception as err:  # its forward does not take this conditioning
+            tried.append(f"c {tuple(c_shape)}: {type(err).__name__}")
+            continue
+        got = fused(probe, x, c)
+        if not torch.is_tensor(want) or want.shape != got.shape:
+            return f"its forward returns {getattr(want, 'shape', type(want).__name__)}, the fused one {tuple(got.shape)}"
+        diff = (want.float() - got.float()).abs().max().item()
+        scale = want.float().abs().max().item()
+        if not diff <= 1e-3 * max(scale, 1.0):
+            return f"its forward computes something else (max |difference| {diff:.3g} on a random probe)"
+        return None
+    return "its forward does not take (x, c) as a DiT block does (" + "; ".join(tried) + ")"
+
+
+def patch_dit(model: nn.Module, *, verbose: bool = True) -> PatchReport:
     """Rebind the forward of every DiT-style block and final layer in ``model`` (``model``
-    itself included) to the fused ops. Returns how many modules this call patched; modules
-    already patched are skipped, so calling it twice is harmless. ``unpatch_dit`` undoes it.
+    itself included) whose own forward the fused one reproduces. Returns a :class:`PatchReport`
+    (an int: how many this call patched; ``.skipped``: the nominated modules left alone, each
+    also warned about when ``verbose``). Modules already patched are skipped silently, so
+    calling it twice is harmless. ``unpatch_dit`` undoes it.
     """
-    patched = 0
-    for module in model.modules():
+    patched, skipped = 0, []
+    for name, module in model.named_modules():
         if hasattr(module, _PATCHED):
             continue
-        if _is_block(module):
-            new_forward = _block_forward
-        elif _is_final(module):
-            new_forward = _final_forward
-        else:
+        kind, reason = _nominate(module)
+        if kind is None:
+            continue
+        reason = reason or _bypassed_hooks(module, kind) or _judge(module, kind)
+        if reason is not None:
+            skipped.append((name or type(module).__name__, reason))
+            if verbose:
+                warnings.warn(f"pf_kernels.patch_dit: left {name or type(module).__name__} "
+                              f"({type(module).__name__}) as it is: {reason}", stacklevel=2)
             continue
         # The instance attribute shadows the class's forward: only this module changes.
         setattr(module, _PATCHED, module.__dict__.get("forward"))
-        module.forward = types.MethodType(new_forward, module)
+        module.forward = FusedForward(module, kind)
         patched += 1
-    return patched
+    return PatchReport(patched, skipped)
 
 
 def unpatch_dit(model: nn.Module) -> int:

@@ -180,8 +180,71 @@ def test_skips_affine_norms_and_other_widths():
     model = TinyDiT()
     model.blocks[0].norm1 = nn.LayerNorm(32, eps=1e-6)  # affine: fusing would drop its weight
     model.final_layer.adaLN_modulation[1] = nn.Linear(32, 3 * 32)  # not (shift, scale)
-    assert pf_kernels.patch_dit(model) == 1
+    with pytest.warns(UserWarning, match=r"left blocks.0 \(DiTBlock\) as it is: norm1 is not a LayerNorm"):
+        report = pf_kernels.patch_dit(model)
+    assert report == 1 and [n for n, _ in report.skipped] == ["blocks.0", "final_layer"]
+    assert "adaLN_modulation gives 96 features, not 2 x 32" in report.skipped[1][1]
+    assert str(report).startswith("patched 1 module(s), skipped 2: blocks.0 (")
     assert pf_kernels.patch_dit(nn.Sequential(nn.Linear(2, 2))) == 0
+
+
+class ScaledBlock(DiTBlock):
+    """A subclass with one more submodule in its forward: named like a DiT block, computing
+    something else (a user's variant)."""
+
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads)
+        self.extra = nn.Linear(dim, dim)
+
+    def forward(self, x, c):
+        return super().forward(x, c) + self.extra(x)
+
+
+def test_a_block_whose_forward_differs_is_left_alone_and_named():
+    model = TinyDiT()
+    variant = ScaledBlock(32, 2)
+    variant.load_state_dict({**model.blocks[1].state_dict(), **{f"extra.{k}": v for k, v in
+                                                                 nn.Linear(32, 32).state_dict().items()}})
+    model.blocks[1] = variant
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    before = model(x, c)
+    with pytest.warns(UserWarning, match=r"blocks.1 \(ScaledBlock\) as it is: its forward computes something else"):
+        report = pf_kernels.patch_dit(model)
+    assert report == 2 and report.skipped[0][0] == "blocks.1"  # blocks.0 and the final layer are patched
+    torch.testing.assert_close(model(x, c), before, atol=2e-5, rtol=2e-5)  # the output did not change
+
+
+def test_hooks_on_a_bypassed_norm_refuse_the_patch():
+    model = TinyDiT()
+    seen = []
+    model.blocks[0].norm2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with pytest.warns(UserWarning, match="norm2 has forward hooks"):
+        report = pf_kernels.patch_dit(model)
+    assert report == 2 and report.skipped[0][0] == "blocks.0"
+    model(torch.randn(2, 5, 32), torch.randn(2, 32))
+    assert seen == [torch.Size([2, 5, 32])]  # the hook still fires: that block was not patched
+    hooked = []
+    model.blocks[1].register_forward_hook(lambda m, i, o: hooked.append(1))  # on a patched module: fires
+    model(torch.randn(2, 5, 32), torch.randn(2, 32))
+    assert hooked == [1]
+
+
+def test_a_patched_model_pickles_and_keeps_its_state_dict(tmp_path):
+    model = TinyDiT()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pf_kernels.patch_dit(model) == 3
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x, c), model(x, c), atol=0, rtol=0)
+    assert isinstance(loaded.blocks[0].forward, pf_kernels.patch.FusedForward)
+    assert loaded.blocks[0].forward.module is loaded.blocks[0]  # bound to the loaded module, not the saved one
+    twin = copy.deepcopy(model)  # e.g. an EMA copy
+    with torch.no_grad():
+        twin.blocks[0].attn.proj.weight.mul_(2)
+    assert twin.blocks[0].forward.module is twin.blocks[0]
+    assert not torch.allclose(twin(x, c), model(x, c))
 
 
 def test_compile_patched_dit_cpu(backend):
