@@ -13,6 +13,7 @@ traces it without graph breaks (and guards on the backend value).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -89,6 +90,25 @@ def _use_triton(*tensors: torch.Tensor | None) -> bool:
 #################################################################################
 
 
+def _same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """Every tensor argument on one device (a kernel launched for one would read the others'
+    memory as its own)."""
+    named = {k: t for k, t in tensors.items() if t is not None}
+    devices = {t.device for t in named.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {t.device}" for k, t in named.items())
+        raise ValueError(f"{op}: the tensors must be on one device, got {where}")
+
+
+def _launch_on(x: torch.Tensor):
+    """Run the kernel launch with x's device current: Triton launches on the current device
+    and stream, so a model on cuda:1 while cuda:0 is current would otherwise run on cuda:0.
+    (Compiled graphs set the device themselves.)"""
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def _check_rows(op: str, x: torch.Tensor, **mods: torch.Tensor) -> None:
     """x (B, N, D); each modulation (B, N, D) or (B, 1, D)."""
     if x.dim() != 3:
@@ -130,8 +150,10 @@ def _check_indexed(op: str, x: torch.Tensor, index: torch.Tensor, **tables: torc
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift``; x (B, N, D), shift/scale (B, N, D) or (B, 1, D)."""
     _check_rows("adaln_modulate", x, shift=shift, scale=scale)
+    _same_device("adaln_modulate", x=x, shift=shift, scale=scale)
     if _use_triton(x, shift, scale):
-        return adaln_modulate_triton(x, shift, scale, float(eps))
+        with _launch_on(x):
+            return adaln_modulate_triton(x, shift, scale, float(eps))
     return adaln_modulate_ref(x, shift, scale, eps)
 
 
@@ -140,8 +162,10 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     _check_rows("gated_residual", x, gate=gate, y=y)
     if y.shape != x.shape:
         raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    _same_device("gated_residual", x=x, gate=gate, y=y)
     if _use_triton(x, gate, y):
-        return gated_residual_triton(x, gate, y)
+        with _launch_on(x):
+            return gated_residual_triton(x, gate, y)
     return gated_residual_ref(x, gate, y)
 
 
@@ -154,28 +178,33 @@ def adaln_modulate_indexed(
     (checked on the CPU only; on a GPU an index out of range is undefined behaviour).
     Differentiable: the table grads are the per-token grads summed by index.
     """
+    _same_device("adaln_modulate_indexed", x=x, shift=shift, scale=scale, index=index)
     _check_indexed("adaln_modulate_indexed", x, index, shift=shift, scale=scale)
     index = index.to(torch.int64)
     if _use_triton(x, shift, scale, index):
-        return adaln_modulate_indexed_triton(x, shift, scale, index, float(eps))
+        with _launch_on(x):
+            return adaln_modulate_indexed_triton(x, shift, scale, index, float(eps))
     return adaln_modulate_indexed_ref(x, shift, scale, index, eps)
 
 
 def gated_residual_indexed(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, n] + gate[b, index[b, n]] * y[b, n]``; gate a (B, K, D) table, index (B, N)."""
+    _same_device("gated_residual_indexed", x=x, gate=gate, y=y, index=index)
     _check_indexed("gated_residual_indexed", x, index, gate=gate)
     if y.shape != x.shape:
         raise ValueError(f"gated_residual_indexed: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     index = index.to(torch.int64)
     if _use_triton(x, gate, y, index):
-        return gated_residual_indexed_triton(x, gate, y, index)
+        with _launch_on(x):
+            return gated_residual_indexed_triton(x, gate, y, index)
     return gated_residual_indexed_ref(x, gate, y, index)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:
     """t any shape -> t.shape + (dim,) fp32 (float64 for float64 t): ``[cos(t f), sin(t f)]``."""
     if _use_triton(t):
-        return timestep_embedding_triton(t, int(dim), float(max_period))
+        with _launch_on(t):
+            return timestep_embedding_triton(t, int(dim), float(max_period))
     return timestep_embedding_ref(t, dim, max_period)
 
 
@@ -207,11 +236,13 @@ def patch_euler(
     for name, t in (("dt", dt), ("mask", mask)):
         if t is not None and t.shape != (b, n):
             raise ValueError(f"patch_euler: {name} must have shape ({b}, {n}) (one per patch), got {tuple(t.shape)}")
+    _same_device("patch_euler", x=x, v=v, dt=dt, v_other=v_other, mask=mask, out=out)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, v, dt, v_other)
     )
     if not needs_grad and _use_triton(x, v, dt, v_other, mask, out):
-        return patch_euler_triton(x, v, dt, p, v_other=v_other, mask=mask, out=out)
+        with _launch_on(x):
+            return patch_euler_triton(x, v, dt, p, v_other=v_other, mask=mask, out=out)
     return patch_euler_ref(x, v, dt, p, v_other=v_other, mask=mask, out=out)

@@ -238,3 +238,43 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
         for name, value in kwargs.items():
             if name.isupper() or name == "num_warps":
                 assert type(value) in (int, bool), (name, value)
+
+
+def test_inputs_on_two_devices_get_a_clear_error():
+    x = torch.randn(2, 3, 8)
+    meta = torch.empty(2, 3, 8, device="meta")
+    with pytest.raises(ValueError, match=r"adaln_modulate: the tensors must be on one device, got x on cpu, "
+                                         r"shift on meta, scale on cpu"):
+        pf_kernels.adaln_modulate(x, meta, x)
+    with pytest.raises(ValueError, match=r"gated_residual: the tensors must be on one device"):
+        pf_kernels.gated_residual(x, x, meta)
+    idx = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match=r"gated_residual_indexed: .* index on meta"):
+        pf_kernels.gated_residual_indexed(x, x[:, :1], x, idx)
+    img = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"patch_euler: the tensors must be on one device, .*dt on meta"):
+        pf_kernels.patch_euler(img, img, torch.empty(1, 4, device="meta"), 2)
+
+
+def test_launches_run_with_the_inputs_device_current():
+    from types import SimpleNamespace
+
+    from pf_kernels.dispatch import _launch_on
+
+    guard = _launch_on(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # entered around each launch
+    assert not isinstance(_launch_on(torch.zeros(1)), torch.cuda.device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_on_the_second_gpu_while_the_first_is_current(restore_backend):
+    pf_kernels.set_backend("triton")
+    torch.cuda.set_device(0)
+    x = torch.randn(2, 7, 48, device="cuda:1", requires_grad=True)
+    shift, scale = torch.randn(2, 1, 48, device="cuda:1"), torch.randn(2, 1, 48, device="cuda:1")
+    out = pf_kernels.adaln_modulate(x, shift, scale)
+    out.sum().backward()
+    ref = torch.nn.functional.layer_norm(x.detach(), (48,), eps=1e-6) * (1 + scale) + shift
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.device == x.grad.device == torch.device("cuda", 1)
