@@ -227,13 +227,14 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
         (lambda g, x, m, i: adaln.adaln_modulate_bwd(g, x, *m.chunk(2, -1), i, 1e-6), (x, x, mod1, index)),
         (lambda x, m, y: gated.gated_residual_fwd(x, m[..., :48], y, None), (x, mod, x)),
         (lambda g, m, y: gated.gated_residual_bwd(g, m[..., :48], y, None), (x, mod1, x)),
+        (lambda g, m, y, i: gated.gated_residual_bwd(g, m[..., :48], y, i), (x, mod1, x, index)),
         (lambda t: temb.timestep_embedding_fwd(t, 256, 1e4), (torch.rand(2, 300),)),
         (lambda g, t: temb.timestep_embedding_bwd(g, t, 256, 1e4), (torch.rand(2, 300, 256), torch.rand(2, 300))),
         (lambda o, x, v, dt: euler.patch_euler_launch(o, x, v, dt, 2, None, None), (torch.empty(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 16))),
     ]
     for fn, args in cases:
         make_fx(fn, tracing_mode="symbolic")(*args)
-    assert len(launches) == len(cases)
+    assert len(launches) == len(cases) + 1  # the indexed adaln backward adds its table-grads kernel
     for kwargs in launches:
         for name, value in kwargs.items():
             if name.isupper() or name == "num_warps":

@@ -88,10 +88,12 @@ def _adaln_modulate_bwd_kernel(
     DX, stride_dxb, stride_dxn,  # (B, N, D)
     DSCALE, stride_dsb, stride_dsn,  # (B, N, D) per token, or (B, P, D) fp32 partials (REDUCE_SCALE)
     DSHIFT, stride_dhb, stride_dhn,  # (B, P, D) fp32 partials (REDUCE_SHIFT only; else dshift = dout)
+    STATS,  # (B, N, 2) fp32 mean and rstd per token (TABLE only: the table grads are summed apart)
     N, D, eps, ROWS_PER_PROG,
     HAS_INDEX: tl.constexpr,
     REDUCE_SCALE: tl.constexpr,
     REDUCE_SHIFT: tl.constexpr,
+    TABLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -133,6 +135,9 @@ def _adaln_modulate_bwd_kernel(
         # dscale = g * xhat, dshift = g (masked rows and columns contribute zeros).
         if REDUCE_SCALE:
             acc_dscale += tl.sum(g * xhat, axis=0)
+        elif TABLE:
+            tl.store(STATS + (b * N + rows) * 2, mean, mask=row_ok)
+            tl.store(STATS + (b * N + rows) * 2 + 1, rstd, mask=row_ok)
         else:
             dscale = g * xhat
             tl.store(
@@ -146,6 +151,50 @@ def _adaln_modulate_bwd_kernel(
         tl.store(DSCALE + b * stride_dsb + pid * stride_dsn + cols, acc_dscale, mask=col_ok)
     if REDUCE_SHIFT:
         tl.store(DSHIFT + b * stride_dhb + pid * stride_dhn + cols, acc_dshift, mask=col_ok)
+
+
+@triton.jit
+def _adaln_table_grads_kernel(
+    DOUT, stride_gb, stride_gn,  # (B, N, D)
+    X, stride_xb, stride_xn,  # (B, N, D)
+    STATS,  # (B, N, 2) fp32 mean, rstd (written by the backward kernel)
+    INDEX, stride_ib, stride_in,  # (B, N) int64 rows of the tables
+    DSHIFT, DSCALE, stride_pb, stride_pp, stride_pk,  # (B, P, TABLE_K, D) fp32 partials each
+    N, D, ROWS_PER_PROG,
+    TABLE_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (P, B, D tiles): the table grads dshift[k] = sum_{n: index = k} g_n and
+    # dscale[k] = sum g_n * xhat_n, summed in fp32 registers per program (the same order on
+    # every run: no atomics); the host adds the P partials.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    ks = tl.arange(0, TABLE_K)
+    acc_shift = tl.zeros((TABLE_K, BLOCK_D), dtype=tl.float32)
+    acc_scale = tl.zeros((TABLE_K, BLOCK_D), dtype=tl.float32)
+    row_start = pid * ROWS_PER_PROG
+    for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = rows < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        g = tl.load(DOUT + b * stride_gb + rows[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
+        mean = tl.load(STATS + (b * N + rows) * 2, mask=row_ok, other=0.0)
+        rstd = tl.load(STATS + (b * N + rows) * 2 + 1, mask=row_ok, other=0.0)
+        xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+        dscale = tl.where(mask, g * xhat, 0.0)
+        mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=-1)
+        for k in tl.static_range(TABLE_K):
+            sel = (mrows == k)[:, None]
+            acc_shift += tl.where(ks[:, None] == k, tl.sum(tl.where(sel, g, 0.0), axis=0)[None, :], 0.0)
+            acc_scale += tl.where(ks[:, None] == k, tl.sum(tl.where(sel, dscale, 0.0), axis=0)[None, :], 0.0)
+    offs = b * stride_pb + pid * stride_pp + ks[:, None] * stride_pk + cols[None, :]
+    tl.store(DSHIFT + offs, acc_shift, mask=col_ok[None, :])
+    tl.store(DSCALE + offs, acc_scale, mask=col_ok[None, :])
 
 
 #################################################################################
@@ -210,8 +259,9 @@ def adaln_modulate_bwd(grad, x, shift, scale, index, eps: float):
 
     dx (B, N, D). Per-sample shift/scale (B, 1, D): reduced grads (B, 1, D) in their dtypes.
     Per-token: dscale (B, N, D); dshift is an empty tensor because it equals ``grad`` (the
-    caller uses grad itself: no kernel writes a copy). Indexed: dscale per token in fp32
-    (the caller scatters it into the table); dshift empty likewise.
+    caller uses grad itself: no kernel writes a copy). Indexed: the (B, K, D) grads of both
+    tables (summed by a second kernel without atomics for K <= MAX_TABLE_K, by a scatter of
+    the per-token grads above).
     """
     grad, x = last_dim_contiguous(grad), last_dim_contiguous(x)
     scale = last_dim_contiguous(scale)
@@ -227,11 +277,16 @@ def adaln_modulate_bwd(grad, x, shift, scale, index, eps: float):
         n_prog, rows_per_prog = reduce_programs(n, bsz, block_m, x.device)
     else:
         n_prog, rows_per_prog = triton.cdiv(max(n, 1), block_m), block_m
+    k_rows = int(shift.shape[1]) if indexed else 0
+    table = bool(indexed and k_rows <= MAX_TABLE_K)
     if reduce_scale:
         dscale_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=x.device)
+    elif table:
+        dscale_buf = dx  # not written: the table kernel sums dscale from the row statistics
     else:
         dscale_buf = empty_rows((bsz, n, d), torch.float32 if indexed else scale.dtype, x.device)
     dshift_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=x.device) if reduce_shift else dx
+    stats = torch.empty((bsz, n, 2), dtype=torch.float32, device=x.device) if table else dx
     if dx.numel() > 0:
         idx, sib, sin = _index_args(index, x)
         count("adaln_modulate_bwd")
@@ -243,14 +298,20 @@ def adaln_modulate_bwd(grad, x, shift, scale, index, eps: float):
             dx, dx.stride(0), dx.stride(1),
             dscale_buf, dscale_buf.stride(0), dscale_buf.stride(1),
             dshift_buf, dshift_buf.stride(0), dshift_buf.stride(1),
+            stats,
             n, d, eps, rows_per_prog,
-            HAS_INDEX=indexed, REDUCE_SCALE=reduce_scale, REDUCE_SHIFT=reduce_shift,
+            HAS_INDEX=indexed, REDUCE_SCALE=reduce_scale, REDUCE_SHIFT=reduce_shift, TABLE=table,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )  # fmt: skip
     elif reduce_scale or reduce_shift:
         dscale_buf.zero_()
         if reduce_shift:
             dshift_buf.zero_()
+    if indexed:
+        if table:
+            return (dx, *_table_grads(grad, x, stats, index, k_rows, shift.dtype, scale.dtype))
+        # a wide table: the per-token grads scattered into it (atomics on a GPU)
+        return dx, _scatter_rows(grad, index, k_rows, shift.dtype), _scatter_rows(dscale_buf, index, k_rows, scale.dtype)
     # The one reduction of the per-program partials.
     dscale = dscale_buf.sum(1, keepdim=True).to(scale.dtype) if reduce_scale else dscale_buf
     if reduce_shift:
@@ -260,11 +321,40 @@ def adaln_modulate_bwd(grad, x, shift, scale, index, eps: float):
     return dx, dshift, dscale
 
 
+MAX_TABLE_K = 8  # indexed tables with up to this many rows have their grads summed by a kernel
+TABLE_BLOCK_D = 128  # columns per program there (2 x K fp32 accumulator rows in registers)
+
+
+def _table_grads(grad, x, stats, index, k_rows: int, shift_dtype, scale_dtype):
+    """(dshift, dscale) (B, K, D) of an indexed modulation, summed per program in the kernel
+    and then over programs here: deterministic (no atomics)."""
+    bsz, n, d = x.shape
+    table_k = triton.next_power_of_2(k_rows)
+    block_d = min(triton.next_power_of_2(int(d)), TABLE_BLOCK_D)  # constexprs: plain ints (D is a model constant)
+    block_m = max(1, min(TILE_ELEMS // block_d // 2, triton.next_power_of_2(max(int(n), 1))))
+    d_tiles = triton.cdiv(d, block_d)
+    n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, x.device)
+    parts = torch.zeros((2, bsz, n_prog, table_k, d), dtype=torch.float32, device=x.device)
+    if x.numel() > 0:
+        count("adaln_modulate_table_grads")
+        wrap(_adaln_table_grads_kernel)[(n_prog, bsz, d_tiles)](
+            grad, grad.stride(0), grad.stride(1),
+            x, x.stride(0), x.stride(1),
+            stats,
+            index, index.stride(0), index.stride(1),
+            parts[0], parts[1], parts.stride(1), parts.stride(2), parts.stride(3),
+            n, d, rows_per_prog,
+            TABLE_K=table_k, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    # (B, K, D) each: the P partials added in order (two separate tensors: outputs must not alias)
+    return parts[0].sum(1)[:, :k_rows].to(shift_dtype), parts[1].sum(1)[:, :k_rows].to(scale_dtype)
+
+
 def _bwd_fake(grad, x, shift, scale, index, eps):
     bsz, n, d = x.shape
     dx = empty_rows((bsz, n, d), x.dtype, x.device)
-    if index is not None:
-        return dx, x.new_empty((0,), dtype=shift.dtype), empty_rows((bsz, n, d), torch.float32, x.device)
+    if index is not None:  # the tables' grads
+        return dx, empty_rows(shift.shape, shift.dtype, x.device), empty_rows(scale.shape, scale.dtype, x.device)
     dscale_rows = 1 if scale.shape[1] == 1 else n
     dshift = empty_rows((bsz, 1, d), shift.dtype, x.device) if shift.shape[1] == 1 and n != 1 else x.new_empty((0,), dtype=shift.dtype)
     return dx, dshift, empty_rows((bsz, dscale_rows, d), scale.dtype, x.device)
@@ -279,10 +369,9 @@ def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, k: int, dtype: torch.
 
 
 def _finish_grads(grad, dx, dshift, dscale, shift, scale, index):
-    """Per-token dshift is the incoming gradient itself; indexed grads go into the tables."""
+    """Per-token dshift is the incoming gradient itself; indexed grads are the tables' already."""
     if index is not None:
-        k = shift.shape[1]
-        return dx, _scatter_rows(grad, index, k, shift.dtype), _scatter_rows(dscale, index, scale.shape[1], scale.dtype)
+        return dx, dshift, dscale
     if dshift.numel() == 0 and shift.numel() > 0:
         dshift = grad.to(shift.dtype)
         if dshift.shape != shift.shape:  # N == 1 or empty: same numbers, shift's shape

@@ -73,18 +73,25 @@ def _gated_residual_bwd_kernel(
     INDEX, stride_ib, stride_in,  # (B, N) int64 (HAS_INDEX only)
     DY, stride_dyb, stride_dyn,  # (B, N, D)
     DGATE, stride_dgb, stride_dgn,  # (B, N, D) per token, or (B, P, D) fp32 partials (REDUCE_GATE)
+    stride_dgk,  # TABLE_K: DGATE is (B, P, TABLE_K, D) fp32 partials, one row per table entry
     N, D, ROWS_PER_PROG,
     HAS_INDEX: tl.constexpr,
     REDUCE_GATE: tl.constexpr,
+    TABLE_K: tl.constexpr,  # > 0: sum an indexed gate's grads into its K (padded) rows here
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Grid (P, B); program p covers ROWS_PER_PROG tokens of sample b (see adaln_modulate).
+    # Grid (P, B, D tiles); program p covers ROWS_PER_PROG tokens of sample b (see
+    # adaln_modulate) and BLOCK_D columns. With TABLE_K the table's grads are summed in fp32
+    # registers per program (no atomics: the same sums in the same order on every run) and
+    # the host adds the P partials.
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc_dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ks = tl.arange(0, TABLE_K if TABLE_K > 0 else 1)
+    acc_table = tl.zeros((TABLE_K if TABLE_K > 0 else 1, BLOCK_D), dtype=tl.float32)
     row_start = pid * ROWS_PER_PROG
     for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -104,6 +111,10 @@ def _gated_residual_bwd_kernel(
         dgate = g * y.to(tl.float32)
         if REDUCE_GATE:
             acc_dgate += tl.sum(dgate, axis=0)
+        elif TABLE_K > 0:
+            for k in tl.static_range(TABLE_K):
+                part = tl.sum(tl.where((mrows == k)[:, None] & mask, dgate, 0.0), axis=0)  # (BLOCK_D,)
+                acc_table += tl.where(ks[:, None] == k, part[None, :], 0.0)
         else:
             tl.store(
                 DGATE + b * stride_dgb + rows[:, None] * stride_dgn + cols[None, :],
@@ -112,6 +123,9 @@ def _gated_residual_bwd_kernel(
             )
     if REDUCE_GATE:
         tl.store(DGATE + b * stride_dgb + pid * stride_dgn + cols, acc_dgate, mask=col_ok)
+    if TABLE_K > 0:
+        tl.store(DGATE + b * stride_dgb + pid * stride_dgn + ks[:, None] * stride_dgk + cols[None, :], acc_table,
+                 mask=col_ok[None, :])
 
 
 #################################################################################
@@ -142,54 +156,73 @@ def gated_residual_fwd(x, gate, y, index) -> torch.Tensor:
     return out
 
 
+MAX_TABLE_K = 8  # an indexed gate with up to this many rows has its grads summed in the kernel
+TABLE_BLOCK_D = 128  # columns per program then (K fp32 accumulator rows must stay in registers)
+
+
 def gated_residual_bwd(grad, gate, y, index):
-    """Returns (dy, dgate): dgate (B, 1, D) reduced for a per-sample gate, per token otherwise
-    (fp32 when indexed: the caller scatters it into the table). dx is ``grad`` itself."""
+    """Returns (dy, dgate): dgate (B, 1, D) reduced for a per-sample gate, per token otherwise,
+    and for an indexed gate its (B, K, D) table grads (summed in the kernel, deterministic,
+    for K <= MAX_TABLE_K; by a scatter of the per-token grads above). dx is ``grad`` itself."""
     grad, gate, y = last_dim_contiguous(grad), last_dim_contiguous(gate), last_dim_contiguous(y)
     bsz, n, d = y.shape
     indexed = index is not None
+    k_rows = int(gate.shape[1]) if indexed else 0
+    table_k = triton.next_power_of_2(k_rows) if indexed and k_rows <= MAX_TABLE_K else 0
     reduce_gate = bool(not indexed and gate.shape[1] == 1 and n != 1)  # constexpr: a plain bool
     dy = empty_rows((bsz, n, d), y.dtype, y.device)
     block_m, block_d, num_warps = row_blocks(n, d)
+    d_tiles = 1
     if reduce_gate:
         block_m = max(1, min(block_m, TILE_ELEMS // 2 // block_d))
         n_prog, rows_per_prog = reduce_programs(n, bsz, block_m, y.device)
         dgate_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=y.device)
+    elif table_k:
+        block_d = min(block_d, TABLE_BLOCK_D)
+        block_m = max(1, min(TILE_ELEMS // block_d, triton.next_power_of_2(max(int(n), 1))))
+        num_warps = 4
+        d_tiles = triton.cdiv(d, block_d)
+        n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, y.device)
+        dgate_buf = torch.empty((bsz, n_prog, table_k, d), dtype=torch.float32, device=y.device)
     else:
         n_prog, rows_per_prog = triton.cdiv(max(n, 1), block_m), block_m
         dgate_buf = empty_rows((bsz, n, d), torch.float32 if indexed else gate.dtype, y.device)
     if dy.numel() > 0:
         idx, sib, sin = _index_args(index, y)
         count("gated_residual_bwd")
-        wrap(_gated_residual_bwd_kernel)[(n_prog, bsz)](
+        wrap(_gated_residual_bwd_kernel)[(n_prog, bsz, d_tiles)](
             grad, grad.stride(0), grad.stride(1),
             gate, gate.stride(0), _mod_row_stride(gate, indexed),
             y, y.stride(0), y.stride(1),
             idx, sib, sin,
             dy, dy.stride(0), dy.stride(1),
-            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1),
+            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1), dgate_buf.stride(2) if table_k else 0,
             n, d, rows_per_prog,
-            HAS_INDEX=indexed, REDUCE_GATE=reduce_gate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_INDEX=indexed, REDUCE_GATE=reduce_gate, TABLE_K=table_k, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=num_warps,
         )  # fmt: skip
-    elif reduce_gate:
+    elif reduce_gate or table_k:
         dgate_buf.zero_()
-    dgate = dgate_buf.sum(1, keepdim=True).to(gate.dtype) if reduce_gate else dgate_buf
-    return dy, dgate
+    if reduce_gate:
+        return dy, dgate_buf.sum(1, keepdim=True).to(gate.dtype)
+    if table_k:
+        return dy, dgate_buf.sum(1)[:, :k_rows].to(gate.dtype)  # (B, K, D): the P partials, in order
+    if indexed:  # a wide table: per-token grads scattered into it (atomics on a GPU)
+        return dy, _scatter_rows(dgate_buf, index, k_rows, gate.dtype)
+    return dy, dgate_buf
 
 
 def _bwd_fake(grad, gate, y, index):
     bsz, n, d = y.shape
     dy = empty_rows((bsz, n, d), y.dtype, y.device)
     if index is not None:
-        return dy, empty_rows((bsz, n, d), torch.float32, y.device)
+        return dy, empty_rows(gate.shape, gate.dtype, y.device)  # the table's grads
     return dy, empty_rows((bsz, 1 if gate.shape[1] == 1 else n, d), gate.dtype, y.device)
 
 
 def _finish_grads(grad, x_dtype, dy, dgate, gate, index):
-    # dx = grad (in x's dtype); an indexed gate's per-token grads go into its table.
+    # dx = grad (in x's dtype); dgate is already the gate's (or its table's) grad.
     dx = grad if grad.dtype == x_dtype else grad.to(x_dtype)
-    if index is not None:
-        dgate = _scatter_rows(dgate, index, gate.shape[1], gate.dtype)
     return dx, dgate, dy
 
 

@@ -96,11 +96,16 @@ def _blocks(m, half: int) -> tuple[int, int, int]:
 _FREQS: dict = {}
 
 
-def _freqs(half: int, max_period: float, device: torch.device) -> torch.Tensor:
-    """The fp32 frequency table on ``device``, made once (bit-equal to the reference's)."""
-    key = (int(half), float(max_period), str(device))
+def _freqs(half: int, max_period: float, t: torch.Tensor) -> torch.Tensor:
+    """The fp32 frequency table on t's device, made once (bit-equal to the reference's). While
+    tracing (fake tensors) it is made fresh, so no traced tensor lands in the cache."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t):
+        return timestep_frequencies(int(half), float(max_period), torch.float32, t.device)
+    key = (int(half), float(max_period), str(t.device))
     if key not in _FREQS:
-        _FREQS[key] = timestep_frequencies(int(half), float(max_period), torch.float32, device)
+        _FREQS[key] = timestep_frequencies(int(half), float(max_period), torch.float32, t.device)
     return _FREQS[key]
 
 
@@ -114,7 +119,7 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torc
     block_m, block_h, num_warps = _blocks(m, half)
     count("timestep_embedding_fwd")
     wrap(_timestep_embedding_fwd_kernel)[(triton.cdiv(m, block_m),)](
-        flat, _freqs(half, max_period, t.device), out, m, half, dim,
+        flat, _freqs(half, max_period, t), out, m, half, dim,
         ODD=dim % 2 == 1, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )  # fmt: skip
     return out
@@ -133,7 +138,7 @@ def timestep_embedding_bwd(grad: torch.Tensor, t: torch.Tensor, dim: int, max_pe
     block_m, block_h, num_warps = _blocks(m, half)
     count("timestep_embedding_bwd")
     wrap(_timestep_embedding_bwd_kernel)[(triton.cdiv(m, block_m),)](
-        g, g.stride(0), flat, _freqs(half, max_period, t.device), dt, m, half,
+        g, g.stride(0), flat, _freqs(half, max_period, t), dt, m, half,
         BLOCK_M=block_m, BLOCK_H=block_h, num_warps=num_warps,
     )  # fmt: skip
     return dt
