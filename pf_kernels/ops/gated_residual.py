@@ -73,25 +73,18 @@ def _gated_residual_bwd_kernel(
     INDEX, stride_ib, stride_in,  # (B, N) int64 (HAS_INDEX only)
     DY, stride_dyb, stride_dyn,  # (B, N, D)
     DGATE, stride_dgb, stride_dgn,  # (B, N, D) per token, or (B, P, D) fp32 partials (REDUCE_GATE)
-    stride_dgk,  # TABLE_K: DGATE is (B, P, TABLE_K, D) fp32 partials, one row per table entry
     N, D, ROWS_PER_PROG,
     HAS_INDEX: tl.constexpr,
     REDUCE_GATE: tl.constexpr,
-    TABLE_K: tl.constexpr,  # > 0: sum an indexed gate's grads into its K (padded) rows here
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Grid (P, B, D tiles); program p covers ROWS_PER_PROG tokens of sample b (see
-    # adaln_modulate) and BLOCK_D columns. With TABLE_K the table's grads are summed in fp32
-    # registers per program (no atomics: the same sums in the same order on every run) and
-    # the host adds the P partials.
+    # Grid (P, B); program p covers ROWS_PER_PROG tokens of sample b (see adaln_modulate).
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc_dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    ks = tl.arange(0, TABLE_K if TABLE_K > 0 else 1)
-    acc_table = tl.zeros((TABLE_K if TABLE_K > 0 else 1, BLOCK_D), dtype=tl.float32)
     row_start = pid * ROWS_PER_PROG
     for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -111,10 +104,6 @@ def _gated_residual_bwd_kernel(
         dgate = g * y.to(tl.float32)
         if REDUCE_GATE:
             acc_dgate += tl.sum(dgate, axis=0)
-        elif TABLE_K > 0:
-            for k in tl.static_range(TABLE_K):
-                part = tl.sum(tl.where((mrows == k)[:, None] & mask, dgate, 0.0), axis=0)  # (BLOCK_D,)
-                acc_table += tl.where(ks[:, None] == k, part[None, :], 0.0)
         else:
             tl.store(
                 DGATE + b * stride_dgb + rows[:, None] * stride_dgn + cols[None, :],
@@ -123,9 +112,49 @@ def _gated_residual_bwd_kernel(
             )
     if REDUCE_GATE:
         tl.store(DGATE + b * stride_dgb + pid * stride_dgn + cols, acc_dgate, mask=col_ok)
-    if TABLE_K > 0:
-        tl.store(DGATE + b * stride_dgb + pid * stride_dgn + ks[:, None] * stride_dgk + cols[None, :], acc_table,
-                 mask=col_ok[None, :])
+
+
+@triton.jit
+def _gated_residual_table_bwd_kernel(
+    DOUT, stride_db, stride_dn,  # (B, N, D) incoming gradient
+    GATE, stride_gb, stride_gn,  # (B, K, D) table
+    Y, stride_yb, stride_yn,  # (B, N, D)
+    INDEX, stride_ib, stride_in,  # (B, N) int64
+    DY, stride_dyb, stride_dyn,  # (B, N, D)
+    DGATE, stride_pb, stride_pp, stride_pk,  # (B, P, TABLE_K, D) fp32 partials
+    N, D, ROWS_PER_PROG,
+    TABLE_K: tl.constexpr,  # the table's rows, padded to a power of two
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (P, B, D tiles): dy as in the kernel above, and the table's grads
+    # dgate[k] = sum_{n: index = k} g_n * y_n summed in fp32 registers per program (the same
+    # sums in the same order on every run: no atomics); the host adds the P partials.
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    ks = tl.arange(0, TABLE_K)
+    acc = tl.zeros((TABLE_K, BLOCK_D), dtype=tl.float32)
+    row_start = pid * ROWS_PER_PROG
+    for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = rows < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=-1)
+        g = tl.load(DOUT + b * stride_db + rows[:, None] * stride_dn + cols[None, :], mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        y = tl.load(Y + b * stride_yb + rows[:, None] * stride_yn + cols[None, :], mask=mask, other=0.0)
+        gate = tl.load(GATE + b * stride_gb + tl.maximum(mrows, 0)[:, None] * stride_gn + cols[None, :], mask=mask,
+                       other=0.0)
+        tl.store(DY + b * stride_dyb + rows[:, None] * stride_dyn + cols[None, :],
+                 (g * gate.to(tl.float32)).to(DY.dtype.element_ty), mask=mask)
+        dgate = g * y.to(tl.float32)
+        for k in tl.static_range(TABLE_K):
+            part = tl.sum(tl.where((mrows == k)[:, None], dgate, 0.0), axis=0)  # (BLOCK_D,)
+            acc += tl.where(ks[:, None] == k, part[None, :], 0.0)
+    tl.store(DGATE + b * stride_pb + pid * stride_pp + ks[:, None] * stride_pk + cols[None, :], acc,
+             mask=col_ok[None, :])
 
 
 #################################################################################
@@ -179,7 +208,7 @@ def gated_residual_bwd(grad, gate, y, index):
         dgate_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=y.device)
     elif table_k:
         block_d = min(block_d, TABLE_BLOCK_D)
-        block_m = max(1, min(TILE_ELEMS // block_d, triton.next_power_of_2(max(int(n), 1))))
+        block_m = max(1, min(TILE_ELEMS // 2 // block_d, triton.next_power_of_2(max(int(n), 1))))
         num_warps = 4
         d_tiles = triton.cdiv(d, block_d)
         n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, y.device)
@@ -187,19 +216,30 @@ def gated_residual_bwd(grad, gate, y, index):
     else:
         n_prog, rows_per_prog = triton.cdiv(max(n, 1), block_m), block_m
         dgate_buf = empty_rows((bsz, n, d), torch.float32 if indexed else gate.dtype, y.device)
-    if dy.numel() > 0:
+    if dy.numel() > 0 and table_k:
+        count("gated_residual_bwd")
+        wrap(_gated_residual_table_bwd_kernel)[(n_prog, bsz, d_tiles)](
+            grad, grad.stride(0), grad.stride(1),
+            gate, gate.stride(0), gate.stride(1),
+            y, y.stride(0), y.stride(1),
+            index, index.stride(0), index.stride(1),
+            dy, dy.stride(0), dy.stride(1),
+            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1), dgate_buf.stride(2),
+            n, d, rows_per_prog,
+            TABLE_K=table_k, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
+    elif dy.numel() > 0:
         idx, sib, sin = _index_args(index, y)
         count("gated_residual_bwd")
-        wrap(_gated_residual_bwd_kernel)[(n_prog, bsz, d_tiles)](
+        wrap(_gated_residual_bwd_kernel)[(n_prog, bsz)](
             grad, grad.stride(0), grad.stride(1),
             gate, gate.stride(0), _mod_row_stride(gate, indexed),
             y, y.stride(0), y.stride(1),
             idx, sib, sin,
             dy, dy.stride(0), dy.stride(1),
-            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1), dgate_buf.stride(2) if table_k else 0,
+            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1),
             n, d, rows_per_prog,
-            HAS_INDEX=indexed, REDUCE_GATE=reduce_gate, TABLE_K=table_k, BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=num_warps,
+            HAS_INDEX=indexed, REDUCE_GATE=reduce_gate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )  # fmt: skip
     elif reduce_gate or table_k:
         dgate_buf.zero_()
