@@ -32,3 +32,13 @@ def triton_backend():
     pf_kernels.set_backend("triton")
     yield
     pf_kernels.set_backend(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """Two busy cores: one intra-op thread avoids oversubscription (and keeps runs comparable).
+    Training tests use it for the whole module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -4,8 +4,6 @@ training with the alignment term (falling repa_loss, exact resume, DDP, EMA, exp
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -268,12 +266,7 @@ def _cfg(classifier_file, *overrides):
                        overrides=[*FAST, f"trainer.repa.weights={classifier_file}", *overrides])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(run_dir):
@@ -331,22 +324,13 @@ def test_repa_needs_pixels_and_a_fitting_depth(tmp_path, classifier_file):
                        tmp_path / "lat")
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    out = pf_train.train(OmegaConf.create(cfg_yaml), Path(out_dir) / "run")
-    torch.save({k: v.clone() for k, v in out["model"].state_dict().items()}, Path(out_dir) / f"rank{rank}.pt")
-
-
 def test_two_rank_ddp_with_repa_keeps_ranks_identical(tmp_path, classifier_file):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_train import _ddp_worker, _free_port
+
     cfg = _cfg(classifier_file, "trainer.max_steps=2", "trainer.val_every=100", "trainer.sample_every=100")
-    mp.spawn(_ddp_worker, args=(2, port, OmegaConf.to_yaml(cfg), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), OmegaConf.to_yaml(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0) and "projector.0.weight" in r0
 

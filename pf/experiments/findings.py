@@ -569,7 +569,7 @@ def write_report(study: dict, command: str) -> None:
 
 
 def expand_toy(argv: list[str]) -> list[str]:
-    return [*TOY, *argv] if any(a.lstrip("+") in ("toy=true", "toy=True") for a in argv) else argv
+    return reproduce.expand_toy(argv, TOY)
 
 
 def main(cfg, argv: list[str] | None = None) -> None:

@@ -570,9 +570,10 @@ def study_config(cfg) -> dict:
     return study
 
 
-def expand_toy(argv: list[str]) -> list[str]:
-    """``toy=true`` stands for the TOY sizes (explicit arguments still win)."""
-    return [*TOY, *argv] if any(a.lstrip("+") in ("toy=true", "toy=True") for a in argv) else argv
+def expand_toy(argv: list[str], toy: list[str] | None = None) -> list[str]:
+    """``toy=true`` stands for the TOY sizes (``toy``: another command's; explicit arguments still win)."""
+    toy = TOY if toy is None else toy
+    return [*toy, *argv] if any(a.lstrip("+") in ("toy=true", "toy=True") for a in argv) else argv
 
 
 def run_study(cfg, argv, build, report, doc_command: str, output: str) -> None:
