@@ -232,3 +232,5 @@ def test_guided_steps_on_the_host_schedule_and_bad_intervals():
     for bad in ((0.6, 0.4), (-0.1, 0.5), (0.2,), "ab"):
         with pytest.raises(ValueError, match="guidance_interval"):
             guided_steps(s, 4.0, bad)
+        with pytest.raises(ValueError, match="guidance_interval"):
+            guided_steps(s, 1.0, bad)  # checked even when nothing would be guided

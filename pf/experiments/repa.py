@@ -180,6 +180,8 @@ def collect(study: dict) -> dict:
     for s in build_stages(study):
         rec = stage_result(study["records_dir"], s)
         out["stages"].append((s.name, rec["seconds"] if rec else None))
+        if rec is None and s.name.startswith("curve"):  # points already evaluated (PF's: by the comparison)
+            out["curves"].setdefault(s.args["arm"], []).extend(stored_curve(study, s.args["arm"], s.args["seed"]))
         if rec is None:
             continue
         if s.name == "repa encoder":
@@ -190,6 +192,17 @@ def collect(study: dict) -> dict:
             out["curves"].setdefault(s.args["arm"], []).extend(rec["result"]["points"])
         elif s.name.startswith("alignment"):
             out["alignment"].append(rec["result"])
+    return out
+
+
+def stored_curve(study: dict, arm: str, seed: int) -> list[dict]:
+    """The points of an unfinished curve that are already evaluated."""
+    identity = common.TrainedRun(study, arm_overrides(study, arm), seed, study["train"]["steps"]).identity
+    out = []
+    for target, k, sseed, _ in reproduce.curve_specs(study, "euler_pf"):
+        p = common.stored_point(study, identity, "euler_pf", {}, k, sseed) if target in study["repa"]["nfe"] else None
+        if p is not None:
+            out.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
     return out
 
 

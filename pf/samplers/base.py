@@ -61,16 +61,16 @@ def guided_steps(schedule: torch.Tensor, cfg_scale: float, interval) -> list[boo
     ``interval = (lo, hi)`` those with ``lo <= s_k <= hi`` (float32 compare on the host
     schedule: no sync, the same decisions inside a CUDA graph)."""
     k_steps = len(schedule) - 1
-    if cfg_scale == 1.0:
-        return [False] * k_steps
     if interval is None:
-        return [True] * k_steps
+        return [cfg_scale != 1.0] * k_steps
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
         raise ValueError(f"guidance_interval must be a pair (lo, hi), got {interval!r}") from None
     if not (0.0 <= lo <= hi <= 1.0):
         raise ValueError(f"guidance_interval (lo, hi) needs 0 <= lo <= hi <= 1, got ({lo}, {hi})")
+    if cfg_scale == 1.0:
+        return [False] * k_steps
     lo32, hi32 = torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
     return [bool((lo32 <= schedule[k]) & (schedule[k] <= hi32)) for k in range(k_steps)]
 
