@@ -154,6 +154,17 @@ def _adaln_modulate_bwd_kernel(
 
 
 @triton.jit
+def add_table_rows(acc, values, mrows, TABLE_K: tl.constexpr):
+    """acc (TABLE_K, BLOCK_D) += for every k the column sums of values (BLOCK_M, BLOCK_D) over
+    the rows whose table row ``mrows`` is k (the indexed backward's sums, without atomics)."""
+    ks = tl.arange(0, TABLE_K)
+    for k in tl.static_range(TABLE_K):
+        part = tl.sum(tl.where((mrows == k)[:, None], values, 0.0), axis=0)  # (BLOCK_D,)
+        acc += tl.where(ks[:, None] == k, part[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def _adaln_table_grads_kernel(
     DOUT, stride_gb, stride_gn,  # (B, N, D)
     X, stride_xb, stride_xn,  # (B, N, D)
@@ -188,10 +199,8 @@ def _adaln_table_grads_kernel(
         xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
         dscale = tl.where(mask, g * xhat, 0.0)
         mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=-1)
-        for k in tl.static_range(TABLE_K):
-            sel = (mrows == k)[:, None]
-            acc_shift += tl.where(ks[:, None] == k, tl.sum(tl.where(sel, g, 0.0), axis=0)[None, :], 0.0)
-            acc_scale += tl.where(ks[:, None] == k, tl.sum(tl.where(sel, dscale, 0.0), axis=0)[None, :], 0.0)
+        acc_shift = add_table_rows(acc_shift, g, mrows, TABLE_K)
+        acc_scale = add_table_rows(acc_scale, dscale, mrows, TABLE_K)
     offs = b * stride_pb + pid * stride_pp + ks[:, None] * stride_pk + cols[None, :]
     tl.store(DSHIFT + offs, acc_shift, mask=col_ok[None, :])
     tl.store(DSCALE + offs, acc_scale, mask=col_ok[None, :])

@@ -23,7 +23,13 @@ from pf_kernels.ops._utils import (
     row_blocks,
     wrap,
 )
-from pf_kernels.ops.adaln_modulate import _index_args, _mod_row_stride, _scatter_rows, reduce_programs
+from pf_kernels.ops.adaln_modulate import (
+    _index_args,
+    _mod_row_stride,
+    _scatter_rows,
+    add_table_rows,
+    reduce_programs,
+)
 from pf_kernels.reference import gated_residual_dtype
 
 #################################################################################
@@ -150,9 +156,7 @@ def _gated_residual_table_bwd_kernel(
         tl.store(DY + b * stride_dyb + rows[:, None] * stride_dyn + cols[None, :],
                  (g * gate.to(tl.float32)).to(DY.dtype.element_ty), mask=mask)
         dgate = g * y.to(tl.float32)
-        for k in tl.static_range(TABLE_K):
-            part = tl.sum(tl.where((mrows == k)[:, None], dgate, 0.0), axis=0)  # (BLOCK_D,)
-            acc += tl.where(ks[:, None] == k, part[None, :], 0.0)
+        acc = add_table_rows(acc, dgate, mrows, TABLE_K)
     tl.store(DGATE + b * stride_pb + pid * stride_pp + ks[:, None] * stride_pk + cols[None, :], acc,
              mask=col_ok[None, :])
 
