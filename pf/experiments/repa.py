@@ -107,16 +107,9 @@ def train_stage(study: dict, arm: str, seed: int) -> dict:
 
 
 def curve_stage(study: dict, arm: str, seed: int) -> dict:
-    """Stage: Euler FID at every K of ``eval.nfe`` and sampling seed."""
-    run = common.TrainedRun(study, arm_overrides(study, arm), seed, study["train"]["steps"])
-    points = []
-    for target, k, sseed, keep in reproduce.curve_specs(study, "euler_pf"):
-        if target not in study["repa"]["nfe"]:
-            continue
-        p = common.evaluate_point(study, run.identity, "euler_pf", {}, k, sseed, model=run.model,
-                                  keep_images=keep)  # the same point (and kept images) as the comparison's
-        points.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
-    return {"points": points}
+    """Stage: Euler FID at every K of ``repa.nfe`` and sampling seed (the comparison's points
+    and kept images, by key)."""
+    return {"points": reproduce.run_curve(study, arm_overrides(study, arm), seed, "euler_pf", study["repa"]["nfe"])}
 
 
 def alignment_stage(study: dict, seed: int) -> dict:
@@ -198,12 +191,7 @@ def collect(study: dict) -> dict:
 def stored_curve(study: dict, arm: str, seed: int) -> list[dict]:
     """The points of an unfinished curve that are already evaluated."""
     identity = common.TrainedRun(study, arm_overrides(study, arm), seed, study["train"]["steps"]).identity
-    out = []
-    for target, k, sseed, _ in reproduce.curve_specs(study, "euler_pf"):
-        p = common.stored_point(study, identity, "euler_pf", {}, k, sseed) if target in study["repa"]["nfe"] else None
-        if p is not None:
-            out.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
-    return out
+    return reproduce.stored_points(study, identity, seed, "euler_pf", study["repa"]["nfe"])
 
 
 def _by_pair(points: list[dict], target: int) -> dict:

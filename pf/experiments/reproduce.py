@@ -119,25 +119,39 @@ def curve_specs(study: dict, sampler: str) -> list[tuple[int, int, int, int]]:
             for target, k in curve_points(study, sampler) for sseed in ec["seeds"]]
 
 
-def curve_stage(study: dict, arm: str, seed: int, sampler: str) -> dict:
-    """Stage: one arm's FID against NFE with one sampler, every sampling seed."""
-    run = common.TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
+def run_curve(study: dict, overrides: list[str], seed: int, sampler: str, targets=None) -> list[dict]:
+    """Every point of one run's curve (or of the target NFEs in ``targets``), evaluated or read back."""
+    run = common.TrainedRun(study, overrides, seed, study["train"]["steps"])
     points = []
     for target, k, sseed, keep in curve_specs(study, sampler):
+        if targets is not None and target not in targets:
+            continue
         p = common.evaluate_point(study, run.identity, sampler, sampler_params(study, sampler), k, sseed,
                                   model=run.model, keep_images=keep)
         points.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
-    return {"points": points}
+    return points
+
+
+def stored_points(study: dict, trained: dict, seed: int, sampler: str, targets=None) -> list[dict]:
+    """The points of a curve that are already evaluated (``trained``: a train-stage result or a
+    run's identity), for a report in progress."""
+    out = []
+    for target, k, sseed, _ in curve_specs(study, sampler):
+        p = (common.stored_point(study, trained, sampler, sampler_params(study, sampler), k, sseed)
+             if targets is None or target in targets else None)
+        if p is not None:
+            out.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
+    return out
+
+
+def curve_stage(study: dict, arm: str, seed: int, sampler: str) -> dict:
+    """Stage: one arm's FID against NFE with one sampler, every sampling seed."""
+    return {"points": run_curve(study, ARMS[arm]["overrides"], seed, sampler)}
 
 
 def stored_curve(study: dict, arm: str, seed: int, sampler: str, trained: dict) -> list[dict]:
     """The points of an unfinished curve that are already evaluated (for a report in progress)."""
-    out = []
-    for target, k, sseed, _ in curve_specs(study, sampler):
-        p = common.stored_point(study, trained, sampler, sampler_params(study, sampler), k, sseed)
-        if p is not None:
-            out.append({"target_nfe": target, "steps": k, "train_seed": seed, "sample_seed": sseed, **p})
-    return out
+    return stored_points(study, trained, seed, sampler)
 
 
 PRESENTATION_KEYS = ("jobs", "threads", "results", "figures")
