@@ -69,6 +69,10 @@ def test_reproduce_toy_end_to_end(tmp_path):
     assert "| PF (LTG) dual-loop | " in text and "(K=1, NFE 4)" in text and "SiT (uniform t) Euler" in text
     assert "held-out **test split**" in text and "paired" in text
     assert (tmp_path / "fig" / "fid_vs_nfe.png").stat().st_size > 0 and (tmp_path / "fig" / "samples.png").is_file()
+    # the trend continues the trajectory past the comparison's 4 steps, every K at each length
+    trend = data["trend"]["pf_ltg"]
+    assert {(p["train_steps"], p["steps"]) for p in trend} == {(2, 2), (2, 4), (6, 2), (6, 4)}
+    assert "| PF (LTG) | 6 | " in text and (tmp_path / "fig" / "trend.png").stat().st_size > 0
 
     # a rerun computes nothing (every stage cached) and writes the same report
     (tmp_path / "RESULTS.md").unlink()
@@ -87,3 +91,23 @@ def test_reproduce_toy_end_to_end(tmp_path):
     reproduce.main(cfg, argv=["toy=true"])
     assert not (tmp_path / "out" / "train").exists()
     assert (tmp_path / "RESULTS.md").read_text().split("## Stages")[0] == text.split("## Stages")[0]
+
+
+def _trend(fids: dict[int, list[float]]) -> list[dict]:
+    return [{"train_steps": st, "steps": k, "fid": f, "precision": 0.8, "recall": 0.5, "val_loss": 0.2}
+            for st, row in fids.items() for k, f in zip((10, 50, 100), row)]
+
+
+def test_trend_statements_say_from_when_more_steps_help():
+    rising_then_falling = _trend({1000: [10.0, 12.0, 13.0], 3000: [8.0, 8.5, 9.0], 12000: [6.0, 5.5, 5.0]})
+    (line,) = reproduce.trend_statements({"pf_ltg": rising_then_falling}, [10, 50, 100])
+    assert "+3.00 at 1000 steps, +1.00 at 3000 steps, -1.00 at 12000 steps" in line
+    assert "The gap falls with every stage" in line and "from 12000 training steps on" in line
+    assert "best K is 10 at 1000 steps, 10 at 3000 steps, 100 at 12000 steps" in line
+    never = _trend({1000: [10.0, 12.0, 13.0], 3000: [8.0, 9.5, 9.0]})
+    (line,) = reproduce.trend_statements({"sit_uniform": never}, [10, 50, 100])
+    assert "At no training length here" in line and "does not fall steadily" not in line
+    # a training length with a K still pending is left out, not guessed
+    partial = [p for p in rising_then_falling if not (p["train_steps"] == 12000 and p["steps"] == 100)]
+    (line,) = reproduce.trend_statements({"pf_ltg": partial}, [10, 50, 100])
+    assert "12000" not in line

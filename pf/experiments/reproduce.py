@@ -79,9 +79,9 @@ DEFAULTS = {
         "reference_size": None,       # null: the whole test split; a number: its first images (toy runs)
         "compile": True,              # torch.compile the model for sampling (about 2x on this CPU)
         "grid_steps": 50,             # Euler K (and matched NFE) of the sample grid
-        # Does more training make more steps help? Euler at the smallest and largest K of eval.nfe
-        # along the training trajectory (these steps; the first training and sampling seed).
-        "trend_steps": [1000, 2000, 3000],
+        # Does more training make more steps help? Euler at every K of eval.nfe along the training
+        # trajectory (these steps, past train.steps too; the first training and sampling seed).
+        "trend_steps": [1000, 3000, 6000, 12000],
         "trend_arms": ["pf_ltg", "sit_uniform"],
     },
     "classifier": {"epochs": 10, "width": 32, "lr": 3.0e-3},
@@ -90,7 +90,7 @@ DEFAULTS = {
 }
 TOY = ["out_dir=runs/toy", "records_dir=runs/toy/records", "eval.adaptive_train_seeds=[0,1]", "train.steps=4", "train.keep_every=2", "train.batch_size=8", "train.warmup_steps=1", "eval.num_samples=20",
        "eval.batch_size=10", "eval.seeds=[0,1]", "eval.nfe=[2,4]", "eval.kid_subsets=2", "eval.compile=false",
-       "eval.grid_steps=4", "eval.trend_steps=[2,4]", "eval.reference_size=200", "classifier.epochs=1", "classifier.width=4", "image_size=8"]
+       "eval.grid_steps=4", "eval.trend_steps=[2,6]", "eval.reference_size=200", "classifier.epochs=1", "classifier.width=4", "image_size=8"]
 DOC_COMMAND = "python -m pf.experiments.reproduce"
 FREE = ("eval.dual_loop", "eval.look_ahead", "eval.samplers")
 
@@ -157,20 +157,29 @@ def stored_curve(study: dict, arm: str, seed: int, sampler: str, trained: dict) 
 PRESENTATION_KEYS = ("jobs", "threads", "results", "figures")
 
 
-def trend_stage(study: dict, arm: str, seed: int) -> dict:
-    """Stage: Euler FID at the smallest and largest K of the curves along one arm's training."""
+def trend_points(study: dict, arm: str, seed: int, evaluate: bool = True) -> list[dict]:
+    """Euler at every K of ``eval.nfe`` at every ``trend_steps`` of one arm's trajectory
+    (``evaluate=False``: only the points already stored, for a report in progress)."""
     ec = study["eval"]
     sampler = "euler_pf" if common.is_pf(ARMS[arm]["overrides"]) else "euler"
     sseed = int(ec["seeds"][0])
     points = []
     for steps in ec["trend_steps"]:
-        trained = common.train_stage(study, ARMS[arm]["overrides"], seed, int(steps))
-        model = common.PointModel(trained["checkpoint"], study)
-        for k in (min(ec["nfe"]), max(ec["nfe"])):
-            p = common.evaluate_point(study, trained, sampler, {}, int(k), sseed, model=model)
-            points.append({"train_steps": int(steps), "steps": int(k), "train_seed": seed, "sample_seed": sseed,
-                           "val_loss": trained["val_loss"], **p})
-    return {"points": points}
+        run = common.TrainedRun(study, ARMS[arm]["overrides"], seed, int(steps))
+        for k in ec["nfe"]:
+            p = (common.evaluate_point(study, run.identity, sampler, {}, int(k), sseed, model=run.model) if evaluate
+                 else common.stored_point(study, run.identity, sampler, {}, int(k), sseed))
+            if p is not None:
+                val = run.trained["val_loss"] if evaluate else None
+                points.append({"train_steps": int(steps), "steps": int(k), "train_seed": seed, "sample_seed": sseed,
+                               "val_loss": val, **p})
+    return points
+
+
+def trend_stage(study: dict, arm: str, seed: int) -> dict:
+    """Stage: Euler FID at every K of the curves along one arm's training (the same trajectory's
+    checkpoints, continued past ``train.steps`` where ``trend_steps`` asks)."""
+    return {"points": trend_points(study, arm, seed)}
 
 
 def build_stages(study: dict) -> list[Stage]:
@@ -248,6 +257,10 @@ def collect(study: dict) -> dict:
                                        out["train"][(s.args["arm"], s.args["seed"])])
                 if partial:
                     out["curves"].setdefault((s.args["arm"], s.args["sampler"]), []).extend(partial)
+            elif s.fn.endswith("trend_stage"):
+                partial = trend_points(study, s.args["arm"], s.args["seed"], evaluate=False)
+                if partial:
+                    out["trend"][s.args["arm"]] = partial
             continue
         if s.name == "classifier":
             out["classifier"] = rec["result"]
@@ -441,20 +454,27 @@ def render(study: dict, command: str) -> str:
 
     lines += ["", "## What this shows", ""] + statements(study, data)
     if data["trend"]:
-        lo, hi = min(ec["nfe"]), max(ec["nfe"])
+        ks = [int(k) for k in ec["nfe"]]
+        lo, hi = min(ks), max(ks)
         lines += ["", "## Do more sampling steps help as training goes on?", "",
-                  f"Euler at K={lo} and K={hi} along the training of the first training seed (sampling seed "
-                  f"{ec['seeds'][0]}, {ec['num_samples']} images): the checkpoints of the same run at each step.", "",
-                  f"| arm | training steps | validation MSE | FID K={lo} | FID K={hi} | FID K={hi} - K={lo} | "
-                  f"precision K={lo} / K={hi} | recall K={lo} / K={hi} |", "|---|---|---|---|---|---|---|---|"]
+                  f"Euler at every K along the training of the first training seed (sampling seed "
+                  f"{ec['seeds'][0]}, {ec['num_samples']} images per point): the checkpoints of one run, continued "
+                  f"past the comparison's {tc['steps']} steps with the same recipe (constant learning rate).", "",
+                  f"![FID against K along training]({rel(figures / 'trend.png', results)})", "",
+                  "| arm | training steps | validation MSE | " + " | ".join(f"FID K={k}" for k in ks)
+                  + f" | FID K={hi} - K={lo} | precision K={lo} / K={hi} | recall K={lo} / K={hi} |",
+                  "|---|---|---|" + "---|" * len(ks) + "---|---|---|"]
         for arm, points in data["trend"].items():
-            for st in sorted({p["train_steps"] for p in points}):
-                a = next(p for p in points if p["train_steps"] == st and p["steps"] == lo)
-                b = next(p for p in points if p["train_steps"] == st and p["steps"] == hi)
-                lines.append(f"| {ARMS[arm]['label']} | {st} | {a['val_loss']:.4f} | {a['fid']:.2f} | {b['fid']:.2f} | "
-                             f"{b['fid'] - a['fid']:+.2f} | {a['precision']:.3f} / {b['precision']:.3f} | "
+            for st, row in trend_rows(points).items():
+                if lo not in row or hi not in row:
+                    continue
+                a, b = row[lo], row[hi]
+                val = f"{a['val_loss']:.4f}" if a.get("val_loss") is not None else "(running)"
+                lines.append(f"| {ARMS[arm]['label']} | {st} | {val} | "
+                             + " | ".join(f"{row[k]['fid']:.2f}" if k in row else "pending" for k in ks)
+                             + f" | {b['fid'] - a['fid']:+.2f} | {a['precision']:.3f} / {b['precision']:.3f} | "
                              f"{a['recall']:.3f} / {b['recall']:.3f} |")
-        lines += [""] + trend_statements(data["trend"], lo, hi)
+        lines += [""] + trend_statements(data["trend"], ks)
     if (figures / "samples.png").is_file():
         lines += ["", "## Samples", "",
                   f"The first 30 images of sampling seed {ec['seeds'][0]} (training seed {tc['seeds'][0]}) of every "
@@ -540,23 +560,70 @@ def statements(study: dict, data: dict) -> list[str]:
     return out
 
 
-def trend_statements(trend: dict, lo: int, hi: int) -> list[str]:
+def trend_rows(points: list[dict]) -> dict[int, dict[int, dict]]:
+    """A trend's points as {training steps: {K: point}}, in training order."""
+    rows: dict[int, dict[int, dict]] = {}
+    for p in sorted(points, key=lambda p: (p["train_steps"], p["steps"])):
+        rows.setdefault(int(p["train_steps"]), {})[int(p["steps"])] = p
+    return rows
+
+
+def trend_statements(trend: dict, ks: list[int]) -> list[str]:
+    """Per arm: how the FID gap between the largest and smallest K moves with training, and from
+    which training length (if any) FID falls with every step of K."""
     out = []
+    lo, hi = min(ks), max(ks)
     for arm, points in trend.items():
-        gaps = []
-        for st in sorted({p["train_steps"] for p in points}):
-            a = next(p for p in points if p["train_steps"] == st and p["steps"] == lo)
-            b = next(p for p in points if p["train_steps"] == st and p["steps"] == hi)
-            gaps.append((st, b["fid"] - a["fid"], b["precision"] - a["precision"], b["recall"] - a["recall"]))
-        if len(gaps) < 2:
+        rows = {st: row for st, row in trend_rows(points).items() if all(k in row for k in ks)}
+        if len(rows) < 2:
             continue
-        shrinking = all(abs(g[1]) < abs(f[1]) for f, g in zip(gaps, gaps[1:]))
-        out.append(f"- {ARMS[arm]['label']}: going from K={lo} to K={hi} changes FID by "
-                   + ", ".join(f"{g[1]:+.2f} at {g[0]} steps" for g in gaps)
-                   + f"; precision by {', '.join(f'{g[2]:+.3f}' for g in gaps)}, recall by "
-                   f"{', '.join(f'{g[3]:+.3f}' for g in gaps)}. "
-                   + ("The gap shrinks with every stage of training." if shrinking else "The gap does not shrink steadily."))
+        gaps = [(st, row[hi]["fid"] - row[lo]["fid"], row[hi]["precision"] - row[lo]["precision"],
+                 row[hi]["recall"] - row[lo]["recall"]) for st, row in rows.items()]
+        falling = [st for st, row in rows.items() if all(row[b]["fid"] < row[a]["fid"] for a, b in zip(ks, ks[1:]))]
+        best_k = {st: min(ks, key=lambda k: row[k]["fid"]) for st, row in rows.items()}
+        shrinking = all(g[1] < f[1] for f, g in zip(gaps, gaps[1:]))
+        line = (f"- {ARMS[arm]['label']}: going from K={lo} to K={hi} changes FID by "
+                + ", ".join(f"{g[1]:+.2f} at {g[0]} steps" for g in gaps)
+                + f"; precision by {', '.join(f'{g[2]:+.3f}' for g in gaps)}, recall by "
+                f"{', '.join(f'{g[3]:+.3f}' for g in gaps)}. The best K is "
+                + ", ".join(f"{best_k[st]} at {st} steps" for st in rows) + ". ")
+        line += ("The gap falls with every stage of training. " if shrinking else "The gap does not fall steadily. ")
+        line += (f"FID falls with every step of K from {falling[0]} training steps on."
+                 if falling and all(st in falling for st in rows if st >= falling[0])
+                 else "At no training length here does FID fall with every step of K.")
+        out.append(line)
     return out
+
+
+def plot_trend(study: dict, trend: dict, path: Path) -> None:
+    """FID against K, one line per training length, a panel per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(trend), figsize=(5.5 * len(trend), 4.2), squeeze=False)
+    for ax, (arm, points) in zip(axes[0], trend.items()):
+        rows = trend_rows(points)
+        cmap = plt.get_cmap("viridis")
+        for i, (st, row) in enumerate(rows.items()):
+            ks = sorted(row)
+            ax.plot(ks, [row[k]["fid"] for k in ks], "-o", color=cmap(i / max(1, len(rows) - 1)),
+                    label=f"{st} training steps")
+        ax.set_xscale("log")
+        ax.set_xlabel("Euler steps K (= NFE)")
+        ax.set_ylabel("FID ↓")
+        ax.set_title(ARMS[arm]["label"])
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    ec = study["eval"]
+    fig.suptitle(f"FID against K along training ({study['data']} {study['image_size']}x{study['image_size']}, "
+                 f"training seed {study['train']['seeds'][0]}, sampling seed {ec['seeds'][0]}, "
+                 f"{ec['num_samples']} images per point vs the held-out test split)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(study: dict, command: str) -> None:
@@ -565,6 +632,8 @@ def write_report(study: dict, command: str) -> None:
     if data["curves"]:
         plot_curves(study, data, figures / "fid_vs_nfe.png")
         sample_grid(study, data, figures / "samples.png")
+    if data["trend"]:
+        plot_trend(study, data["trend"], figures / "trend.png")
     Path(study["results"]).parent.mkdir(parents=True, exist_ok=True)
     Path(study["results"]).write_text(render(study, command))
 
