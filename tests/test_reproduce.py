@@ -43,6 +43,19 @@ def test_the_default_study_is_the_papers_comparison():
     # stage keys do not depend on how the study is run or where it reports
     other = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["jobs=2", "results=/tmp/x.md"]))
     assert [s.key for s in reproduce.build_stages(other)] == [s.key for s in reproduce.build_stages(study)]
+    # nor on which other stages exist: a longer trend or fewer arms re-keys only the trend
+    keys = {s.name: s.key for s in reproduce.build_stages(study)}
+    layout = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["eval.trend_steps=[500]", "arms=[pf_ltg,sit_uniform]",
+                                                                   "eval.adaptive_train_seeds=[0,1]"]))
+    changed = {s.name for s in reproduce.build_stages(layout) if keys.get(s.name, s.key) != s.key}
+    assert changed == {"trend pf_ltg seed 0", "trend sit_uniform seed 0"}
+    # what a stage computes does re-key it: training stages do not see the evaluation settings
+    recipe = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["train.lr=0.002", "eval.num_samples=10"]))
+    rekeyed = {s.name: s.key != keys[s.name] for s in reproduce.build_stages(recipe)}
+    assert all(rekeyed.values())
+    sampling = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["eval.num_samples=10"]))
+    rekeyed = {s.name: s.key != keys[s.name] for s in reproduce.build_stages(sampling)}
+    assert not any(v for n, v in rekeyed.items() if n.startswith("train ")) and rekeyed["curve pf_ltg euler_pf seed 0"]
     with pytest.raises(ValueError, match="global-time model"):
         reproduce.build_stages({**study, "eval": {**study["eval"], "samplers": {"sit_uniform": ["look_ahead"]}}})
 

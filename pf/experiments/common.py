@@ -44,6 +44,27 @@ def is_pf(arm_overrides: list[str]) -> bool:
 _COMPOSED: dict = {}
 
 
+# Study keys that decide which stages exist, or how the study runs and reports, never what one
+# stage computes: a stage does not see them, so they are not part of its key (changing the trend's
+# steps or adding an arm re-runs nothing that is done).
+LAYOUT_KEYS = ("arms", "jobs", "threads", "results", "figures", "page", "findings", "repa")
+LAYOUT_EVAL_KEYS = ("samplers", "adaptive_train_seeds", "trend_steps", "trend_arms")
+
+
+def stage_study(study: dict, *, keep: tuple[str, ...] = (), keep_eval: tuple[str, ...] = (),
+                evaluation: bool = True) -> dict:
+    """The part of ``study`` a stage may see (and its key hashes): without the layout keys but
+    those in ``keep`` / ``keep_eval``; ``evaluation=False`` (training stages) also without the
+    evaluation and classifier settings."""
+    out = {k: v for k, v in study.items() if k not in LAYOUT_KEYS or k in keep}
+    if not evaluation:
+        out.pop("eval", None)
+        out.pop("classifier", None)
+    elif "eval" in out:
+        out["eval"] = {k: v for k, v in out["eval"].items() if k not in LAYOUT_EVAL_KEYS or k in keep_eval}
+    return out
+
+
 def compose_train_config(study: dict, overrides: list[str], seed: int):
     """The ``pf.train`` config of one arm and training seed (hydra's compose, no run directory;
     composed once per process for the same inputs)."""

@@ -64,7 +64,6 @@ TOY = [*reproduce.TOY, "findings.images=40", "findings.times=[0.3,0.7]", "findin
        "findings.ablation.samplers=[independent,ltg]"]
 FREE = (*reproduce.FREE, "findings.ablation", "findings.selection")
 DOC_COMMAND = "python -m pf.experiments.findings"
-PRESENTATION_KEYS = ("jobs", "threads", "page", "figures")
 
 
 #################################################################################
@@ -229,9 +228,9 @@ def selection_stage(study: dict, sampler: str, rule: str, seed: int) -> dict:
 
 def build_stages(study: dict) -> list[Stage]:
     """The ablation first (its own training runs), then the findings on the main models."""
-    study = {k: v for k, v in study.items() if k not in PRESENTATION_KEYS}
     fc = study["findings"]
-    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": study})]
+    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": common.stage_study(study)})]
+    study = common.stage_study(study, keep=("findings",))
     main_budget = {"ltg", "logit_normal"}  # these reuse the comparison's trajectories: last
     for name in sorted(fc["ablation"]["samplers"], key=lambda n: n in main_budget):
         stages.append(Stage(f"ablation {name}", "pf.experiments.findings:ablation_stage",

@@ -49,7 +49,6 @@ TOY = [*reproduce.TOY, "repa.nfe=[2,4]", "repa.encoder.epochs=1", "repa.encoder.
        "repa.times=[0.5]"]
 FREE = reproduce.FREE
 DOC_COMMAND = "python -m pf.experiments.repa"
-PRESENTATION_KEYS = ("jobs", "threads", "page", "figures")
 
 
 def encoder_path(study: dict) -> Path:
@@ -147,9 +146,9 @@ def alignment_stage(study: dict, seed: int) -> dict:
 
 
 def build_stages(study: dict) -> list[Stage]:
-    study = {k: v for k, v in study.items() if k not in PRESENTATION_KEYS}
-    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": study}),
-              Stage("repa encoder", "pf.experiments.repa:encoder_stage", {"study": study})]
+    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": common.stage_study(study)})]
+    study = common.stage_study(study, keep=("repa",))
+    stages.append(Stage("repa encoder", "pf.experiments.repa:encoder_stage", {"study": study}))
     for seed in study["repa"]["train_seeds"]:
         for arm in ("pf_ltg_repa", "pf_ltg"):  # PF's run and points are usually the comparison's, made meanwhile
             deps = ("repa encoder",) if arm == "pf_ltg_repa" else ()

@@ -154,7 +154,6 @@ def stored_curve(study: dict, arm: str, seed: int, sampler: str, trained: dict) 
     return stored_points(study, trained, seed, sampler)
 
 
-PRESENTATION_KEYS = ("jobs", "threads", "results", "figures")
 
 
 def trend_points(study: dict, arm: str, seed: int, evaluate: bool = True) -> list[dict]:
@@ -184,10 +183,11 @@ def trend_stage(study: dict, arm: str, seed: int) -> dict:
 
 def build_stages(study: dict) -> list[Stage]:
     """Every stage of the comparison, in the order they are started (when their inputs are ready)."""
-    study = {k: v for k, v in study.items() if k not in PRESENTATION_KEYS}  # not part of any stage's key
+    shared = common.stage_study(study)                        # what an evaluating stage sees
+    training = common.stage_study(study, evaluation=False)    # what a training stage sees
     train_names = {}
-    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": study}),
-              Stage("floor", "pf.experiments.reproduce:floor_stage", {"study": study}, deps=("classifier",))]
+    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": shared}),
+              Stage("floor", "pf.experiments.reproduce:floor_stage", {"study": shared}, deps=("classifier",))]
     order = sorted(study["arms"], key=lambda a: ["pf_ltg", "sit_uniform", "pf_logit_normal", "sit_logit_normal"].index(a)
                    if a in ARMS else 99)
     for arm in order:
@@ -199,7 +199,7 @@ def build_stages(study: dict) -> list[Stage]:
             name = f"train {arm} seed {seed}"
             train_names[(arm, seed)] = name
             stages.append(Stage(name, "pf.experiments.common:train_stage",
-                                {"study": study, "overrides": ARMS[arm]["overrides"], "seed": int(seed),
+                                {"study": training, "overrides": ARMS[arm]["overrides"], "seed": int(seed),
                                  "steps": int(study["train"]["steps"])}))
             for sampler in study["eval"]["samplers"].get(arm, []):
                 if sampler != "euler" and not common.is_pf(ARMS[arm]["overrides"]):
@@ -208,7 +208,7 @@ def build_stages(study: dict) -> list[Stage]:
                 if adaptive and seed not in study["eval"].get("adaptive_train_seeds", study["train"]["seeds"]):
                     continue
                 curve = Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
-                              {"study": study, "arm": arm, "seed": int(seed), "sampler": sampler},
+                              {"study": shared, "arm": arm, "seed": int(seed), "sampler": sampler},
                               deps=(name, "classifier"))
                 (adaptive_curves if adaptive else stages).append(curve)
         stages.extend(adaptive_curves)
@@ -216,7 +216,8 @@ def build_stages(study: dict) -> list[Stage]:
             for arm in study["eval"].get("trend_arms", []):
                 if arm in study["arms"]:
                     stages.append(Stage(f"trend {arm} seed {seed}", "pf.experiments.reproduce:trend_stage",
-                                        {"study": study, "arm": arm, "seed": int(seed)},
+                                        {"study": common.stage_study(study, keep_eval=("trend_steps",)), "arm": arm,
+                                         "seed": int(seed)},
                                         deps=(train_names[(arm, seed)], "classifier")))
     return stages
 
