@@ -105,6 +105,23 @@ def test_reproduce_toy_end_to_end(tmp_path):
     assert not (tmp_path / "out" / "train").exists()
     assert (tmp_path / "RESULTS.md").read_text().split("## Stages")[0] == text.split("## Stages")[0]
 
+    # ... and a point still to evaluate there retrains its arm and the feature classifier (whose
+    # stage is recorded but whose file went with out_dir), to the same numbers
+    import json
+
+    from pf.experiments.stages import config_key
+
+    stage_file(study["records_dir"], curve).unlink()
+    run = common.TrainedRun(study, common.ARMS["pf_ltg"]["overrides"], 0, study["train"]["steps"])
+    key = common.point_key(study, run.identity, "euler_pf", {}, 4, 1)
+    point = Path(study["records_dir"]) / "points" / f"{config_key(key)}.json"
+    before = json.loads(point.read_text())["result"]
+    point.unlink()
+    reproduce.main(cfg, argv=["toy=true"])
+    after = json.loads(point.read_text())["result"]
+    assert common.classifier_path(study).is_file()
+    assert after["fid"] == pytest.approx(before["fid"], rel=1e-6) and after["precision"] == before["precision"]
+
 
 def _trend(fids: dict[int, list[float]]) -> list[dict]:
     return [{"train_steps": st, "steps": k, "fid": f, "precision": 0.8, "recall": 0.5, "val_loss": 0.2}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pf.experiments.stages import cached, cached_result, config_key, ensure_trained, trajectory_config
+from pf.experiments.stages import (cached, cached_result, config_key, directory_lock, ensure_trained,
+                                  trajectory_config)
 
 # The arms of the comparison: pf.train overrides on top of the shared recipe.
 ARMS = {
@@ -161,15 +162,25 @@ def data_config(study: dict, split: str):
     return cfg
 
 
+def feature_classifier(study: dict) -> tuple[Path, dict]:
+    """The feature classifier's file and training info: the cached file, or trained now (one
+    process at a time; deterministic, so a study continued in a fresh clone, whose classifier
+    stage is recorded but whose ``out_dir`` is empty, gets the same classifier back)."""
+    from pf.eval.train_classifier import ensure_classifier
+
+    cc = study["classifier"]
+    path = classifier_path(study)
+    with directory_lock(path.with_name(path.stem + ".lock"), log=lambda *_: None):
+        return ensure_classifier(data_config(study, "train"), path, epochs=int(cc["epochs"]), width=int(cc["width"]),
+                                 lr=float(cc["lr"]), test_frac=0.0, log=None)
+
+
 def classifier_stage(study: dict) -> dict:
     """Stage: the feature classifier trained on the train split; accuracy on the test split."""
     from pf.eval.classifier import accuracy, load_classifier
     from pf.eval.inputs import from_uint8, load_dataset_images
-    from pf.eval.train_classifier import ensure_classifier
 
-    cc = study["classifier"]
-    path, info = ensure_classifier(data_config(study, "train"), classifier_path(study), epochs=int(cc["epochs"]), width=int(cc["width"]),
-                                   lr=float(cc["lr"]), test_frac=0.0, log=None)
+    path, info = feature_classifier(study)
     model, _ = load_classifier(path)
     test, labels = load_dataset_images(data_config(study, "test"))
     return {"path": str(path), "train_size": info["train_size"], "epochs": info["epochs"],
@@ -293,8 +304,8 @@ def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: 
                                 device=pm.device, static=pm.compiled)
         t0 = time.perf_counter()
         m = compute_metrics(images, reference_images(study), extractor="classifier",
-                            weights=str(classifier_path(study)), kid_subsets=int(ec["kid_subsets"]), seed=int(seed),
-                            device=pm.device)
+                            weights=str(feature_classifier(study)[0]), kid_subsets=int(ec["kid_subsets"]),
+                            seed=int(seed), device=pm.device)
         out = {**m, **info, "metric_seconds": time.perf_counter() - t0}
         if keep_images:
             path = Path(study["out_dir"]) / "images" / f"{config_key(key)}.pt"

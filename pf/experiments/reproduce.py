@@ -236,7 +236,7 @@ def floor_stage(study: dict) -> dict:
     for s in ec["seeds"]:
         idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(int(s)))[:int(ec["num_samples"])]
         runs.append(compute_metrics(train[idx], common.reference_images(study), extractor="classifier",
-                                    weights=str(common.classifier_path(study)), kid_subsets=int(ec["kid_subsets"]),
+                                    weights=str(common.feature_classifier(study)[0]), kid_subsets=int(ec["kid_subsets"]),
                                     seed=int(s), device=common.resolve_device(study)))
     return {"runs": runs}
 
