@@ -9,7 +9,8 @@ fraction of the measured copy bandwidth (see ``conftest.py``).
 Shapes: PF-B/2 (D 768) and PF-XL/2 (D 1152) at N = 256 tokens, B*N from 4096 to 65536;
 bf16 and fp32; forward and forward+backward (``PF_BENCH_SCOPE=quick``: B*N = 65536 and bf16
 only). The modulation is per token (Patch Forcing's
-case) as strided ``chunk(6, -1)`` views of a (B, N, 6D) tensor. On the CPU only small
+case) as strided ``chunk(6, -1)`` views of a (B, N, 6D) tensor; ``ada_rms_norm``'s scale a
+(B, N, D) tensor of its own, as the T2I model makes it. On the CPU only small
 cases of the dispatched ops run (the torch path): the numbers mean nothing for the GPU.
 """
 
@@ -65,10 +66,25 @@ def gated_case(tokens, d, dtype, device, grad):
     return (x, gate, y), {"fused": pf_kernels.gated_residual, "reference": ref.gated_residual_ref}, per_elem, x.numel() * es
 
 
+def rms_case(tokens, d, dtype, device, grad):
+    """AdaRMSNorm as the T2I model has it (SPEC.md section 11): a per-token scale of its own,
+    ``Linear(384, D)(c)``, so a contiguous (B, N, D) tensor."""
+    b = tokens // N_TOKENS
+    x = _leaf(torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad)
+    scale = _leaf(0.1 * torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad)
+    # fwd: x, scale in, out; bwd: grad, x, scale in, dx, dscale out.
+    per_elem = {"fwd": 3, "fwd+bwd": 8}
+    fns = {"fused": pf_kernels.ada_rms_norm, "reference": ref.ada_rms_norm_ref}
+    return (x, scale), fns, per_elem, x.numel() * x.element_size()
+
+
+MODULATION_CASES = {"adaln_modulate": adaln_case, "gated_residual": gated_case, "ada_rms_norm": rms_case}
+
+
 def indexed_case(op, tokens, d, dtype, device, grad, k=2):
     """Deduplicated conditioning (issue 6): (B, K, D) tables read per token through index.
-    Minimal traffic ignores the tiny tables: adaln fwd x in, out; bwd grad, x in, dx out;
-    gated fwd x, y in, out; bwd grad, y in, dy out."""
+    Minimal traffic ignores the tiny tables: adaln and rms fwd x in, out; bwd grad, x in, dx
+    out; gated fwd x, y in, out; bwd grad, y in, dy out."""
     b = tokens // N_TOKENS
     x = _leaf(torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad)
     mod = 0.1 * torch.randn(b, k, 6 * d, device=device, dtype=dtype)
@@ -81,6 +97,13 @@ def indexed_case(op, tokens, d, dtype, device, grad, k=2):
             "reference": lambda x, sh, sc: ref.adaln_modulate_ref(x, gather(sh), gather(sc)),
         }
         return (x, shift, scale), fns, {"fwd": 2, "fwd+bwd": 5}, x.numel() * x.element_size()
+    if op == "ada_rms_norm_indexed":
+        table = _leaf(mod.chunk(6, dim=-1)[1], grad)
+        fns = {
+            "fused": lambda x, t: pf_kernels.ada_rms_norm_indexed(x, t, index),
+            "reference": lambda x, t: ref.ada_rms_norm_ref(x, gather(t)),
+        }
+        return (x, table), fns, {"fwd": 2, "fwd+bwd": 5}, x.numel() * x.element_size()
     y = _leaf(torch.randn_like(x), grad)
     gate = _leaf(mod.chunk(6, dim=-1)[2], grad)
     fns = {
@@ -88,6 +111,28 @@ def indexed_case(op, tokens, d, dtype, device, grad, k=2):
         "reference": lambda x, g, y: ref.gated_residual_ref(x, gather(g), y),
     }
     return (x, gate, y), fns, {"fwd": 3, "fwd+bwd": 6}, x.numel() * x.element_size()
+
+
+def residual_modulate_case(tokens, d, dtype, device, grad):
+    """The seam between two sub-blocks: ``x + gate1 * y`` and the next sub-block's input
+    ``LN(x_new) * (1 + scale2) + shift2`` (gate1, shift2, scale2: chunks 2, 3, 4 of the block's
+    (B, N, 6D) modulation). Implementations: the fused op, the two separate ops
+    (``gated_residual`` then ``adaln_modulate``), and the plain torch composition (eager, compile)."""
+    b = tokens // N_TOKENS
+    x, y = (_leaf(torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad) for _ in range(2))
+    mod = 0.1 * torch.randn(b, N_TOKENS, 6 * d, device=device, dtype=dtype)
+    gate, shift, scale = (_leaf(t, grad) for t in mod.chunk(6, dim=-1)[2:5])
+
+    def two_ops(x, gate, y, shift, scale):
+        x_new = pf_kernels.gated_residual(x, gate, y)
+        return x_new, pf_kernels.adaln_modulate(x_new, shift, scale)
+
+    fns = {"fused": pf_kernels.gated_residual_modulate, "two_ops": two_ops,
+           "reference": ref.gated_residual_modulate_ref}
+    # fwd: x, gate, y, shift, scale in, x_new, h out; bwd: grad_h, grad_x, x_new, gate, y,
+    # scale in, dx, dy, dgate, dscale out (dshift = grad_h).
+    per_elem = {"fwd": 7, "fwd+bwd": 17}
+    return (x, gate, y, shift, scale), fns, per_elem, x.numel() * x.element_size()
 
 
 def timestep_case(tokens, device, grad):
@@ -118,8 +163,9 @@ def euler_case(tokens, dtype, device):
 
 
 def make_fn(impl: str, fns: dict, inputs, mode: str):
-    """The timed callable: forward, or forward + autograd.grad w.r.t. the float inputs."""
-    fn = fns["fused"] if impl == "fused" else fns["reference"]
+    """The timed callable: forward, or forward + autograd.grad w.r.t. the float inputs.
+    ``fns[impl]`` when the case has it (``fused``, ``two_ops``), else its ``reference``."""
+    fn = fns.get(impl, fns["reference"])
     if impl == "compile":
         torch._dynamo.reset()  # a fresh cache per case: no silent fallback past the recompile limit
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
@@ -127,7 +173,7 @@ def make_fn(impl: str, fns: dict, inputs, mode: str):
         return lambda: fn(*inputs)
     leaves = [t for t in inputs if t.requires_grad]
     out0 = fn(*inputs)
-    g = torch.randn_like(out0)
+    g = [torch.randn_like(o) for o in out0] if isinstance(out0, tuple) else torch.randn_like(out0)
 
     def fwd_bwd():
         torch.autograd.grad(fn(*inputs), leaves, g)
@@ -154,11 +200,10 @@ def backend_auto():
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("preset", list(PRESETS))
-@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual"])
+@pytest.mark.parametrize("op", list(MODULATION_CASES))
 def test_modulation_ops(benchmark, record, backend_auto, op, preset, tokens, dtype, mode, impl):
     d = PRESETS[preset]
-    case = adaln_case if op == "adaln_modulate" else gated_case
-    inputs, fns, per_elem, elem_bytes = case(tokens, d, DTYPES[dtype], "cuda", mode != "fwd")
+    inputs, fns, per_elem, elem_bytes = MODULATION_CASES[op](tokens, d, DTYPES[dtype], "cuda", mode != "fwd")
     benchmark.group = f"{op} {preset} B*N={tokens} {dtype} {mode}"
     record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
            op=op, preset=preset, tokens=tokens, dim=d, dtype=dtype, mode=mode, impl=impl)  # fmt: skip
@@ -168,13 +213,29 @@ def test_modulation_ops(benchmark, record, backend_auto, op, preset, tokens, dty
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tokens", INDEXED_TOKENS)
-@pytest.mark.parametrize("op", ["adaln_modulate_indexed", "gated_residual_indexed"])
+@pytest.mark.parametrize("op", ["adaln_modulate_indexed", "gated_residual_indexed", "ada_rms_norm_indexed"])
 def test_indexed_ops(benchmark, record, backend_auto, op, tokens, mode, impl):
     """PF-XL/2, bf16, K = 2 distinct times per sample (dual loop / look-ahead)."""
     inputs, fns, per_elem, elem_bytes = indexed_case(op, tokens, 1152, torch.bfloat16, "cuda", mode != "fwd")
     benchmark.group = f"{op} PF-XL/2 K=2 B*N={tokens} bf16 {mode}"
     record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
            op=op, preset="PF-XL/2", tokens=tokens, dim=1152, dtype="bf16", mode=mode, impl=impl, k=2)  # fmt: skip
+
+
+@gpu_only
+@pytest.mark.parametrize("impl", ["fused", "two_ops", "eager", "compile"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_residual_modulate(benchmark, record, backend_auto, preset, tokens, dtype, mode, impl):
+    """gated_residual_modulate vs the two ops it replaces vs eager and compiled plain torch."""
+    d = PRESETS[preset]
+    inputs, fns, per_elem, elem_bytes = residual_modulate_case(tokens, d, DTYPES[dtype], "cuda", mode != "fwd")
+    benchmark.group = f"gated_residual_modulate {preset} B*N={tokens} {dtype} {mode}"
+    record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
+           op="gated_residual_modulate", preset=preset, tokens=tokens, dim=d, dtype=dtype, mode=mode,
+           impl=impl)  # fmt: skip
 
 
 @gpu_only
@@ -206,14 +267,14 @@ def test_patch_euler(benchmark, record, backend_auto, tokens, dtype, impl):
 
 @pytest.mark.skipif(CUDA, reason="the GPU cases above run instead")
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual", "timestep_embedding", "patch_euler"])
+@pytest.mark.parametrize("op", [*MODULATION_CASES, "gated_residual_modulate", "timestep_embedding", "patch_euler"])
 def test_cpu_small(benchmark, record, backend_auto, op, mode):
     tokens, d = 512, 768
-    if op == "adaln_modulate":
-        inputs, fns, per_elem, elem_bytes = adaln_case(tokens, d, torch.float32, "cpu", mode != "fwd")
+    if op in MODULATION_CASES:
+        inputs, fns, per_elem, elem_bytes = MODULATION_CASES[op](tokens, d, torch.float32, "cpu", mode != "fwd")
         nbytes = per_elem[mode] * elem_bytes
-    elif op == "gated_residual":
-        inputs, fns, per_elem, elem_bytes = gated_case(tokens, d, torch.float32, "cpu", mode != "fwd")
+    elif op == "gated_residual_modulate":
+        inputs, fns, per_elem, elem_bytes = residual_modulate_case(tokens, d, torch.float32, "cpu", mode != "fwd")
         nbytes = per_elem[mode] * elem_bytes
     elif op == "timestep_embedding":
         inputs, fns, per_unit, unit = timestep_case(tokens, "cpu", mode != "fwd")

@@ -1,17 +1,23 @@
 """Fused ops for per-token-conditioned DiTs (Patch Forcing).
 
 Public API (SPEC.md section 8): ``adaln_modulate``, ``gated_residual``,
-``timestep_embedding``, ``patch_euler``, ``ltg_sample``; the indexed forms
-``adaln_modulate_indexed`` / ``gated_residual_indexed`` (deduplicated conditioning);
+``timestep_embedding``, ``patch_euler``, ``ltg_sample``; ``ada_rms_norm`` (the AdaRMSNorm of
+section 11); the indexed forms ``adaln_modulate_indexed`` / ``gated_residual_indexed`` /
+``ada_rms_norm_indexed`` (deduplicated conditioning); ``gated_residual_modulate`` (and its
+``_indexed`` form): a residual update fused with the next LayerNorm + modulation;
 ``set_backend`` / ``get_backend`` (``PF_KERNELS_BACKEND=auto|triton|torch``) and
 ``patch_dit(model)``, the drop-in for DiT/SiT-style models.
 """
 
 from pf_kernels.dispatch import (
+    ada_rms_norm,
+    ada_rms_norm_indexed,
     adaln_modulate,
     adaln_modulate_indexed,
     gated_residual,
     gated_residual_indexed,
+    gated_residual_modulate,
+    gated_residual_modulate_indexed,
     get_backend,
     patch_euler,
     set_backend,
@@ -21,10 +27,14 @@ from pf_kernels.patch import patch_dit
 from pf_kernels.ltg import ltg_sample
 
 __all__ = [
+    "ada_rms_norm",
+    "ada_rms_norm_indexed",
     "adaln_modulate",
     "adaln_modulate_indexed",
     "gated_residual",
     "gated_residual_indexed",
+    "gated_residual_modulate",
+    "gated_residual_modulate_indexed",
     "timestep_embedding",
     "patch_euler",
     "set_backend",

@@ -19,9 +19,13 @@ import os
 import torch
 
 from pf_kernels.reference import (
+    ada_rms_norm_indexed_ref,
+    ada_rms_norm_ref,
     adaln_modulate_indexed_ref,
     adaln_modulate_ref,
     gated_residual_indexed_ref,
+    gated_residual_modulate_indexed_ref,
+    gated_residual_modulate_ref,
     gated_residual_ref,
     patch_euler_ref,
     timestep_embedding_ref,
@@ -29,8 +33,13 @@ from pf_kernels.reference import (
 
 try:  # Triton may be missing (CPU-only installs); the reference path then serves everything.
     from pf_kernels.ops import _utils as _triton_utils
+    from pf_kernels.ops.ada_rms_norm import ada_rms_norm_indexed_triton, ada_rms_norm_triton
     from pf_kernels.ops.adaln_modulate import adaln_modulate_indexed_triton, adaln_modulate_triton
     from pf_kernels.ops.gated_residual import gated_residual_indexed_triton, gated_residual_triton
+    from pf_kernels.ops.gated_residual_modulate import (
+        gated_residual_modulate_indexed_triton,
+        gated_residual_modulate_triton,
+    )
     from pf_kernels.ops.patch_euler import patch_euler_triton
     from pf_kernels.ops.timestep_embedding import timestep_embedding_triton
 
@@ -142,6 +151,14 @@ def _check_indexed(op: str, x: torch.Tensor, index: torch.Tensor, **tables: torc
             raise ValueError(f"{op}: index values must lie in [0, {k}), got [{int(index.min())}, {int(index.max())}]")
 
 
+def _check_floating(op: str, **tensors: torch.Tensor) -> None:
+    """Floating-point data (an integer x would be normalised in its own dtype by eager code,
+    and read as floats by a kernel)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
 #################################################################################
 #                                 Public ops                                    #
 #################################################################################
@@ -198,6 +215,75 @@ def gated_residual_indexed(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
         with _launch_on(x):
             return gated_residual_indexed_triton(x, gate, y, index)
     return gated_residual_indexed_ref(x, gate, y, index)
+
+
+def gated_residual_modulate(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_new = x + gate * y``, ``h = LN(x_new) * (1 + scale) + shift``; returns (x_new, h).
+
+    One pass for ``gated_residual`` then ``adaln_modulate`` (a sub-block's residual update and
+    the next sub-block's input). x, y (B, N, D); gate, shift, scale each (B, N, D) or (B, 1, D)
+    (strided ``chunk`` views fine). Differentiable in all five, through both outputs.
+    """
+    _check_rows("gated_residual_modulate", x, gate=gate, shift=shift, scale=scale)
+    if y.shape != x.shape:
+        raise ValueError(f"gated_residual_modulate: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    _same_device("gated_residual_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale)
+    if _use_triton(x, gate, y, shift, scale):
+        with _launch_on(x):
+            return gated_residual_modulate_triton(x, gate, y, shift, scale, float(eps))
+    return gated_residual_modulate_ref(x, gate, y, shift, scale, eps)
+
+
+def gated_residual_modulate_indexed(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    index: torch.Tensor, eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated_residual_modulate`` with (B, K, D) gate/shift/scale tables read through index (B, N)."""
+    _same_device("gated_residual_modulate_indexed", x=x, gate=gate, y=y, shift=shift, scale=scale, index=index)
+    _check_indexed("gated_residual_modulate_indexed", x, index, gate=gate, shift=shift, scale=scale)
+    if y.shape != x.shape:
+        raise ValueError(
+            f"gated_residual_modulate_indexed: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    index = index.to(torch.int64)
+    if _use_triton(x, gate, y, shift, scale, index):
+        with _launch_on(x):
+            return gated_residual_modulate_indexed_triton(x, gate, y, shift, scale, index, float(eps))
+    return gated_residual_modulate_indexed_ref(x, gate, y, shift, scale, index, eps)
+
+
+def ada_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2, -1) + eps) * (1 + scale)``; x (B, N, D), scale (B, N, D) or (B, 1, D).
+
+    Out in x's dtype, or scale's when that is wider (eager type promotion).
+    """
+    _check_rows("ada_rms_norm", x, scale=scale)
+    _check_floating("ada_rms_norm", x=x, scale=scale)
+    _same_device("ada_rms_norm", x=x, scale=scale)
+    if _use_triton(x, scale):
+        with _launch_on(x):
+            return ada_rms_norm_triton(x, scale, float(eps))
+    return ada_rms_norm_ref(x, scale, eps)
+
+
+def ada_rms_norm_indexed(
+    x: torch.Tensor, scale_table: torch.Tensor, index: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``ada_rms_norm(x, scale)`` with ``scale[b, n] = scale_table[b, index[b, n]]``.
+
+    scale_table: (B, K, D) (strided ``chunk`` views fine); index (B, N) in [0, K) (checked on
+    the CPU only, as ``adaln_modulate_indexed``). The table's grad is the per-token grads
+    summed by index (deterministic for K <= 8).
+    """
+    _same_device("ada_rms_norm_indexed", x=x, scale_table=scale_table, index=index)
+    _check_indexed("ada_rms_norm_indexed", x, index, scale_table=scale_table)
+    _check_floating("ada_rms_norm_indexed", x=x, scale_table=scale_table)
+    index = index.to(torch.int64)
+    if _use_triton(x, scale_table, index):
+        with _launch_on(x):
+            return ada_rms_norm_indexed_triton(x, scale_table, index, float(eps))
+    return ada_rms_norm_indexed_ref(x, scale_table, index, eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000) -> torch.Tensor:

@@ -8,7 +8,11 @@ Recognised by their attributes (no import of the other codebase needed):
 ``c`` may be per sample (B, D), as in DiT/SiT (whose forward does ``chunk(6, dim=1)`` and
 ``unsqueeze(1)``), or per token (B, N, D) / (B, 1, D) as in Patch Forcing, or a (B, K, D)
 table with a third argument ``index`` (B, N) (PF's deduplicated conditioning). The chunks stay
-strided views of the modulation output: the kernels read them in place.
+strided views of the modulation output: the kernels read them in place. Within a block the
+attention's residual update and the MLP's modulation are one ``gated_residual_modulate`` call;
+the MLP's residual and the next module's modulation stay two calls (fusing across blocks would
+mean rewriting the model's own loop). ``pf.models.PatchForcingDiT`` fuses across blocks itself
+and has no module named like these (its norms live in the fused ops): nothing to patch there.
 
 Only LayerNorms without affine parameters are fused (that is DiT's design); a module whose
 norms carry weights, or whose modulation Linear has an unexpected width, is left alone.
@@ -30,7 +34,14 @@ import warnings
 import torch
 import torch.nn as nn
 
-from pf_kernels.dispatch import adaln_modulate, adaln_modulate_indexed, gated_residual, gated_residual_indexed
+from pf_kernels.dispatch import (
+    adaln_modulate,
+    adaln_modulate_indexed,
+    gated_residual,
+    gated_residual_indexed,
+    gated_residual_modulate,
+    gated_residual_modulate_indexed,
+)
 
 _PATCHED = "_pf_kernels_original_forward"
 
@@ -61,18 +72,18 @@ def _per_token(mod: torch.Tensor) -> torch.Tensor:
 def _block_forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     # x (B, N, D); c (B, D) per sample or (B, N, D) / (B, 1, D) per token; with index (B, N),
     # c is a (B, K, D) table of distinct conditionings (PF's deduplicated form).
+    # The attention's residual update and the MLP's modulation are one fused call; the MLP's
+    # residual stays a plain gated_residual (fusing it with the next block's modulation would
+    # mean rewriting the model's own loop, which patch_dit leaves alone).
     mod = _per_token(self.adaLN_modulation(c))  # (B, N|1|K, 6D)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
     if index is not None:
-        x = gated_residual_indexed(
-            x, gate_msa, self.attn(adaln_modulate_indexed(x, shift_msa, scale_msa, index, self.norm1.eps)), index
-        )
-        return gated_residual_indexed(
-            x, gate_mlp, self.mlp(adaln_modulate_indexed(x, shift_mlp, scale_mlp, index, self.norm2.eps)), index
-        )
-    x = gated_residual(x, gate_msa, self.attn(adaln_modulate(x, shift_msa, scale_msa, self.norm1.eps)))
-    x = gated_residual(x, gate_mlp, self.mlp(adaln_modulate(x, shift_mlp, scale_mlp, self.norm2.eps)))
-    return x
+        h = adaln_modulate_indexed(x, shift_msa, scale_msa, index, self.norm1.eps)
+        x, h = gated_residual_modulate_indexed(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, index, self.norm2.eps)
+        return gated_residual_indexed(x, gate_mlp, self.mlp(h), index)
+    h = adaln_modulate(x, shift_msa, scale_msa, self.norm1.eps)
+    x, h = gated_residual_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.norm2.eps)
+    return gated_residual(x, gate_mlp, self.mlp(h))
 
 
 def _final_forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

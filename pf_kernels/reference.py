@@ -44,6 +44,24 @@ def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> 
     return (x.to(acc) + gate.to(acc) * y.to(acc)).to(out)
 
 
+def ada_rms_norm_dtype(x: torch.Tensor, scale: torch.Tensor) -> torch.dtype:
+    """The dtype eager ``x * rsqrt(mean(x^2) + eps) * (1 + scale)`` gives: x's, or scale's
+    when that is wider (fp16 x with an fp32 scale is fp32), as ``gated_residual_dtype``."""
+    return torch.promote_types(x.dtype, scale.dtype)
+
+
+def ada_rms_norm_ref(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2, -1) + eps) * (1 + scale)`` (AdaRMSNorm, SPEC.md section 11).
+
+    x: (B, N, D); scale: (B, N, D) or (B, 1, D). Returns eager PyTorch's promoted dtype.
+    """
+    out = ada_rms_norm_dtype(x, scale)
+    acc = _acc_dtype(out)
+    xa = x.to(acc)
+    rstd = torch.rsqrt(xa.square().mean(-1, keepdim=True) + eps)  # (B, N, 1)
+    return (xa * rstd * (1.0 + scale.to(acc))).to(out)
+
+
 def timestep_frequencies(half: int, max_period: float, dtype: torch.dtype, device) -> torch.Tensor:
     """``f_k = exp(-ln(max_period) * k / half)``, k < half (the kernel reads this very table)."""
     k = torch.arange(half, device=device, dtype=dtype)
@@ -123,3 +141,31 @@ def gated_residual_indexed_ref(
 ) -> torch.Tensor:
     """``gated_residual`` with a (B, K, D) gate table and a per-token row index (B, N)."""
     return gated_residual_ref(x, _gather_rows(gate, index), y)
+
+
+def gated_residual_modulate_ref(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_new = x + gate * y`` and ``h = LN(x_new) * (1 + scale) + shift``: returns (x_new, h).
+
+    Exactly ``gated_residual`` then ``adaln_modulate`` (x_new in eager's promoted dtype, h in
+    x_new's); gate, shift, scale each (B, N, D) or (B, 1, D).
+    """
+    x_new = gated_residual_ref(x, gate, y)
+    return x_new, adaln_modulate_ref(x_new, shift, scale, eps)
+
+
+def gated_residual_modulate_indexed_ref(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    index: torch.Tensor, eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated_residual_modulate`` with (B, K, D) gate/shift/scale tables and a row index (B, N)."""
+    return gated_residual_modulate_ref(
+        x, _gather_rows(gate, index), y, _gather_rows(shift, index), _gather_rows(scale, index), eps)
+
+
+def ada_rms_norm_indexed_ref(
+    x: torch.Tensor, scale_table: torch.Tensor, index: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``ada_rms_norm`` with a (B, K, D) scale table and a per-token row index (B, N)."""
+    return ada_rms_norm_ref(x, _gather_rows(scale_table, index), eps)

@@ -4,9 +4,11 @@
 
 Each op's host code runs on small CPU tensors shaped like the real calls (PF-B/2 and PF-XL/2
 widths and an odd one, N = 256 tokens, bf16 / fp16 / fp32, per-token ``chunk`` views,
-per-sample and indexed modulation, every ``patch_euler`` form), with two things swapped:
-Triton's driver names the target instead of asking a GPU, and each launch becomes
-``kernel.warmup`` (compile, no run). So every kernel goes through Triton's real compiler
+per-sample and indexed modulation (``adaln_modulate``, ``gated_residual``, ``ada_rms_norm``,
+``gated_residual_modulate``),
+every ``patch_euler`` form), with two things swapped: Triton's driver names the target
+instead of asking a GPU, and each launch becomes ``kernel.warmup`` (compile, no run). So
+every kernel goes through Triton's real compiler
 (TTIR, PTX, then ptxas to a cubin) with exactly the specialisation a launch would give it
 (dtypes, 16-byte alignment of pointers and strides, constexprs), which the interpreter never
 exercises. Per compiled variant it reports num_warps, registers, stack-frame and spill bytes
@@ -75,6 +77,8 @@ def _cases(torch, ops):
     """(label, thunk) for every launch form the ops have. Each thunk is called before the
     next is made, so the lambdas may read the loop's current tensors."""
     am, gr, te, pe = ops["adaln_modulate"], ops["gated_residual"], ops["timestep_embedding"], ops["patch_euler"]
+    rn = ops["ada_rms_norm"]
+    rm = ops["gated_residual_modulate"]
     gen = torch.Generator().manual_seed(0)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -101,6 +105,20 @@ def _cases(torch, ops):
             yield f"gated bwd per-sample {tag}", lambda: gr.gated_residual_bwd(grad, s_gate, y, None)
             yield f"gated fwd indexed {tag}", lambda: gr.gated_residual_fwd(x, k_gate, y, index)
             yield f"gated bwd indexed {tag}", lambda: gr.gated_residual_bwd(grad, k_gate, y, index)
+            yield f"rms fwd per-token {tag}", lambda: rn.ada_rms_norm_fwd(x, scale, None, 1e-6)
+            yield f"rms bwd per-token {tag}", lambda: rn.ada_rms_norm_bwd(grad, x, scale, None, 1e-6)
+            yield f"rms fwd per-sample {tag}", lambda: rn.ada_rms_norm_fwd(x, s_scale, None, 1e-6)
+            yield f"rms bwd per-sample {tag}", lambda: rn.ada_rms_norm_bwd(grad, x, s_scale, None, 1e-6)
+            yield f"rms fwd indexed {tag}", lambda: rn.ada_rms_norm_fwd(x, k_scale, index, 1e-6)
+            yield f"rms bwd indexed {tag}", lambda: rn.ada_rms_norm_bwd(grad, x, k_scale, index, 1e-6)
+            # the fused residual + modulate: (gate, shift, scale) in each form, grad_h = grad_x = grad
+            for form, (g_, sh_, sc_, idx_) in (("per-token", (gate, shift, scale, None)),
+                                               ("per-sample", (s_gate, s_shift, s_scale, None)),
+                                               ("indexed", (k_gate, k_shift, k_scale, index))):
+                yield (f"resmod fwd {form} {tag}",
+                       lambda: rm.gated_residual_modulate_fwd(x, g_, y, sh_, sc_, idx_, 1e-6))
+                yield (f"resmod bwd {form} {tag}",
+                       lambda: rm.gated_residual_modulate_bwd(grad, grad, x, g_, y, sh_, sc_, idx_, 1e-6))
     t = torch.rand(2, N_TOKENS, generator=gen)
     for dim in (256, 37):
         yield f"timestep_embedding fwd dim={dim}", lambda: te.timestep_embedding_fwd(t, dim, 10000.0)
@@ -162,12 +180,15 @@ def compile_all(arch: int) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
+    import pf_kernels.ops.ada_rms_norm as rn
     import pf_kernels.ops.adaln_modulate as am
     import pf_kernels.ops.gated_residual as gr
+    import pf_kernels.ops.gated_residual_modulate as rm
     import pf_kernels.ops.patch_euler as pe
     import pf_kernels.ops.timestep_embedding as te
 
-    ops = {"adaln_modulate": am, "gated_residual": gr, "timestep_embedding": te, "patch_euler": pe}
+    ops = {"adaln_modulate": am, "gated_residual": gr, "ada_rms_norm": rn, "gated_residual_modulate": rm,
+           "timestep_embedding": te, "patch_euler": pe}
     recorder = _Recorder()
     saved = {name: mod.wrap for name, mod in ops.items()}
     previous = getattr(driver, "_active", None)  # reset_active() would look for a real GPU

@@ -124,10 +124,11 @@ def test_indexed_kernels_in_the_model_under_the_interpreter(triton_backend, monk
     x, y = _inputs()
     t = _times()
     calls = []
-    real = pf_kernels.adaln_modulate_indexed
-    monkeypatch.setattr(pf_kernels, "adaln_modulate_indexed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("adaln_modulate_indexed", "gated_residual_modulate_indexed"):
+        real = getattr(pf_kernels, name)
+        monkeypatch.setattr(pf_kernels, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     v, lv = model(x, t, y, return_uncertainty=True)
-    assert len(calls) == 2 * model.depth + 1  # two per block and the final layer
+    assert len(calls) == 2 * model.depth + 1  # the first block's input, then two fused calls per block
     pf_kernels.set_backend("torch")
     with _plain(model):
         v0, lv0 = model(x, t, y, return_uncertainty=True)

@@ -2,8 +2,9 @@
 
 The interpreter checks what the kernels compute; it never compiles them. ``scripts/
 kernel_report.py`` runs each op's host code with compile-only launches against a named
-target, so each launch form (dtypes, per-token chunk views, per-sample, indexed, every
-``patch_euler`` form) is specialised exactly as on a GPU and lowered to PTX and a cubin.
+target, so each launch form (dtypes, per-token chunk views, per-sample, indexed, of
+``adaln_modulate``, ``gated_residual``, ``ada_rms_norm`` and ``gated_residual_modulate``;
+every ``patch_euler`` form) is specialised exactly as on a GPU and lowered to PTX and a cubin.
 Asserted: every form compiles, nothing spills to local memory, and at the PF-B/2 and
 PF-XL/2 widths the per-token 16-bit kernels move every row with 16-byte vector accesses
 (the strided ``chunk(6)`` views included), which a memory-bound op needs to reach bandwidth.
@@ -48,7 +49,7 @@ def report(tmp_path_factory):
 def test_every_launch_form_compiles_for_sm90(report):
     rows, stdout = report
     cases = {r["case"] for r in rows}
-    ops = ("adaln fwd", "adaln bwd", "gated fwd", "gated bwd")
+    ops = ("adaln fwd", "adaln bwd", "gated fwd", "gated bwd", "rms fwd", "rms bwd", "resmod fwd", "resmod bwd")
     for op in ops:
         for form in ("per-token", "per-sample", "indexed"):
             for width in ("B/2 D=768", "XL/2 D=1152", "odd D=37"):
@@ -77,4 +78,4 @@ def test_per_token_rows_move_in_16_byte_vectors(report):
             assert r["ld_scalar"] == 0 and r["st_scalar"] == 0 and r["ld_v2"] == 0, r
             assert r["ld_v4"] > 0 and r["st_v4"] > 0, r
             checked += 1
-    assert checked == 16  # 4 kernels x 2 widths x 2 dtypes
+    assert checked == 32  # 8 kernels x 2 widths x 2 dtypes

@@ -136,10 +136,11 @@ def test_tiny_dit(per_token, mode, backend):
 
     patched_model = copy.deepcopy(model)
     assert pf_kernels.patch_dit(patched_model) == 3  # two blocks and the final layer
-    launches = LAUNCHES["adaln_modulate_fwd"]
+    launches = LAUNCHES["adaln_modulate_fwd"], LAUNCHES["gated_residual_modulate_fwd"]
     got = run(patched_model, x, c)
-    if mode == "triton":
-        assert LAUNCHES["adaln_modulate_fwd"] == launches + 5  # 2 per block + final
+    if mode == "triton":  # per block: the attention's input, then its residual fused with the MLP's input
+        assert LAUNCHES["adaln_modulate_fwd"] == launches[0] + 3  # 1 per block + final
+        assert LAUNCHES["gated_residual_modulate_fwd"] == launches[1] + 2
     assert_same(got, expected)
 
     assert pf_kernels.patch_dit(patched_model) == 0  # already patched
@@ -286,8 +287,9 @@ def _run_pf(model, x, t, y):
 @needs_interp
 @pytest.mark.parametrize("per_sample_t", [False, True], ids=["t_per_patch", "t_per_sample"])
 def test_patch_forcing_dit(per_sample_t, backend):
-    """PatchForcingDiT already calls the fused ops: torch reference vs its own Triton route vs
-    patched, with per-patch (B, N) and per-sample (B,) times."""
+    """PatchForcingDiT already calls the fused ops (each residual fused with the next modulation,
+    across blocks too): torch reference vs its own Triton route, with per-patch (B, N) and
+    per-sample (B,) times; patch_dit finds nothing of it to patch."""
     model = _pf_model()
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 8, 8, generator=gen)
@@ -296,11 +298,11 @@ def test_patch_forcing_dit(per_sample_t, backend):
     backend("torch")
     expected = _run_pf(model, x, t, y)
     backend("triton")
-    launches = LAUNCHES["gated_residual_bwd"]
+    launches = LAUNCHES["gated_residual_modulate_bwd"]
     assert_same(_run_pf(model, x, t, y), expected)
-    assert LAUNCHES["gated_residual_bwd"] == launches + 4
-    assert pf_kernels.patch_dit(model) == 3
-    assert_same(_run_pf(model, x, t, y), expected)
+    assert LAUNCHES["gated_residual_modulate_bwd"] == launches + 4  # two per block
+    report = pf_kernels.patch_dit(model)
+    assert report == 0 and not report.skipped
 
 
 @pytest.mark.gpu
@@ -330,12 +332,11 @@ def test_patch_forcing_dit_deduplicated(backend, monkeypatch):
     backend("torch")
     expected = _run_pf(model, x, t, y)
     backend("triton")
-    launches = LAUNCHES["adaln_modulate_fwd"]
+    launches = LAUNCHES["adaln_modulate_fwd"], LAUNCHES["gated_residual_modulate_fwd"]
     indexed_calls = []
-    real = pf_kernels.adaln_modulate_indexed
-    monkeypatch.setattr(pf_kernels, "adaln_modulate_indexed", lambda *a: indexed_calls.append(1) or real(*a))
+    real = pf_kernels.gated_residual_modulate_indexed
+    monkeypatch.setattr(pf_kernels, "gated_residual_modulate_indexed", lambda *a: indexed_calls.append(1) or real(*a))
     assert_same(_run_pf(model, x, t, y), expected)
-    assert LAUNCHES["adaln_modulate_fwd"] == launches + 5 and len(indexed_calls) == 5
-    monkeypatch.undo()
-    assert pf_kernels.patch_dit(model) == 3
-    assert_same(_run_pf(model, x, t, y), expected)
+    # the first block's input, then two fused calls per block (the last one makes the final layer's input)
+    assert LAUNCHES["adaln_modulate_fwd"] == launches[0] + 1 and len(indexed_calls) == 4
+    assert LAUNCHES["gated_residual_modulate_fwd"] == launches[1] + 4

@@ -3,8 +3,9 @@
 Every patch carries its own time, so the timestep embedding, the conditioning vector ``c``
 and every block's AdaLN modulation are ``(B, N, *)`` instead of DiT's ``(B, *)``. The
 modulation and gated residuals go through ``pf_kernels`` (fused Triton on CUDA, the torch
-reference on the CPU). ``GlobalTimeDiT`` is the SiT baseline: the same network with one
-time per sample, conditioning ``(B, 1, D)``.
+reference on the CPU); each residual update is one fused call with the LayerNorm and
+modulation after it, across block boundaries too (see ``PFBlock``). ``GlobalTimeDiT`` is the
+SiT baseline: the same network with one time per sample, conditioning ``(B, 1, D)``.
 
 At inference a sample's patches share a few distinct times, and the conditioning is then
 computed once per distinct time and indexed per token (the "deduplicated conditioning"
@@ -15,15 +16,13 @@ and ``torch.compile``).
 
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import pf_kernels
+from pf.models.dedup import DistinctTimes, TimeTable, time_table
 
 try:  # optional: flash-attn is used on CUDA when installed
     from flash_attn import flash_attn_qkvpacked_func  # type: ignore
@@ -149,100 +148,79 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift (LN without affine, eps 1e-6); (B, K, D) tables with ``index``."""
+    if index is not None:
+        return pf_kernels.adaln_modulate_indexed(x, shift, scale, index)
+    return pf_kernels.adaln_modulate(x, shift, scale)
+
+
+def residual_modulate(x, gate, y, shift, scale, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, LN(x + gate * y) * (1 + scale) + shift) in one fused pass."""
+    if index is not None:
+        return pf_kernels.gated_residual_modulate_indexed(x, gate, y, shift, scale, index)
+    return pf_kernels.gated_residual_modulate(x, gate, y, shift, scale)
+
+
 class PFBlock(nn.Module):
-    """DiT block with token-wise AdaLN-Zero: modulation is (B, N, 6D) (or (B, 1, 6D))."""
+    """DiT block with token-wise AdaLN-Zero: modulation is (B, N, 6D) (or (B, 1, 6D), or a
+    (B, K, 6D) table with ``index``).
+
+    SPEC's block is ``x = x + gate1 * Attn(LN(x) * (1 + scale1) + shift1)``, then the same with
+    MLP and the second three. Each residual update is fused with the LayerNorm + modulation
+    that reads its result (``pf_kernels.gated_residual_modulate``): the attention's with the
+    MLP's input, the MLP's with the input of the module after the block (the next block's
+    attention, or the final layer). So a block takes its attention input already modulated
+    and returns the stream with the next module's input:
+
+        forward(x, h, mod, next_mod, index=None) -> (x, h)
+          x         (B, N, D) the stream; h = LN(x) * (1 + scale1) + shift1 (B, N, D)
+          mod       ``self.modulation(c)``: this block's six (B, N|1|K, D) chunks
+          next_mod  (shift, scale) of the module after the block, applied to the new stream
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, N, D); c: (B, N, D) or (B, 1, D). chunk gives strided views the kernels take as is.
-        # With ``index`` (B, N), c is a (B, K, D) table of distinct conditionings (deduplicated).
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, N|1|K, D)
-        if index is not None:
-            x = pf_kernels.gated_residual_indexed(
-                x, gate1, self.attn(pf_kernels.adaln_modulate_indexed(x, shift1, scale1, index)), index)
-            return pf_kernels.gated_residual_indexed(
-                x, gate2, self.mlp(pf_kernels.adaln_modulate_indexed(x, shift2, scale2, index)), index)
-        x = pf_kernels.gated_residual(x, gate1, self.attn(pf_kernels.adaln_modulate(x, shift1, scale1)))
-        x = pf_kernels.gated_residual(x, gate2, self.mlp(pf_kernels.adaln_modulate(x, shift2, scale2)))
-        return x
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # (shift1, scale1, gate1, shift2, scale2, gate2), each (B, N|1|K, D): strided views of
+        # one (B, N|1|K, 6D) tensor, which the kernels read as they are.
+        return self.adaLN_modulation(c).chunk(6, dim=-1)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, mod, next_mod, index: torch.Tensor | None = None):
+        _, _, gate1, shift2, scale2, gate2 = mod  # shift1, scale1 are already in h
+        next_shift, next_scale = next_mod
+        x, h = residual_modulate(x, gate1, self.attn(h), shift2, scale2, index)  # (B, N, D) each
+        return residual_modulate(x, gate2, self.mlp(h), next_shift, next_scale, index)
 
 
 class FinalLayer(nn.Module):
-    """AdaLN then Linear(D, p*p*C_out)."""
+    """AdaLN then Linear(D, p*p*C_out). The AdaLN (``modulation(c)``) is applied by the last
+    block's fused residual update, so ``forward`` takes its result h (B, N, D)."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, N|1|K, D)
-        if index is not None:
-            return self.linear(pf_kernels.adaln_modulate_indexed(x, shift, scale, index))  # (B, N, p*p*C_out)
-        return self.linear(pf_kernels.adaln_modulate(x, shift, scale))  # (B, N, p*p*C_out)
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.adaLN_modulation(c).chunk(2, dim=-1)  # (shift, scale), each (B, N|1|K, D)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h)  # (B, N, p*p*C_out)
 
 
 #################################################################################
 #            Deduplicated conditioning: one modulation per distinct time         #
 #################################################################################
-# At sampling time the patches of a sample share only a few distinct times (one for
-# EulerPF, two for dual-loop and look-ahead). The timestep embedding, ``c`` and every
-# block's Linear(D, 6D) modulation are then computed once per distinct time, as a
-# (B, K, *) table, and read per token through a (B, N) row index by the indexed forms of
-# ``adaln_modulate`` / ``gated_residual``: the (B, N, 6D) tensor never exists. This is
-# exact (the same rows, computed once) and removes about a third of each block's FLOPs.
-#
-# Finding the distinct times needs no host sync: sort each row, mark where the sorted value
-# changes, cumsum gives each token's rank. Only the table width K is a host number:
-#   eager    K = the largest distinct count over the batch, read with ONE sync per forward
-#            (not per block); the table is used when K <= dedup_max_distinct and
-#            K * dedup_min_tokens_per_time <= N, else the plain per-token path runs;
-#   K = 1    (EulerPF, and every sample at one time) needs no index at all: the (B, 1, D)
-#            conditioning broadcasts over the tokens, as for a (B,) time;
-#   static   inside ``model.sync_free(distinct_times=K)`` K is given by the caller (the
-#            sampler knows it: 1 for EulerPF, 2 for dual-loop and look-ahead) and nothing
-#            syncs: the path for CUDA-graph capture and torch.compile. A sample with more
-#            than K distinct times would be wrong there; that is the caller's contract.
-# Training (``model.training``) keeps the plain path: there every patch has its own time.
-
-
-class TimeTable(NamedTuple):
-    times: torch.Tensor  # (B, K) the distinct times of each sample, padded with its largest
-    index: torch.Tensor  # (B, N) int64: row of ``times`` holding each token's time
-
-
-def time_ranks(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank of every distinct value per row, without host sync.
-
-    t (B, N) -> (sorted t (B, N), order (B, N), rank of each sorted entry (B, N)); the
-    rank counts the distinct values before it, so ``rank[:, -1] + 1`` is each row's K.
-    """
-    ts, order = t.sort(dim=1)  # (B, N)
-    changed = (ts[:, 1:] != ts[:, :-1]).to(torch.int64)  # (B, N-1) 1 where a new value starts
-    rank = torch.cat([torch.zeros_like(changed[:, :1]), changed.cumsum(1)], dim=1)  # (B, N)
-    return ts, order, rank
-
-
-def time_table(t: torch.Tensor, k: int, ranks=None) -> TimeTable:
-    """The (B, k) table of distinct times of t (B, N) and each token's row, no host sync.
-
-    Rows with fewer than k distinct times repeat their largest one (harmless extra rows);
-    rows with more than k would map the extra times onto row k-1 (wrong: callers ensure k).
-    """
-    ts, order, rank = ranks if ranks is not None else time_ranks(t)
-    rank = rank.clamp_max(k - 1)  # (B, N)
-    times = ts[:, -1:].repeat(1, k)  # (B, k) new memory; padding: the row's largest time
-    times.scatter_(1, rank, ts)  # equal values land on the same row: order does not matter
-    index = torch.empty_like(rank).scatter_(1, order, rank)  # (B, N) back to token order
-    return TimeTable(times, index)
+# At sampling time the patches of a sample share only a few distinct times; the timestep
+# embedding, ``c`` and every block's Linear(D, 6D) modulation are then computed once per
+# distinct time, as a (B, K, *) table read per token by the indexed forms of the fused ops
+# (pf.models.dedup: how the table is found without host syncs, eager and static). This is
+# exact and removes about a third of each block's FLOPs.
 
 
 #################################################################################
@@ -250,7 +228,7 @@ def time_table(t: torch.Tensor, k: int, ranks=None) -> TimeTable:
 #################################################################################
 
 
-class PatchForcingDiT(nn.Module):
+class PatchForcingDiT(DistinctTimes, nn.Module):
     """DiT with one timestep per patch and a per-pixel log-variance (difficulty) channel.
 
     ``forward(x, t, y, return_uncertainty=False)``: x (B, C, H, W); t (B, N) per patch or
@@ -260,13 +238,10 @@ class PatchForcingDiT(nn.Module):
     """
 
     per_token = True
-    # Deduplicated conditioning (see the section above): used outside training when a
-    # sample has at most this many distinct times and N >= K * dedup_min_tokens_per_time.
+    cond_kind = "class"  # samplers and guidance: the condition is class ids, the null one num_classes
+    # Deduplicated conditioning (pf.models.dedup.DistinctTimes): used outside training when a
+    # sample has at most dedup_max_distinct distinct times and N >= K * dedup_min_tokens_per_time.
     # Set dedup_max_distinct = 0 for the plain per-token path everywhere.
-    dedup_max_distinct = 8
-    dedup_min_tokens_per_time = 4
-    _sync_free = False  # inside ``sync_free()``: no host reads in forward
-    _static_distinct: int | None = None  # the time-table width given by ``sync_free()``
 
     def __init__(
         self,
@@ -377,7 +352,7 @@ class PatchForcingDiT(nn.Module):
             raise TypeError(f"y must hold integer class ids, got dtype {y.dtype}")
         if not t.is_floating_point():
             raise TypeError(f"t must hold floating-point times in [0, 1], got dtype {t.dtype}")
-        if not self._sync_free and not torch.compiler.is_compiling() and not _capturing(y) and b > 0:
+        if b > 0 and self.may_read_host(y):
             # one host read for both checks (skipped inside sync_free: graphs and compile)
             lo, hi, t_lo, t_hi = torch.stack([y.min().double(), y.max().double(), t.min().double(),
                                               t.max().double()]).tolist()
@@ -393,49 +368,6 @@ class PatchForcingDiT(nn.Module):
     def _check_t(self, t: torch.Tensor, b: int, n: int) -> None:
         if t.shape not in ((b, n), (b,)):
             raise ValueError(f"t must have shape ({b}, {n}) (per patch) or ({b},) (per sample), got {tuple(t.shape)}")
-
-    # ------------------------------------------------------- conditioning dedup
-    @contextlib.contextmanager
-    def sync_free(self, distinct_times: int | None = None):
-        """Within this context ``forward`` reads no tensor value on the host.
-
-        ``distinct_times=K``: every sample's patch times take at most K distinct values
-        (the caller's promise, e.g. a sampler's ``max_distinct_times``), so the conditioning
-        is computed once per time with a static table width. ``None``: the plain per-token
-        path. The label range check (a host read) is skipped. Use it for CUDA-graph capture
-        and ``torch.compile``; nests, restoring the previous state on exit.
-        """
-        if distinct_times is not None and int(distinct_times) < 1:
-            raise ValueError(f"distinct_times must be a positive int or None, got {distinct_times}")
-        saved = self._sync_free, self._static_distinct
-        self._sync_free = True
-        self._static_distinct = None if distinct_times is None else int(distinct_times)
-        try:
-            yield self
-        finally:
-            self._sync_free, self._static_distinct = saved
-
-    def time_table(self, t: torch.Tensor) -> TimeTable | None:
-        """The deduplicated (B, K) time table for per-patch ``t`` (B, N), or None for the plain path."""
-        if t.dim() != 2:
-            return None  # (B,) times already give a (B, 1, D) conditioning
-        if self._static_distinct is not None:
-            return time_table(t, self._static_distinct)
-        n = t.shape[1]
-        if (
-            self.training
-            or self._sync_free
-            or self.dedup_max_distinct < 1
-            or n < self.dedup_min_tokens_per_time
-            or torch.compiler.is_compiling()
-            or _capturing(t)
-        ):
-            return None
-        ranks = time_ranks(t)
-        k = int(ranks[2][:, -1].max()) + 1  # the one host sync of a forward
-        if k > self.dedup_max_distinct or k * self.dedup_min_tokens_per_time > n:
-            return None
-        return time_table(t, k, ranks)
 
     # ----------------------------------------------------------------- forward
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -461,20 +393,22 @@ class PatchForcingDiT(nn.Module):
         self._check_inputs(x, t, y)
         _, _, h, w = x.shape
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        table = self.time_table(t)
-        times, index = t, None  # (B, N) or (B,): the plain path
-        if table is not None and table.times.shape[1] == 1:
-            times = table.times[:, 0]  # one time per sample: the (B, 1, D) broadcast, no index
-        elif table is not None:
-            times, index = table.times, table.index  # (B, K) distinct times, (B, N) row per token
+        times, index = self.conditioning_times(t)  # (B, N|1|K); (B, N) row per token when a table
         c = self.embed_time(times) + self.y_embedder(y)[:, None, :]  # (B, N|1|K, D)
         c = c.to(tokens.dtype)
+        # Each module's input is made by the fused call that ends the one before it, so the
+        # modulation of the module after a block is computed before that block runs.
+        following = [*self.blocks[1:], self.final_layer]
+        mod = (self.blocks[0] if len(self.blocks) else self.final_layer).modulation(c)
+        hidden = modulate(tokens, mod[0], mod[1], index)  # the first module's input (B, N, D)
         tapped = None
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, c, index)  # (B, N, D)
+        for i, (block, after) in enumerate(zip(self.blocks, following)):
+            next_mod = after.modulation(c)
+            tokens, hidden = block(tokens, hidden, mod, next_mod[:2], index)  # (B, N, D) each
+            mod = next_mod
             if i + 1 == tap_after:
                 tapped = tokens
-        return self.unpatchify(self.final_layer(tokens, c, index), h, w), tapped  # (B, C_out, H, W)
+        return self.unpatchify(self.final_layer(hidden), h, w), tapped  # (B, C_out, H, W)
 
     def _heads(self, out: torch.Tensor, return_uncertainty: bool):
         v = out[:, : self.in_channels]
@@ -500,10 +434,6 @@ class GlobalTimeDiT(PatchForcingDiT):
     def _check_t(self, t: torch.Tensor, b: int, n: int) -> None:
         if t.shape != (b,):
             raise ValueError(f"GlobalTimeDiT takes one time per sample: t must have shape ({b},), got {tuple(t.shape)}")
-
-
-def _capturing(ref: torch.Tensor) -> bool:
-    return ref.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 #################################################################################
