@@ -1,8 +1,10 @@
 """Classifier-free guidance on both heads (SPEC.md section 5).
 
-With ``cfg_scale = s != 1`` the batch runs as ``[null labels; labels]`` in one model call;
-``v = v_u + s*(v_c - v_u)`` and ``logvar = lv_u + s*(lv_c - lv_u)``; ``v_c`` is kept for
-the look-ahead sampler. With ``s = 1`` one plain pass and ``v_c = v``.
+With ``cfg_scale = s != 1`` the batch runs as ``[null condition; condition]`` in one model
+call; ``v = v_u + s*(v_c - v_u)`` and ``logvar = lv_u + s*(lv_c - lv_u)``; ``v_c`` is kept
+for the look-ahead sampler. With ``s = 1`` one plain pass and ``v_c = v``. The condition is
+class ids (null: the class ``num_classes``) or a text condition (null: the empty prompt's
+encoding, ``uc_cond``); :mod:`pf.conditioning` puts the two halves side by side.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from pf import conditioning
+
 
 class Guided(NamedTuple):
     v: torch.Tensor  # (B, C, H, W) guided velocity
@@ -18,23 +22,19 @@ class Guided(NamedTuple):
     v_cond: torch.Tensor  # (B, C, H, W) conditional velocity
 
 
-def null_labels(model, y: torch.Tensor, uc_cond: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Unconditional labels: ``uc_cond`` when given, else the null class ``num_classes``."""
-    if uc_cond is None:
-        return torch.full_like(y, model.num_classes)
-    if isinstance(uc_cond, int):
-        return torch.full_like(y, uc_cond)
-    return uc_cond.to(device=y.device, dtype=y.dtype).expand_as(y)
+def null_labels(model, y, uc_cond=None):
+    """The unconditional counterpart of ``y``: ``uc_cond`` when given, else the null class."""
+    return conditioning.null(model, y, uc_cond)
 
 
-def guided_call(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float = 1.0,
+def guided_call(model, x: torch.Tensor, t: torch.Tensor, y, cfg_scale: float = 1.0,
                 uc_cond=None, with_logvar: bool = True) -> Guided:
     """One model evaluation (one NFE) with guidance on the velocity and the difficulty map."""
     if cfg_scale == 1.0:
         out = model(x, t, y, return_uncertainty=with_logvar)
         v, lv = out if with_logvar else (out, None)
         return Guided(v, lv, v)
-    y2 = torch.cat([null_labels(model, y, uc_cond), y])
+    y2 = conditioning.cat([null_labels(model, y, uc_cond), y])
     out = model(torch.cat([x, x]), torch.cat([t, t]), y2, return_uncertainty=with_logvar)
     v2, lv2 = out if with_logvar else (out, None)
     v_u, v_c = v2.chunk(2)

@@ -1,8 +1,10 @@
-"""Networks: the Patch Forcing DiT, the global-time SiT baseline, their REPA variants, presets and checkpoints."""
+"""Networks: the Patch Forcing DiT, the global-time SiT baseline, their REPA variants, the
+text-to-image model, presets and checkpoints."""
 
 from pf.models.checkpoint import load_checkpoint, save_checkpoint
 from pf.models.dit import GlobalTimeDiT, PatchForcingDiT, PF_models, build_model, num_params
 from pf.models.repa import REPAGlobalTimeDiT, REPAPatchForcingDiT
+from pf.models.t2i import PF_T2I_models, PatchForcingT2I, build_t2i
 
 __all__ = [
     "PatchForcingDiT",
@@ -10,6 +12,9 @@ __all__ = [
     "REPAPatchForcingDiT",
     "REPAGlobalTimeDiT",
     "PF_models",
+    "PatchForcingT2I",
+    "PF_T2I_models",
+    "build_t2i",
     "build_model",
     "num_params",
     "load_checkpoint",

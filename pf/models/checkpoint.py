@@ -10,7 +10,7 @@ Released file (SPEC.md section 2)::
 
 ``config`` may be a plain dict or an OmegaConf ``DictConfig``. This project's own files::
 
-    {"format": "patch-forcing", "model_class": "PatchForcingDiT" | "GlobalTimeDiT",
+    {"format": "patch-forcing", "model_class": "PatchForcingDiT" | "GlobalTimeDiT" | "PatchForcingT2I" | ...,
      "config": {...constructor args...}, "state_dict": {...}, "ema": {...} (optional), ...}
 
 Everything is read with ``torch.load(weights_only=True)``: no pickled code runs; only the
@@ -29,10 +29,12 @@ import torch
 
 from pf.models.dit import GlobalTimeDiT, PatchForcingDiT
 from pf.models.repa import REPAGlobalTimeDiT, REPAPatchForcingDiT
+from pf.models.t2i import PatchForcingT2I
 
 FORMAT = "patch-forcing"
 MODEL_CLASSES = {"PatchForcingDiT": PatchForcingDiT, "GlobalTimeDiT": GlobalTimeDiT,
-                 "REPAPatchForcingDiT": REPAPatchForcingDiT, "REPAGlobalTimeDiT": REPAGlobalTimeDiT}
+                 "REPAPatchForcingDiT": REPAPatchForcingDiT, "REPAGlobalTimeDiT": REPAGlobalTimeDiT,
+                 "PatchForcingT2I": PatchForcingT2I}
 # ``config.target`` written into released-format files (the published code's class paths
 # for the PF models; the baselines have no published file, so they name ours).
 RELEASED_TARGETS = {"PatchForcingDiT": "patch_flow.models.pf_transformer.PatchForcingDiT",

@@ -138,6 +138,8 @@ class Sampler:
                  progress: bool = False) -> torch.Tensor:
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor of noise, got {getattr(x, 'shape', type(x))}")
+        if y is None and getattr(model, "cond_kind", "class") == "text":
+            raise ValueError("a text-to-image model needs y: the prompts' encoding (a pf.conditioning.TextCond)")
         if y is None:
             if cfg_scale != 1.0:
                 raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y")
@@ -162,7 +164,7 @@ class Sampler:
         """Start outer step ``k``: its model calls are guided or not (SPEC section 10)."""
         self._step_scale = self._cfg_scale if self._guided_steps[k] else 1.0
 
-    def call(self, model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, with_logvar: bool) -> Guided:
+    def call(self, model, x: torch.Tensor, t: torch.Tensor, y, with_logvar: bool) -> Guided:
         """One guided model evaluation (one NFE, whatever the guidance doubles)."""
         self.nfe += 1
         self.guided_nfe += self._step_scale != 1.0
