@@ -75,19 +75,32 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        return load_image(self.paths[i], self.image_size, self.channels), self.labels[i]
 
-        with Image.open(self.paths[i]) as img:
-            img = img.convert("RGB" if self.channels == 3 else "L")
-            w, h = img.size
-            scale = self.image_size / min(w, h)  # shorter side -> image_size, then center crop
-            img = img.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))),
-                             Image.Resampling.BICUBIC)
-            w, h = img.size
-            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
-            img = img.crop((left, top, left + self.image_size, top + self.image_size))
-            arr = np.asarray(img, dtype=np.float32)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        x = torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (C, S, S) in [-1, 1]
-        return x.contiguous(), self.labels[i]
+
+def image_to_tensor(img, image_size: int, channels: int) -> torch.Tensor:
+    """A Pillow image as ``(channels, image_size, image_size)`` float32 in [-1, 1]: converted to
+    RGB or L, the shorter side resized to ``image_size`` (bicubic), center-cropped."""
+    from PIL import Image
+
+    img = img.convert("RGB" if channels == 3 else "L")
+    w, h = img.size
+    scale = image_size / min(w, h)  # shorter side -> image_size, then center crop
+    img = img.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
+                     Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    x = torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (C, S, S) in [-1, 1]
+    return x.contiguous()
+
+
+def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
+    """The image file at ``path`` through :func:`image_to_tensor`."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return image_to_tensor(img, image_size, channels)
