@@ -5,11 +5,17 @@
     torchrun --nproc_per_node=8 -m pf.sample ckpt=... sampler=look_ahead cfg=1.0 \\
         fid=true num=50000 out=fid/ vae=...        # ADM evaluator .npz (arr_0, uint8, NHWC)
     python -m pf.sample ckpt=... viz=true ...      # also a strip over the sampling steps
+    python -m pf.sample ckpt=t2i.pt prompt="a handwritten seven" n=10   # a text-to-image model
+    python -m pf.sample ckpt=t2i.pt prompts=prompts.txt n=30            # one prompt a line, cycled
 
 Arguments are ``key=value`` (values read as YAML: ``true``, ``4.0``, ``[1,2]``); run with
 ``help`` for the list. Sample ``i`` (of the grid or the dump) always gets the same noise and
 label, from ``seed`` and ``i`` alone: the result does not depend on the batch size or the
 number of processes, and under ``torchrun`` rank ``r`` samples indices ``r, r+W, ...``.
+
+A text-to-image checkpoint samples prompts (``prompt=`` or ``prompts=FILE``, cycled over the
+samples), encoded by the text encoder it was trained with (its ``text`` config; ``text_path=``
+where the encoder's folder is elsewhere now); guidance compares against the empty prompt.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ DEFAULTS = {
     "guidance_interval": None,  # [lo, hi]: guide only the outer steps with lo <= s_k <= hi (SPEC section 10)
     "cfg": None,  # guidance scale; default 4.0 for pictures, 1.0 (no guidance, the published FID setting) with fid=true
     "classes": None,  # labels, cycled over the samples; default: random per sample
+    "prompt": None,  # text models: one prompt for every sample
+    "prompts": None,  # text models: a file of prompts, one a line, cycled over the samples
+    "text_path": None,  # text models: the text encoder's local folder (null: the one the checkpoint was trained with)
     "n": 16,  # pictures in the grid
     "seed": 0,
     "out": "samples",  # output folder
@@ -123,8 +132,29 @@ def validate(cfg: dict) -> dict:
         raise UsageError(f"precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["vae"] is not None:
         cfg["vae"] = str(cfg["vae"])
+    cfg["prompt_list"] = read_prompts(cfg)
     cfg["compile_mode"] = str(cfg["compile_mode"])
     return cfg
+
+
+def read_prompts(cfg: dict) -> list[str] | None:
+    """``prompt=`` (one) or ``prompts=FILE`` (one a line, blank lines skipped) as a list, or None."""
+    if cfg["prompt"] is not None and cfg["prompts"] is not None:
+        raise UsageError("give prompt=... or prompts=FILE, not both")
+    if cfg["prompt"] is not None:
+        if not isinstance(cfg["prompt"], str):
+            raise UsageError(f"prompt must be a string (quote it: prompt=\"a handwritten seven\"), got {cfg['prompt']!r}")
+        return [cfg["prompt"]]
+    if cfg["prompts"] is None:
+        return None
+    path = Path(str(cfg["prompts"])).expanduser()
+    if not path.is_file():
+        raise UsageError(f"prompts={path}: no such file (one prompt a line)")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in lines if ln]
+    if not prompts:
+        raise UsageError(f"prompts={path}: the file holds no prompt (one a line)")
+    return prompts
 
 
 #################################################################################
@@ -168,12 +198,16 @@ class Runner:
         train_config = ckpt.get("train_config")
         del ckpt
         self.base = model
-        # one more name for the null class (label num_classes)
-        self.class_names = class_names(train_config, model.num_classes) + ["(no class)"]
         self.shape = (model.in_channels, model.input_size, model.input_size)
-        for c in cfg["classes"] or []:
-            if not 0 <= c <= model.num_classes:
-                raise UsageError(f"class {c} is outside [0, {model.num_classes}] of this model")
+        self.text = self._text_part(train_config, device) if model.cond_kind == "text" else None
+        if self.text is None:
+            if cfg["prompt_list"] is not None:
+                raise UsageError("prompt= and prompts= are for text-to-image checkpoints; this model takes classes=")
+            # one more name for the null class (label num_classes)
+            self.class_names = class_names(train_config, model.num_classes) + ["(no class)"]
+            for c in cfg["classes"] or []:
+                if not 0 <= c <= model.num_classes:
+                    raise UsageError(f"class {c} is outside [0, {model.num_classes}] of this model")
         name = str(cfg["sampler"]).lower().replace("-", "_")
         params = {"dual_loop": {"p": cfg["p"], "n_inner": cfg["n_inner"]},
                   "look_ahead": {"p": cfg["p"], "context_t_ratio": cfg["ratio"]}}.get(name, {})
@@ -191,6 +225,8 @@ class Runner:
         vae = cfg["vae"] or vae
         scale = cfg["vae_scale"] or scale or LATENT_SCALE
         self.decoder = Decoder(model.in_channels, vae, device=device, scale=scale)
+        if self.text is not None and cfg["graphs"]:
+            raise UsageError("graphs=true is not available for text-to-image models yet (compile=true is)")
         if (cfg["graphs"] or cfg["compile"] or cfg["precision"] != "fp32") and device.type != "cuda":
             raise UsageError("graphs=true, compile=true and precision=bf16/fp16 need a CUDA device; this run is on the CPU")
         self.model = model
@@ -204,6 +240,40 @@ class Runner:
         self.graphs: dict = {}
         self.nfe, self.guided_nfe = 0, 0
 
+    def _text_part(self, train_config: dict | None, device: torch.device):
+        """The text encoder the checkpoint was trained with (``text_path`` overrides its folder)."""
+        from pf.text import encoder_from_config
+        from pf.training.conditioning import TextConditioning
+
+        if self.cfg["classes"] is not None:
+            raise UsageError("classes= is for class-conditional checkpoints; a text model takes prompt= or prompts=")
+        if self.cfg["prompt_list"] is None:
+            raise UsageError("a text-to-image checkpoint samples prompts: give prompt=\"...\" or prompts=FILE")
+        text = dict(((train_config or {}).get("text") or {}))
+        if not text:
+            raise UsageError(f"{self.cfg['ckpt']} does not say which text encoder it was trained with (no 'text' "
+                             f"in its training config)")
+        encoder = encoder_from_config(text, device, path=self.cfg["text_path"])
+        if encoder.dim != self.base.text_dim:
+            raise UsageError(f"the text encoder gives {encoder.dim}-wide tokens; the model was trained on "
+                             f"{self.base.text_dim}-wide ones")
+        return TextConditioning(encoder, dropout=0.0)
+
+    def conditions(self, indices: list[int], labels: torch.Tensor):
+        """The model's conditions of these samples: their prompts' encoding (text) or the labels."""
+        if self.text is None:
+            return labels.to(self.device)
+        prompts = self.cfg["prompt_list"]
+        return self.text.fixed([prompts[i % len(prompts)] for i in indices], self.device)
+
+    def names(self, indices: list[int]) -> list[str]:
+        """What each sample shows: its prompt, or its class name."""
+        if self.text is not None:
+            prompts = self.cfg["prompt_list"]
+            return [prompts[i % len(prompts)] for i in indices]
+        _, labels = sample_inputs(indices, self.shape, self.base.num_classes, self.cfg["seed"], self.cfg["classes"])
+        return [self.class_names[int(c)] for c in labels]
+
     def autocast(self):
         import contextlib
 
@@ -212,8 +282,8 @@ class Runner:
         dtype = torch.bfloat16 if self.cfg["precision"] == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    def sample(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Latents/pixels (B, C, H, W) for noise x and labels y (already on the device)."""
+    def sample(self, x: torch.Tensor, y) -> torch.Tensor:
+        """Latents/pixels (B, C, H, W) for noise x and conditions y (already on the device)."""
         cfg = self.cfg
         with self.autocast():
             if cfg["graphs"]:
@@ -236,10 +306,14 @@ class Runner:
             static = self.base.sync_free(self.sampler.max_distinct_times) if cfg["compile"] else contextlib.nullcontext()
             with static:
                 out = self.sampler(self.model, x, cfg["steps"], y=y, cfg_scale=cfg["cfg"],
-                                   guidance_interval=cfg["guidance_interval"],
+                                   guidance_interval=cfg["guidance_interval"], uc_cond=self.null(),
                                    progress=cfg["progress"] and self.verbose)
             self.nfe, self.guided_nfe = self.sampler.nfe, self.sampler.guided_nfe
             return out
+
+    def null(self):
+        """The unconditional condition of guidance: the empty prompt's encoding (text), else the null class."""
+        return self.text.null(self.device) if self.text is not None else None
 
     def run(self, indices: list[int], bar=None) -> np.ndarray:
         from pf.sampling.grid import to_uint8
@@ -247,8 +321,8 @@ class Runner:
         pictures = []
         for start in range(0, len(indices), self.cfg["batch"]):
             chunk = indices[start : start + self.cfg["batch"]]
-            x, y = sample_inputs(chunk, self.shape, self.base.num_classes, self.cfg["seed"], self.cfg["classes"])
-            z = self.sample(x.to(self.device), y.to(self.device))
+            x, y = sample_inputs(chunk, self.shape, self.base.num_classes or 1, self.cfg["seed"], self.cfg["classes"])
+            z = self.sample(x.to(self.device), self.conditions(chunk, y))
             pictures.append(to_uint8(self.decoder(z)))
             if bar is not None:
                 bar.update(len(chunk))
@@ -295,8 +369,7 @@ def write_grid(runner: Runner, cfg: dict) -> Path:
         pictures = runner.run(indices, bar)
         _sync(runner.device)
         seconds = time.perf_counter() - t0
-    _, labels = sample_inputs(indices, runner.shape, runner.base.num_classes, cfg["seed"], cfg["classes"])
-    names = [runner.class_names[int(c)] for c in labels]
+    names = runner.names(indices)
     ncol = min(len(indices), 10 if len(indices) >= 10 else len(indices))
     path = save_png(tile_grid(pictures, ncol, labels=names, caption=caption(cfg)), Path(cfg["out"]) / f"{_tag(cfg)}.png")
     print(f"NFE {runner.nfe} per sample ({nfe_note(runner)}); "
@@ -309,13 +382,13 @@ def write_viz(runner: Runner, cfg: dict) -> Path:
     from pf.sampling.grid import save_png
     from pf.sampling.viz import StepRecorder, viz_strip
 
-    x, y = sample_inputs([0], runner.shape, runner.base.num_classes, cfg["seed"], cfg["classes"])
+    x, y = sample_inputs([0], runner.shape, runner.base.num_classes or 1, cfg["seed"], cfg["classes"])
     recorder = StepRecorder(runner.base, batch=1)
     with runner.autocast():
-        runner.sampler(recorder, x.to(runner.device), cfg["steps"], y=y.to(runner.device), cfg_scale=cfg["cfg"],
-                       guidance_interval=cfg["guidance_interval"])
+        runner.sampler(recorder, x.to(runner.device), cfg["steps"], y=runner.conditions([0], y),
+                       cfg_scale=cfg["cfg"], guidance_interval=cfg["guidance_interval"], uc_cond=runner.null())
     strip = viz_strip(recorder.frames, runner.decoder, runner.base.patch_size, max_cols=cfg["viz_cols"],
-                      caption=f"{runner.class_names[int(y[0])]}: {caption(cfg)}")
+                      caption=f"{runner.names([0])[0]}: {caption(cfg)}")
     path = save_png(strip, Path(cfg["out"]) / f"{_tag(cfg)}-viz.png")
     print(f"wrote {path} (rows: image, difficulty exp(logvar), patch times; {len(recorder.frames)} model calls)")
     return path

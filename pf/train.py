@@ -11,7 +11,7 @@ directory (``hydra.run.dir``) receives::
 ``resume=<run dir or checkpoint>`` continues exactly; ``torchrun --nproc_per_node=N -m
 pf.train`` trains with DDP (rank 0 writes). One step::
 
-    cond = conditioning(labels)       class ids (pf.training.conditioning)
+    cond = conditioning(labels)       class ids, or captions -> text tokens (pf.training.conditioning)
     t  ~ timestep sampler             (B, N) per patch (pf) or (B,) per sample (fm)
     x0 ~ N(0, I)                      noise from this rank's generator
     loss = MSE + nll_weight * NLL [+ lambda * repa_loss]    (pf.training.objective, each term logged)
@@ -20,6 +20,10 @@ pf.train`` trains with DDP (rank 0 writes). One step::
 ``trainer.repa.enabled=true`` adds REPA (SPEC section 9): the model gets the projector and the
 objective the alignment to a frozen encoder's tokens of the clean image (default: this
 project's classifier of the same data, trained once and cached).
+
+``model=t2i-*`` with captioned data trains the text-to-image model (SPEC section 11): the
+``text`` keys pick the frozen text encoder, captions are dropped for guidance with
+``text.dropout``; ``experiment=t2i_demo`` is a CPU-sized run on the captioned digits.
 """
 
 from __future__ import annotations
@@ -45,10 +49,11 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
-from pf.data import ShardedBatches, build_dataset, check_against_model, split_validation
+from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_model, split_validation
 from pf.flow import validation_loss
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.dit import build_model, num_params
+from pf import conditioning as conds
 from pf.sampling.grid import class_names
 from pf.training.checkpointing import (
     load_training_checkpoint,
@@ -59,7 +64,7 @@ from pf.training.checkpointing import (
     write_checkpoint,
 )
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
-from pf.training.conditioning import ClassConditioning
+from pf.training.conditioning import ClassConditioning, TextConditioning
 from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective
@@ -135,8 +140,9 @@ def _gather_rng(state: dict, d: Dist) -> list[dict]:
 
 
 def _stack(dataset, limit: int):
+    """The first ``limit`` items: images stacked, and their conditions (class ids or captions) as a list."""
     xs, ys = zip(*(dataset[i][:2] for i in range(min(limit, len(dataset)))))
-    return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
+    return torch.stack(xs), list(ys)
 
 
 @torch.no_grad()
@@ -145,7 +151,7 @@ def _validate(model, x1, y, x0, batch: int, autocast) -> dict:
     segments = None
     for i in range(0, x1.shape[0], batch):
         with autocast():
-            out = validation_loss(model, x1[i:i + batch], y[i:i + batch], x0[i:i + batch])
+            out = validation_loss(model, x1[i:i + batch], conds.rows(y, slice(i, i + batch)), x0[i:i + batch])
         w = x1[i:i + batch].shape[0] / x1.shape[0]
         chunk = [s * w for s in out["segments"]]
         segments = chunk if segments is None else [a + b for a, b in zip(segments, chunk)]
@@ -176,7 +182,12 @@ def _repa_encoder(cfg, d: Dist, device: torch.device):
     return encoder.to(device)
 
 
-def _build_network(cfg, per_token: bool, input_size: int, in_channels: int, num_classes: int, z_dim: int | None):
+def _build_network(cfg, per_token: bool, input_size: int, in_channels: int, num_classes: int, z_dim: int | None,
+                   text_dim: int | None = None):
+    if cfg.model.family == "t2i":
+        from pf.models.t2i import build_t2i
+
+        return build_t2i(cfg.model.name, input_size=input_size, in_channels=in_channels, text_dim=int(text_dim))
     repa = None
     if z_dim is not None:
         rc = cfg.trainer.repa
@@ -222,17 +233,65 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 def _data(cfg, d: Dist, device: torch.device, seed: int):
     """The data, checked against the model's sizes (null sizes come from the data, e.g. a
     latent set's manifest), split for validation, and this rank's batches. With REPA a latent
-    set's items also carry their pixels."""
-    dataset = build_dataset(cfg.data, seed=seed, pixels=bool(cfg.trainer.repa.enabled))
+    set's items also carry their pixels; captioned data gives captions in place of class ids."""
+    from pf.data.captions import CAPTION_DATA, build_caption_dataset, check_caption_data
+
+    captioned = cfg.data.name in CAPTION_DATA
+    if captioned != (cfg.model.family == "t2i"):
+        raise ValueError(f"data={cfg.data.name} " + ("has captions: train it with a text model (model=t2i-tiny, ...)"
+                                                     if captioned else "has no captions: a text model (model="
+                                                     f"{cfg.model.name}) needs data=" + ", ".join(CAPTION_DATA)))
+    dataset = (build_caption_dataset(cfg.data, seed=seed) if captioned
+               else build_dataset(cfg.data, seed=seed, pixels=bool(cfg.trainer.repa.enabled)))
     sizes = {"num_classes": cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes,
              "input_size": cfg.model.input_size if cfg.model.input_size is not None else dataset.image_size,
              "in_channels": cfg.model.in_channels if cfg.model.in_channels is not None else dataset.channels}
-    check_against_model(dataset, num_classes=sizes["num_classes"], channels=sizes["in_channels"],
-                        image_size=sizes["input_size"])
+    if captioned:
+        check_caption_data(dataset, channels=sizes["in_channels"], image_size=sizes["input_size"])
+    else:
+        check_against_model(dataset, num_classes=sizes["num_classes"], channels=sizes["in_channels"],
+                            image_size=sizes["input_size"])
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # webdataset shards: a stream, no held-out split
+        batches = StreamBatches(dataset, cfg.trainer.batch_size, num_workers=cfg.data.num_workers,
+                                pin_memory=device.type == "cuda")
+        return sizes, dataset, dataset, None, batches
     train_set, val_set = split_validation(dataset, cfg.data.val_size, seed)
     batches = ShardedBatches(train_set, cfg.trainer.batch_size, rank=d.rank, world_size=d.world_size, seed=seed,
                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    return sizes, train_set, val_set, batches
+    return sizes, dataset, train_set, val_set, batches
+
+
+def _conditioning(cfg, dataset, device: torch.device):
+    """The conditioning part: class ids, or for a text model the frozen encoder of ``text``
+    (the training captions encoded once when ``text.cache``)."""
+    if cfg.model.family != "t2i":
+        num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes
+        return ClassConditioning(num_classes, class_names(OmegaConf.to_container(cfg, resolve=True), num_classes))
+    from pf.text import CachedTextEncoder, encoder_from_config
+
+    tx = cfg.text
+    encoder = encoder_from_config(OmegaConf.to_container(tx, resolve=True), device)
+    prompts = picture_prompts(cfg, dataset)
+    if tx.cache and hasattr(dataset, "all_captions") and not isinstance(dataset, torch.utils.data.IterableDataset):
+        encoder = CachedTextEncoder(encoder, [*dataset.all_captions(), *prompts], path=tx.cache_dir)
+    return TextConditioning(encoder, tx.dropout, prompts)
+
+
+def picture_prompts(cfg, dataset) -> list[str]:
+    """The training pictures' prompts: ``sampler.prompts``, else for a demo set one held-out
+    prompt per class (a wording no training caption has), else the data's first captions."""
+    if cfg.sampler.prompts:
+        return list(cfg.sampler.prompts)
+    from pf.data.captions import CaptionedClasses, demo_prompts
+
+    if isinstance(dataset, CaptionedClasses):
+        first: dict[int, str] = {}
+        for prompt, c in demo_prompts(dataset.name, "test"):
+            first.setdefault(c, prompt)
+        return [first[c] for c in sorted(first)]
+    if hasattr(dataset, "all_captions") and not isinstance(dataset, torch.utils.data.IterableDataset):
+        return dataset.all_captions()[:10]
+    raise ValueError("a text model trained on shards needs the pictures' prompts: set sampler.prompts=[...]")
 
 
 def _objective(tc, model, encoder):
@@ -284,11 +343,13 @@ class _Pictures:
             self.sampler = pf_samplers.make("euler")
         shape = (sc.num_images, model.in_channels, model.input_size, model.input_size)
         self.noise = torch.randn(shape, generator=fixed).to(device)
-        self.labels = conditioning.for_pictures(sc.classes, sc.num_images, device)
-        self.names = class_names(OmegaConf.to_container(cfg, resolve=True), conditioning.num_classes) + ["(no class)"]
+        wanted = sc.prompts if conditioning.kind == "text" else sc.classes
+        self.conds, self.names = conditioning.for_pictures(wanted, sc.num_images, device)
+        self.uc_cond = conditioning.null(device)
 
     def draw(self, path: Path, step: int, ema_model, autocast) -> None:
-        _picture(path, step, ema_model, self.sampler, self.noise, self.labels, self.sc, autocast, self.names)
+        _picture(path, step, ema_model, self.sampler, self.noise, self.conds, self.sc, autocast, self.names,
+                 self.uc_cond)
 
 
 def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, timestep_sampler, last_ckpt) -> None:
@@ -317,13 +378,14 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     seed = int(cfg.seed)
     per_token = tc.kind == "pf"
     encoder = _repa_encoder(cfg, d, device) if tc.repa.enabled else None  # REPA: the frozen encoder
-    sizes, train_set, val_set, batches = _data(cfg, d, device, seed)
+    sizes, dataset, train_set, val_set, batches = _data(cfg, d, device, seed)
 
     # ---- the parts of a step: conditioning and the objective's terms (REPA: alignment and its head)
-    conditioning = ClassConditioning(sizes["num_classes"])
+    conditioning = _conditioning(cfg, dataset, device)
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = _build_network(cfg, per_token, sizes["input_size"], sizes["in_channels"], sizes["num_classes"],
-                           encoder.z_dim if encoder is not None else None).to(device)
+                           encoder.z_dim if encoder is not None else None,
+                           getattr(conditioning.encoder, "dim", None) if conditioning.kind == "text" else None).to(device)
     objective = _objective(tc, model, encoder)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
@@ -343,7 +405,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     val = None
     if val_set is not None:
         x1_val, y_val = _stack(val_set, len(val_set))
-        val = (x1_val.to(device), y_val.to(device), torch.randn(x1_val.shape, generator=fixed).to(device))
+        val = (x1_val.to(device), conditioning.fixed(y_val, device), torch.randn(x1_val.shape, generator=fixed).to(device))
     pictures = _Pictures(cfg, model, conditioning, per_token, fixed, device)
 
     # ---- run directory (rank 0)
@@ -354,9 +416,9 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=step if cfg.resume else None)
         if not cfg.resume:
             (run_dir / "metrics.jsonl").write_text("")
-        log.info("%s %s: %.2fM parameters, %d training examples (%d per rank), batch %d x %d rank(s), %s, "
+        log.info("%s %s: %.2fM parameters, %s training examples (%s per rank), batch %d x %d rank(s), %s, "
                  "objective %s, device %s", "PF" if per_token else "SiT", cfg.model.name, num_params(model) / 1e6,
-                 len(train_set), batches.sampler.num_samples, tc.batch_size, d.world_size, timestep_sampler,
+                 _count(train_set), batches.per_rank, tc.batch_size, d.world_size, timestep_sampler,
                  " + ".join(f"{t.weight:g}*{t.name}" for t in objective.terms), device)
 
     last_ckpt = ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").is_file() else None
@@ -426,14 +488,23 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     return {"model": model, "ema": ema.model, "summary": summary}
 
 
-def _picture(path: Path, step: int, ema_model, sampler, noise, labels, sc, autocast, names: list[str]) -> None:
+def _picture(path: Path, step: int, ema_model, sampler, noise, conds, sc, autocast, names: list[str],
+             uc_cond=None) -> None:
     with autocast():
         gi = list(sc.guidance_interval) if sc.get("guidance_interval") is not None else None
-        samples, difficulty = draw_samples(ema_model, sampler, noise, labels, sc.steps, sc.cfg_scale, sc.map_time, gi)
-    save_picture(path, samples, difficulty, sc.nrow, labels=[names[int(c)] for c in labels],
+        samples, difficulty = draw_samples(ema_model, sampler, noise, conds, sc.steps, sc.cfg_scale, sc.map_time, gi,
+                                           uc_cond=uc_cond)
+    save_picture(path, samples, difficulty, sc.nrow, labels=names,
                  title=f"EMA samples at step {step}: {sampler.name}, {sc.steps} steps, cfg {sc.cfg_scale:g}"
                        + (f" on [{gi[0]:g}, {gi[1]:g}]" if gi else ""),
                  map_title=f"difficulty exp(logvar) at t={sc.map_time}")
+
+
+def _count(dataset) -> str:
+    try:
+        return str(len(dataset))
+    except TypeError:  # a stream of shards
+        return "streamed"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

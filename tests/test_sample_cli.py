@@ -156,6 +156,19 @@ def test_tile_grid_upscales_labels_and_captions():
     assert tile_grid(np.zeros((4, 200, 200, 3), np.uint8), 2).shape == (2 * 202 + 2, 2 * 202 + 2, 3)  # no upscaling
 
 
+def test_long_labels_wrap_instead_of_being_cut():
+    from pf.sampling.grid import label_lines, tile_grid
+
+    assert "".join(label_lines("T-shirt/top", 10)) == "T-shirt/top"  # all of it, on two lines (was cut to 10)
+    lines = label_lines("the digit seven written by hand in white on black", 10)
+    assert len(lines) == 3 and lines[-1].endswith("...") and all(len(ln) <= 10 for ln in lines)
+    assert label_lines("a seven", 10) == ["a seven"]
+    images = np.zeros((2, 16, 16, 3), np.uint8)
+    one = tile_grid(images, 2, labels=["Bag", "Coat"])
+    three = tile_grid(images, 2, labels=["Bag", "the digit seven written by hand in white on black"])
+    assert three.shape[0] == one.shape[0] + 2 * 12  # two more text lines under every tile of the row
+
+
 def test_guidance_interval_in_the_cli(ckpts, tmp_path, capsys):
     # K = 4: s_k = 0, .25, .5, .75; [0.2, 0.6] guides the 2nd and 3rd steps only
     assert _run(f"ckpt={ckpts['pixel']}", "sampler=euler_pf", "steps=4", "cfg=3.0", "guidance_interval=[0.2,0.6]",

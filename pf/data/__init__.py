@@ -1,5 +1,5 @@
 """Where training data enters: the embedded digits, MNIST-format sets (Fashion-MNIST), image
-folders and precomputed latents.
+folders and precomputed latents; for text-to-image, captioned data (``pf.data.captions``).
 
 Every dataset yields ``(x, y)`` with ``x`` a float32 ``(C, H, W)`` tensor (images in
 [-1, 1], latents already multiplied by their scale factor) and ``y`` an int class id (a latent
@@ -11,12 +11,21 @@ from the ``data`` config group and checks it against the model before training s
 from __future__ import annotations
 
 from pf.data.base import DataError, TensorImages, check_against_model, split_validation
+from pf.data.captions import (
+    CaptionedClasses,
+    CaptionFolder,
+    CaptionShards,
+    build_caption_dataset,
+    check_caption_data,
+    demo_prompts,
+    load_captioned,
+)
 from pf.data.digits import load_digits_dataset
 from pf.data.folder import ImageFolder
 from pf.data.latent_shards import LatentShards, is_latent_set
 from pf.data.latents import load_latents
 from pf.data.mnist_format import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_mnist_format
-from pf.data.loader import ShardedBatches
+from pf.data.loader import ShardedBatches, StreamBatches
 
 
 def build_dataset(data_cfg, seed: int = 0, pixels: bool = False) -> TensorImages | ImageFolder | LatentShards:
@@ -52,11 +61,19 @@ def build_dataset(data_cfg, seed: int = 0, pixels: bool = False) -> TensorImages
 
 
 __all__ = [
+    "CaptionFolder",
+    "CaptionShards",
+    "CaptionedClasses",
+    "build_caption_dataset",
+    "check_caption_data",
+    "demo_prompts",
+    "load_captioned",
     "DataError",
     "TensorImages",
     "ImageFolder",
     "LatentShards",
     "ShardedBatches",
+    "StreamBatches",
     "build_dataset",
     "check_against_model",
     "load_digits_dataset",

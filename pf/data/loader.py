@@ -45,6 +45,11 @@ class ShardedBatches:
                 f"{batch_size} on each of {world_size} rank(s): lower trainer.batch_size or add data"
             )
 
+    @property
+    def per_rank(self) -> int:
+        """Training examples this rank reads per epoch."""
+        return self.sampler.num_samples
+
     def epoch_of(self, step: int) -> int:
         return step // self.batches_per_epoch
 
@@ -67,3 +72,47 @@ class ShardedBatches:
             )
             yield from loader
             epoch, start = epoch + 1, 0
+
+
+class StreamBatches:
+    """Endless batches of an IterableDataset (webdataset shards, split over ranks and workers
+    by the dataset itself), one pass per epoch with ``set_epoch``. A stream has no random
+    access: a resumed run starts its epoch's stream again and skips the batches already read
+    (the same batches as an uninterrupted run, at the cost of reading them once more)."""
+
+    per_rank = "streamed"
+
+    def __init__(self, dataset, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False):
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._epoch_batches: dict[int, int] = {}  # batches each finished epoch gave
+
+    def epoch_of(self, step: int) -> int:
+        epoch, seen = 0, 0
+        while epoch in self._epoch_batches and seen + self._epoch_batches[epoch] <= step:
+            seen += self._epoch_batches[epoch]
+            epoch += 1
+        return epoch
+
+    def _epoch(self, epoch: int):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, generator=torch.Generator())
+        yield from loader
+
+    def iterate(self, start_step: int = 0):
+        epoch, skip = 0, int(start_step)
+        while True:
+            count = 0
+            for batch in self._epoch(epoch):
+                count += 1
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield batch
+            if count == 0:
+                raise ValueError(f"the stream gave no full batch of {self.batch_size}: lower trainer.batch_size or add "
+                                 f"shards")
+            self._epoch_batches[epoch] = count
+            epoch += 1

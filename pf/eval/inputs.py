@@ -136,8 +136,8 @@ def load_dataset_images(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg_scale: float = 1.0,
-             batch_size: int = 500, labels: torch.Tensor | None = None, device=None,
-             static: bool = False, decode=None, guidance_interval=None) -> tuple[torch.Tensor, dict]:
+             batch_size: int = 500, labels=None, device=None, static: bool = False, decode=None,
+             guidance_interval=None, uc_cond=None) -> tuple[torch.Tensor, dict]:
     """Draw ``num_samples`` images with ``sampler`` at ``steps`` outer steps.
 
     Labels default to ``i % num_classes`` (balanced classes); the noise comes from a generator
@@ -146,9 +146,13 @@ def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg
     the model in ``sync_free(sampler.max_distinct_times)``, its static-shape form. ``decode``
     turns latents into images in [-1, 1] (``pf.sampling.grid.Decoder``). Returns
     uint8 images (M, C, H, W) and ``{"nfe": model calls per batch, "seconds": wall time}``.
+    ``labels`` may be a text condition (:class:`pf.conditioning.TextCond`, with ``uc_cond`` the
+    empty prompt's for guidance).
     """
     import contextlib
     import time
+
+    from pf import conditioning
 
     base = getattr(model, "_orig_mod", model)  # through a torch.compile wrapper
     device = device or next(base.parameters()).device
@@ -159,8 +163,9 @@ def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg
     out, nfe, t0 = [], None, time.perf_counter()
     with base.sync_free(sampler.max_distinct_times) if static else contextlib.nullcontext():
         for i in range(0, num_samples, batch_size):
-            x = sampler(model, noise[i:i + batch_size].to(device), steps, y=labels[i:i + batch_size].to(device),
-                        cfg_scale=cfg_scale, guidance_interval=guidance_interval)
+            y = conditioning.to(conditioning.rows(labels, slice(i, i + batch_size)), device)
+            x = sampler(model, noise[i:i + batch_size].to(device), steps, y=y, cfg_scale=cfg_scale,
+                        guidance_interval=guidance_interval, uc_cond=uc_cond)
             out.append(to_uint8(decode(x) if decode is not None else x))
             nfe = sampler.nfe
     return torch.cat(out), {"nfe": nfe, "guided_nfe": sampler.guided_nfe, "seconds": time.perf_counter() - t0}

@@ -115,6 +115,18 @@ def _text_strip(width: int, lines: list[str], height: int | None = None) -> np.n
     return np.asarray(strip)
 
 
+def label_lines(label: str, chars: int, max_lines: int = 3) -> list[str]:
+    """A label wrapped to ``chars`` a line (a class name or a prompt), at most ``max_lines``
+    lines, the last one ending in "..." when the label is longer."""
+    import textwrap
+
+    lines = textwrap.wrap(label, chars, break_long_words=True) or [""]
+    if len(lines) > max_lines:
+        last = " ".join(lines[max_lines - 1:])
+        lines = lines[:max_lines - 1] + [last[:max(1, chars - 3)] + "..."]
+    return lines
+
+
 def tile_grid(images: np.ndarray, ncol: int | None = None, *, labels: list[str] | None = None,
               caption: str | list[str] | None = None, min_size: int = MIN_TILE, pad: int = 2) -> np.ndarray:
     """The one picture helper: (B, H, W, 3) uint8 -> a readable (H', W', 3) grid.
@@ -135,7 +147,9 @@ def tile_grid(images: np.ndarray, ncol: int | None = None, *, labels: list[str] 
             raise ValueError(f"{len(labels)} labels for {len(tiles)} images")
         w = tiles.shape[2]
         chars = max(4, w // 6)  # the default font is about 6 pixels a character
-        tiles = np.stack([np.concatenate([t, _text_strip(w, [str(lab)[:chars]], 14)]) for t, lab in zip(tiles, labels)])
+        lines = [label_lines(str(lab), chars) for lab in labels]
+        height = 2 + 12 * max(len(ls) for ls in lines)  # 14 pixels a one-line label
+        tiles = np.stack([np.concatenate([t, _text_strip(w, ls, height)]) for t, ls in zip(tiles, lines)])
     ncol = ncol or math.ceil(math.sqrt(len(tiles)))
     grid = tv_make_grid(torch.from_numpy(tiles).permute(0, 3, 1, 2), nrow=ncol, padding=pad, pad_value=255)
     grid = grid.permute(1, 2, 0).numpy()  # (H', W', 3)

@@ -6,7 +6,8 @@ its PyPI package by default); ``CachedTextEncoder`` answers a fixed caption set 
 """
 
 from pf.text.cache import CachedTextEncoder, cache_key
-from pf.text.encoders import ENCODER_NAMES, TextEncoder, check_prompts, make_text_encoder, minilm_folder
+from pf.text.encoders import (ENCODER_NAMES, TextEncoder, check_prompts, encoder_from_config, make_text_encoder,
+                              minilm_folder)
 
-__all__ = ["TextEncoder", "CachedTextEncoder", "make_text_encoder", "minilm_folder", "cache_key", "check_prompts",
+__all__ = ["TextEncoder", "CachedTextEncoder", "make_text_encoder", "encoder_from_config", "minilm_folder", "cache_key", "check_prompts",
            "ENCODER_NAMES"]

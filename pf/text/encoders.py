@@ -351,4 +351,12 @@ def make_text_encoder(name: str = "minilm", path: str | Path | None = None, max_
     return encoder.to(device)
 
 
-__all__ = ["TextEncoder", "make_text_encoder", "minilm_folder", "check_prompts", "ENCODER_NAMES"]
+def encoder_from_config(text: dict, device: str | torch.device = "cpu", path: str | Path | None = None) -> TextEncoder:
+    """The encoder a ``text`` config names (a training run's, or a checkpoint's ``train_config["text"]``);
+    ``path`` overrides its folder (the encoder moved since)."""
+    text = dict(text or {})
+    return make_text_encoder(text.get("name", "minilm"), path=path or text.get("path"), max_length=text.get("max_length"),
+                             device=device, tokenizer_path=text.get("tokenizer_path"))
+
+
+__all__ = ["TextEncoder", "make_text_encoder", "encoder_from_config", "minilm_folder", "check_prompts", "ENCODER_NAMES"]

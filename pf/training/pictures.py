@@ -39,11 +39,13 @@ class _MapRecorder:
 
 
 @torch.no_grad()
-def draw_samples(model, sampler, noise: torch.Tensor, labels: torch.Tensor, steps: int, cfg_scale: float,
-                 map_time: float = 0.5, guidance_interval=None):
-    """``(samples, difficulty)``: (B, C, H, W) and (B, 1, H, W) exp(logvar) or None."""
+def draw_samples(model, sampler, noise: torch.Tensor, labels, steps: int, cfg_scale: float,
+                 map_time: float = 0.5, guidance_interval=None, uc_cond=None):
+    """``(samples, difficulty)``: (B, C, H, W) and (B, 1, H, W) exp(logvar) or None. ``labels``:
+    class ids or a text condition (``uc_cond``: the empty prompt's, for guidance)."""
     recorder = _MapRecorder(model, map_time, noise.shape[0])
-    x = sampler(recorder, noise, steps, y=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval)
+    x = sampler(recorder, noise, steps, y=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
+                uc_cond=uc_cond)
     difficulty = None if recorder.logvar is None else torch.exp(recorder.logvar.clamp(-30, 20))
     return x.float(), difficulty
 

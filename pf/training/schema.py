@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "trainer", "sampler", "data")
+GROUPS = ("model", "trainer", "sampler", "data", "experiment")
 
 
 class ConfigError(ValueError):
@@ -55,12 +55,20 @@ def _sampler_names():
 
 def _model_names():
     from pf.models.dit import PRESET_SIZES
+    from pf.models.t2i import T2I_PRESET_SIZES
 
-    return tuple(PRESET_SIZES)
+    return (*PRESET_SIZES, *(f"PFT2I-{k}" for k in T2I_PRESET_SIZES))
+
+
+def _data_names():
+    from pf.data.captions import CAPTION_DATA
+
+    return ("digits", "fashion_mnist", "mnist_format", "folder", "latents", *CAPTION_DATA)
 
 
 @dataclass
 class ModelConfig:
+    family: str = _f("dit", **_choices("dit", "t2i"))
     name: str = _f("Tiny/2", choices=_model_names)
     input_size: typing.Optional[int] = _f(16, **_rng(1))  # null: from the data
     in_channels: typing.Optional[int] = _f(1, **_rng(1))
@@ -130,12 +138,13 @@ class SamplerConfig:
     num_images: int = _f(64, **_rng(1))
     nrow: int = _f(8, **_rng(1))
     classes: typing.Optional[typing.List[int]] = _f(None, **_rng(0))
+    prompts: typing.Optional[typing.List[str]] = None  # text models: the pictures' prompts
     map_time: float = _f(0.5, **_rng(0.0, 1.0))
 
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", **_choices("digits", "fashion_mnist", "mnist_format", "folder", "latents"))
+    name: str = _f("digits", choices=_data_names)
     path: typing.Optional[str] = None
     labels_path: typing.Optional[str] = None
     split: str = _f("train", **_choices("train", "test"))
@@ -148,6 +157,25 @@ class DataConfig:
     # data=latents only (keys the other options do not have)
     flip: bool = _f(True, may_be_absent=True)
     sample_posterior: bool = _f(False, may_be_absent=True)
+    # data=caption_shards only
+    shuffle: int = _f(1000, may_be_absent=True, **_rng(0))
+
+
+def _text_encoder_names():
+    from pf.text.encoders import ENCODER_NAMES
+
+    return ENCODER_NAMES
+
+
+@dataclass
+class TextConfig:
+    name: str = _f("minilm", choices=_text_encoder_names)
+    path: typing.Optional[str] = None
+    tokenizer_path: typing.Optional[str] = None
+    max_length: typing.Optional[int] = _f(None, **_rng(1))
+    dropout: float = _f(0.1, **_rng(0.0, 1.0, hi_open=True))
+    cache: bool = True
+    cache_dir: typing.Optional[str] = None
 
 
 @dataclass
@@ -157,6 +185,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     seed: int = _f(0, **_rng(0))
     device: str = _f("auto", **_choices("auto", "cpu", "cuda"))
     resume: typing.Optional[str] = None
@@ -261,6 +290,7 @@ def check_config(cfg) -> None:
     node = {k: v for k, v in (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
                               else dict(cfg)).items() if k != "hydra"}
     _check(node, TrainConfig, "")
+    _check_family(node)
     sc = node["sampler"]
     from pf import samplers
 
@@ -275,6 +305,20 @@ def check_config(cfg) -> None:
         timesteps.make(node["trainer"]["timesteps"]["name"], **ts)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"trainer.timesteps={node['trainer']['timesteps']!r}: {err}") from None
+
+
+def _check_family(node: dict) -> None:
+    """A text model is a T2I preset trained as Patch Forcing (per-patch times), without REPA."""
+    from pf.models.t2i import T2I_PRESET_SIZES
+
+    model = node["model"]
+    if (model["family"] == "t2i") != model["name"].startswith("PFT2I-"):
+        t2i = ", ".join(f"PFT2I-{k}" for k in T2I_PRESET_SIZES)
+        raise ConfigError(f"model.name={model['name']!r} with model.family={model['family']!r}: text models are "
+                          f"{t2i} (family t2i), the others family dit")
+    if model["family"] == "t2i" and (node["trainer"]["kind"] != "pf" or node["trainer"]["repa"]["enabled"]):
+        raise ConfigError("model=t2i-* is a Patch Forcing model: it needs trainer=pf (per-patch times) and "
+                          "trainer.repa.enabled=false")
 
 
 def group_options(group: str) -> list[str]:
