@@ -135,26 +135,12 @@ def test_sample_errors_name_the_problem(tmp_path):
         assert re.search(pattern, lines[0]), (args, lines[0])
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, out_dir: str) -> None:
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    out = pf_train.train(OmegaConf.create(cfg_yaml), Path(out_dir) / "run")
-    torch.save({k: v.clone() for k, v in out["model"].state_dict().items()}, Path(out_dir) / f"rank{rank}.pt")
-
-
 def test_two_rank_ddp_keeps_ranks_identical(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
+    from test_train import _ddp_worker, _free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg = make_cfg("trainer.max_steps=2", "trainer.ckpt_every=2", "trainer.val_every=2", "trainer.sample_every=100")
-    mp.spawn(_ddp_worker, args=(2, port, OmegaConf.to_yaml(cfg), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), OmegaConf.to_yaml(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert type(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")) is PatchForcingT2I

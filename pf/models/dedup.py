@@ -55,6 +55,18 @@ def time_table(t: torch.Tensor, k: int, ranks=None) -> TimeTable:
     return TimeTable(times, index)
 
 
+def check_image(x: torch.Tensor, in_channels: int, patch_size: int) -> tuple[int, int]:
+    """(B, N) of a (B, C, H, W) model input, or one line naming what is wrong."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    if c != in_channels:
+        raise ValueError(f"x has {c} channels, the model expects {in_channels}")
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"H, W = {h}, {w} must be divisible by the patch size {patch_size}")
+    return b, (h // patch_size) * (w // patch_size)
+
+
 def capturing(ref: torch.Tensor) -> bool:
     """True inside a CUDA-graph capture (no host reads allowed)."""
     return ref.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pf_kernels
-from pf.models.dedup import DistinctTimes, TimeTable, time_table
+from pf.models.dedup import DistinctTimes, TimeTable, check_image, time_table
 
 try:  # optional: flash-attn is used on CUDA when installed
     from flash_attn import flash_attn_qkvpacked_func  # type: ignore
@@ -331,20 +331,13 @@ class PatchForcingDiT(DistinctTimes, nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-        b, c, h, w = x.shape
-        p = self.patch_size
-        if c != self.in_channels:
-            raise ValueError(f"x has {c} channels, the model expects {self.in_channels}")
-        if h % p or w % p:
-            raise ValueError(f"H, W = {h}, {w} must be divisible by the patch size {p}")
-        if (h // p) * (w // p) != self.pos_embed.shape[1]:
+        b, n = check_image(x, self.in_channels, self.patch_size)
+        h, w = x.shape[-2:]
+        if n != self.pos_embed.shape[1]:
             raise ValueError(
-                f"x of size {h}x{w} gives {(h // p) * (w // p)} patches; the model was built for "
+                f"x of size {h}x{w} gives {n} patches; the model was built for "
                 f"{self.input_size}x{self.input_size} ({self.pos_embed.shape[1]} patches)"
             )
-        n = (h // p) * (w // p)
         self._check_t(t, b, n)
         if y.shape != (b,):
             raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")

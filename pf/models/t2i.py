@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import pf_kernels
 from pf.conditioning import TextCond, check_text_cond
-from pf.models.dedup import DistinctTimes
+from pf.models.dedup import DistinctTimes, check_image
 
 #################################################################################
 #                          Norms, feed-forward, positions                       #
@@ -397,15 +397,7 @@ class PatchForcingT2I(DistinctTimes, nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-        b, c, h, w = x.shape
-        p = self.patch_size
-        if c != self.in_channels:
-            raise ValueError(f"x has {c} channels, the model expects {self.in_channels}")
-        if h % p or w % p:
-            raise ValueError(f"H, W = {h}, {w} must be divisible by the patch size {p}")
-        n = (h // p) * (w // p)
+        b, n = check_image(x, self.in_channels, self.patch_size)
         if t.shape not in ((b, n), (b,)):
             raise ValueError(f"t must have shape ({b}, {n}) (per patch) or ({b},) (per sample), got {tuple(t.shape)}")
         if not t.is_floating_point():
