@@ -161,12 +161,12 @@ def test_long_labels_wrap_instead_of_being_cut():
 
     assert "".join(label_lines("T-shirt/top", 10)) == "T-shirt/top"  # all of it, on two lines (was cut to 10)
     lines = label_lines("the digit seven written by hand in white on black", 10)
-    assert len(lines) == 3 and lines[-1].endswith("...") and all(len(ln) <= 10 for ln in lines)
+    assert len(lines) == 4 and lines[-1].endswith("...") and all(len(ln) <= 10 for ln in lines)
     assert label_lines("a seven", 10) == ["a seven"]
     images = np.zeros((2, 16, 16, 3), np.uint8)
     one = tile_grid(images, 2, labels=["Bag", "Coat"])
     three = tile_grid(images, 2, labels=["Bag", "the digit seven written by hand in white on black"])
-    assert three.shape[0] == one.shape[0] + 2 * 12  # two more text lines under every tile of the row
+    assert three.shape[0] == one.shape[0] + 3 * 12  # three more text lines under every tile of the row
 
 
 def test_guidance_interval_in_the_cli(ckpts, tmp_path, capsys):

@@ -115,7 +115,7 @@ def _text_strip(width: int, lines: list[str], height: int | None = None) -> np.n
     return np.asarray(strip)
 
 
-def label_lines(label: str, chars: int, max_lines: int = 3) -> list[str]:
+def label_lines(label: str, chars: int, max_lines: int = 4) -> list[str]:
     """A label wrapped to ``chars`` a line (a class name or a prompt), at most ``max_lines``
     lines, the last one ending in "..." when the label is longer."""
     import textwrap
