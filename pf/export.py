@@ -24,10 +24,13 @@ REPA_PARAMS = ("z_dim", "encoder_depth", "projector_dim")  # the released REPA c
 
 def released_checkpoint(model) -> dict:
     config = model.config()
-    params = {k: config[k] for k in (*RELEASED_PARAMS, *REPA_PARAMS) if k in config}
-    params["compile"] = False
-    if config["mlp_ratio"] != 4.0:
-        params["mlp_ratio"] = config["mlp_ratio"]
+    if getattr(model, "cond_kind", "class") == "text":
+        params = dict(config)  # no T2I file was released: every constructor argument, our class as the target
+    else:
+        params = {k: config[k] for k in (*RELEASED_PARAMS, *REPA_PARAMS) if k in config}
+        params["compile"] = False
+        if config["mlp_ratio"] != 4.0:
+            params["mlp_ratio"] = config["mlp_ratio"]
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {"state_dict": state, "config": {"target": RELEASED_TARGETS[type(model).__name__], "params": params}}
 

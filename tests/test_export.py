@@ -23,6 +23,18 @@ def test_export_writes_ema_weights_loadable_strictly(tmp_path, fmt, suffix, make
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("fmt,suffix", [("released", ".ckpt"), ("safetensors", ".safetensors")])
+def test_a_text_to_image_model_exports(tmp_path, fmt, suffix):
+    from pf.models import PF_T2I_models
+
+    model = PF_T2I_models["PFT2I-Tiny"](in_channels=1, input_size=8, text_dim=12, depth=1)
+    save_checkpoint(model_checkpoint(model), tmp_path / "last.pt")
+    assert export.main([str(tmp_path / "last.pt"), "--format", fmt]) == 0
+    loaded = load_checkpoint(tmp_path / f"last_ema{suffix}")
+    assert type(loaded) is type(model) and loaded.config() == model.config()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_released_export_has_spec_layout(tmp_path):
     model = tiny_model(dtype=torch.float32)
     save_checkpoint(model_checkpoint(model), tmp_path / "last.pt")

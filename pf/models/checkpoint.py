@@ -39,7 +39,8 @@ MODEL_CLASSES = {"PatchForcingDiT": PatchForcingDiT, "GlobalTimeDiT": GlobalTime
 # for the PF models; the baselines have no published file, so they name ours).
 RELEASED_TARGETS = {"PatchForcingDiT": "patch_flow.models.pf_transformer.PatchForcingDiT",
                     "REPAPatchForcingDiT": "patch_flow.models.pf_transformer_repa.REPAPatchForcingDiT",
-                    "GlobalTimeDiT": "pf.models.GlobalTimeDiT", "REPAGlobalTimeDiT": "pf.models.REPAGlobalTimeDiT"}
+                    "GlobalTimeDiT": "pf.models.GlobalTimeDiT", "REPAGlobalTimeDiT": "pf.models.REPAGlobalTimeDiT",
+                    "PatchForcingT2I": "pf.models.PatchForcingT2I"}
 
 
 def _omegaconf_safe_globals() -> list:
