@@ -147,3 +147,19 @@ def test_trajectory_keys_ignore_logging_but_not_the_recipe(tmp_path):
     assert trajectory_dir(tmp_path, _train_cfg("trainer.lr=2e-3")) != base
     assert trajectory_dir(tmp_path, _train_cfg("seed=1")) != base
     assert trajectory_dir(tmp_path, _train_cfg("trainer=fm")) != base
+    # options a class model does not use (the text encoder's keys) leave its trajectories alone
+    assert trajectory_dir(tmp_path, _train_cfg("text.dropout=0.3", "text.name=t5")) == base
+
+
+def test_the_studys_trajectories_keep_their_keys():
+    """The study's stored records (results/study) point at these runs: a change to the training
+    config's keys or defaults that moves them orphans every stored point of the study. If the
+    change is meant to alter what the arms train, update the keys here (and rerun the study)."""
+    from pf.eval import cli
+    from pf.experiments import common, reproduce
+    from pf.experiments.stages import config_key, trajectory_config
+
+    study = reproduce.study_config(cli.parse(reproduce.DEFAULTS, []))
+    keys = {arm: config_key(trajectory_config(common.compose_train_config(study, common.ARMS[arm]["overrides"], 0)))
+            for arm in ("pf_ltg", "sit_uniform", "pf_logit_normal")}
+    assert keys == {"pf_ltg": "ea3cfc1ccd38", "sit_uniform": "4e9c5e4b162a", "pf_logit_normal": "9958c40624d5"}

@@ -198,8 +198,12 @@ def trajectory_config(train_cfg) -> dict:
     for key in FREE_TRAINER_KEYS:
         cfg["trainer"].pop(key, None)
     cfg["data"].pop("num_workers", None)
+    # Options that are off compute nothing: runs from before them keep their key.
     if not cfg["trainer"].get("repa", {}).get("enabled", False):
-        cfg["trainer"].pop("repa", None)  # an option that is off computes nothing: runs from before it keep their key
+        cfg["trainer"].pop("repa", None)
+    if cfg["model"].get("family", "dit") == "dit":
+        cfg["model"].pop("family", None)
+        cfg.pop("text", None)  # a class model has no text encoder
     return cfg
 
 
