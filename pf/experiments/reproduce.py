@@ -486,6 +486,11 @@ def render(study: dict, command: str) -> str:
         lines += ["", "## The paper's findings, measured", "",
                   f"Uncertainty against error, context, the timestep-sampler ablation and patch selection: "
                   f"[{findings_page.as_posix()}]({rel(findings_page, results)}) (`python -m pf.experiments.findings`)."]
+    t2i_page = Path(study["figures"]).parent / "t2i.md"
+    if t2i_page.is_file():
+        lines += ["", "## Text-to-image", "",
+                  f"Whether the text-to-image demo follows held-out prompts: [{t2i_page.as_posix()}]"
+                  f"({rel(t2i_page, results)}) (`python -m pf.experiments.t2i`)."]
     repa_page = Path(study["figures"]).parent / "repa.md"
     if repa_page.is_file():
         lines += ["", "## With representation alignment", "",
