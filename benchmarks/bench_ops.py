@@ -10,11 +10,20 @@ Shapes: PF-B/2 (D 768) and PF-XL/2 (D 1152) at N = 256 tokens, B*N from 4096 to 
 bf16 and fp32; forward and forward+backward (``PF_BENCH_SCOPE=quick``: B*N = 65536 and bf16
 only). The modulation is per token (Patch Forcing's
 case) as strided ``chunk(6, -1)`` views of a (B, N, 6D) tensor; ``ada_rms_norm``'s scale a
-(B, N, D) tensor of its own, as the T2I model makes it. On the CPU only small
+(B, N, D) tensor of its own, as the T2I model makes it; ``test_per_sample_ops`` has DiT/SiT's
+(B, 1, D) modulation, whose grads the backward sums over the tokens. On the CPU only small
 cases of the dispatched ops run (the torch path): the numbers mean nothing for the GPU.
+
+Implementations: ``fused`` (the Triton op), ``eager`` and ``compile`` (``torch.compile`` of
+the plain expression: the baseline of "x compile"), and at PF-XL/2 ``fused-wholerow``: the
+same kernels with each row held as one power-of-two block (D = 1152 padded to 2048 lanes,
+``MAX_PAD = 1``) instead of the default nine column tiles of 128, which read each tile twice
+(statistics, then outputs; the second read from cache). Which is faster is for the GPU to say.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -162,21 +171,42 @@ def euler_case(tokens, dtype, device):
     return (x, v, dt, vo, mask), {"fused": fused, "reference": reference}, nbytes
 
 
+@contextlib.contextmanager
+def whole_rows():
+    """The kernels' rows as one power-of-two block each, however much of it is padding."""
+    from pf_kernels.ops import _utils
+
+    previous = _utils.MAX_PAD
+    _utils.MAX_PAD = 1.0
+    try:
+        yield
+    finally:
+        _utils.MAX_PAD = previous
+
+
 def make_fn(impl: str, fns: dict, inputs, mode: str):
     """The timed callable: forward, or forward + autograd.grad w.r.t. the float inputs.
-    ``fns[impl]`` when the case has it (``fused``, ``two_ops``), else its ``reference``."""
-    fn = fns.get(impl, fns["reference"])
+    ``fns[impl]`` when the case has it (``fused``, ``two_ops``), else its ``reference``;
+    ``fused-wholerow`` is ``fused`` launched under ``whole_rows()``."""
+    fn = fns["fused"] if impl == "fused-wholerow" else fns.get(impl, fns["reference"])
     if impl == "compile":
         torch._dynamo.reset()  # a fresh cache per case: no silent fallback past the recompile limit
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    layout = whole_rows if impl == "fused-wholerow" else contextlib.nullcontext
     if mode == "fwd":
-        return lambda: fn(*inputs)
+
+        def fwd():
+            with layout():
+                return fn(*inputs)
+
+        return fwd
     leaves = [t for t in inputs if t.requires_grad]
     out0 = fn(*inputs)
     g = [torch.randn_like(o) for o in out0] if isinstance(out0, tuple) else torch.randn_like(out0)
 
     def fwd_bwd():
-        torch.autograd.grad(fn(*inputs), leaves, g)
+        with layout():
+            torch.autograd.grad(fn(*inputs), leaves, g)
 
     return fwd_bwd
 
@@ -194,13 +224,21 @@ def backend_auto():
 #################################################################################
 
 
+def _impls(preset, op):
+    """IMPLS, and fused-wholerow where the row layout differs (PF-XL/2's LayerNorm ops)."""
+    wholerow = preset == "PF-XL/2" and op in ("adaln_modulate", "gated_residual_modulate")
+    return IMPLS + (["fused-wholerow"] if wholerow else [])
+
+
+def _cases(ops, presets, tokens, dtypes, extra=(), modes=MODES):
+    """(op, preset, tokens, dtype, mode, impl) parameters, the impls depending on op and preset."""
+    return [pytest.param(op, p, t, dt, m, impl, id=f"{op}-{p}-{t}-{dt}-{m}-{impl}")
+            for op in ops for p in presets for t in tokens for dt in dtypes for m in modes
+            for impl in [*_impls(p, op), *extra]]
+
+
 @gpu_only
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("preset", list(PRESETS))
-@pytest.mark.parametrize("op", list(MODULATION_CASES))
+@pytest.mark.parametrize("op,preset,tokens,dtype,mode,impl", _cases(MODULATION_CASES, PRESETS, TOKENS, DTYPES))
 def test_modulation_ops(benchmark, record, backend_auto, op, preset, tokens, dtype, mode, impl):
     d = PRESETS[preset]
     inputs, fns, per_elem, elem_bytes = MODULATION_CASES[op](tokens, d, DTYPES[dtype], "cuda", mode != "fwd")
@@ -223,12 +261,9 @@ def test_indexed_ops(benchmark, record, backend_auto, op, tokens, mode, impl):
 
 
 @gpu_only
-@pytest.mark.parametrize("impl", ["fused", "two_ops", "eager", "compile"])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_residual_modulate(benchmark, record, backend_auto, preset, tokens, dtype, mode, impl):
+@pytest.mark.parametrize("op,preset,tokens,dtype,mode,impl",
+                         _cases(["gated_residual_modulate"], PRESETS, TOKENS, DTYPES, extra=["two_ops"]))
+def test_residual_modulate(benchmark, record, backend_auto, op, preset, tokens, dtype, mode, impl):
     """gated_residual_modulate vs the two ops it replaces vs eager and compiled plain torch."""
     d = PRESETS[preset]
     inputs, fns, per_elem, elem_bytes = residual_modulate_case(tokens, d, DTYPES[dtype], "cuda", mode != "fwd")
@@ -236,6 +271,37 @@ def test_residual_modulate(benchmark, record, backend_auto, preset, tokens, dtyp
     record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
            op="gated_residual_modulate", preset=preset, tokens=tokens, dim=d, dtype=dtype, mode=mode,
            impl=impl)  # fmt: skip
+
+
+def per_sample_case(op, tokens, d, dtype, device, grad):
+    """DiT/SiT's modulation: one (B, 1, D) shift/scale/gate per sample (chunks of a (B, 1, 6D)
+    tensor), so the backward sums their grads over the N tokens. Minimal traffic ignores the
+    (B, 1, D) rows: adaln fwd x in, out; bwd grad, x in, dx out; the residual seam fwd x, y in,
+    x_new, h out; bwd grad_h, grad_x, x_new, y in, dx, dy out."""
+    b = tokens // N_TOKENS
+    x = _leaf(torch.randn(b, N_TOKENS, d, device=device, dtype=dtype), grad)
+    mod = (0.1 * torch.randn(b, 1, 6 * d, device=device, dtype=dtype)).chunk(6, dim=-1)
+    if op == "adaln_modulate":
+        fns = {"fused": pf_kernels.adaln_modulate, "reference": ref.adaln_modulate_ref}
+        return (x, *(_leaf(t, grad) for t in mod[:2])), fns, {"fwd": 2, "fwd+bwd": 5}, x.numel() * x.element_size()
+    y = _leaf(torch.randn_like(x), grad)
+    gate, shift, scale = (_leaf(t, grad) for t in mod[2:5])
+    fns = {"fused": pf_kernels.gated_residual_modulate, "reference": ref.gated_residual_modulate_ref}
+    return (x, gate, y, shift, scale), fns, {"fwd": 4, "fwd+bwd": 10}, x.numel() * x.element_size()
+
+
+@gpu_only
+@pytest.mark.parametrize("op,preset,tokens,dtype,mode,impl",
+                         _cases(["adaln_modulate", "gated_residual_modulate"], ["PF-XL/2"], [65536], ["bf16"],
+                                modes=["fwd+bwd"]))
+def test_per_sample_ops(benchmark, record, backend_auto, op, preset, tokens, dtype, mode, impl):
+    """PF-XL/2, bf16, B*N = 65536 with per-sample modulation, forward+backward (the backward
+    sums the modulation's grads over the tokens; the forward is the per-token one's)."""
+    d = PRESETS[preset]
+    inputs, fns, per_elem, elem_bytes = per_sample_case(op, tokens, d, DTYPES[dtype], "cuda", mode != "fwd")
+    benchmark.group = f"{op} per-sample {preset} B*N={tokens} {dtype} {mode}"
+    record(benchmark, make_fn(impl, fns, inputs, mode), per_elem[mode] * elem_bytes,
+           op=op, preset=preset, tokens=tokens, dim=d, dtype=dtype, mode=mode, impl=impl, form="per-sample")  # fmt: skip
 
 
 @gpu_only

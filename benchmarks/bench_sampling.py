@@ -1,14 +1,18 @@
 """Sampling speed: images/s and NFE per sampler, stacking the fast paths one at a time.
 
-Variants (each adds to the one before, except the two baselines):
+Variants (each adds to the one before, except the three baselines):
   ``plain``           per-token conditioning, torch reference ops (dedup off): the baseline;
   ``plain+blockc``    the published code's setup: per-block ``torch.compile`` (CUDA);
+  ``dedup+compile``   what a user without ``pf_kernels`` would pick: deduplicated
+                      conditioning, torch reference ops (``set_backend("torch")``), and
+                      ``torch.compile`` of the whole forward with the static time table, as
+                      ``+compile`` has it (CUDA); ``scripts/bench_table.py``'s "x compile";
   ``dedup``           deduplicated conditioning (the default eager path), reference ops;
   ``dedup+fused``     the Triton ops of ``pf_kernels`` (CUDA);
   ``+compile``        ``torch.compile`` of the model's forward, static time table (CUDA);
   ``+graphs``         the whole sampler as one CUDA graph around the compiled model (CUDA).
 On CUDA: PF-B/2 and PF-XL/2 (random weights), 256 px latents (4 x 32 x 32), batch 64,
-guidance 4.0, ``STEPS`` outer steps (``PF_BENCH_SCOPE=quick``: PF-XL/2, dual loop, the two
+guidance 4.0, ``STEPS`` outer steps (``PF_BENCH_SCOPE=quick``: PF-XL/2, dual loop, the three
 baselines, ``dedup+fused`` and ``+graphs``). On the CPU a PF-B/2-wide model on 16 x 16 latents, batch
 2, EulerPF only, ``plain`` vs ``dedup``. ``extra_info`` holds images/s, NFE and the speed-up
 over ``plain``.
@@ -36,11 +40,11 @@ from conftest import QUICK
 CUDA = torch.cuda.is_available()
 STEPS = 10
 CFG = 4.0
-CUDA_VARIANTS = ["plain", "plain+blockc", "dedup", "dedup+fused", "+compile", "+graphs"]
+CUDA_VARIANTS = ["plain", "plain+blockc", "dedup+compile", "dedup", "dedup+fused", "+compile", "+graphs"]
 CUDA_PRESETS = ["PF-B/2", "PF-XL/2"]
 CUDA_SAMPLERS = ["euler_pf", "dual_loop", "look_ahead"]
 if QUICK:
-    CUDA_VARIANTS = ["plain", "plain+blockc", "dedup+fused", "+graphs"]
+    CUDA_VARIANTS = ["plain", "dedup+fused", "dedup+compile", "+graphs", "plain+blockc"]
     CUDA_PRESETS, CUDA_SAMPLERS = ["PF-XL/2"], ["dual_loop"]
 _PLAIN_IPS: dict = {}
 
@@ -68,7 +72,7 @@ def setup(model, variant: str, sampler):
             for block in model.blocks:
                 block.compile()
             yield model
-        elif variant in ("+compile", "+graphs"):
+        elif variant in ("dedup+compile", "+compile", "+graphs"):  # the first with the torch ops
             compiled = compile_model(model, "default", graphs=variant == "+graphs")
             with model.sync_free(distinct_times=sampler.max_distinct_times):
                 yield compiled

@@ -1,10 +1,13 @@
 """One training step (forward, loss, backward, AdamW) of PF-B/2 and PF-XL/2.
 
-Variants: ``eager`` (torch reference ops), ``compile`` (per-block ``torch.compile`` of the
-eager model, as the published code does), ``fused`` (the Triton ops) and
-``fused+compile``. Reported: ms per step (pytest-benchmark), images/s and peak memory in
-``extra_info``. On a CPU a tiny model runs so the path stays exercised; the PF-B/2 and
-PF-XL/2 cases need CUDA (bf16 autocast, batch 32); ``PF_BENCH_SCOPE=quick`` runs PF-XL/2 only.
+Variants: ``eager`` (torch reference ops), ``fused`` (the Triton ops), ``compile-model``
+(``torch.compile`` of the whole model with the torch reference ops: what a user without
+``pf_kernels`` would pick, and the baseline of ``scripts/bench_table.py``'s "x compile"),
+``compile`` (per-block ``torch.compile`` of the eager model, as the published code does) and
+``fused+compile`` (per-block). Reported: ms per step (pytest-benchmark), images/s and peak
+memory in ``extra_info``. On a CPU a tiny model runs so the path stays exercised; the PF-B/2
+and PF-XL/2 cases need CUDA (bf16 autocast, batch 32); ``PF_BENCH_SCOPE=quick`` runs PF-XL/2
+only (all variants, in this order: a phase cut short keeps the first comparisons).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from bench_hw_limits import matmul_tflops
 from conftest import QUICK
 
 CUDA = torch.cuda.is_available()
-VARIANTS = ["eager", "compile", "fused", "fused+compile"]
+VARIANTS = ["eager", "fused", "compile-model", "compile", "fused+compile"]
 CUDA_PRESETS = ["PF-XL/2"] if QUICK else ["PF-B/2", "PF-XL/2"]
 
 
@@ -42,10 +45,13 @@ def _make_step(preset: str, variant: str, batch: int, device: str):
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    if "compile" in variant:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if variant == "compile-model":  # the whole forward (and so its backward) as one compiled graph
+        model = torch.compile(model)
+    elif "compile" in variant:
         for blk in model.blocks:
             blk.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     sampler = timesteps.make("ltg")
     size = 32 if device == "cuda" else 8
     x1 = torch.randn(batch, 4, size, size, device=device)
@@ -64,12 +70,12 @@ def _make_step(preset: str, variant: str, batch: int, device: str):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step.model = model
+    step.params = params
     return step
 
 
 def _run(benchmark, preset, variant, batch, device):
-    backend = "torch" if variant in ("eager", "compile") else "auto"
+    backend = "torch" if variant in ("eager", "compile", "compile-model") else "auto"
     with kernel_backend(backend):
         step = _make_step(preset, variant, batch, device)
         for _ in range(3):  # warm-up (and compilation)
@@ -83,8 +89,7 @@ def _run(benchmark, preset, variant, batch, device):
         # Achieved dense throughput: ~6 FLOPs per parameter per token (fwd + bwd), as a
         # fraction of the matmul peak measured in this run.
         tokens = batch * (32 // 2) ** 2 if device == "cuda" else batch * 16
-        params = sum(p.numel() for p in step.model.parameters() if p.requires_grad)
-        tflops = 6 * params * tokens / mean_s / 1e12
+        tflops = 6 * step.params * tokens / mean_s / 1e12
         benchmark.extra_info.update(tflops=round(tflops, 3), frac_of_matmul_peak=round(tflops / matmul_tflops(device), 3))
         if device == "cuda":
             benchmark.extra_info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

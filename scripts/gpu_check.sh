@@ -13,9 +13,14 @@
 #             CPU, CUDA-graph and compiled sampling; on 8 processes when pytest-xdist is there
 #   limits    copy bandwidth and bf16 matmul peak (every ratio below is read against them)
 #   ltg       the compiled LTG op vs its PyTorch composite
-#   ops       each pf_kernels op vs eager PyTorch and torch.compile
-#   sampling  images/s: eager, per-block compile, fused, CUDA graphs
-#   train     one training step: eager, per-block compile, fused, fused + compile
+#   ops       each pf_kernels op vs eager PyTorch and torch.compile (and, at PF-XL/2, the
+#             kernels with whole-row blocks instead of column tiles)
+#   sampling  images/s: eager, per-block compile, torch.compile of the torch-ops model,
+#             fused, CUDA graphs
+#   train     one training step: eager, fused, torch.compile of the whole torch-ops model,
+#             per-block compile, fused + per-block compile
+# Every fused benchmark has its torch.compile baseline in the same group, in the quick scope
+# too; the table's "x compile" column is the fused path's speed-up over it.
 #   suite     the rest of the test suite with CUDA visible (not in the default list)
 # Settings (environment):
 #   PF_GPU_PHASES    phases to run (default "env build tests limits ltg ops sampling train")
@@ -105,9 +110,9 @@ run_phase tests 240 "$py" -m pytest tests -m gpu -q -rfE -p no:cacheprovider --j
 bench=("$py" -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,rounds)
 run_phase limits 60 "${bench[@]}" benchmarks/bench_hw_limits.py
 run_phase ltg 60 "${bench[@]}" benchmarks/bench_ltg.py
-run_phase ops 200 "${bench[@]}" benchmarks/bench_ops.py
-run_phase sampling 240 "${bench[@]}" benchmarks/bench_sampling.py
-run_phase train 240 "${bench[@]}" benchmarks/bench_train_step.py
+run_phase ops 240 "${bench[@]}" benchmarks/bench_ops.py
+run_phase sampling 300 "${bench[@]}" benchmarks/bench_sampling.py
+run_phase train 300 "${bench[@]}" benchmarks/bench_train_step.py
 run_phase suite 300 "$py" -m pytest tests -m "not gpu" -q -rfE -p no:cacheprovider "${xdist[@]}"
 
 echo

@@ -6,15 +6,18 @@ Each op's host code runs on small CPU tensors shaped like the real calls (PF-B/2
 widths and an odd one, N = 256 tokens, bf16 / fp16 / fp32, per-token ``chunk`` views,
 per-sample and indexed modulation (``adaln_modulate``, ``gated_residual``, ``ada_rms_norm``,
 ``gated_residual_modulate``),
-every ``patch_euler`` form), with two things swapped: Triton's driver names the target
-instead of asking a GPU, and each launch becomes ``kernel.warmup`` (compile, no run). So
-every kernel goes through Triton's real compiler
-(TTIR, PTX, then ptxas to a cubin) with exactly the specialisation a launch would give it
-(dtypes, 16-byte alignment of pointers and strides, constexprs), which the interpreter never
-exercises. Per compiled variant it reports num_warps, registers, stack-frame and spill bytes
-(``ptxas -v``, the ptxas Triton bundles), shared memory, and the width of the
-global loads and stores in the PTX (``v4`` = 16 bytes per thread for 32-bit words, what
-coalesced memory-bound code wants). Needs ``TRITON_INTERPRET`` unset.
+every ``patch_euler`` form; for the LayerNorm ops also the forward that stores the row
+statistics under autograd, ``fwd+stats``, and the backward without them, ``bwd-recompute``),
+with two things swapped: Triton's driver names the target instead of asking a GPU, and each
+launch becomes ``kernel.warmup`` (compile, no run). So every kernel goes through Triton's real
+compiler (TTIR, PTX, then ptxas to a cubin) with exactly the specialisation a launch would give
+it (dtypes, 16-byte alignment of pointers and strides, constexprs), which the interpreter never
+exercises. Per compiled variant it reports num_warps, the row tiling (BLOCK_M, BLOCK_D,
+NUM_TILES) and the fraction of column lanes left empty (``padding``: D covered by
+``cdiv(D, BLOCK_D)`` tiles), registers, stack-frame and spill bytes (``ptxas -v``, the ptxas
+Triton bundles), shared memory, and the width of the global loads and stores in the PTX
+(``v4`` = 16 bytes per thread for 32-bit words, what coalesced memory-bound code wants).
+``--only TEXT`` compiles the cases whose label contains TEXT. Needs ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class _Recorder:
 
     def __init__(self):
         self.label = ""
-        self.compiled: list[tuple[str, str, object]] = []  # (case label, kernel name, CompiledKernel)
+        self.compiled: list[tuple[str, str, object, dict]] = []  # (case label, kernel name, CompiledKernel, args)
 
     def __call__(self, kernel):
         return _CompileOnly(self, kernel)
@@ -68,9 +71,21 @@ class _CompileOnly:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
-            self.recorder.compiled.append((self.recorder.label, self.kernel.fn.__name__, compiled))
+            bound = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+            self.recorder.compiled.append((self.recorder.label, self.kernel.fn.__name__, compiled, bound))
 
         return run
+
+
+def _padding(bound: dict):
+    """Fraction of the column lanes that hold no element: a row of D columns is covered by
+    ``cdiv(D, BLOCK_D)`` tiles of ``BLOCK_D`` (one padded block when BLOCK_D >= D). None for a
+    kernel without that layout (timestep_embedding, patch_euler)."""
+    if "D" not in bound or "BLOCK_D" not in bound:
+        return None
+    d, block_d = int(bound["D"]), int(bound["BLOCK_D"])
+    lanes = -(-d // block_d) * block_d
+    return round(1.0 - d / lanes, 3)
 
 
 def _cases(torch, ops):
@@ -93,12 +108,17 @@ def _cases(torch, ops):
             k_shift, k_scale, k_gate = randn(2, 2, 6 * d, dtype=dtype).chunk(6, dim=-1)[:3]  # K = 2 table
             index = torch.randint(0, 2, (2, N_TOKENS), generator=gen)
             tag = f"{width} D={d} {dname}"
-            yield f"adaln fwd per-token {tag}", lambda: am.adaln_modulate_fwd(x, shift, scale, None, 1e-6)
-            yield f"adaln bwd per-token {tag}", lambda: am.adaln_modulate_bwd(grad, x, shift, scale, None, 1e-6)
-            yield f"adaln fwd per-sample {tag}", lambda: am.adaln_modulate_fwd(x, s_shift, s_scale, None, 1e-6)
-            yield f"adaln bwd per-sample {tag}", lambda: am.adaln_modulate_bwd(grad, x, s_shift, s_scale, None, 1e-6)
-            yield f"adaln fwd indexed {tag}", lambda: am.adaln_modulate_fwd(x, k_shift, k_scale, index, 1e-6)
-            yield f"adaln bwd indexed {tag}", lambda: am.adaln_modulate_bwd(grad, x, k_shift, k_scale, index, 1e-6)
+            stats = torch.rand(2, N_TOKENS, 2, generator=gen)  # the forward's LN mean and rstd (fp32)
+            # adaln: "fwd" is inference, "fwd+stats" the forward under autograd (it stores the
+            # LN statistics), "bwd" the backward that reads them, "bwd-recompute" one without
+            for form, (sh_, sc_, idx_) in (("per-token", (shift, scale, None)),
+                                           ("per-sample", (s_shift, s_scale, None)),
+                                           ("indexed", (k_shift, k_scale, index))):
+                yield f"adaln fwd {form} {tag}", lambda: am.adaln_modulate_fwd(x, sh_, sc_, idx_, 1e-6)
+                yield f"adaln fwd+stats {form} {tag}", lambda: am.adaln_modulate_fwd_stats(x, sh_, sc_, idx_, 1e-6)
+                yield f"adaln bwd {form} {tag}", lambda: am.adaln_modulate_bwd(grad, x, sh_, sc_, idx_, 1e-6, stats)
+                yield (f"adaln bwd-recompute {form} {tag}",
+                       lambda: am.adaln_modulate_bwd(grad, x, sh_, sc_, idx_, 1e-6))
             yield f"gated fwd per-token {tag}", lambda: gr.gated_residual_fwd(x, gate, y, None)
             yield f"gated bwd per-token {tag}", lambda: gr.gated_residual_bwd(grad, gate, y, None)
             yield f"gated fwd per-sample {tag}", lambda: gr.gated_residual_fwd(x, s_gate, y, None)
@@ -111,13 +131,18 @@ def _cases(torch, ops):
             yield f"rms bwd per-sample {tag}", lambda: rn.ada_rms_norm_bwd(grad, x, s_scale, None, 1e-6)
             yield f"rms fwd indexed {tag}", lambda: rn.ada_rms_norm_fwd(x, k_scale, index, 1e-6)
             yield f"rms bwd indexed {tag}", lambda: rn.ada_rms_norm_bwd(grad, x, k_scale, index, 1e-6)
-            # the fused residual + modulate: (gate, shift, scale) in each form, grad_h = grad_x = grad
+            # the fused residual + modulate: (gate, shift, scale) in each form, grad_h = grad_x = grad;
+            # fwd / fwd+stats / bwd / bwd-recompute as adaln's
             for form, (g_, sh_, sc_, idx_) in (("per-token", (gate, shift, scale, None)),
                                                ("per-sample", (s_gate, s_shift, s_scale, None)),
                                                ("indexed", (k_gate, k_shift, k_scale, index))):
                 yield (f"resmod fwd {form} {tag}",
                        lambda: rm.gated_residual_modulate_fwd(x, g_, y, sh_, sc_, idx_, 1e-6))
+                yield (f"resmod fwd+stats {form} {tag}",
+                       lambda: rm.gated_residual_modulate_fwd_stats(x, g_, y, sh_, sc_, idx_, 1e-6))
                 yield (f"resmod bwd {form} {tag}",
+                       lambda: rm.gated_residual_modulate_bwd(grad, grad, x, g_, y, sh_, sc_, idx_, 1e-6, stats))
+                yield (f"resmod bwd-recompute {form} {tag}",
                        lambda: rm.gated_residual_modulate_bwd(grad, grad, x, g_, y, sh_, sc_, idx_, 1e-6))
     t = torch.rand(2, N_TOKENS, generator=gen)
     for dim in (256, 37):
@@ -172,7 +197,7 @@ def _memory_widths(ptx: str) -> dict:
     return counts
 
 
-def compile_all(arch: int) -> list[dict]:
+def compile_all(arch: int, only: str | None = None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("kernel_report.py: unset TRITON_INTERPRET (it compiles, the interpreter does not)")
     sys.path.insert(0, str(ROOT))
@@ -197,6 +222,8 @@ def compile_all(arch: int) -> list[dict]:
         for mod in ops.values():
             mod.wrap = recorder
         for label, thunk in _cases(torch, ops):
+            if only and only not in label:
+                continue
             recorder.label = label
             thunk()
     finally:
@@ -206,10 +233,12 @@ def compile_all(arch: int) -> list[dict]:
 
     ptxas = _ptxas()
     rows = []
-    for label, kernel, ck in recorder.compiled:
+    for label, kernel, ck, bound in recorder.compiled:
         meta = ck.metadata
+        tiles = {k: int(bound[k]) for k in ("BLOCK_M", "BLOCK_D", "NUM_TILES") if k in bound}
         rows.append({
             "case": label, "kernel": kernel, "arch": arch, "num_warps": meta.num_warps, "shared": meta.shared,
+            **tiles, "padding": _padding(bound),
             **_resources(ck.asm["ptx"], re.search(r"\.target (sm_\w+)", ck.asm["ptx"]).group(1), ptxas),
             **_memory_widths(ck.asm["ptx"]),
         })  # fmt: skip
@@ -217,10 +246,11 @@ def compile_all(arch: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["case", "kernel", "num_warps", "regs", "stack", "spill", "shared", "ld_v4", "ld_v2", "ld_scalar", "st_v4", "st_v2", "st_scalar"]
+    cols = ["case", "kernel", "num_warps", "BLOCK_M", "BLOCK_D", "NUM_TILES", "padding", "regs", "stack", "spill",
+            "shared", "ld_v4", "ld_v2", "ld_scalar", "st_v4", "st_v2", "st_scalar"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -228,8 +258,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--only", help="compile only the cases whose label contains this text")
     args = parser.parse_args(argv)
-    rows = compile_all(args.arch)
+    rows = compile_all(args.arch, args.only)
     import triton
 
     print(f"### pf_kernels compiled for sm_{args.arch} with Triton {triton.__version__}: {len(rows)} launches\n")

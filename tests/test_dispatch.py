@@ -116,8 +116,9 @@ def test_argument_checks():
 SCHEMAS = {
     "adaln_modulate": "(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor",
     "adaln_modulate_indexed": "(Tensor x, Tensor shift, Tensor scale, Tensor index, float eps) -> Tensor",
-    "adaln_modulate_backward": "(Tensor grad, Tensor x, Tensor shift, Tensor scale, Tensor? index, float eps)"
-    " -> (Tensor, Tensor, Tensor)",
+    "adaln_modulate_with_stats": "(Tensor x, Tensor shift, Tensor scale, Tensor? index, float eps) -> (Tensor, Tensor)",
+    "adaln_modulate_backward": "(Tensor grad, Tensor x, Tensor shift, Tensor scale, Tensor? index, float eps,"
+    " Tensor? stats=None) -> (Tensor, Tensor, Tensor)",
     "gated_residual": "(Tensor x, Tensor gate, Tensor y) -> Tensor",
     "gated_residual_indexed": "(Tensor x, Tensor gate, Tensor y, Tensor index) -> Tensor",
     "gated_residual_backward": "(Tensor grad, Tensor gate, Tensor y, Tensor? index) -> (Tensor, Tensor)",
@@ -225,6 +226,8 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
         (lambda x, m: adaln.adaln_modulate_fwd(x, *m.chunk(2, -1), None, 1e-6), (x, mod)),
         (lambda g, x, m: adaln.adaln_modulate_bwd(g, x, *m.chunk(2, -1), None, 1e-6), (x, x, mod1)),
         (lambda g, x, m, i: adaln.adaln_modulate_bwd(g, x, *m.chunk(2, -1), i, 1e-6), (x, x, mod1, index)),
+        (lambda x, m: adaln.adaln_modulate_fwd_stats(x, *m.chunk(2, -1), None, 1e-6), (x, mod1)),
+        (lambda g, x, m, s: adaln.adaln_modulate_bwd(g, x, *m.chunk(2, -1), None, 1e-6, s), (x, x, mod1, x[..., :2])),
         (lambda x, m, y: gated.gated_residual_fwd(x, m[..., :48], y, None), (x, mod, x)),
         (lambda g, m, y: gated.gated_residual_bwd(g, m[..., :48], y, None), (x, mod1, x)),
         (lambda g, m, y, i: gated.gated_residual_bwd(g, m[..., :48], y, i), (x, mod1, x, index)),
@@ -234,7 +237,9 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
     ]
     for fn, args in cases:
         make_fx(fn, tracing_mode="symbolic")(*args)
-    assert len(launches) == len(cases) + 1  # the indexed adaln backward adds its table-grads kernel
+    # the two adaln backwards without the forward's statistics add ln_stats, the indexed one
+    # its table-grads kernel
+    assert len(launches) == len(cases) + 3
     for kwargs in launches:
         for name, value in kwargs.items():
             if name.isupper() or name == "num_warps":

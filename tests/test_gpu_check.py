@@ -54,6 +54,52 @@ def test_table_ratios_and_fractions(tmp_path):
     assert rows[("train", "eager")] == ["300.000", "", "", "", "", "410.0", "52"]
 
 
+def test_x_compile_is_against_the_whole_model_compile(tmp_path):
+    """A training group's "x compile" is over ``compile-model`` (torch.compile of the whole
+    torch-ops model), a sampling group's over ``dedup+compile``; without them, the per-block
+    compile of the published code."""
+    lines = [
+        _row("train", "eager", 400.0), _row("train", "compile", 300.0), _row("train", "compile-model", 250.0),
+        _row("train", "fused", 200.0),
+        _row("sampling", "plain", 9.0), _row("sampling", "plain+blockc", 6.0), _row("sampling", "dedup+compile", 4.0),
+        _row("sampling", "dedup+fused", 2.0),
+        _row("old sampling", "plain", 9.0), _row("old sampling", "plain+blockc", 6.0),
+        _row("old sampling", "dedup+fused", 3.0),
+    ]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    bt = _bench_table()
+    rows = _rows_of(bt.table(bt.load([str(path)])))
+    assert rows[("train", "fused")][1:3] == ["2.00", "1.25"]
+    assert rows[("train", "compile")][1:3] == ["1.33", "0.83"]
+    assert rows[("train", "compile-model")][2] == ""
+    assert rows[("sampling", "dedup+fused")][1:3] == ["4.50", "2.00"]
+    assert rows[("old sampling", "dedup+fused")][1:3] == ["3.00", "2.00"]
+
+
+@pytest.mark.slow
+def test_quick_scope_has_the_compile_baselines():
+    """What gpu_check.sh runs by default (PF_BENCH_SCOPE=quick) includes, beside every fused
+    case, its torch.compile baseline: ops compiled as expressions, the training step's
+    whole-model compile, sampling's compiled torch-ops model."""
+    with open(os.path.join(ROOT, "scripts", "gpu_check.sh")) as f:
+        assert 'PF_BENCH_SCOPE="${PF_BENCH_SCOPE:-quick}"' in f.read()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=_env(PF_BENCH_SCOPE="quick"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert "benchmarks/bench_train_step.py::test_train_step_cuda[PF-XL/2-compile-model]" in ids
+    assert "benchmarks/bench_train_step.py::test_train_step_cuda[PF-XL/2-fused]" in ids
+    assert "benchmarks/bench_sampling.py::test_sampling_cuda[PF-XL/2-dual_loop-dedup+compile]" in ids
+    assert "benchmarks/bench_sampling.py::test_sampling_cuda[PF-XL/2-dual_loop-dedup+fused]" in ids
+    fused_ops = [i for i in ids if "bench_ops.py" in i and i.endswith("-fused]")]
+    assert len(fused_ops) >= 10
+    for case in fused_ops:
+        assert case.replace("-fused]", "-compile]") in ids, case
+
+
 def test_load_merges_json_and_jsonl(tmp_path):
     as_json = tmp_path / "a.json"
     as_json.write_text(json.dumps({"machine_info": {"gpu": None, "torch": "2.14.1"}, "datetime": "2026-11-24",

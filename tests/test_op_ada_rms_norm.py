@@ -424,3 +424,25 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
         for name, value in kwargs.items():
             if name.isupper() or name == "num_warps":
                 assert type(value) in (int, bool), (name, value)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("per_sample", [True, False], ids=["sample", "token"])
+@pytest.mark.parametrize("shape", [(1, 40, 1152), (2, 9, 1024), (2, 5, 768)], ids=str)
+def test_wide_rows(shape, per_sample, device, dtype, triton_backend):
+    """Rows in column tiles (D = 1152: nine of 128; 768: three of 256; 1024: one); per sample,
+    (1, 40, 1152) has two programs walking several row steps."""
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(b + n + d)
+    x0 = (2 * torch.randn(b, n, d, generator=gen) + 0.5).to(dtype)
+    s0 = (0.5 * torch.randn(b, 1 if per_sample else n, d, generator=gen)).to(dtype)
+    grad0 = torch.randn(b, n, d, generator=gen).to(dtype)
+    x, s = x0.clone().to(device).requires_grad_(), s0.clone().to(device).requires_grad_()
+    out = pf_kernels.ada_rms_norm(x, s)
+    out.backward(grad0.to(device))
+    xr, sr = x0.double().requires_grad_(), s0.double().requires_grad_()
+    ref = xr * torch.rsqrt(xr.square().mean(-1, keepdim=True) + 1e-6) * (1 + sr)
+    ref.backward(grad0.double())
+    atol, rtol = {torch.float32: (5e-5, 5e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2e-2)}[dtype]
+    for got, want, k in ((out, ref, 1), (x.grad, xr.grad, 1), (s.grad, sr.grad, n**0.5 if per_sample else 1)):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), atol=atol * k, rtol=rtol)

@@ -258,3 +258,121 @@ def test_indexed_table_grads_are_summed_without_atomics(triton_backend):
     torch.testing.assert_close(dscale.double(), want_scale, atol=1e-4, rtol=1e-4)
     again = adaln_modulate_bwd(grad, x, shift, scale, index, 1e-6)
     assert torch.equal(again[1], dshift) and torch.equal(again[2], dscale)
+
+
+def _indexed_backward_args(k, gen, device="cpu"):
+    """Args of adaln_modulate_backward with (B, K, D) tables (strided chunk views), as the
+    indexed op's autograd passes them."""
+    x, grad = (torch.randn(2, 7, 24, generator=gen).to(device) for _ in range(2))
+    shift, scale = torch.randn(2, k, 72, generator=gen).to(device).chunk(3, dim=-1)[:2]
+    index = torch.randint(0, k, (2, 7), generator=gen).to(device)
+    return grad, x, shift, scale, index, 1e-6
+
+
+@needs_interp
+@pytest.mark.parametrize("k", [3, 5])
+def test_opcheck_indexed_backward(k):
+    """K not a power of two: the table kernel pads K to TABLE_K rows, and the real table grads
+    must still have the fake impl's contiguous layout (it once returned a slice of the
+    padded sum, strides (TABLE_K*D, D, 1))."""
+    args = _indexed_backward_args(k, torch.Generator().manual_seed(20 + k))
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(torch.ops.pf_kernels.adaln_modulate_backward.default, args)
+
+
+@needs_interp
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_indexed_backward_table_grads_are_contiguous(k, triton_backend):
+    from pf_kernels.ops.adaln_modulate import _bwd_fake, adaln_modulate_bwd
+
+    args = _indexed_backward_args(k, torch.Generator().manual_seed(30 + k))
+    real, fake = adaln_modulate_bwd(*args), _bwd_fake(*args)
+    for got, want in zip(real, fake):
+        assert got.shape == want.shape and got.stride() == want.stride() and got.is_contiguous()
+    assert real[1].stride() == (k * 24, 24, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [3, 5])
+def test_opcheck_indexed_backward_gpu(k):
+    torch.library.opcheck(torch.ops.pf_kernels.adaln_modulate_backward.default,
+                          _indexed_backward_args(k, torch.Generator().manual_seed(20 + k), "cuda"))
+
+
+#################################################################################
+#     Wide rows in column tiles; the forward's statistics read by the backward    #
+#################################################################################
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("form", ["sample", "dit", "token"])
+@pytest.mark.parametrize("shape", [(1, 40, 1152), (2, 9, 1024), (2, 5, 768)], ids=str)
+def test_wide_rows(shape, form, device, dtype, triton_backend):
+    """The PF widths: D = 1152 in nine column tiles of 128 (8 rows a step), 768 in three of
+    256, 1024 in one. (1, 40, 1152) per sample: two programs walking three and two row steps
+    (the last one partly masked), each summing dshift/dscale over its rows per column tile."""
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(b * 1000 + n * 10 + d)
+    x0 = (2 * torch.randn(b, n, d, generator=gen) + 0.5).to(dtype)
+    grad0 = torch.randn(b, n, d, generator=gen).to(dtype)
+    c0 = make_modulation(form, b, n, d, dtype, b + n)
+    x, c = x0.clone().to(device).requires_grad_(), c0.clone().to(device).requires_grad_()
+    stats_fwd, stats_bwd = LAUNCHES["adaln_modulate_fwd_stats"], LAUNCHES["adaln_modulate_bwd_stats"]
+    out = pf_kernels.adaln_modulate(x, *split(form, c))
+    out.backward(grad0.to(device))
+    # under autograd the forward stores each row's mean and rstd, and the backward reads them
+    assert LAUNCHES["adaln_modulate_fwd_stats"] == stats_fwd + 1
+    assert LAUNCHES["adaln_modulate_bwd_stats"] == stats_bwd + 1
+    xr, cr = x0.double().requires_grad_(), c0.double().requires_grad_()
+    ref = adaln64(xr, *split(form, cr), 1e-6)
+    ref.backward(grad0.double())
+    close(out, ref, dtype)
+    close(x.grad, xr.grad, dtype)
+    atol, rtol = TOL[dtype]
+    scale_tol = 1.0 if form == "token" else max(1.0, n**0.5)
+    torch.testing.assert_close(c.grad.double().cpu(), cr.grad, atol=atol * scale_tol, rtol=rtol)
+
+
+@needs_interp
+@pytest.mark.parametrize("d", [1152, 768, 48])
+def test_stored_statistics_equal_recomputed(d, triton_backend):
+    """The statistics the forward stores are those the backward would recompute (the same
+    tile-by-tile merge): grads with and without them agree; no grad needed, nothing stored."""
+    from pf_kernels.ops.adaln_modulate import adaln_modulate_bwd, adaln_modulate_fwd, adaln_modulate_fwd_stats
+
+    gen = torch.Generator().manual_seed(d)
+    x = 3 * torch.randn(2, 11, d, generator=gen) + 20.0  # a large mean: the merge keeps precision
+    grad = torch.randn(2, 11, d, generator=gen)
+    shift, scale = (0.5 * torch.randn(2, 1, 2 * d, generator=gen)).chunk(2, dim=-1)
+    out, stats = adaln_modulate_fwd_stats(x, shift, scale, None, 1e-6)
+    assert stats.shape == (2, 11, 2) and stats.dtype == torch.float32
+    torch.testing.assert_close(out, adaln_modulate_fwd(x, shift, scale, None, 1e-6), atol=0, rtol=0)
+    xd = x.double()
+    torch.testing.assert_close(stats[..., 0].double(), xd.mean(-1), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(stats[..., 1].double(), (xd.var(-1, unbiased=False) + 1e-6).rsqrt(), atol=0, rtol=1e-5)
+    with_stats = adaln_modulate_bwd(grad, x, shift, scale, None, 1e-6, stats)
+    recomputed = adaln_modulate_bwd(grad, x, shift, scale, None, 1e-6)
+    for a, b in zip(with_stats, recomputed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    before = LAUNCHES["adaln_modulate_fwd_stats"]
+    with torch.no_grad():
+        pf_kernels.adaln_modulate(x.requires_grad_(), shift, scale)
+    pf_kernels.adaln_modulate(x.detach(), shift, scale)
+    assert LAUNCHES["adaln_modulate_fwd_stats"] == before
+
+
+@needs_interp
+@pytest.mark.parametrize("form", ["sample", "indexed"])
+def test_opcheck_with_stats(form):
+    """The forward that also returns the statistics, and the backward that takes them."""
+    gen = torch.Generator().manual_seed(40)
+    x = torch.randn(2, 5, 24, generator=gen, requires_grad=True)
+    k = 1 if form == "sample" else 3
+    shift, scale = torch.randn(2, k, 72, generator=gen, requires_grad=True).chunk(3, dim=-1)[:2]
+    index = None if form == "sample" else torch.randint(0, 3, (2, 5), generator=gen)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(torch.ops.pf_kernels.adaln_modulate_with_stats.default, (x, shift, scale, index, 1e-6))
+        _, stats = torch.ops.pf_kernels.adaln_modulate_with_stats(x, shift, scale, index, 1e-6)
+        args = (torch.randn(2, 5, 24, generator=gen), x.detach(), shift.detach(), scale.detach(), index, 1e-6,
+                stats)
+        torch.library.opcheck(torch.ops.pf_kernels.adaln_modulate_backward.default, args)

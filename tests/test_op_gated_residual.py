@@ -13,7 +13,9 @@ from kernel_cases import device_dtype_cases, needs_interp
 
 CASES = device_dtype_cases(cuda=(torch.float32, torch.float16, torch.bfloat16))
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 1.6e-2)}
-SHAPES = [(1, 1, 37), (2, 5, 48), (3, 7, 100), (4, 1, 64), (2, 3, 1152), (1, 300, 48)]
+# (1, 40, 1152) and (2, 9, 1024): the PF-XL/2 width in nine column tiles of 128 (per sample:
+# several programs per sample and tile, each walking row steps), and a one-tile width.
+SHAPES = [(1, 1, 37), (2, 5, 48), (3, 7, 100), (4, 1, 64), (2, 3, 1152), (1, 300, 48), (1, 40, 1152), (2, 9, 1024)]
 FORMS = ["token", "sample", "dit", "contiguous"]
 
 
@@ -197,3 +199,39 @@ def test_indexed_table_grads_are_summed_in_the_kernel_deterministically(triton_b
     torch.testing.assert_close(dtable.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dy, grad * gate.gather(1, index[:, :, None].expand(-1, -1, d)))
     assert torch.equal(gated_residual_bwd(grad, gate, y, index)[1], dtable)
+
+
+def _indexed_backward_args(k, gen, device="cpu"):
+    """Args of gated_residual_backward with a (B, K, D) gate table (a strided chunk view)."""
+    grad, y = (torch.randn(2, 7, 24, generator=gen).to(device) for _ in range(2))
+    gate = torch.randn(2, k, 72, generator=gen).to(device).chunk(3, dim=-1)[1]
+    return grad, gate, y, torch.randint(0, k, (2, 7), generator=gen).to(device)
+
+
+@needs_interp
+@pytest.mark.parametrize("k", [3, 5])
+def test_opcheck_indexed_backward(k):
+    """K not a power of two: the table grad must have the fake impl's contiguous layout (it
+    once was a slice of the sum over the TABLE_K-padded partials)."""
+    args = _indexed_backward_args(k, torch.Generator().manual_seed(20 + k))
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(torch.ops.pf_kernels.gated_residual_backward.default, args)
+
+
+@needs_interp
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_indexed_backward_table_grad_is_contiguous(k, triton_backend):
+    from pf_kernels.ops.gated_residual import _bwd_fake, gated_residual_bwd
+
+    args = _indexed_backward_args(k, torch.Generator().manual_seed(30 + k))
+    real, fake = gated_residual_bwd(*args), _bwd_fake(*args)
+    for got, want in zip(real, fake):
+        assert got.shape == want.shape and got.stride() == want.stride() and got.is_contiguous()
+    assert real[1].stride() == (k * 24, 24, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [3, 5])
+def test_opcheck_indexed_backward_gpu(k):
+    torch.library.opcheck(torch.ops.pf_kernels.gated_residual_backward.default,
+                          _indexed_backward_args(k, torch.Generator().manual_seed(20 + k), "cuda"))

@@ -261,8 +261,11 @@ SCHEMAS = {
     " -> (Tensor, Tensor)",
     "gated_residual_modulate_indexed": "(Tensor x, Tensor gate, Tensor y, Tensor shift, Tensor scale, Tensor index,"
     " float eps) -> (Tensor, Tensor)",
+    "gated_residual_modulate_with_stats": "(Tensor x, Tensor gate, Tensor y, Tensor shift, Tensor scale,"
+    " Tensor? index, float eps) -> (Tensor, Tensor, Tensor)",
     "gated_residual_modulate_backward": "(Tensor grad_h, Tensor grad_x, Tensor x_new, Tensor gate, Tensor y,"
-    " Tensor shift, Tensor scale, Tensor? index, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    " Tensor shift, Tensor scale, Tensor? index, float eps, Tensor? stats=None)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -316,6 +319,7 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
     on symbolic shapes; every constexpr must come out a plain int (kernel launches stubbed)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    import pf_kernels.ops.adaln_modulate as adaln
     import pf_kernels.ops.gated_residual_modulate as grm
 
     launches = []
@@ -328,6 +332,7 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
             return lambda *args, **kwargs: launches.append(kwargs)
 
     monkeypatch.setattr(grm, "wrap", Stub)
+    monkeypatch.setattr(adaln, "wrap", Stub)  # ln_stats: a backward without the forward's statistics
     x = torch.randn(2, 300, 48)
     mod, mod1, table = torch.randn(2, 300, 144), torch.randn(2, 1, 144), torch.randn(2, 3, 144)
     index = torch.zeros(2, 300, dtype=torch.int64)
@@ -343,7 +348,8 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
     cases = [(fwd, (x, mod, x)), (lambda g, m, y: bwd(g, m, y, None), (x, mod1, x)), (bwd, (x, table, x, index))]
     for fn, args in cases:
         make_fx(fn, tracing_mode="symbolic")(*args)
-    assert len(launches) == len(cases) + 1  # the indexed backward adds its table kernel
+    # each backward adds its statistics kernel (ln_stats), the indexed one its table kernel
+    assert len(launches) == len(cases) + 3
     for kwargs in launches:
         for name, value in kwargs.items():
             if name.isupper() or name == "num_warps":
@@ -426,3 +432,119 @@ def test_model_outputs_unchanged(backend, per_sample_t):
     torch.testing.assert_close(fused[0], plain[0], atol=1e-5, rtol=1e-5)
     for k in plain[1]:
         torch.testing.assert_close(fused[1][k], plain[1][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def _indexed_backward_args(k, gen, device="cpu"):
+    """Args of gated_residual_modulate_backward with (B, K, D) tables (strided chunk views)."""
+    grad_h, grad_x, x_new, y = (torch.randn(2, 7, 24, generator=gen).to(device) for _ in range(4))
+    gate, shift, scale = (0.5 * torch.randn(2, k, 72, generator=gen)).to(device).chunk(3, dim=-1)
+    index = torch.randint(0, k, (2, 7), generator=gen).to(device)
+    return grad_h, grad_x, x_new, gate, y, shift, scale, index, 1e-6
+
+
+@needs_interp
+@pytest.mark.parametrize("k", [3, 5])
+def test_opcheck_indexed_backward(k):
+    """K not a power of two: the three table grads must have the fake impl's contiguous
+    layout (they once were slices of sums over the TABLE_K-padded partials)."""
+    args = _indexed_backward_args(k, torch.Generator().manual_seed(20 + k))
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(torch.ops.pf_kernels.gated_residual_modulate_backward.default, args)
+
+
+@needs_interp
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_indexed_backward_table_grads_are_contiguous(k, triton_backend):
+    from pf_kernels.ops.gated_residual_modulate import _bwd_fake, gated_residual_modulate_bwd
+
+    args = _indexed_backward_args(k, torch.Generator().manual_seed(30 + k))
+    real, fake = gated_residual_modulate_bwd(*args), _bwd_fake(*args)
+    for got, want in zip(real, fake):
+        assert got.shape == want.shape and got.stride() == want.stride() and got.is_contiguous()
+    assert real[1].stride() == real[3].stride() == real[4].stride() == (k * 24, 24, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [3, 5])
+def test_opcheck_indexed_backward_gpu(k):
+    torch.library.opcheck(torch.ops.pf_kernels.gated_residual_modulate_backward.default,
+                          _indexed_backward_args(k, torch.Generator().manual_seed(20 + k), "cuda"))
+
+
+#################################################################################
+#     Wide rows in column tiles; the forward's statistics read by the backward    #
+#################################################################################
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("form", ["sample", "dit", "token", "mixed"])
+@pytest.mark.parametrize("shape", [(1, 40, 1152), (2, 9, 1024), (2, 5, 768)], ids=str)
+def test_wide_rows(shape, form, device, dtype, triton_backend):
+    """The PF widths: D = 1152 in nine column tiles of 128 (x_new stored in pass 1 and read
+    back for h), 768 in three of 256, 1024 in one (x_new kept in registers). (1, 40, 1152) per
+    sample: two programs walking several row steps, summing the three grads per column tile."""
+    b, n, d = shape
+    seed = b * 1000 + n * 10 + d
+    x0, y0, gx0, gh0 = inputs(b, n, d, dtype, seed)
+    c0 = make_c(form, b, n, d, seed).to(dtype)
+    x, y, c = (t.clone().to(device).requires_grad_() for t in (x0, y0, c0))
+    stats_fwd = LAUNCHES["gated_residual_modulate_fwd_stats"]
+    stats_bwd = LAUNCHES["gated_residual_modulate_bwd_stats"]
+    gate, shift, scale = split(form, c)
+    x_new, h = pf_kernels.gated_residual_modulate(x, gate, y, shift, scale)
+    torch.autograd.backward([x_new, h], [gx0.to(device), gh0.to(device)])
+    assert LAUNCHES["gated_residual_modulate_fwd_stats"] == stats_fwd + 1
+    assert LAUNCHES["gated_residual_modulate_bwd_stats"] == stats_bwd + 1
+    xr, yr, cr = (t.double().requires_grad_() for t in (x0, y0, c0))
+    g, s, sc = split(form, cr)
+    want_new, want_h = ref64(xr, g, yr, s, sc)
+    torch.autograd.backward([want_new, want_h], [gx0.double(), gh0.double()])
+    check(x_new, want_new, dtype)
+    check(h, want_h, dtype)
+    check(x.grad, xr.grad, dtype)
+    check(y.grad, yr.grad, dtype)
+    check(c.grad, cr.grad, dtype, k=1.0 if form == "token" else n**0.5)
+
+
+@needs_interp
+@pytest.mark.parametrize("d", [1152, 48])
+def test_stored_statistics_equal_recomputed(d, triton_backend):
+    """The forward's statistics of x_new are those the backward would recompute; without grads
+    none are stored."""
+    import pf_kernels.ops.adaln_modulate as adaln
+    import pf_kernels.ops.gated_residual_modulate as grm
+
+    gen = torch.Generator().manual_seed(d)
+    x = 3 * torch.randn(2, 11, d, generator=gen) + 20.0
+    y, grad_x, grad_h = (torch.randn(2, 11, d, generator=gen) for _ in range(3))
+    gate, shift, scale = (0.5 * torch.randn(2, 1, 3 * d, generator=gen)).chunk(3, dim=-1)
+    x_new, h, stats = grm.gated_residual_modulate_fwd_stats(x, gate, y, shift, scale, None, 1e-6)
+    plain = grm.gated_residual_modulate_fwd(x, gate, y, shift, scale, None, 1e-6)
+    assert torch.equal(x_new, plain[0]) and torch.equal(h, plain[1])
+    xd = x_new.double()
+    torch.testing.assert_close(stats[..., 0].double(), xd.mean(-1), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(stats[..., 1].double(), (xd.var(-1, unbiased=False) + 1e-6).rsqrt(), atol=0, rtol=1e-5)
+    args = (grad_h, grad_x, x_new, gate, y, shift, scale, None, 1e-6)
+    for a, b in zip(grm.gated_residual_modulate_bwd(*args, stats), grm.gated_residual_modulate_bwd(*args)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    before = LAUNCHES["gated_residual_modulate_fwd_stats"]
+    with torch.no_grad():
+        pf_kernels.gated_residual_modulate(x.clone().requires_grad_(), gate, y, shift, scale)
+    assert LAUNCHES["gated_residual_modulate_fwd_stats"] == before
+
+
+@needs_interp
+@pytest.mark.parametrize("form", ["sample", "indexed"])
+def test_opcheck_with_stats(form):
+    gen = torch.Generator().manual_seed(41)
+    x, y = (torch.randn(2, 5, 24, generator=gen, requires_grad=True) for _ in range(2))
+    k = 1 if form == "sample" else 3
+    gate, shift, scale = torch.randn(2, k, 72, generator=gen, requires_grad=True).chunk(3, dim=-1)
+    index = None if form == "sample" else torch.randint(0, 3, (2, 5), generator=gen)
+    op = torch.ops.pf_kernels.gated_residual_modulate_with_stats
+    with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+        torch.library.opcheck(op.default, (x, gate, y, shift, scale, index, 1e-6))
+        x_new, _, stats = op(x, gate, y, shift, scale, index, 1e-6)
+        grads = [torch.randn(2, 5, 24, generator=gen) for _ in range(2)]
+        args = (*grads, x_new.detach(), gate.detach(), y.detach(), shift.detach(), scale.detach(), index, 1e-6, stats)
+        torch.library.opcheck(torch.ops.pf_kernels.gated_residual_modulate_backward.default, args)

@@ -68,20 +68,80 @@ def count(name: str) -> None:
     LAUNCHES[name] += 1
 
 
-def row_blocks(n_rows, d) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) for a (rows, D) tile: D padded to a power of two and
-    masked, as many rows as fit in ``TILE_ELEMS`` (fewer only when there are fewer rows).
+# Column tiles. Triton's blocks are powers of two, so a row held as one block is padded to
+# next_pow2(D): D = 1152 (PF-XL/2) to 2048 lanes, 44% of them empty; D = 768 (PF-B/2) to 1024.
+# The row kernels walk a row in NUM_TILES tiles of BLOCK_D columns instead: the whole row in one
+# block when that leaves at most MAX_PAD of the lanes empty, else the widest power-of-two tile
+# whose multiple of D does (1152 = 9 x 128, 768 = 3 x 256: no lane empty). A kernel that needs
+# row statistics then reads a tile twice (statistics, then outputs), the second time from L1/L2.
+# Read at each launch: MAX_PAD = 1 gives every row one power-of-two block (benchmarks/
+# bench_ops.py's ``fused-wholerow``, to compare the two layouts on a GPU).
+MAX_PAD = 1 / 16
+MIN_TILE_D = 16  # narrowest tile: one 16-byte vector of 16-bit data per thread still fits a row
+MAX_TILE_D = 2048  # widest tile: wider rows are walked in tiles even when a power of two
+# Elements of one (BLOCK_M, BLOCK_D) tile of a row kernel: one 16-byte vector per thread and
+# tensor (8 two-byte elements at 4 warps, 4 fp32 at 8 warps).
+PASS_ELEMS = 1024
 
+
+def padding(d, block_d) -> float:
+    """Fraction of the lanes of ``cdiv(D, BLOCK_D)`` tiles of ``BLOCK_D`` that hold no column."""
+    d, block_d = max(int(d), 1), int(block_d)
+    return 1.0 - d / (triton.cdiv(d, block_d) * block_d)
+
+
+def col_tiles(d) -> tuple[int, int]:
+    """(BLOCK_D, NUM_TILES) covering D: the widest power-of-two tile (up to MAX_TILE_D, down
+    to MIN_TILE_D) whose tiles leave at most MAX_PAD of their lanes empty. Plain ints: D is a
+    model constant, and both are constexprs."""
+    d = max(int(d), 1)
+    block_d = min(triton.next_power_of_2(d), MAX_TILE_D)
+    while block_d > MIN_TILE_D and padding(d, block_d) > MAX_PAD:
+        block_d //= 2
+    return block_d, triton.cdiv(d, block_d)
+
+
+def row_tiles(n_rows, d, elem_size: int = 2, vec_bytes: int = 16) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, NUM_TILES, num_warps) of a kernel that takes BLOCK_M whole rows per
+    program (or per step) and walks them in column tiles: BLOCK_M * BLOCK_D = PASS_ELEMS (fewer
+    rows only when there are fewer), one ``vec_bytes`` vector per thread of each tensor and
+    tile (16 bytes: 8 two-byte or 4 fp32 elements; num_warps = tile / (32 * that), 1 to 8;
+    half that for rows not 16-byte aligned, and fewer rows where 8 warps would not do).
+
+    PF-XL/2 bf16: 8 rows x 9 tiles of 128 at 4 warps (fp32: 8 warps); PF-B/2: 4 rows x 3 tiles
+    of 256 at 4 warps.
     Under ``torch.compile`` with dynamic shapes ``n_rows`` may be symbolic: the block sizes
-    are compile-time constants, so only a small row count is specialised (``int``), and D
-    (a model constant) always is.
+    are compile-time constants, so only a small row count is specialised (``int``), and D (a
+    model constant) always is.
     """
-    block_d = triton.next_power_of_2(int(d))
+    block_d, n_tiles = col_tiles(d)
+    block_m = max(1, PASS_ELEMS // block_d)
+    if n_rows < block_m:
+        block_m = triton.next_power_of_2(max(int(n_rows), 1))
+    vec = max(1, vec_bytes // int(elem_size))
+    if int(d) % vec:  # rows not 16-byte aligned: element-wise accesses, each with its own address
+        vec = max(1, vec // 2)
+    block_m = max(1, min(block_m, 8 * 32 * vec // block_d))  # at most 8 warps of vec elements each
+    num_warps = min(8, max(1, block_m * block_d // (32 * vec)))
+    return block_m, block_d, n_tiles, num_warps
+
+
+def elementwise_tiles(n_rows, d) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, NUM_TILES, num_warps) of an elementwise kernel (no row statistics)
+    whose grid has a column-tile axis: tiles of ``col_tiles(D)``, as many rows as fill
+    TILE_ELEMS (16 elements per thread at 8 warps; 8 at 16 warps for unaligned rows)."""
+    block_d, n_tiles = col_tiles(d)
     block_m = max(1, TILE_ELEMS // block_d)
     if n_rows < block_m:
         block_m = triton.next_power_of_2(max(int(n_rows), 1))
-    num_warps = min(16, max(4, (block_m * block_d) // 512))
-    return block_m, block_d, num_warps
+    num_warps = min(16, max(1, (block_m * block_d) // (32 * elementwise_per_thread(d))))
+    return block_m, block_d, n_tiles, num_warps
+
+
+def elementwise_per_thread(d) -> int:
+    """Elements per thread of an elementwise tile: 16, or 8 when rows are not 16-byte aligned
+    (element-wise accesses, each with its own 64-bit address)."""
+    return 16 if int(d) % 8 == 0 else 8
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

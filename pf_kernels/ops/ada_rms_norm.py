@@ -28,7 +28,7 @@ from pf_kernels.ops._utils import (
     count,
     empty_rows,
     last_dim_contiguous,
-    row_blocks,
+    row_tiles,
     wrap,
 )
 from pf_kernels.ops.adaln_modulate import (
@@ -36,7 +36,11 @@ from pf_kernels.ops.adaln_modulate import (
     _mod_row_stride,
     _scatter_rows,
     add_table_rows,
+    add_tile,
+    load_mod,
     reduce_programs,
+    store_tiles,
+    table_block_d,
 )
 from pf_kernels.reference import ada_rms_norm_dtype
 
@@ -55,27 +59,37 @@ def _ada_rms_norm_fwd_kernel(
     HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_TILES: tl.constexpr,
 ):
-    # Grid (cdiv(N, BLOCK_M), B): token blocks on axis 0, which has no 65535 limit.
+    # Grid (cdiv(N, BLOCK_M), B): token blocks on axis 0, which has no 65535 limit. A row is
+    # read in NUM_TILES tiles of BLOCK_D columns twice: sum of squares, then the output.
     b = tl.program_id(1).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
-    cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,) D padded to a power of two
     row_ok = rows < N
-    mask = row_ok[:, None] & (cols < D)[None, :]  # (BLOCK_M, BLOCK_D)
-
-    x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    x_rows = X + b * stride_xb + rows * stride_xn
     # rstd = 1 / sqrt(sum(x^2) / D + eps): the padded columns load as zeros and add nothing.
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (BLOCK_M,)
+    ssq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in tl.static_range(NUM_TILES):
+        cols = t * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        ssq += tl.sum(x * x, axis=1)
+    rstd = 1.0 / tl.sqrt(ssq / D + eps)  # (BLOCK_M,)
 
     if HAS_INDEX:
         mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=0)
     else:
         mrows = rows  # the per-sample form reads row 0 everywhere through its zero stride
-    scale = tl.load(SCALE + b * stride_sb + mrows[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0)
-    # out = x * rstd * (1 + scale), 1 + scale in fp32 (in bf16 it would round away scale's bits).
-    out = x * rstd[:, None] * (1.0 + scale.to(tl.float32))
-    tl.store(OUT + b * stride_ob + rows[:, None] * stride_on + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    scale_rows = SCALE + b * stride_sb + mrows * stride_sn
+    out_rows = OUT + b * stride_ob + rows * stride_on
+    for t in tl.static_range(NUM_TILES):
+        cols = t * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+        # out = x * rstd * (1 + scale), 1 + scale in fp32 (in bf16 it would round away scale's bits).
+        out = x * rstd[:, None] * (1.0 + scale.to(tl.float32))
+        tl.store(out_rows[:, None] + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 #################################################################################
@@ -98,53 +112,64 @@ def _ada_rms_norm_bwd_kernel(
     TABLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_TILES: tl.constexpr,
+    TILES_P2: tl.constexpr,  # NUM_TILES padded to a power of two (accumulator rows)
 ):
     # Grid (P, B): program p walks tokens [p * ROWS_PER_PROG, (p + 1) * ROWS_PER_PROG) of
-    # sample b in BLOCK_M steps. A per-sample scale's grad is summed over those tokens in fp32
-    # registers and written once per program; the host adds the P partials.
+    # sample b, BLOCK_M whole rows per step, each in NUM_TILES column tiles. A per-sample
+    # scale's grad is summed over those tokens in fp32 registers (one accumulator row per
+    # column tile) and written once per program; the host adds the P partials in order.
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    acc_dscale = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_dscale = tl.zeros((TILES_P2, BLOCK_D), dtype=tl.float32)
     row_start = pid * ROWS_PER_PROG
     for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
         row_ok = rows < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(DOUT + b * stride_gb + rows[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0)
-        g = g.to(tl.float32)
-        x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        # Recompute rstd instead of storing it in the forward: this pass reads x anyway.
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (BLOCK_M,)
-        xhat = x * rstd[:, None]  # zero in padded rows and columns
+        g_rows = DOUT + b * stride_gb + rows * stride_gn
+        x_rows = X + b * stride_xb + rows * stride_xn
         if HAS_INDEX:
             mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=0)
         else:
             mrows = rows
-        scale = tl.load(SCALE + b * stride_sb + mrows[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0)
+        scale_rows = SCALE + b * stride_sb + mrows * stride_sn
         # Through out = xhat * w with w = 1 + scale: dxhat = g * w; through xhat = x * rstd with
-        # rstd = (mean(x^2) + eps)^(-1/2): dx = rstd * (dxhat - xhat * mean(dxhat * xhat)).
-        wdy = g * (1.0 + scale.to(tl.float32))
-        c1 = tl.sum(xhat * wdy, axis=1) / D  # (BLOCK_M,)
-        dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
-        dx_ptrs = DX + b * stride_dxb + rows[:, None] * stride_dxn + cols[None, :]
-        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
-        # dscale = g * xhat (masked rows and columns contribute zeros).
-        if REDUCE_SCALE:
-            acc_dscale += tl.sum(g * xhat, axis=0)
-        elif TABLE:
+        # rstd = (mean(x^2) + eps)^(-1/2): dx = rstd * (dxhat - xhat * c1), c1 = mean(dxhat * xhat)
+        # = rstd * mean(x * dxhat). Pass 1 sums x^2 and x * dxhat (rstd recomputed rather than
+        # stored: this pass reads x anyway); pass 2 reads the tiles again for dx.
+        ssq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sxw = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for t in tl.static_range(NUM_TILES):
+            cols = t * BLOCK_D + tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols < D)[None, :]
+            g = tl.load(g_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            scale = load_mod(SCALE + b * stride_sb, scale_rows, cols, mask, D, REDUCE_SCALE)
+            ssq += tl.sum(x * x, axis=1)
+            sxw += tl.sum(x * (g * (1.0 + scale.to(tl.float32))), axis=1)
+        rstd = 1.0 / tl.sqrt(ssq / D + eps)  # (BLOCK_M,)
+        c1 = rstd * sxw / D
+        if TABLE:
             tl.store(RSTD + b * N + rows, rstd, mask=row_ok)
-        else:
-            dscale = g * xhat
-            tl.store(
-                DSCALE + b * stride_dsb + rows[:, None] * stride_dsn + cols[None, :],
-                dscale.to(DSCALE.dtype.element_ty),
-                mask=mask,
-            )
+        for t in tl.static_range(NUM_TILES):
+            cols = t * BLOCK_D + tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols < D)[None, :]
+            g = tl.load(g_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            scale = load_mod(SCALE + b * stride_sb, scale_rows, cols, mask, D, REDUCE_SCALE)
+            xhat = x * rstd[:, None]  # zero in padded rows and columns
+            wdy = g * (1.0 + scale.to(tl.float32))
+            dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+            tl.store(DX + b * stride_dxb + rows[:, None] * stride_dxn + cols[None, :], dx.to(DX.dtype.element_ty),
+                     mask=mask)
+            # dscale = g * xhat (masked rows and columns contribute zeros).
+            if REDUCE_SCALE:
+                acc_dscale = add_tile(acc_dscale, tl.sum(g * xhat, axis=0), t, TILES_P2)
+            elif not TABLE:  # the table kernel sums dscale from the row rstd
+                tl.store(DSCALE + b * stride_dsb + rows[:, None] * stride_dsn + cols[None, :],
+                         (g * xhat).to(DSCALE.dtype.element_ty), mask=mask)
     if REDUCE_SCALE:
-        tl.store(DSCALE + b * stride_dsb + pid * stride_dsn + cols, acc_dscale, mask=col_ok)
+        store_tiles(DSCALE + b * stride_dsb + pid * stride_dsn, acc_dscale, D, BLOCK_D, TILES_P2)
 
 
 @triton.jit
@@ -196,7 +221,7 @@ def ada_rms_norm_fwd(x, scale, index, eps: float) -> torch.Tensor:
     if out.numel() == 0:
         return out
     indexed = index is not None
-    block_m, block_d, num_warps = row_blocks(n, d)
+    block_m, block_d, n_tiles, num_warps = row_tiles(n, d, x.element_size())
     idx, sib, sin = _index_args(index, x)
     count("ada_rms_norm_fwd")
     wrap(_ada_rms_norm_fwd_kernel)[(triton.cdiv(n, block_m), bsz)](
@@ -205,13 +230,12 @@ def ada_rms_norm_fwd(x, scale, index, eps: float) -> torch.Tensor:
         idx, sib, sin,
         out, out.stride(0), out.stride(1),
         n, d, eps,
-        HAS_INDEX=indexed, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_INDEX=indexed, BLOCK_M=block_m, BLOCK_D=block_d, NUM_TILES=n_tiles, num_warps=num_warps,
     )  # fmt: skip
     return out
 
 
 MAX_TABLE_K = 8  # an indexed scale with up to this many rows has its grad summed by a kernel
-TABLE_BLOCK_D = 128  # columns per program there (K fp32 accumulator rows in registers)
 
 
 def ada_rms_norm_bwd(grad, x, scale, index, eps: float):
@@ -226,11 +250,9 @@ def ada_rms_norm_bwd(grad, x, scale, index, eps: float):
     k_rows = int(scale.shape[1]) if indexed else 0
     table = bool(indexed and k_rows <= MAX_TABLE_K)
     dx = empty_rows((bsz, n, d), x.dtype, x.device)
-    block_m, block_d, num_warps = row_blocks(n, d)
+    block_m, block_d, n_tiles, num_warps = row_tiles(n, d, x.element_size())
     if reduce_scale:
-        # Smaller tiles here: the fp32 accumulator row stays live across the loop.
-        block_m = max(1, min(block_m, TILE_ELEMS // 2 // block_d))
-        n_prog, rows_per_prog = reduce_programs(n, bsz, block_m, x.device)
+        n_prog, rows_per_prog = reduce_programs(n, bsz, block_m, x.device, num_warps)
         dscale_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=x.device)
     else:
         n_prog, rows_per_prog = triton.cdiv(max(n, 1), block_m), block_m
@@ -252,7 +274,8 @@ def ada_rms_norm_bwd(grad, x, scale, index, eps: float):
             rstd,
             n, d, eps, rows_per_prog,
             HAS_INDEX=indexed, REDUCE_SCALE=reduce_scale, TABLE=table,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_D=block_d, NUM_TILES=n_tiles, TILES_P2=triton.next_power_of_2(n_tiles),
+            num_warps=num_warps,
         )  # fmt: skip
     elif reduce_scale:
         dscale_buf.zero_()
@@ -270,7 +293,7 @@ def _table_grad(grad, x, rstd, index, k_rows: int, dtype) -> torch.Tensor:
     programs here: deterministic (no atomics)."""
     bsz, n, d = x.shape
     table_k = triton.next_power_of_2(k_rows)
-    block_d = min(triton.next_power_of_2(int(d)), TABLE_BLOCK_D)  # constexprs: plain ints (D is a model constant)
+    block_d = table_block_d(d)  # constexprs: plain ints (D is a model constant)
     block_m = max(1, min(TILE_ELEMS // block_d // 2, triton.next_power_of_2(max(int(n), 1))))
     d_tiles = triton.cdiv(d, block_d)
     n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, x.device)

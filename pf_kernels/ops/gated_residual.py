@@ -18,9 +18,10 @@ from pf_kernels.ops._utils import (
     HAS_TRITON_OP,
     TILE_ELEMS,
     count,
+    elementwise_per_thread,
+    elementwise_tiles,
     empty_rows,
     last_dim_contiguous,
-    row_blocks,
     wrap,
 )
 from pf_kernels.ops.adaln_modulate import (
@@ -28,7 +29,9 @@ from pf_kernels.ops.adaln_modulate import (
     _mod_row_stride,
     _scatter_rows,
     add_table_rows,
+    load_mod,
     reduce_programs,
+    table_block_d,
 )
 from pf_kernels.reference import gated_residual_dtype
 
@@ -49,9 +52,11 @@ def _gated_residual_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # Grid (cdiv(N, BLOCK_M), B, column tiles): a (BLOCK_M, BLOCK_D) tile per program; D in
+    # tiles of ``col_tiles(D)`` (no lanes wasted at the PF widths), no row statistics needed.
     b = tl.program_id(1).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
     mask = row_ok[:, None] & (cols < D)[None, :]
     if HAS_INDEX:
@@ -85,10 +90,12 @@ def _gated_residual_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Grid (P, B); program p covers ROWS_PER_PROG tokens of sample b (see adaln_modulate).
+    # Grid (P, B, column tiles); program p covers ROWS_PER_PROG tokens of sample b in one
+    # column tile, BLOCK_M rows a step; a per-sample gate's grad is summed over them in fp32
+    # registers and written once per program (the host adds the P partials in order).
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc_dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
     row_start = pid * ROWS_PER_PROG
@@ -103,7 +110,7 @@ def _gated_residual_bwd_kernel(
         g = tl.load(DOUT + b * stride_db + rows[:, None] * stride_dn + cols[None, :], mask=mask, other=0.0)
         g = g.to(tl.float32)
         y = tl.load(Y + b * stride_yb + rows[:, None] * stride_yn + cols[None, :], mask=mask, other=0.0)
-        gate = tl.load(GATE + b * stride_gb + mrows[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0)
+        gate = load_mod(GATE + b * stride_gb, GATE + b * stride_gb + mrows * stride_gn, cols, mask, D, REDUCE_GATE)
         # dy = g * gate; dgate = g * y
         dy = g * gate.to(tl.float32)
         tl.store(DY + b * stride_dyb + rows[:, None] * stride_dyn + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
@@ -174,10 +181,10 @@ def gated_residual_fwd(x, gate, y, index) -> torch.Tensor:
     if out.numel() == 0:
         return out
     indexed = index is not None
-    block_m, block_d, num_warps = row_blocks(n, d)
+    block_m, block_d, n_tiles, num_warps = elementwise_tiles(n, d)
     idx, sib, sin = _index_args(index, x)
     count("gated_residual_fwd")
-    wrap(_gated_residual_fwd_kernel)[(triton.cdiv(n, block_m), bsz)](
+    wrap(_gated_residual_fwd_kernel)[(triton.cdiv(n, block_m), bsz, n_tiles)](
         x, x.stride(0), x.stride(1),
         gate, gate.stride(0), _mod_row_stride(gate, indexed),
         y, y.stride(0), y.stride(1),
@@ -190,7 +197,6 @@ def gated_residual_fwd(x, gate, y, index) -> torch.Tensor:
 
 
 MAX_TABLE_K = 8  # an indexed gate with up to this many rows has its grads summed in the kernel
-TABLE_BLOCK_D = 128  # columns per program then (K fp32 accumulator rows must stay in registers)
 
 
 def gated_residual_bwd(grad, gate, y, index):
@@ -204,14 +210,15 @@ def gated_residual_bwd(grad, gate, y, index):
     table_k = triton.next_power_of_2(k_rows) if indexed and k_rows <= MAX_TABLE_K else 0
     reduce_gate = bool(not indexed and gate.shape[1] == 1 and n != 1)  # constexpr: a plain bool
     dy = empty_rows((bsz, n, d), y.dtype, y.device)
-    block_m, block_d, num_warps = row_blocks(n, d)
-    d_tiles = 1
+    block_m, block_d, d_tiles, num_warps = elementwise_tiles(n, d)
     if reduce_gate:
+        # Half the elements per thread: the fp32 accumulator row stays live across the loop.
         block_m = max(1, min(block_m, TILE_ELEMS // 2 // block_d))
-        n_prog, rows_per_prog = reduce_programs(n, bsz, block_m, y.device)
+        num_warps = min(16, max(1, block_m * block_d // (16 * elementwise_per_thread(d))))
+        n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, y.device, num_warps)
         dgate_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=y.device)
     elif table_k:
-        block_d = min(block_d, TABLE_BLOCK_D)
+        block_d = table_block_d(d)
         block_m = max(1, min(TILE_ELEMS // 2 // block_d, triton.next_power_of_2(max(int(n), 1))))
         num_warps = 4
         d_tiles = triton.cdiv(d, block_d)
@@ -235,7 +242,7 @@ def gated_residual_bwd(grad, gate, y, index):
     elif dy.numel() > 0:
         idx, sib, sin = _index_args(index, y)
         count("gated_residual_bwd")
-        wrap(_gated_residual_bwd_kernel)[(n_prog, bsz)](
+        wrap(_gated_residual_bwd_kernel)[(n_prog, bsz, d_tiles)](
             grad, grad.stride(0), grad.stride(1),
             gate, gate.stride(0), _mod_row_stride(gate, indexed),
             y, y.stride(0), y.stride(1),
@@ -250,7 +257,9 @@ def gated_residual_bwd(grad, gate, y, index):
     if reduce_gate:
         return dy, dgate_buf.sum(1, keepdim=True).to(gate.dtype)
     if table_k:
-        return dy, dgate_buf.sum(1)[:, :k_rows].to(gate.dtype)  # (B, K, D): the P partials, in order
+        # (B, K, D): the P partials added in order; rows sliced before the sum, so the grad is
+        # contiguous as the fake impl says (a slice after it keeps the padded stride TABLE_K * D)
+        return dy, dgate_buf[:, :, :k_rows].sum(1).to(gate.dtype)
     if indexed:  # a wide table: per-token grads scattered into it (atomics on a GPU)
         return dy, _scatter_rows(dgate_buf, index, k_rows, gate.dtype)
     return dy, dgate_buf
