@@ -47,13 +47,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pf import conditioning as conds
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
 from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_model, split_validation
 from pf.flow import validation_loss
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.dit import build_model, num_params
-from pf import conditioning as conds
 from pf.sampling.grid import class_names
 from pf.training.checkpointing import (
     load_training_checkpoint,
