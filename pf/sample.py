@@ -59,6 +59,9 @@ DEFAULTS = {
     "progress": True,
 }
 
+TEXT_KEYS = ("prompt", "prompts", "text_path")  # read as typed, not as YAML
+
+
 def _show(value) -> str:
     if value is None:
         return "null"
@@ -91,6 +94,9 @@ def parse_args(argv: list[str]) -> dict:
         key = key.strip().lstrip("+-")
         if key not in DEFAULTS:
             raise UsageError(f"unknown key {key!r}; known keys: {', '.join(DEFAULTS)}")
+        if key in TEXT_KEYS:  # a prompt or a path as typed: prompt=7 is the text "7", not the number
+            cfg[key] = value
+            continue
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as err:
