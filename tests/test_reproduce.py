@@ -141,3 +141,14 @@ def test_trend_statements_say_from_when_more_steps_help():
     partial = [p for p in rising_then_falling if not (p["train_steps"] == 12000 and p["steps"] == 100)]
     (line,) = reproduce.trend_statements({"pf_ltg": partial}, [10, 50, 100])
     assert "12000" not in line
+
+
+def test_segment_table_marks_the_best_arm_per_time():
+    study = {"arms": ["sit_uniform", "pf_ltg"], "train": {"seeds": [0, 1], "steps": 3000}}
+    data = {"train": {("sit_uniform", 0): {"val_segments": [0.1, 0.5]}, ("sit_uniform", 1): {"val_segments": [0.3, 0.5]},
+                      ("pf_ltg", 0): {"val_segments": [0.4, 0.2]}, ("pf_ltg", 1): {}}}
+    lines = reproduce.segment_table(study, data)
+    assert "| t=0.25 | t=0.75 | mean |" in lines[-3]
+    assert lines[-2] == "| SiT (uniform t) | 2 | **0.2000** | 0.5000 | 0.3500 |"
+    assert lines[-1] == "| PF (LTG) | 1 | 0.4000 | **0.2000** | 0.3000 |"
+    assert reproduce.segment_table(study, {"train": {}}) == []

@@ -130,6 +130,7 @@ def train_stage(study: dict, overrides: list[str], seed: int, steps: int) -> dic
                                                                                    if p.requires_grad),
             "first_loss": upto[0]["loss"] if upto else None, "final_loss": upto[-1]["loss"] if upto else None,
             "val_loss": val[-1]["val_loss"] if val else None,
+            "val_segments": val[-1].get("segments") if val else None,  # MSE at t = (k + 0.5) / 8
             "flops_per_step": training_flops(model, cfg)}
 
 

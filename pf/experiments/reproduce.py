@@ -454,6 +454,7 @@ def render(study: dict, command: str) -> str:
                                                    f"{mean_std([r['recall'] for r in runs])[0]:.3f}")
 
     lines += ["", "## What this shows", ""] + statements(study, data)
+    lines += segment_table(study, data)
     if data["trend"]:
         ks = [int(k) for k in ec["nfe"]]
         lo, hi = min(ks), max(ks)
@@ -563,6 +564,32 @@ def statements(study: dict, data: dict) -> list[str]:
             out.append(f"- The paper's ordering (SiT > PF Euler > dual-loop > look-ahead in FID) at NFE ~{n}: "
                        + ("**reproduced**" if paper else "**not reproduced**") + " ("
                        + ", ".join(f"{name} {v:.2f}" for name, v in vals) + ").")
+    return out
+
+
+def segment_table(study: dict, data: dict) -> list[str]:
+    """Validation MSE of each arm's EMA network at the 8 fixed times, mean over training seeds:
+    where along the path each arm's network is accurate."""
+    rows = {}
+    for arm in study["arms"]:
+        segs = [data["train"][(arm, s)].get("val_segments") for s in study["train"]["seeds"] if (arm, s) in data["train"]]
+        segs = [sg for sg in segs if sg]
+        if segs:
+            rows[arm] = ([sum(col) / len(col) for col in zip(*segs)], len(segs))
+    if not rows:
+        return []
+    n = len(next(iter(rows.values()))[0])
+    times = [(k + 0.5) / n for k in range(n)]
+    best = [min(r[0][k] for r in rows.values()) for k in range(n)]
+    out = ["", "## Where along the path each network is accurate", "",
+           f"Validation MSE of the EMA network after {study['train']['steps']} steps with every patch at one time t "
+           f"(fixed noise, images held out of the train split; the loss of SPEC section 3), mean over the training "
+           f"seeds recorded; **bold**: the lowest at that t. t = 0 is noise, t = 1 data; the error that no network "
+           f"can remove grows towards t = 1, so compare the arms column by column.", "",
+           "| arm | seeds | " + " | ".join(f"t={t:.2f}" for t in times) + " | mean |", "|---|---|" + "---|" * (n + 1)]
+    for arm, (seg, count) in rows.items():
+        cells = [f"**{v:.4f}**" if v == best[k] else f"{v:.4f}" for k, v in enumerate(seg)]
+        out.append(f"| {ARMS[arm]['label']} | {count} | " + " | ".join(cells) + f" | {sum(seg) / n:.4f} |")
     return out
 
 
