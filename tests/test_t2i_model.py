@@ -157,3 +157,20 @@ def test_bad_times_are_named():
         model(torch.randn(2, 2, 8, 8), torch.full((2, 16), float("nan")), cond)
     with pytest.raises(ValueError, match=r"t must have shape \(2, 16\)"):
         model(torch.randn(2, 2, 8, 8), torch.rand(2, 15), cond)
+
+
+def test_traces_whole_under_torch_compile():
+    """No graph break and no host read: ``sync_free`` with a static time table, as compile=true samples."""
+    model = PatchForcingT2I(**SMALL).eval()
+    _randomise(model, 11)
+    x = torch.randn(2, 2, 8, 8)
+    t = torch.full((2, 16), 0.4)
+    t[:, ::2] = 0.6
+    cond = _text(2, 3, 12, [3, 2], dtype=torch.float32)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    with torch.no_grad(), model.sync_free(distinct_times=2):
+        got = compiled(x, t, cond, return_uncertainty=True)
+    model.dedup_max_distinct = 0
+    with torch.no_grad():
+        want = model(x, t, cond, return_uncertainty=True)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want))
