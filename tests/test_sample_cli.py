@@ -159,10 +159,14 @@ def test_tile_grid_upscales_labels_and_captions():
 def test_long_labels_wrap_instead_of_being_cut():
     from pf.sampling.grid import label_lines, tile_grid
 
-    assert "".join(label_lines("T-shirt/top", 10)) == "T-shirt/top"  # all of it, on two lines (was cut to 10)
-    lines = label_lines("the digit seven written by hand in white on black", 10)
-    assert len(lines) == 4 and lines[-1].endswith("...") and all(len(ln) <= 10 for ln in lines)
-    assert label_lines("a seven", 10) == ["a seven"]
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    assert label_lines("T-shirt/top", 58) == ["T-shirt/top"]  # whole (it was cut to "T-shirt/to")
+    lines = label_lines("the digit seven written by hand in white on black", 58)
+    assert len(lines) == 4 and lines[-1].endswith("...") and all(font.getlength(ln) <= 58 for ln in lines)
+    assert lines[0] == "the digit" and label_lines("a seven", 58) == ["a seven"]
+    assert "".join(label_lines("Supercalifragilistic", 30)) == "Supercalifragilistic"  # a long word is split
     images = np.zeros((2, 16, 16, 3), np.uint8)
     one = tile_grid(images, 2, labels=["Bag", "Coat"])
     three = tile_grid(images, 2, labels=["Bag", "the digit seven written by hand in white on black"])

@@ -115,15 +115,35 @@ def _text_strip(width: int, lines: list[str], height: int | None = None) -> np.n
     return np.asarray(strip)
 
 
-def label_lines(label: str, chars: int, max_lines: int = 4) -> list[str]:
-    """A label wrapped to ``chars`` a line (a class name or a prompt), at most ``max_lines``
-    lines, the last one ending in "..." when the label is longer."""
-    import textwrap
+def label_lines(label: str, width: int, max_lines: int = 4) -> list[str]:
+    """A label (a class name or a prompt) wrapped to lines that fit ``width`` pixels in the
+    default font, at most ``max_lines``, the last one ending in "..." when the label is longer.
+    Words go whole onto a line when they fit; a word wider than a line is split."""
+    from PIL import ImageFont
 
-    lines = textwrap.wrap(label, chars, break_long_words=True) or [""]
+    font = ImageFont.load_default()
+
+    def fits(text: str) -> bool:
+        return font.getlength(text) <= width
+
+    lines: list[str] = []
+    for word in label.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        while not fits(word) and len(word) > 1:  # a word wider than a line: as much as fits, then the rest
+            cut = 1
+            while fits(word[:cut + 1]):
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    lines = lines or [""]
     if len(lines) > max_lines:
         last = " ".join(lines[max_lines - 1:])
-        lines = lines[:max_lines - 1] + [last[:max(1, chars - 3)] + "..."]
+        while last and not fits(last + "..."):
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "..."]
     return lines
 
 
@@ -146,8 +166,7 @@ def tile_grid(images: np.ndarray, ncol: int | None = None, *, labels: list[str] 
         if len(labels) != len(tiles):
             raise ValueError(f"{len(labels)} labels for {len(tiles)} images")
         w = tiles.shape[2]
-        chars = max(4, w // 6)  # the default font is about 6 pixels a character
-        lines = [label_lines(str(lab), chars) for lab in labels]
+        lines = [label_lines(str(lab), w - 6) for lab in labels]  # the text starts 3 pixels in
         height = 2 + 12 * max(len(ls) for ls in lines)  # 14 pixels a one-line label
         tiles = np.stack([np.concatenate([t, _text_strip(w, ls, height)]) for t, ls in zip(tiles, lines)])
     ncol = ncol or math.ceil(math.sqrt(len(tiles)))
