@@ -86,6 +86,12 @@ def test_reproduce_toy_end_to_end(tmp_path):
     trend = data["trend"]["pf_ltg"]
     assert {(p["train_steps"], p["steps"]) for p in trend} == {(2, 2), (2, 4), (6, 2), (6, 4)}
     assert "| PF (LTG) | 6 | " in text and (tmp_path / "fig" / "trend.png").stat().st_size > 0
+    # where along the path each network is wrong, beside where its training put the times
+    prof = data["profile"]["sit_uniform"]
+    assert len(prof["mse"]) == len(study["eval"]["profile_times"]) and all(m > 0 for m in prof["mse"])
+    assert abs(sum(prof["train_time_bins"]) - 1) < 1e-9 and abs(prof["train_time_bins"][-1] - 0.1) < 0.03  # uniform
+    assert data["profile"]["pf_ltg"]["train_time_bins"][-1] < 0.05  # LTG keeps patches below their sample's time
+    assert "## Why more sampling steps do not help here" in text and (tmp_path / "fig" / "profile.png").is_file()
 
     # a rerun computes nothing (every stage cached) and writes the same report
     (tmp_path / "RESULTS.md").unlink()

@@ -49,7 +49,8 @@ _COMPOSED: dict = {}
 # stage computes: a stage does not see them, so they are not part of its key (changing the trend's
 # steps or adding an arm re-runs nothing that is done).
 LAYOUT_KEYS = ("arms", "jobs", "threads", "results", "figures", "page", "findings", "repa")
-LAYOUT_EVAL_KEYS = ("samplers", "adaptive_train_seeds", "trend_steps", "trend_arms")
+LAYOUT_EVAL_KEYS = ("samplers", "adaptive_train_seeds", "trend_steps", "trend_arms", "profile_times",
+                    "profile_images")
 
 
 def stage_study(study: dict, *, keep: tuple[str, ...] = (), keep_eval: tuple[str, ...] = (),

@@ -83,6 +83,10 @@ DEFAULTS = {
         # trajectory (these steps, past train.steps too; the first training and sampling seed).
         "trend_steps": [1000, 3000, 6000, 12000],
         "trend_arms": ["pf_ltg", "sit_uniform"],
+        # Where along the path is each network wrong? Its velocity MSE with every patch at t, on
+        # held-out test images (fixed noise), and where its timestep sampler put the training times.
+        "profile_times": [0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995],
+        "profile_images": 1000,
     },
     "classifier": {"epochs": 10, "width": 32, "lr": 3.0e-3},
     "toy": False,                     # a minute-sized run of everything (CI)
@@ -90,7 +94,7 @@ DEFAULTS = {
 }
 TOY = ["out_dir=runs/toy", "records_dir=runs/toy/records", "eval.adaptive_train_seeds=[0,1]", "train.steps=4", "train.keep_every=2", "train.batch_size=8", "train.warmup_steps=1", "eval.num_samples=20",
        "eval.batch_size=10", "eval.seeds=[0,1]", "eval.nfe=[2,4]", "eval.kid_subsets=2", "eval.compile=false",
-       "eval.grid_steps=4", "eval.trend_steps=[2,6]", "eval.reference_size=200", "classifier.epochs=1", "classifier.width=4", "image_size=8"]
+       "eval.grid_steps=4", "eval.trend_steps=[2,6]", "eval.profile_images=20", "eval.reference_size=200", "classifier.epochs=1", "classifier.width=4", "image_size=8"]
 DOC_COMMAND = "python -m pf.experiments.reproduce"
 FREE = ("eval.dual_loop", "eval.look_ahead", "eval.samplers")
 
@@ -175,6 +179,44 @@ def trend_points(study: dict, arm: str, seed: int, evaluate: bool = True) -> lis
     return points
 
 
+def profile_stage(study: dict, arm: str, seed: int) -> dict:
+    """Stage: one arm's velocity MSE at each of ``eval.profile_times`` (every patch at t; the
+    EMA model; held-out test images, fixed noise), and how its timestep sampler spreads the
+    training patch times over ten bins of [0, 1] (20,000 patch times drawn per bin edge set)."""
+    import torch
+
+    from pf import timesteps
+    from pf.eval.inputs import from_uint8
+    from pf.flow import interpolate
+
+    ec = study["eval"]
+    run = common.TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
+    model = run.model().model
+    x1 = from_uint8(common.reference_images(study)[: int(ec["profile_images"])])  # (M, C, H, W) in [-1, 1]
+    labels = common.load_test_labels(study)[: x1.shape[0]]
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1234))
+    n = (x1.shape[-1] // model.patch_size) ** 2
+    errors = []
+    with torch.no_grad():
+        for tv in ec["profile_times"]:
+            mse = 0.0
+            for i in range(0, x1.shape[0], 250):
+                b = x1[i:i + 250].shape[0]
+                t = torch.full((b, n) if model.per_token else (b,), float(tv))
+                xt, u = interpolate(x1[i:i + 250], x0[i:i + 250], t, model.patch_size)
+                mse += float(((model(xt, t, labels[i:i + 250]) - u) ** 2).sum())
+            errors.append(mse / x1.numel())
+    cfg = common.compose_train_config(study, ARMS[arm]["overrides"], seed)
+    params = {k: v for k, v in cfg.trainer.timesteps.items() if k != "name" and v is not None}
+    if cfg.trainer.timesteps.name == "ltg":
+        params["backend"] = "torch"
+    drawn = timesteps.make(cfg.trainer.timesteps.name, **params)(2000, n if model.per_token else 1,
+                                                                generator=torch.Generator().manual_seed(0))
+    hist = torch.histc(drawn.double().flatten(), bins=10, min=0.0, max=1.0)
+    return {"times": [float(v) for v in ec["profile_times"]], "mse": errors,
+            "train_time_bins": (hist / hist.sum()).tolist(), "images": int(x1.shape[0])}
+
+
 def trend_stage(study: dict, arm: str, seed: int) -> dict:
     """Stage: Euler FID at every K of the curves along one arm's training (the same trajectory's
     checkpoints, continued past ``train.steps`` where ``trend_steps`` asks)."""
@@ -211,6 +253,10 @@ def build_stages(study: dict) -> list[Stage]:
                               {"study": shared, "arm": arm, "seed": int(seed), "sampler": sampler},
                               deps=(name, "classifier"))
                 (adaptive_curves if adaptive else stages).append(curve)
+            if seed == study["train"]["seeds"][0]:
+                stages.append(Stage(f"profile {arm} seed {seed}", "pf.experiments.reproduce:profile_stage",
+                                    {"study": common.stage_study(study, keep_eval=("profile_times", "profile_images")),
+                                     "arm": arm, "seed": int(seed)}, deps=(name,)))
         stages.extend(adaptive_curves)
         if seed == study["train"]["seeds"][0]:  # the trend right after the first seed's curves
             for arm in study["eval"].get("trend_arms", []):
@@ -248,7 +294,7 @@ def floor_stage(study: dict) -> dict:
 
 def collect(study: dict) -> dict:
     """Everything finished so far, read from the stage records."""
-    out = {"stages": [], "train": {}, "curves": {}, "classifier": None, "floor": None, "trend": {}}
+    out = {"stages": [], "train": {}, "curves": {}, "classifier": None, "floor": None, "trend": {}, "profile": {}}
     for s in build_stages(study):
         rec = stage_result(study["records_dir"], s)
         out["stages"].append((s.name, work_seconds(rec)))
@@ -272,6 +318,8 @@ def collect(study: dict) -> dict:
             out["train"][(arm, s.args["seed"])] = rec["result"]
         elif s.fn.endswith("trend_stage"):
             out["trend"][s.args["arm"]] = rec["result"]["points"]
+        elif s.fn.endswith("profile_stage"):
+            out["profile"][s.args["arm"]] = rec["result"]
         else:
             key = (s.args["arm"], s.args["sampler"])
             out["curves"].setdefault(key, []).extend(rec["result"]["points"])
@@ -455,6 +503,7 @@ def render(study: dict, command: str) -> str:
 
     lines += ["", "## What this shows", ""] + statements(study, data)
     lines += segment_table(study, data)
+    lines += profile_section(study, data, figures, results)
     if data["trend"]:
         ks = [int(k) for k in ec["nfe"]]
         lo, hi = min(ks), max(ks)
@@ -593,6 +642,76 @@ def segment_table(study: dict, data: dict) -> list[str]:
     return out
 
 
+def profile_section(study: dict, data: dict, figures: Path, results: Path) -> list[str]:
+    """Each arm's velocity error along the path next to where its training put the patch times,
+    and how that lines up with what more sampling steps do to its FID."""
+    prof = data["profile"]
+    if not prof:
+        return []
+    first = next(iter(prof.values()))
+    times = first["times"]
+    out = ["", "## Why more sampling steps do not help here", "",
+           f"![error along the path]({rel(figures / 'profile.png', results)})", "",
+           f"Velocity MSE of each arm's EMA network (training seed {study['train']['seeds'][0]}, "
+           f"{study['train']['steps']} steps) with every patch at one time t, on {first['images']} held-out test "
+           "images with fixed noise (left), and the share of its training patch times in each tenth of [0, 1] "
+           "(right). Euler with K steps queries the network at t = 0, 1/K, ..., 1 - 1/K: more steps query it "
+           "closer to t = 1.", "",
+           "| arm | " + " | ".join(f"t={t:g}" for t in times) + " | training times in [0.9, 1] |",
+           "|---|" + "---|" * (len(times) + 1)]
+    for arm, p in prof.items():
+        out.append(f"| {ARMS[arm]['label']} | " + " | ".join(f"{v:.3f}" for v in p["mse"])
+                   + f" | {100 * p['train_time_bins'][-1]:.1f}% |")
+    # the measured link: error near t = 1 against the FID change from the smallest to the largest K
+    curves = {k: series(v) for k, v in data["curves"].items()}
+    lo, hi = min(study["eval"]["nfe"]), max(study["eval"]["nfe"])
+    rows = []
+    for arm, p in prof.items():
+        ser = curves.get((arm, "euler_pf" if common.is_pf(ARMS[arm]["overrides"]) else "euler"))
+        if ser and lo in ser and hi in ser:
+            gap = mean_std([r["fid"] for r in ser[hi].values()])[0] - mean_std([r["fid"] for r in ser[lo].values()])[0]
+            near = [v for t, v in zip(p["times"], p["mse"]) if t >= 0.9]
+            rows.append((arm, sum(near) / len(near), gap, p["train_time_bins"][-1]))
+    if len(rows) >= 2:
+        rows.sort(key=lambda r: r[1])
+        same_order = all(a[2] <= b[2] for a, b in zip(rows, rows[1:]))
+        out += ["", "- Mean velocity MSE over t >= 0.9 against the Euler FID change from K=" f"{lo} to K={hi}: "
+                + "; ".join(f"{ARMS[a]['label']} {m:.3f} and {g:+.2f} ({100 * f:.1f}% of its training times in "
+                            f"[0.9, 1])" for a, m, g, f in rows) + ". "
+                + ("The arms order the same way on both: the larger a network's error near the data end, the more "
+                   "FID it loses when more steps query it there." if same_order else
+                   "The two orders differ: the error near the data end does not account for the whole effect.")]
+    return out
+
+
+def plot_profile(study: dict, prof: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"sit_uniform": "tab:gray", "sit_logit_normal": "tab:brown", "pf_ltg": "tab:blue",
+              "pf_logit_normal": "tab:green"}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, p in prof.items():
+        ax.plot(p["times"], p["mse"], "-o", ms=3, color=colors.get(arm), label=ARMS[arm]["label"])
+        bins = p["train_time_bins"]
+        bx.step([i / len(bins) for i in range(len(bins) + 1)], [bins[0], *bins], where="pre", color=colors.get(arm),
+                label=ARMS[arm]["label"])
+    ax.set_yscale("log")
+    ax.set_xlabel("t (0 = noise, 1 = data), every patch")
+    ax.set_title("velocity MSE on held-out images ↓")
+    bx.set_xlabel("patch time t")
+    bx.set_title("share of training patch times per tenth")
+    for a in (ax, bx):
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def trend_rows(points: list[dict]) -> dict[int, dict[int, dict]]:
     """A trend's points as {training steps: {K: point}}, in training order."""
     rows: dict[int, dict[int, dict]] = {}
@@ -667,6 +786,8 @@ def write_report(study: dict, command: str) -> None:
         sample_grid(study, data, figures / "samples.png")
     if data["trend"]:
         plot_trend(study, data["trend"], figures / "trend.png")
+    if data["profile"]:
+        plot_profile(study, data["profile"], figures / "profile.png")
     Path(study["results"]).parent.mkdir(parents=True, exist_ok=True)
     Path(study["results"]).write_text(render(study, command))
 
