@@ -43,6 +43,26 @@ def test_within_image_rank_correlation_is_spearman_per_row():
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_stages_that_read_one_model_run_together():
+    from pf.experiments import reproduce
+
+    study = reproduce.study_config(cli.parse(findings.DEFAULTS, []))
+    names = [s.name for s in findings.build_stages(study)]
+    # each stage listed with the model it reads; a model's stages are consecutive (a study continued in a
+    # fresh clone, without the models, retrains only the one it stopped at)
+    seed0 = study["findings"]["ablation"]["seed"]
+    model = {n: ("ablation", n) for n in names if n.startswith("ablation ")}
+    model.update({n: ("pf_ltg", int(n.split()[-1])) for n in names if n.startswith("selection ")})
+    model.update({n: (n.split()[1], int(n.split()[-1])) for n in names if n.startswith("uncertainty ")})
+    model.update({"ablation ltg": ("pf_ltg", seed0), "ablation logit_normal": ("pf_logit_normal", seed0)})
+    order = [model[n] for n in names if n in model]
+    assert len(order) == len(names) - 1 == 17  # every stage but the classifier reads a model
+    runs = [m for i, m in enumerate(order) if i == 0 or order[i - 1] != m]
+    assert len(runs) == len(set(runs)), runs  # no model is loaded again after another one
+    assert names.index("uncertainty pf_ltg seed 0") < names.index("selection look_ahead random seed 0") < names.index(
+        "uncertainty pf_logit_normal seed 0")
+
+
 def test_findings_toy_end_to_end(tmp_path):
     argv = findings.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"records_dir={tmp_path / 'records'}", f"page={tmp_path / 'findings.md'}",
                                 f"figures={tmp_path / 'fig'}", "device=cpu"])

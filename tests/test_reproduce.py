@@ -40,6 +40,12 @@ def test_the_default_study_is_the_papers_comparison():
         assert f"train {arm} seed 0" in names and f"train {arm} seed 1" in names
     assert "curve pf_ltg look_ahead seed 0" in names and "curve sit_uniform euler seed 1" in names
     assert "curve pf_ltg euler_pf seed 1" in names and "curve pf_ltg look_ahead seed 1" not in names  # adaptive: seed 0
+    # every stage that reads a model runs right after that model's training (a study continued in a
+    # fresh clone, without the models, retrains only the arm it stopped in)
+    for i, name in enumerate(names):
+        if name.startswith(("curve ", "profile ")):
+            arm, seed = name.split()[1], name.split()[-1]
+            assert [n for n in names[:i] if n.startswith("train ")][-1] == f"train {arm} seed {seed}", name
     # stage keys do not depend on how the study is run or where it reports
     other = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["jobs=2", "results=/tmp/x.md"]))
     assert [s.key for s in reproduce.build_stages(other)] == [s.key for s in reproduce.build_stages(study)]

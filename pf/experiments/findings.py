@@ -227,25 +227,33 @@ def selection_stage(study: dict, sampler: str, rule: str, seed: int) -> dict:
 
 
 def build_stages(study: dict) -> list[Stage]:
-    """The ablation first (its own training runs), then the findings on the main models."""
+    """The ablation's own training runs first; then, model by model of the comparison, every
+    stage that reads it (findings 1-3, the selection, the ablation arm on its trajectory): a
+    trained model lives only in ``out_dir``, which a fresh clone does not have, so a study
+    continued elsewhere retrains only the model it stopped at."""
     fc = study["findings"]
     stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": common.stage_study(study)})]
     study = common.stage_study(study, keep=("findings",))
-    main_budget = {"ltg", "logit_normal"}  # these reuse the comparison's trajectories: last
-    for name in sorted(fc["ablation"]["samplers"], key=lambda n: n in main_budget):
-        stages.append(Stage(f"ablation {name}", "pf.experiments.findings:ablation_stage",
-                            {"study": study, "sampler_name": name}, deps=("classifier",)))
+    ac, sc = fc["ablation"], fc["selection"]
+    ablation = {name: Stage(f"ablation {name}", "pf.experiments.findings:ablation_stage",
+                            {"study": study, "sampler_name": name}, deps=("classifier",)) for name in ac["samplers"]}
+    # an ablation sampler that is an arm of the comparison (same overrides) reuses that arm's trajectory
+    on_arm = {arm: name for name in ablation for arm in ARMS if ARMS[arm]["overrides"] == ablation_overrides(name)}
+    selection = {seed: [Stage(f"selection {sampler} {rule} seed {seed}", "pf.experiments.findings:selection_stage",
+                              {"study": study, "sampler": sampler, "rule": rule, "seed": int(seed)},
+                              deps=("classifier",)) for sampler in sc["samplers"] for rule in sc["rules"]]
+                 for seed in sc["train_seeds"]}
+    stages += [st for name, st in ablation.items() if name not in on_arm.values()]
     for seed in study["train"]["seeds"]:
         for arm in fc["arms"]:
             stages.append(Stage(f"uncertainty {arm} seed {seed}", "pf.experiments.findings:uncertainty_stage",
                                 {"study": study, "arm": arm, "seed": int(seed)}))
-    for seed in fc["selection"]["train_seeds"]:
-        for sampler in fc["selection"]["samplers"]:
-            for rule in fc["selection"]["rules"]:
-                stages.append(Stage(f"selection {sampler} {rule} seed {seed}",
-                                    "pf.experiments.findings:selection_stage",
-                                    {"study": study, "sampler": sampler, "rule": rule, "seed": int(seed)},
-                                    deps=("classifier",)))
+            if arm == "pf_ltg":
+                stages += selection.pop(seed, [])
+            if seed == int(ac["seed"]) and arm in on_arm:
+                stages.append(ablation[on_arm.pop(arm)])
+    # what reads a model the findings do not otherwise load
+    stages += [st for sts in selection.values() for st in sts] + [ablation[name] for name in on_arm.values()]
     return stages
 
 

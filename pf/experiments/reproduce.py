@@ -224,7 +224,11 @@ def trend_stage(study: dict, arm: str, seed: int) -> dict:
 
 
 def build_stages(study: dict) -> list[Stage]:
-    """Every stage of the comparison, in the order they are started (when their inputs are ready)."""
+    """Every stage of the comparison, in the order they are started (when their inputs are ready).
+
+    Each arm's training is followed by every stage that reads its model (curves, profile): a
+    trained model lives only in ``out_dir``, which a fresh clone does not have, so a study
+    continued elsewhere retrains only the arm it stopped in."""
     shared = common.stage_study(study)                        # what an evaluating stage sees
     training = common.stage_study(study, evaluation=False)    # what a training stage sees
     train_names = {}
@@ -236,8 +240,7 @@ def build_stages(study: dict) -> list[Stage]:
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
     for seed in study["train"]["seeds"]:
-        adaptive_curves = []
-        for arm in order:  # each arm's training, then its Euler curve: the main comparison comes first
+        for arm in order:
             name = f"train {arm} seed {seed}"
             train_names[(arm, seed)] = name
             stages.append(Stage(name, "pf.experiments.common:train_stage",
@@ -249,15 +252,13 @@ def build_stages(study: dict) -> list[Stage]:
                 adaptive = sampler not in ("euler", "euler_pf")
                 if adaptive and seed not in study["eval"].get("adaptive_train_seeds", study["train"]["seeds"]):
                     continue
-                curve = Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
-                              {"study": shared, "arm": arm, "seed": int(seed), "sampler": sampler},
-                              deps=(name, "classifier"))
-                (adaptive_curves if adaptive else stages).append(curve)
+                stages.append(Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
+                                    {"study": shared, "arm": arm, "seed": int(seed), "sampler": sampler},
+                                    deps=(name, "classifier")))
             if seed == study["train"]["seeds"][0]:
                 stages.append(Stage(f"profile {arm} seed {seed}", "pf.experiments.reproduce:profile_stage",
                                     {"study": common.stage_study(study, keep_eval=("profile_times", "profile_images")),
                                      "arm": arm, "seed": int(seed)}, deps=(name,)))
-        stages.extend(adaptive_curves)
         if seed == study["train"]["seeds"][0]:  # the trend right after the first seed's curves
             for arm in study["eval"].get("trend_arms", []):
                 if arm in study["arms"]:
