@@ -68,7 +68,7 @@ from pf.training.conditioning import ClassConditioning, TextConditioning
 from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective
-from pf.training.schema import check_config, check_overrides
+from pf.training.schema import check_config, check_overrides, fill_family_defaults
 from pf.training.pictures import draw_samples, save_picture
 
 log = logging.getLogger("pf.train")
@@ -210,6 +210,7 @@ def _build_network(cfg, per_token: bool, input_size: int, in_channels: int, num_
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as ``cfg`` says, writing into ``run_dir``. Returns the model, its EMA and a summary."""
     check_config(cfg)
+    cfg = fill_family_defaults(cfg)
     run_dir = Path(run_dir)
     tc = cfg.trainer
     device = _pick_device(cfg.device)

@@ -22,7 +22,7 @@ from pf.conditioning import TextCond  # noqa: E402
 from pf.models import PatchForcingT2I, load_checkpoint  # noqa: E402
 from pf.models.checkpoint import read_checkpoint_file  # noqa: E402
 from pf.training.conditioning import TextConditioning  # noqa: E402
-from pf.training.schema import ConfigError  # noqa: E402
+from pf.training.schema import ConfigError, fill_family_defaults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "pf" / "configs"
@@ -46,6 +46,16 @@ def test_the_demo_experiment_composes():
     assert cfg.model.family == "t2i" and cfg.model.name == "PFT2I-Tiny" and cfg.data.name == "captioned_digits"
     assert cfg.trainer.timesteps.name == "ltg" and cfg.trainer.timesteps.loc == 0.5  # SPEC section 11
     assert cfg.text.name == "minilm" and cfg.text.dropout == 0.1
+
+
+def test_text_models_train_with_ltg_at_loc_one_half_unless_told(tmp_path):
+    # SPEC section 11: LTG with loc 0.5 for text-to-image; the class model keeps LTG's own 0.7
+    pf_train.train(make_cfg("trainer.timesteps.loc=null", "trainer.max_steps=1", "data.val_size=0"), tmp_path / "a")
+    assert OmegaConf.load(tmp_path / "a" / "config.yaml").trainer.timesteps.loc == 0.5
+    assert fill_family_defaults(make_cfg("trainer.timesteps.loc=0.3")).trainer.timesteps.loc == 0.3
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        class_cfg = compose(config_name="config")
+    assert fill_family_defaults(class_cfg).trainer.timesteps.loc is None
 
 
 def test_trains_resumes_exactly_and_samples(tmp_path):

@@ -307,6 +307,22 @@ def check_config(cfg) -> None:
         raise ConfigError(f"trainer.timesteps={node['trainer']['timesteps']!r}: {err}") from None
 
 
+# SPEC section 11: the text-to-image model trains with LTG at loc 0.5 (the class model keeps LTG's 0.7).
+FAMILY_LTG_LOC = {"t2i": 0.5}
+
+
+def fill_family_defaults(cfg):
+    """``cfg`` with its model family's LTG ``loc`` where ``trainer.timesteps.loc`` is null (so the
+    run's saved config says what it trained with); any other config is returned as it is."""
+    from omegaconf import OmegaConf
+
+    ts = cfg.trainer.timesteps
+    loc = FAMILY_LTG_LOC.get(cfg.model.get("family", "dit"))
+    if ts.name != "ltg" or loc is None or ts.get("loc") is not None:
+        return cfg
+    return OmegaConf.merge(cfg, {"trainer": {"timesteps": {"loc": loc}}})
+
+
 def _check_family(node: dict) -> None:
     """A text model is a T2I preset trained as Patch Forcing (per-patch times), without REPA."""
     from pf.models.t2i import T2I_PRESET_SIZES
