@@ -318,6 +318,21 @@ def test_cache_file_is_reused_only_for_the_same_encoder_and_captions(tmp_path, b
     with pytest.warns(UserWarning, match=r"another encoder or caption set"):
         rebuilt = CachedTextEncoder(bert_encoder, CAPTIONS, path=file)
     assert len(rebuilt.captions) == 5 and torch.load(file, weights_only=True)["key"] == rebuilt.key
+    # a table stored in another dtype, or an encoder with another tokenizer, is another table
+    half = CachedTextEncoder(bert_encoder, CAPTIONS, path=tmp_path, dtype=torch.float16)
+    assert half.file != first.file and half.table.dtype == torch.float16
+    assert not torch.equal(half.table.float(), first.table)
+
+
+def test_identity_names_the_weights_dtype_and_a_separate_tokenizer(tmp_path, bert_dir, bert_encoder):
+    import shutil
+
+    tok = tmp_path / "tokenizer"
+    shutil.copytree(bert_dir, tok)
+    apart = make_text_encoder("auto", path=bert_dir, tokenizer_path=tok)
+    assert apart.identity != bert_encoder.identity and str(tok) in apart.identity
+    assert make_text_encoder("auto", path=bert_dir, tokenizer_path=bert_dir).identity == bert_encoder.identity
+    assert make_text_encoder("auto", path=bert_dir, dtype="float16").identity != bert_encoder.identity
 
 
 def test_cache_of_minilm_matches_minilm(minilm):

@@ -9,7 +9,7 @@ itself gives them. A prompt outside the set goes to the encoder (counted in ``mi
 
 With ``path`` the table is saved to / loaded from a ``.pt`` file (``torch.load(weights_only=True)``):
 a folder gets ``<encoder name>-<key>.pt``; a file is reused only when its stored key (a hash of
-the encoder's identity, its length limit and the sorted distinct captions) matches, and is
+the encoder's identity, its length limit, the sorted distinct captions and the table's dtype) matches, and is
 otherwise rebuilt with a warning.
 """
 
@@ -30,10 +30,11 @@ from pf.text.encoders import check_prompts
 FORMAT = "pf-text-cache"
 
 
-def cache_key(encoder, captions: list[str]) -> str:
-    """sha256 of what the table depends on: the encoder's identity and the distinct captions."""
+def cache_key(encoder, captions: list[str], dtype: torch.dtype = torch.float32) -> str:
+    """sha256 of what the table depends on: the encoder's identity, the distinct captions and the
+    dtype the table is stored in."""
     what = [FORMAT, str(getattr(encoder, "identity", encoder.name)), int(encoder.max_length), int(encoder.dim),
-            sorted(set(captions))]
+            sorted(set(captions)), str(dtype)]
     return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -50,7 +51,7 @@ class CachedTextEncoder(nn.Module):
         self.encoder = encoder
         self.name, self.dim, self.max_length = encoder.name, int(encoder.dim), int(encoder.max_length)
         distinct = sorted(set(check_prompts(list(captions) + [""])))
-        self.key = cache_key(encoder, distinct)
+        self.key = cache_key(encoder, distinct, dtype)
         self.file = _cache_file(path, self.name, self.key) if path is not None else None
         stored = self._load() if self.file is not None else None
         if stored is None:

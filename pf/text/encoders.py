@@ -75,12 +75,13 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str, max_length: int | None = None,
-                 truncate: bool = True, path: str | Path | None = None):
+                 truncate: bool = True, path: str | Path | None = None, tokenizer_path: str | Path | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         tokenizer.padding_side = "right"  # real tokens first: causal models never see the padding
         self.name, self.path, self.truncate = str(name), (str(path) if path is not None else None), bool(truncate)
+        self.tokenizer_path = str(tokenizer_path) if tokenizer_path is not None else None  # None: beside the weights
         config = model.config
         if getattr(config, "use_cache", None):
             config.use_cache = False  # decoders: no key/value cache for a single forward
@@ -101,7 +102,10 @@ class TextEncoder(nn.Module):
 
     @property
     def identity(self) -> str:
-        return f"{self.name}|{self.path}|max_length={self.max_length}"
+        """What decides the tokens of a prompt: the weights (folder and dtype), the tokenizer, the limit."""
+        weights = next(self.model.parameters()).dtype
+        tokenizer = f"|tokenizer={self.tokenizer_path}" if self.tokenizer_path else ""
+        return f"{self.name}|{self.path}|max_length={self.max_length}|{str(weights).removeprefix('torch.')}{tokenizer}"
 
     @property
     def device(self) -> torch.device:
@@ -347,7 +351,8 @@ def make_text_encoder(name: str = "minilm", path: str | Path | None = None, max_
         model = _load_model(transformers.CLIPTextModel.from_pretrained, folder, "CLIP", weights_dtype)
     else:
         model = _language_tower(folder, weights_dtype)
-    encoder = TextEncoder(model, tokenizer, name=name, max_length=max_length, truncate=truncate, path=folder)
+    encoder = TextEncoder(model, tokenizer, name=name, max_length=max_length, truncate=truncate, path=folder,
+                          tokenizer_path=tok_folder if tok_folder != folder else None)
     return encoder.to(device)
 
 
