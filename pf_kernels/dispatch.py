@@ -136,7 +136,7 @@ def _check_indexed(op: str, x: torch.Tensor, index: torch.Tensor, **tables: torc
         raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
     b, n, d = x.shape
     if index.shape != (b, n) or index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{op}: index must be an int64 tensor of shape ({b}, {n}), got {index.dtype} {tuple(index.shape)}")
+        raise ValueError(f"{op}: index must be an int64 or int32 tensor of shape ({b}, {n}), got {index.dtype} {tuple(index.shape)}")
     ks = {t.shape[1] if t.dim() == 3 else -1 for t in tables.values()}
     for name, t in tables.items():
         if t.dim() != 3 or t.shape[0] != b or t.shape[2] != d:

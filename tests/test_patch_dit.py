@@ -230,6 +230,58 @@ def test_hooks_on_a_bypassed_norm_refuse_the_patch():
     assert hooked == [1]
 
 
+def test_a_forward_replaced_on_the_instance_refuses_the_patch():
+    model = TinyDiT()
+    inner = model.blocks[0].forward
+    model.blocks[0].forward = lambda x, c: 2 * inner(x, c)  # e.g. a hook library's wrapper
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    before = model(x, c)
+    with pytest.warns(UserWarning, match=r"blocks.0 \(DiTBlock\) as it is: its forward is replaced on the instance"):
+        report = pf_kernels.patch_dit(model)
+    assert report == 2 and report.skipped[0][0] == "blocks.0"
+    torch.testing.assert_close(model(x, c), before, atol=2e-5, rtol=2e-5)  # the wrapper still runs
+
+
+class RopeAttention(Attention):
+    def forward(self, x, freqs):  # takes more than the tokens: the fused path cannot call it
+        return super().forward(x * torch.cos(freqs))
+
+
+class RopeBlock(DiTBlock):
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads)
+        self.attn = RopeAttention(dim, heads)
+
+    def forward(self, x, c):
+        freqs = torch.linspace(0, 1, x.shape[1]).unsqueeze(-1)  # (N, 1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), freqs)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+def test_a_block_whose_submodules_take_other_arguments_is_skipped_not_an_error():
+    model = TinyDiT()
+    model.blocks[1] = RopeBlock(32, 2)
+    with pytest.warns(UserWarning, match=r"blocks.1 \(RopeBlock\) as it is: the fused forward cannot call its submodules"):
+        report = pf_kernels.patch_dit(model)
+    assert report == 2 and report.skipped[0][0] == "blocks.1"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_judged_by_what_they_compute(dtype, backend):
+    backend("torch")  # the interpreter has no half precision; the GPU test below runs the kernels
+    model = TinyDiT(dim=64, heads=4)
+    x, c = torch.randn(2, 5, 64), torch.randn(2, 64)
+    expected = model(x, c)  # float32
+    half = copy.deepcopy(model).to(dtype)
+    assert pf_kernels.patch_dit(half) == 3
+    torch.testing.assert_close(half(x.to(dtype), c.to(dtype)).float(), expected, atol=0.15, rtol=0.05)
+    variant = TinyDiT(dim=64, heads=4)
+    variant.blocks[1] = ScaledBlock(64, 4)
+    with pytest.warns(UserWarning, match="its forward computes something else"):
+        assert pf_kernels.patch_dit(variant.to(dtype)) == 2  # a real difference is still found
+
+
 def test_a_patched_model_pickles_and_keeps_its_state_dict(tmp_path):
     model = TinyDiT()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -255,7 +307,7 @@ def test_compile_patched_dit_cpu(backend):
     gen = torch.Generator().manual_seed(2)
     x, c = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 32, generator=gen)
     expected = run(model, x, c)
-    pf_kernels.patch_dit(model)
+    assert pf_kernels.patch_dit(model) == 3
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_same(run(compiled, x, c), expected)
@@ -313,7 +365,7 @@ def test_patch_dit_gpu_compiled(dtype, backend):
     x = torch.randn(4, 64, 128, device="cuda", dtype=dtype)
     c = torch.randn(4, 128, device="cuda", dtype=dtype)
     expected = run(model, x, c)
-    pf_kernels.patch_dit(model)
+    assert pf_kernels.patch_dit(model) == 3
     torch._dynamo.reset()
     got = run(torch.compile(model, fullgraph=True), x, c)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
