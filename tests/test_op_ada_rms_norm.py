@@ -258,9 +258,9 @@ def test_bad_arguments_get_clear_errors():
         pf_kernels.ada_rms_norm(x, torch.empty(2, 3, 8, device="meta"))
     with pytest.raises(ValueError, match=r"scale_table must be a \(2, K, 8\) table"):
         pf_kernels.ada_rms_norm_indexed(x, table[:1], index)
-    with pytest.raises(ValueError, match=r"index must be an int64 tensor of shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"index must be an int64 or int32 tensor of shape \(2, 3\)"):
         pf_kernels.ada_rms_norm_indexed(x, table, index[:, :2])
-    with pytest.raises(ValueError, match="index must be an int64 tensor"):
+    with pytest.raises(ValueError, match="index must be an int64 or int32 tensor"):
         pf_kernels.ada_rms_norm_indexed(x, table, index.float())
     with pytest.raises(ValueError, match=r"index values must lie in \[0, 4\), got \[0, 4\]"):
         pf_kernels.ada_rms_norm_indexed(x, table, index + torch.tensor([0, 0, 4]))

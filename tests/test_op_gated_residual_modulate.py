@@ -374,7 +374,7 @@ def test_bad_inputs_get_one_clear_error():
         op_indexed(x, gate[:, :2], x, shift[:, :3], scale[:, :3], index)
     with pytest.raises(ValueError, match=r"gated_residual_modulate_indexed: index values must lie in \[0, 2\)"):
         op_indexed(x, gate[:, :2], x, shift[:, :2], scale[:, :2], index + 2)
-    with pytest.raises(ValueError, match=r"gated_residual_modulate_indexed: index must be an int64 tensor"):
+    with pytest.raises(ValueError, match=r"gated_residual_modulate_indexed: index must be an int64 or int32 tensor"):
         op_indexed(x, gate[:, :2], x, shift[:, :2], scale[:, :2], index[:, :3])
 
 
