@@ -120,7 +120,10 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 def axial_rope_angles(pos: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Angles of 2-D axial RoPE on half of each head's channels: ``head_dim // 8`` frequencies
     per axis, log-spaced from pi to 10 pi; (N, 2) positions -> (N, head_dim // 4) angles
-    (the row angles, then the column angles)."""
+    (the row angles, then the column angles). Every head gets the same frequencies, as SPEC
+    section 11 words it; HDiT instead deals ``n_heads`` times as many over the heads (no T2I
+    checkpoint is released to say which the published model used, and a change would alter
+    models trained here)."""
     n_freq = head_dim // 8
     freqs = torch.exp(torch.linspace(math.log(math.pi), math.log(10 * math.pi), n_freq, dtype=torch.float64))
     freqs = freqs.to(pos.device)
