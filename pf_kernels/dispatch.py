@@ -94,6 +94,24 @@ def _use_triton(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+# The row ops launch a (programs per sample, B, ...) grid: CUDA takes at most 65535 on that axis.
+MAX_GRID_BATCH = 65535
+GRID_LIMITED = ("cuda",)  # device types with that limit (the interpreter has none)
+
+
+def _rows_use_triton(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """``_use_triton`` for the row ops of x (B, N, D): a batch over ``MAX_GRID_BATCH`` takes the
+    torch path under ``auto`` and is refused with a clear error under ``triton``."""
+    if not _use_triton(x, *others):
+        return False
+    if x.shape[0] <= MAX_GRID_BATCH or x.device.type not in GRID_LIMITED:
+        return True
+    if _backend == "auto":
+        return False
+    raise ValueError(f"pf_kernels backend 'triton': batch B={x.shape[0]} is over {MAX_GRID_BATCH}, the most the "
+                     f"row kernels' CUDA grid takes; split the batch or use set_backend('auto')")
+
+
 #################################################################################
 #                               Argument checks                                 #
 #################################################################################
@@ -168,7 +186,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     """``LN(x) * (1 + scale) + shift``; x (B, N, D), shift/scale (B, N, D) or (B, 1, D)."""
     _check_rows("adaln_modulate", x, shift=shift, scale=scale)
     _same_device("adaln_modulate", x=x, shift=shift, scale=scale)
-    if _use_triton(x, shift, scale):
+    if _rows_use_triton(x, shift, scale):
         with _launch_on(x):
             return adaln_modulate_triton(x, shift, scale, float(eps))
     return adaln_modulate_ref(x, shift, scale, eps)
@@ -180,7 +198,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     if y.shape != x.shape:
         raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     _same_device("gated_residual", x=x, gate=gate, y=y)
-    if _use_triton(x, gate, y):
+    if _rows_use_triton(x, gate, y):
         with _launch_on(x):
             return gated_residual_triton(x, gate, y)
     return gated_residual_ref(x, gate, y)
@@ -198,7 +216,7 @@ def adaln_modulate_indexed(
     _same_device("adaln_modulate_indexed", x=x, shift=shift, scale=scale, index=index)
     _check_indexed("adaln_modulate_indexed", x, index, shift=shift, scale=scale)
     index = index.to(torch.int64)
-    if _use_triton(x, shift, scale, index):
+    if _rows_use_triton(x, shift, scale, index):
         with _launch_on(x):
             return adaln_modulate_indexed_triton(x, shift, scale, index, float(eps))
     return adaln_modulate_indexed_ref(x, shift, scale, index, eps)
@@ -211,7 +229,7 @@ def gated_residual_indexed(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     if y.shape != x.shape:
         raise ValueError(f"gated_residual_indexed: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     index = index.to(torch.int64)
-    if _use_triton(x, gate, y, index):
+    if _rows_use_triton(x, gate, y, index):
         with _launch_on(x):
             return gated_residual_indexed_triton(x, gate, y, index)
     return gated_residual_indexed_ref(x, gate, y, index)
@@ -230,7 +248,7 @@ def gated_residual_modulate(
     if y.shape != x.shape:
         raise ValueError(f"gated_residual_modulate: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     _same_device("gated_residual_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale)
-    if _use_triton(x, gate, y, shift, scale):
+    if _rows_use_triton(x, gate, y, shift, scale):
         with _launch_on(x):
             return gated_residual_modulate_triton(x, gate, y, shift, scale, float(eps))
     return gated_residual_modulate_ref(x, gate, y, shift, scale, eps)
@@ -247,7 +265,7 @@ def gated_residual_modulate_indexed(
         raise ValueError(
             f"gated_residual_modulate_indexed: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     index = index.to(torch.int64)
-    if _use_triton(x, gate, y, shift, scale, index):
+    if _rows_use_triton(x, gate, y, shift, scale, index):
         with _launch_on(x):
             return gated_residual_modulate_indexed_triton(x, gate, y, shift, scale, index, float(eps))
     return gated_residual_modulate_indexed_ref(x, gate, y, shift, scale, index, eps)
@@ -261,7 +279,7 @@ def ada_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> tor
     _check_rows("ada_rms_norm", x, scale=scale)
     _check_floating("ada_rms_norm", x=x, scale=scale)
     _same_device("ada_rms_norm", x=x, scale=scale)
-    if _use_triton(x, scale):
+    if _rows_use_triton(x, scale):
         with _launch_on(x):
             return ada_rms_norm_triton(x, scale, float(eps))
     return ada_rms_norm_ref(x, scale, eps)
@@ -280,7 +298,7 @@ def ada_rms_norm_indexed(
     _check_indexed("ada_rms_norm_indexed", x, index, scale_table=scale_table)
     _check_floating("ada_rms_norm_indexed", x=x, scale_table=scale_table)
     index = index.to(torch.int64)
-    if _use_triton(x, scale_table, index):
+    if _rows_use_triton(x, scale_table, index):
         with _launch_on(x):
             return ada_rms_norm_indexed_triton(x, scale_table, index, float(eps))
     return ada_rms_norm_indexed_ref(x, scale_table, index, eps)

@@ -284,3 +284,35 @@ def test_a_model_on_the_second_gpu_while_the_first_is_current(restore_backend):
     ref = torch.nn.functional.layer_norm(x.detach(), (48,), eps=1e-6) * (1 + scale) + shift
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert out.device == x.grad.device == torch.device("cuda", 1)
+
+
+@needs_interp
+def test_a_batch_over_the_grid_limit_is_refused_under_triton(restore_backend, monkeypatch):
+    """CUDA grids take at most 65535 programs on the batch axis; the interpreter has no limit,
+    so the limit is lowered and made to apply to CPU tensors here."""
+    from pf_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "MAX_GRID_BATCH", 2)
+    x = torch.randn(3, 4, 8)
+    shift, scale = torch.randn(3, 1, 8), torch.randn(3, 1, 8)
+    pf_kernels.set_backend("triton")
+    before = LAUNCHES["adaln_modulate_fwd"]
+    pf_kernels.adaln_modulate(x, shift, scale)  # no limit on this device type
+    assert LAUNCHES["adaln_modulate_fwd"] == before + 1
+    monkeypatch.setattr(dispatch, "GRID_LIMITED", ("cpu",))
+    with pytest.raises(ValueError, match=r"batch B=3 is over 2, the most the row kernels' CUDA grid takes"):
+        pf_kernels.adaln_modulate(x, shift, scale)
+    pf_kernels.adaln_modulate(x[:2], shift[:2], scale[:2])
+    assert LAUNCHES["adaln_modulate_fwd"] == before + 2
+
+
+@pytest.mark.gpu
+def test_a_batch_over_the_grid_limit_takes_the_torch_path_under_auto(restore_backend):
+    pf_kernels.set_backend("auto")
+    x = torch.randn(65536, 1, 8, device="cuda")
+    shift, scale = torch.randn(65536, 1, 8, device="cuda"), torch.randn(65536, 1, 8, device="cuda")
+    before = LAUNCHES["adaln_modulate_fwd"]
+    out = pf_kernels.adaln_modulate(x, shift, scale)
+    assert LAUNCHES["adaln_modulate_fwd"] == before
+    ref = torch.nn.functional.layer_norm(x, (8,), eps=1e-6) * (1 + scale) + shift
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
