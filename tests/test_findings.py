@@ -77,7 +77,8 @@ def test_findings_toy_end_to_end(tmp_path):
         assert [t["s"] for t in r["times"]] == [0.3, 0.7]
         for t in r["times"]:
             assert -1 <= t["spearman_pooled"] <= 1 and len(t["bins"]) >= 2
-            assert set(t["context"]) == {"model", "true"} and t["context_t"] > t["s"]
+            assert set(t["context"]) == {"model", "true", "other"} and t["context_t"] > t["s"]
+            assert all(0 <= c["err_lower_frac"] <= 1 and c["var"] > 0 for c in t["context"].values())
     assert set(data["ablation"]) == {"independent", "ltg"}
     assert set(data["selection"]) == {(s, r) for s in ("dual_loop", "look_ahead")
                                       for r in ("uncertainty", "random", "most_uncertain")}
@@ -86,5 +87,25 @@ def test_findings_toy_end_to_end(tmp_path):
                     "## 5. Patch selection"):
         assert heading in page
     assert "python -m pf.experiments.findings toy=true" in page and "pending" not in page
+    assert "control (other image)" in page and "with another image's patches there (the control)" in page
+    assert "one training run per sampler, seed 0" in page  # the toy ablation: both of its samplers measured
     for name in ("uncertainty.png", "difficulty_maps.png", "ablation.png", "selection.png"):
         assert (tmp_path / "fig" / name).stat().st_size > 0
+
+
+def _ablation_record(fids: list[float]) -> dict:
+    return {"points": [{"sampler": "euler_pf", "target_nfe": 25, "train_seed": 0, "sample_seed": i, "fid": f}
+                       for i, f in enumerate(fids)]}
+
+
+def test_the_ablation_verdict_waits_for_every_sampler():
+    fc = {"ablation": {"samplers": ["independent", "uniform", "ltg"], "eval": [["euler_pf", 25]], "seed": 0}}
+    ab = {"ltg": _ablation_record([10.0, 10.5]), "independent": _ablation_record([20.0, 21.0])}
+    text = " ".join(findings.ablation_statements(fc, ab))
+    assert "of the 2 of 3 samplers measured: ltg 10.25, independent 20.50" in text
+    assert "No verdict until uniform is measured" in text and "LTG is" not in text
+    ab["uniform"] = _ablation_record([9.0, 9.5])
+    text = " ".join(findings.ablation_statements(fc, ab))
+    assert "LTG is **not** best (rank 2 of 3), against the paper" in text
+    assert "independent per-patch times rank 3 of 3, performing poorly as the paper says" in text
+    assert "one training run per sampler, seed 0" in text

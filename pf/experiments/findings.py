@@ -10,7 +10,8 @@ so its trained models and evaluation points are reused) and writes ``docs/findin
 2. *Context helps*: the error of the uncertain patches (all but the ``p`` least uncertain)
    when the certain ones are moved ahead to ``min(s * ratio, 1)`` (as look-ahead moves them,
    along the model's own velocity; and, as an upper bound, to their true noisy value there),
-   against when they are not.
+   against when they are not, and against a control: the same patches at the same later time
+   holding another image's true noisy value (a change of context that says nothing of this image).
 3. *Context reduces uncertainty*: the predicted variance of the same patches in both cases.
 4. *The timestep-sampler ablation*: PF trained with each timestep sampler of SPEC section 4 at
    one (smaller, stated) budget; FID with Euler and look-ahead.
@@ -110,7 +111,7 @@ def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
     from scipy.stats import spearmanr
 
     import pf_kernels
-    from pf.flow import interpolate
+    from pf.flow import interpolate, time_to_pixels
     from pf.samplers import certain_patches
 
     fc = study["findings"]
@@ -146,8 +147,14 @@ def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
         t_ctx = torch.where(certain, torch.full_like(t, s + d), t)
         x_model = pf_kernels.patch_euler(xt, v, torch.full_like(t, d), ps, mask=certain)  # look-ahead's move
         x_true, _ = interpolate(x1, x0, t_ctx, ps)  # the certain patches' true noisy value at s + d
+        # control: the same patches at the same later time, but holding another image's true noisy
+        # value there (the next one of the batch): a change of context that tells nothing about this
+        # image, so what it does to the uncertain patches is what any change would do
+        x_other, _ = interpolate(x1.roll(1, 0), x0.roll(1, 0), t_ctx, ps)
+        moved = time_to_pixels(certain.to(xt.dtype), ps, xt.shape[-2], xt.shape[-1]) > 0.5  # (B, 1, H, W)
+        x_shuffled = torch.where(moved, x_other, xt)
         rows = {}
-        for name, x_ctx in (("model", x_model), ("true", x_true)):
+        for name, x_ctx in (("model", x_model), ("true", x_true), ("other", x_shuffled)):
             v2, lv2 = _forward(model, x_ctx, t_ctx, labels)
             var2, err2 = patch_stats(v2, lv2, target, ps)
             rows[name] = (var2, err2)
@@ -302,22 +309,24 @@ def plot_uncertainty(data: dict, path: Path) -> None:
     hi = max(b["var"] for r in results for t in r["times"] for b in t["bins"])
     ax[0].plot([lo, hi], [lo, hi], "k:", lw=0.8, label="error = variance")
     ax[0].set(xscale="log", yscale="log", xlabel="predicted variance (bin mean)", ylabel="actual squared error (bin mean)",
-              title="1. uncertainty tracks difficulty (PF, LTG)")
+              title=f"1. uncertainty tracks difficulty ({ARMS[results[0]['arm']]['label']})")
     ax[0].legend(fontsize=7)
-    width = 0.25
+    kinds = [("model", "certain moved ahead (model, as look-ahead)", "tab:blue"),
+             ("true", "certain moved ahead (true values)", "tab:green"),
+             ("other", "control: another image's patches there", "tab:orange")]
+    kinds = [k for k in kinds if all(k[0] in t["context"] for r in results for t in r["times"])]
+    width = 0.8 / (len(kinds) + 1)
     for k, (key, title) in enumerate((("err", "2. error of the uncertain patches"),
                                       ("var", "3. predicted variance of the uncertain patches"))):
         a = ax[k + 1]
         xs = range(len(times))
         base = [mean_std([next(t for t in r["times"] if t["s"] == s)[f"uncertain_{key}"] for r in results])[0]
                 for s in times]
-        model = [mean_std([next(t for t in r["times"] if t["s"] == s)["context"]["model"][key] for r in results])[0]
-                 for s in times]
-        true = [mean_std([next(t for t in r["times"] if t["s"] == s)["context"]["true"][key] for r in results])[0]
-                for s in times]
-        a.bar([x - width for x in xs], base, width, label="no context", color="tab:gray")
-        a.bar(list(xs), model, width, label="certain moved ahead (model, as look-ahead)", color="tab:blue")
-        a.bar([x + width for x in xs], true, width, label="certain moved ahead (true values)", color="tab:green")
+        a.bar([x - 0.4 + width / 2 for x in xs], base, width, label="no context", color="tab:gray")
+        for j, (kind, label, color) in enumerate(kinds, start=1):
+            vals = [mean_std([next(t for t in r["times"] if t["s"] == s)["context"][kind][key] for r in results])[0]
+                    for s in times]
+            a.bar([x - 0.4 + width * (j + 0.5) for x in xs], vals, width, label=label, color=color)
         a.set_xticks(list(xs), [f"s={s}" for s in times])
         a.set(title=title)
         a.legend(fontsize=7)
@@ -370,9 +379,9 @@ def plot_bars(groups: list[tuple[str, list[tuple[str, list[float]]]]], path: Pat
         ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=30, ha="right", fontsize=8)
         ax.set_title(gname, fontsize=9)
         ax.set_ylabel(ylabel)
-        finite = [m for m, _ in ms if m == m]
+        finite = [m + (sd if sd == sd else 0.0) for m, sd in ms if m == m]
         if finite:
-            ax.set_ylim(0.9 * min(finite), 1.05 * max(finite))
+            ax.set_ylim(0, 1.05 * max(finite))  # from zero: bar heights compare as the numbers do
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -420,17 +429,22 @@ def render(study: dict, data: dict, command: str) -> str:
                   f"The same images: the certain patches (the {fc['p']} least uncertain) moved ahead to "
                   f"min(s x {fc['context_t_ratio']}, 1), either along the model's own velocity (as look-ahead moves "
                   f"them) or to their true noisy value there (an upper bound), the uncertain ones left at s; a second "
-                  f"pass. Mean over the uncertain patches, relative change against no context, and the share of "
-                  f"images where it went down; mean over training seeds.", "",
+                  f"pass. Control (*other image*): the same patches at the same later time holding the true noisy "
+                  f"value of another test image, a change of context that says nothing about this one. Mean over the "
+                  f"uncertain patches, relative change against no context, and the share of images where it went "
+                  f"down; mean over training seeds.", "",
                   "| model | s -> context t | uncertain-patch error: no context | with context (model) | "
-                  "with context (true) | predicted variance: no context | with context (model) | with context (true) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "with context (true) | control (other image) | predicted variance: no context | with context (model) "
+                  "| with context (true) | control (other image) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for arm in fc["arms"]:
             rs = [r for r in unc if r["arm"] == arm]
             for s in fc["times"] if rs else []:
                 rows = [next(t for t in r["times"] if t["s"] == float(s)) for r in rs]
 
                 def cell(kind, key, rows=rows):
+                    if kind not in rows[0]["context"]:  # a record from before the control was measured
+                        return "not measured"
                     m = mean_std([t["context"][kind][key] for t in rows])[0]
                     ch = mean_std([t["context"][kind][f"{key}_change"] for t in rows])[0]
                     fr = mean_std([t["context"][kind][f"{key}_lower_frac"] for t in rows])[0]
@@ -438,8 +452,9 @@ def render(study: dict, data: dict, command: str) -> str:
 
                 lines.append(f"| {ARMS[arm]['label']} | {s} -> {rows[0]['context_t']:.2f} | "
                              f"{mean_std([t['uncertain_err'] for t in rows])[0]:.4f} | {cell('model', 'err')} | "
-                             f"{cell('true', 'err')} | {mean_std([t['uncertain_var'] for t in rows])[0]:.4f} | "
-                             f"{cell('model', 'var')} | {cell('true', 'var')} |")
+                             f"{cell('true', 'err')} | {cell('other', 'err')} | "
+                             f"{mean_std([t['uncertain_var'] for t in rows])[0]:.4f} | "
+                             f"{cell('model', 'var')} | {cell('true', 'var')} | {cell('other', 'var')} |")
         lines += [""] + uncertainty_statements(fc, unc)
 
     # ---- 4
@@ -485,6 +500,11 @@ def render(study: dict, data: dict, command: str) -> str:
                              if pts else "pending")
             lines.append(f"| {reproduce.SAMPLER_LABELS[sampler]} | " + " | ".join(cells) + " |")
         lines.append("")
+        euler = parallel_points(study)
+        if euler:
+            lines.append(f"For reference, Euler with every patch together at K={sc['nfe']} (NFE {sc['nfe']}; the main "
+                         f"comparison's point of the same model): FID {fmt([p['fid'] for p in euler.values()])}.")
+            lines.append("")
         for sampler in sc["samplers"]:
             base = _runs(sel.get((sampler, "uncertainty"), []))
             for rule in sc["rules"]:
@@ -492,9 +512,31 @@ def render(study: dict, data: dict, command: str) -> str:
                     d = paired(_runs(sel[(sampler, rule)]), base)
                     lines.append(f"- {reproduce.SAMPLER_LABELS[sampler]}: uncertainty-guided against {rule} "
                                  f"selection, FID difference {verdict(d)} (negative: uncertainty-guided is better).")
+            for rule in ("random", "uncertainty"):
+                if euler and (sampler, rule) in sel:
+                    d = paired(euler, _runs(sel[(sampler, rule)]))
+                    lines.append(f"- {reproduce.SAMPLER_LABELS[sampler]} with {rule} selection against Euler (every "
+                                 f"patch together) at about the same NFE, FID difference {verdict(d)} (negative: "
+                                 f"{rule} selection is better"
+                                 + ("; the paper: random selection is worse than plain parallel sampling)."
+                                    if rule == "random" else ")."))
     lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
     lines += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'pending'} |" for name, s in data["stages"]]
     return "\n".join(lines) + "\n"
+
+
+def parallel_points(study: dict) -> dict:
+    """The main comparison's stored Euler points of PF (LTG) at the selection's NFE, by (training
+    seed, sampling seed): the plain parallel sampler that finding 5 is measured against."""
+    sc, k = study["findings"]["selection"], int(study["findings"]["selection"]["nfe"])
+    out = {}
+    for seed in sc["train_seeds"]:
+        identity = common.TrainedRun(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"]).identity
+        for sseed in study["eval"]["seeds"]:
+            p = common.stored_point(study, identity, "euler_pf", {}, k, int(sseed))
+            if p is not None:
+                out[(int(seed), int(sseed))] = p
+    return out
 
 
 def uncertainty_statements(fc: dict, unc: list[dict]) -> list[str]:
@@ -510,38 +552,74 @@ def uncertainty_statements(fc: dict, unc: list[dict]) -> list[str]:
                + ("uncertainty tracks difficulty, as the paper says." if min(within) > 0.3 else
                   "weaker than the paper suggests at some times." if max(within) > 0.3 else
                   "it does **not** track it well here."))
+    has_control = all("other" in t["context"] for r in rs for t in r["times"])
+    control = {t["s"]: _mean_change(rs, t["s"], "other") for t in rs[0]["times"]} if has_control else {}
     for kind, what in (("model", "moved along the model's velocity"), ("true", "set to their true values")):
         ch = [t["context"][kind]["err_change"] for r in rs for t in r["times"]]
         vch = [t["context"][kind]["var_change"] for r in rs for t in r["times"]]
-        out.append(f"- Findings 2 and 3, certain patches {what}: the uncertain patches' error changes by "
-                   f"{min(ch) * 100:+.1f}% to {max(ch) * 100:+.1f}% and their predicted variance by "
-                   f"{min(vch) * 100:+.1f}% to {max(vch) * 100:+.1f}% over the times measured"
-                   + (" (context helps and reduces uncertainty at every time)." if max(ch) < 0 and max(vch) < 0 else
-                      " (not at every time: see the table)."))
+        text = (f"- Findings 2 and 3, certain patches {what}: the uncertain patches' error changes by "
+                f"{min(ch) * 100:+.1f}% to {max(ch) * 100:+.1f}% and their predicted variance by "
+                f"{min(vch) * 100:+.1f}% to {max(vch) * 100:+.1f}% over the times measured")
+        if control:
+            beat = [s for s, (e, v) in control.items()
+                    if _mean_change(rs, s, kind)[0] < e and _mean_change(rs, s, kind)[1] < v]
+            ce = [e for e, _ in control.values()]
+            text += (f"; with another image's patches there (the control) by {min(ce) * 100:+.1f}% to "
+                     f"{max(ce) * 100:+.1f}%. Error and variance fall below the control's at "
+                     + (f"every time: context helps and reduces uncertainty beyond what any change of context does."
+                        if len(beat) == len(control) else
+                        f"{len(beat)} of {len(control)} times ({', '.join(f's={s}' for s in beat) or 'none'}): "
+                        f"see the table."))
+        else:
+            text += " (no control measured for these records)."
+        out.append(text)
     other = [r for r in unc if r["arm"] == "pf_logit_normal"]
     if other:
-        ch = [t["context"]["model"]["err_change"] for r in other for t in r["times"]]
-        out.append(f"- The PF network trained with one time per sample (never shown patches at different times) "
-                   f"changes the uncertain patches' error by {min(ch) * 100:+.1f}% to {max(ch) * 100:+.1f}% with the "
-                   f"same context: the comparison shows what training with heterogeneous times buys.")
+        times = sorted({t["s"] for t in rs[0]["times"]} & {t["s"] for t in other[0]["times"]})
+        ltg = sum(_mean_change(rs, s, "model")[0] for s in times) / len(times)
+        ln = sum(_mean_change(other, s, "model")[0] for s in times) / len(times)
+        out.append(f"- Context along the model's own velocity, the uncertain patches' error, mean over s = {times}: "
+                   f"{ltg * 100:+.1f}% for PF (LTG) against {ln * 100:+.1f}% for the PF network trained with one time "
+                   f"per sample (never shown patches at different times): "
+                   + ("training with heterogeneous times makes the context more useful here." if ltg < ln else
+                      "training with heterogeneous times does **not** make the context more useful here."))
     return out
 
 
+def _mean_change(records: list[dict], s: float, kind: str) -> tuple[float, float]:
+    """(error change, variance change) of the uncertain patches with context ``kind`` at time
+    ``s``, mean over the training seeds' records."""
+    rows = [next(t for t in r["times"] if t["s"] == s)["context"][kind] for r in records]
+    return (sum(c["err_change"] for c in rows) / len(rows), sum(c["var_change"] for c in rows) / len(rows))
+
+
 def ablation_statements(fc: dict, ab: dict) -> list[str]:
+    """The ranking of the arms measured so far; a verdict on the paper's claims only once every
+    arm is measured (one training seed each: the ± is the sampling seeds' spread alone)."""
     out = []
+    names = list(fc["ablation"]["samplers"])
+    pending = [n for n in names if n not in ab]
     for sname, target in fc["ablation"]["eval"]:
         means = {n: mean_std([p["fid"] for p in _runs(r["points"], sampler=sname, target_nfe=int(target)).values()])[0]
                  for n, r in ab.items()}
         if len(means) < 2:
             continue
         order = sorted(means, key=means.get)
-        out.append(f"- {reproduce.SAMPLER_LABELS[sname]} NFE ~{target}, best to worst FID: "
-                   + ", ".join(f"{n} {means[n]:.2f}" for n in order) + ". LTG is "
-                   + ("**best**, as the paper says" if order[0] == "ltg" else f"**not** best (rank {order.index('ltg') + 1} "
-                      f"of {len(order)})" if "ltg" in means else "not measured yet")
-                   + "; independent per-patch times are "
-                   + (f"rank {order.index('independent') + 1} of {len(order)}" if "independent" in means else "pending")
-                   + (" (the paper: naive independent times perform poorly)." if "independent" in means else "."))
+        text = (f"- {reproduce.SAMPLER_LABELS[sname]} NFE ~{target}, best to worst FID of the {len(order)} of "
+                f"{len(names)} samplers measured: " + ", ".join(f"{n} {means[n]:.2f}" for n in order) + ". ")
+        if pending:
+            text += f"No verdict until {', '.join(pending)} {'is' if len(pending) == 1 else 'are'} measured."
+        else:
+            rank = {n: order.index(n) + 1 for n in order}
+            text += ("LTG is **best**, as the paper says" if rank.get("ltg") == 1 else
+                     f"LTG is **not** best (rank {rank['ltg']} of {len(order)}), against the paper")
+            if "independent" in rank:
+                text += (f"; independent per-patch times rank {rank['independent']} of {len(order)}"
+                         + (", performing poorly as the paper says" if rank["independent"] > len(order) / 2 else
+                            ", **not** among the worse half, against the paper"))
+            text += (f" (one training run per sampler, seed {fc['ablation']['seed']}: the spread of the training "
+                     f"run is not measured).")
+        out.append(text)
         if "ltg" in ab and "independent" in ab:
             d = paired(_runs(ab["independent"]["points"], sampler=sname, target_nfe=int(target)),
                        _runs(ab["ltg"]["points"], sampler=sname, target_nfe=int(target)))
