@@ -117,21 +117,26 @@ def test_reproduce_toy_end_to_end(tmp_path):
     assert not (tmp_path / "out" / "train").exists()
     assert (tmp_path / "RESULTS.md").read_text().split("## Stages")[0] == text.split("## Stages")[0]
 
-    # ... and a point still to evaluate there retrains its arm and the feature classifier (whose
-    # stage is recorded but whose file went with out_dir), to the same numbers
+    # ... and a point still to evaluate there is measured on the run's weights kept with the
+    # records (no retraining: on another machine a retrained run is a slightly different model);
+    # the feature classifier, whose file went with out_dir, is retrained to the same numbers
     import json
 
     from pf.experiments.stages import config_key
 
+    kept = sorted((Path(study["records_dir"]) / "weights").glob("*.pt"))
+    assert len(kept) == 8  # every arm and training seed at the comparison's length
     stage_file(study["records_dir"], curve).unlink()
     run = common.TrainedRun(study, common.ARMS["pf_ltg"]["overrides"], 0, study["train"]["steps"])
     key = common.point_key(study, run.identity, "euler_pf", {}, 4, 1)
     point = Path(study["records_dir"]) / "points" / f"{config_key(key)}.json"
     before = json.loads(point.read_text())["result"]
+    assert before["weights"] == data["train"][("pf_ltg", 0)]["weights"]  # measured on that very model
     point.unlink()
     reproduce.main(cfg, argv=["toy=true"])
     after = json.loads(point.read_text())["result"]
-    assert common.classifier_path(study).is_file()
+    assert not (tmp_path / "out" / "train").exists() and common.classifier_path(study).is_file()
+    assert after["weights"] == before["weights"]
     assert after["fid"] == pytest.approx(before["fid"], rel=1e-6) and after["precision"] == before["precision"]
 
 

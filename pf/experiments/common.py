@@ -114,8 +114,47 @@ def check_steps(study: dict, steps: int) -> int:
     return int(steps)
 
 
+def kept_weights_path(study: dict, identity: dict) -> Path:
+    """Where the EMA weights of a trained run (a :class:`TrainedRun`'s ``identity``) are kept with
+    the records: ``<records_dir>/weights/<trajectory>-<steps>.pt``."""
+    return Path(study["records_dir"]) / "weights" / f"{identity['trajectory']}-{int(identity['steps']):06d}.pt"
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's weights (state dict, in order): which realization of a run a
+    number was measured on. The same config trained on another machine is another realization
+    (other floating-point rounding, diverging over training), so the run's config does not say it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:12]
+
+
+def keep_weights(study: dict, identity: dict, checkpoint: str) -> Path:
+    """Keep a run's EMA weights with the records (once: the first realization stays), so a
+    study continued on another machine evaluates the very model its stored numbers came from
+    instead of retraining a slightly different one. Only the EMA model (about 4 bytes a
+    parameter), written atomically, loaded with ``load_checkpoint``."""
+    from pf.models.checkpoint import read_checkpoint_file, save_checkpoint
+
+    path = kept_weights_path(study, identity)
+    if not path.is_file():
+        ckpt = read_checkpoint_file(checkpoint)
+        slim = {k: ckpt[k] for k in ("format", "model_class", "config", "train_config", "step") if k in ckpt}
+        if ckpt.get("ema") is not None:
+            slim["ema"] = ckpt["ema"]
+        else:
+            slim["state_dict"] = ckpt["state_dict"]
+        save_checkpoint(slim, path)
+    return path
+
+
 def train_stage(study: dict, overrides: list[str], seed: int, steps: int) -> dict:
-    """Stage: one arm trained (or resumed) to ``steps``; its budget and losses."""
+    """Stage: one arm trained (or resumed) to ``steps``; its budget and losses. A run of the
+    comparison's length keeps its EMA weights with the records (:func:`keep_weights`)."""
     import json
 
     cfg = compose_train_config(study, overrides, seed)
@@ -127,8 +166,11 @@ def train_stage(study: dict, overrides: list[str], seed: int, steps: int) -> dic
     from pf.models import load_checkpoint
 
     model = load_checkpoint(out["checkpoint"], use_ema=True)
-    return {**out, "trajectory": config_key(trajectory_config(cfg)), "params": sum(p.numel() for p in model.parameters()
-                                                                                   if p.requires_grad),
+    trajectory = config_key(trajectory_config(cfg))
+    if int(steps) == int(study["train"]["steps"]):
+        keep_weights(study, {"trajectory": trajectory, "steps": int(steps)}, out["checkpoint"])
+    return {**out, "trajectory": trajectory, "weights": weights_fingerprint(model),
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "first_loss": upto[0]["loss"] if upto else None, "final_loss": upto[-1]["loss"] if upto else None,
             "val_loss": val[-1]["val_loss"] if val else None,
             "val_segments": val[-1].get("segments") if val else None,  # MSE at t = (k + 0.5) / 8
@@ -236,6 +278,7 @@ class PointModel:
 
         self.device = resolve_device(study)
         self.model = load_checkpoint(checkpoint, use_ema=True).to(self.device).eval()
+        self.weights = weights_fingerprint(self.model)
         self.call = self.model
         if study["eval"].get("compile"):
             from pf.sampling.graphs import compile_model
@@ -263,9 +306,15 @@ class TrainedRun:
             self._trained = train_stage(self.study, self.overrides, self.seed, self.steps)
         return self._trained
 
+    def checkpoint(self) -> str:
+        """The kept weights of this run when the records hold them (no training), else its
+        checkpoint in ``out_dir`` (trained or resumed as needed)."""
+        kept = kept_weights_path(self.study, self.identity)
+        return str(kept) if kept.is_file() else self.trained["checkpoint"]
+
     def model(self) -> PointModel:
         if self._model is None:
-            self._model = PointModel(self.trained["checkpoint"], self.study)
+            self._model = PointModel(self.checkpoint(), self.study)
         return self._model
 
 
@@ -308,7 +357,7 @@ def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: 
         m = compute_metrics(images, reference_images(study), extractor="classifier",
                             weights=str(feature_classifier(study)[0]), kid_subsets=int(ec["kid_subsets"]),
                             seed=int(seed), device=pm.device)
-        out = {**m, **info, "metric_seconds": time.perf_counter() - t0}
+        out = {**m, **info, "metric_seconds": time.perf_counter() - t0, "weights": pm.weights}
         if keep_images:
             path = Path(study["out_dir"]) / "images" / f"{config_key(key)}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,17 +115,18 @@ def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
     from pf.samplers import certain_patches
 
     fc = study["findings"]
-    trained = common.train_stage(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
+    run = common.TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
     from pf.models import load_checkpoint
 
-    model = load_checkpoint(trained["checkpoint"], use_ema=True).eval()
+    model = load_checkpoint(run.checkpoint(), use_ema=True).eval()
     images = common.reference_images(study)[:int(fc["images"])]
     labels = common.load_test_labels(study)[:int(fc["images"])]
     x1 = images.float() / 127.5 - 1.0  # (B, 1, S, S)
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1234))
     ps = model.patch_size
     n = (x1.shape[-1] // ps) ** 2
-    out = {"arm": arm, "seed": seed, "images": int(x1.shape[0]), "times": []}
+    out = {"arm": arm, "seed": seed, "images": int(x1.shape[0]), "weights": common.weights_fingerprint(model),
+           "times": []}
     map_s = min((float(s) for s in fc["times"]), key=lambda s: abs(s - 0.5))  # the time of the pictured maps
     for s in fc["times"]:
         s = float(s)

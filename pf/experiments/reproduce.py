@@ -214,7 +214,8 @@ def profile_stage(study: dict, arm: str, seed: int) -> dict:
                                                                 generator=torch.Generator().manual_seed(0))
     hist = torch.histc(drawn.double().flatten(), bins=10, min=0.0, max=1.0)
     return {"times": [float(v) for v in ec["profile_times"]], "mse": errors,
-            "train_time_bins": (hist / hist.sum()).tolist(), "images": int(x1.shape[0])}
+            "train_time_bins": (hist / hist.sum()).tolist(), "images": int(x1.shape[0]),
+            "weights": run.model().weights}
 
 
 def trend_stage(study: dict, arm: str, seed: int) -> dict:
@@ -477,6 +478,16 @@ def render(study: dict, command: str) -> str:
     lines.append(f"- Seeds: every number is mean ± sample std over {len(tc['seeds'])} training seeds x "
                  f"{len(ec['seeds'])} sampling seeds ({list(ec['seeds'])}). Within a sampling seed every column starts "
                  f"from the same noise and labels, so comparisons below are paired by (training seed, sampling seed).")
+    mixed = sorted({f"{ARMS[arm]['label']} seed {p['train_seed']}" for (arm, _), pts in data["curves"].items()
+                    for p in pts if len({q.get("weights") for q in pts if q["train_seed"] == p["train_seed"]
+                                         and q.get("weights")}) > 1})
+    lines.append(f"- Models: each run's EMA weights after {tc['steps']} steps are kept in "
+                 f"`{rel(Path(study['records_dir']) / 'weights', Path(study['results']))}/` and later points are "
+                 f"measured on them, not on a retrained copy: the same config trained on another machine rounds "
+                 f"differently and ends a slightly different model. Every point records the fingerprint of the "
+                 f"weights it came from (points from before the weights were kept record none); "
+                 + (f"runs measured on more than one such realization: {', '.join(mixed)}." if mixed else
+                    "no run's points come from two realizations."))
     adaptive_seeds = list(ec.get("adaptive_train_seeds", tc["seeds"]))
     if adaptive_seeds != list(tc["seeds"]):
         lines.append(f"- The adaptive samplers' curves (dual-loop, look-ahead) are drawn for training seed(s) "
