@@ -87,7 +87,7 @@ def test_findings_toy_end_to_end(tmp_path):
                     "## 5. Patch selection"):
         assert heading in page
     assert "python -m pf.experiments.findings toy=true" in page and "pending" not in page
-    assert "control (other image)" in page and "with another image's patches there (the control)" in page
+    assert "control (other image)" in page and "- Control, the same patches holding another image's values" in page
     assert "one training run per sampler, seed 0" in page  # the toy ablation: both of its samplers measured
     for name in ("uncertainty.png", "difficulty_maps.png", "ablation.png", "selection.png"):
         assert (tmp_path / "fig" / name).stat().st_size > 0

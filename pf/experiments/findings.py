@@ -553,27 +553,30 @@ def uncertainty_statements(fc: dict, unc: list[dict]) -> list[str]:
                + ("uncertainty tracks difficulty, as the paper says." if min(within) > 0.3 else
                   "weaker than the paper suggests at some times." if max(within) > 0.3 else
                   "it does **not** track it well here."))
-    has_control = all("other" in t["context"] for r in rs for t in r["times"])
-    control = {t["s"]: _mean_change(rs, t["s"], "other") for t in rs[0]["times"]} if has_control else {}
-    for kind, what in (("model", "moved along the model's velocity"), ("true", "set to their true values")):
-        ch = [t["context"][kind]["err_change"] for r in rs for t in r["times"]]
-        vch = [t["context"][kind]["var_change"] for r in rs for t in r["times"]]
-        text = (f"- Findings 2 and 3, certain patches {what}: the uncertain patches' error changes by "
-                f"{min(ch) * 100:+.1f}% to {max(ch) * 100:+.1f}% and their predicted variance by "
-                f"{min(vch) * 100:+.1f}% to {max(vch) * 100:+.1f}% over the times measured")
-        if control:
-            beat = [s for s, (e, v) in control.items()
-                    if _mean_change(rs, s, kind)[0] < e and _mean_change(rs, s, kind)[1] < v]
-            ce = [e for e, _ in control.values()]
-            text += (f"; with another image's patches there (the control) by {min(ce) * 100:+.1f}% to "
-                     f"{max(ce) * 100:+.1f}%. Error and variance fall below the control's at "
-                     + (f"every time: context helps and reduces uncertainty beyond what any change of context does."
-                        if len(beat) == len(control) else
-                        f"{len(beat)} of {len(control)} times ({', '.join(f's={s}' for s in beat) or 'none'}): "
-                        f"see the table."))
-        else:
-            text += " (no control measured for these records)."
-        out.append(text)
+    times = [t["s"] for t in rs[0]["times"]]
+
+    def where(values: dict) -> str:
+        lower = [s for s in times if values[s] < 0]
+        return ("at every time" if len(lower) == len(times) else "at no time" if not lower else
+                f"at {len(lower)} of {len(times)} times ({', '.join(f's={s}' for s in lower)})")
+
+    for kind, what in (("model", "moved along the model's velocity (as look-ahead moves them)"),
+                       ("true", "set to their true noisy values (an upper bound)")):
+        err = {s: _mean_change(rs, s, kind)[0] for s in times}
+        var = {s: _mean_change(rs, s, kind)[1] for s in times}
+        out.append(f"- Findings 2 and 3, certain patches {what}: the uncertain patches' error changes by "
+                   f"{min(err.values()) * 100:+.1f}% to {max(err.values()) * 100:+.1f}%, lower {where(err)}; their "
+                   f"predicted variance by {min(var.values()) * 100:+.1f}% to {max(var.values()) * 100:+.1f}%, lower "
+                   f"{where(var)}.")
+    if all("other" in t["context"] for r in rs for t in r["times"]):
+        err = [_mean_change(rs, s, "other")[0] for s in times]
+        var = [_mean_change(rs, s, "other")[1] for s in times]
+        out.append(f"- Control, the same patches holding another image's values at the same later time: the uncertain "
+                   f"patches' error changes by {min(err) * 100:+.1f}% to {max(err) * 100:+.1f}% and their predicted "
+                   f"variance by {min(var) * 100:+.1f}% to {max(var) * 100:+.1f}%: "
+                   + ("the network reads what the moved patches hold, not only their later time (a context that does "
+                      "not fit the image hurts)." if min(err) > 0 else
+                      "a context that does not fit the image does not hurt at every time here."))
     other = [r for r in unc if r["arm"] == "pf_logit_normal"]
     if other:
         times = sorted({t["s"] for t in rs[0]["times"]} & {t["s"] for t in other[0]["times"]})
