@@ -139,6 +139,17 @@ def test_reproduce_toy_end_to_end(tmp_path):
     assert after["weights"] == before["weights"]
     assert after["fid"] == pytest.approx(before["fid"], rel=1e-6) and after["precision"] == before["precision"]
 
+    # a point measured on an earlier realization of the run, kept in superseded/, is set beside it
+    superseded = Path(study["records_dir"]) / "superseded"
+    superseded.mkdir()
+    earlier = json.loads(point.read_text())
+    earlier["result"] = {**earlier["result"], "fid": earlier["result"]["fid"] - 1.0, "weights": "earlier"}
+    (superseded / point.name).write_text(json.dumps(earlier))
+    reproduce.main(cli.parse(reproduce.DEFAULTS, [*argv, "report_only=true"], free=reproduce.FREE), argv=["toy=true"])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## The same run trained twice" in text and "| PF (LTG) seed 0 | Euler | 4 | [1] |" in text
+    assert "differs from the earlier realization's by +1.00 on average" in text
+
 
 def _trend(fids: dict[int, list[float]]) -> list[dict]:
     return [{"train_steps": st, "steps": k, "fid": f, "precision": 0.8, "recall": 0.5, "val_loss": 0.2}

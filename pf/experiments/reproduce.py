@@ -270,6 +270,54 @@ def build_stages(study: dict) -> list[Stage]:
     return stages
 
 
+def realization_pairs(study: dict) -> list[dict]:
+    """Points measured on two realizations of one run: each superseded point (kept in
+    ``<records_dir>/superseded``, measured on an earlier training of the same config, since
+    replaced) beside the point of the same key measured on the run's kept weights."""
+    import json
+
+    from pf.experiments.stages import cached_result
+
+    pairs = []
+    for path in sorted((Path(study["records_dir"]) / "superseded").glob("*.json")):
+        old = json.loads(path.read_text())
+        new = cached_result(study["records_dir"], "points", old["key"])
+        if new is not None and new.get("weights") != old["result"].get("weights"):
+            k = old["key"]
+            pairs.append({"trajectory": k["trajectory"], "train_steps": k["train_steps"], "sampler": k["sampler"],
+                          "steps": k["steps"], "seed": k["seed"], "old": old["result"]["fid"], "new": new["fid"]})
+    return pairs
+
+
+def realization_section(study: dict, data: dict) -> list[str]:
+    pairs = realization_pairs(study)
+    if not pairs:
+        return []
+    runs = {r["trajectory"]: f"{ARMS[arm]['label']} seed {seed}" for (arm, seed), r in data["train"].items()}
+    groups: dict = {}
+    for p in pairs:
+        groups.setdefault((p["trajectory"], p["sampler"], p["steps"]), []).append(p)
+    out = ["", "## The same run trained twice", "",
+           "A run retrained with the same code and config on another machine is another model: floating-point "
+           "rounding differs from the first step and training amplifies it. Points measured on an earlier "
+           "realization (kept in `superseded/` beside the records) against the same points (sampler, K, sampling "
+           "seed, noise) on the run's kept weights:", "",
+           "| run | sampler | K | sampling seeds | FID, earlier realization | FID, kept weights | difference |",
+           "|---|---|---|---|---|---|---|"]
+    for (traj, sampler, k), ps in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2])):
+        d = [p["new"] - p["old"] for p in ps]
+        out.append(f"| {runs.get(traj, traj)} | {SAMPLER_LABELS.get(sampler, sampler)} | {k} | "
+                   f"{sorted(p['seed'] for p in ps)} | {fmt([p['old'] for p in ps])} | {fmt([p['new'] for p in ps])} | "
+                   f"{fmt(d)} |")
+    d = [p["new"] - p["old"] for p in pairs]
+    m, _ = mean_std(d)
+    out += ["", f"Over these {len(d)} points the kept weights' FID differs from the earlier realization's by "
+                f"{m:+.2f} on average ({min(d):+.2f} to {max(d):+.2f}): differences of that size between single "
+                f"training runs above are within what one run's realization decides. The second training seed "
+                f"measures that spread properly."]
+    return out
+
+
 def floor_stage(study: dict) -> dict:
     """Stage: real *train* images against the held-out test images (disjoint sets): the best a
     model of the train split can score here, with the same number of images as a point."""
@@ -538,6 +586,7 @@ def render(study: dict, command: str) -> str:
                              + f" | {b['fid'] - a['fid']:+.2f} | {a['precision']:.3f} / {b['precision']:.3f} | "
                              f"{a['recall']:.3f} / {b['recall']:.3f} |")
         lines += [""] + trend_statements(data["trend"], ks)
+    lines += realization_section(study, data)
     if (figures / "samples.png").is_file():
         lines += ["", "## Samples", "",
                   f"The first 30 images of sampling seed {ec['seeds'][0]} (training seed {tc['seeds'][0]}) of every "
