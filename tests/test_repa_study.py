@@ -41,3 +41,16 @@ def test_repa_study_toy_end_to_end(tmp_path):
     text = (tmp_path / "repa.md").read_text()
     assert "python -m pf.experiments.repa toy=true" in text and "| PF (LTG) + REPA |" in text
     assert "pending" not in text and "Held-out alignment" in text and "REPA against PF at the same K" in text
+    # one training run per model: the difference is set beside what retraining one run changed
+    import json
+
+    records = tmp_path / "records"
+    point = next(p for p in sorted((records / "points").glob("*.json"))
+                 if json.loads(p.read_text())["key"]["sampler"] == "euler_pf")
+    earlier = json.loads(point.read_text())
+    earlier["result"] = {**earlier["result"], "fid": earlier["result"]["fid"] - 0.5, "weights": "earlier"}
+    (records / "superseded").mkdir()
+    (records / "superseded" / point.name).write_text(json.dumps(earlier))
+    repa.main(cli.parse(repa.DEFAULTS, [*argv, "report_only=true"], free=repa.FREE), argv=["toy=true"])
+    text = (tmp_path / "repa.md").read_text()
+    assert "the same PF run retrained on another machine moved its FID by +0.50 on average" in text

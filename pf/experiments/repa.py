@@ -235,6 +235,13 @@ def render(study: dict, data: dict, command: str) -> str:
     if a and b:
         lines += ["", "REPA against PF at the same K (FID difference, negative = REPA better): "
                   + "; ".join(f"K={k}: {verdict(paired(_by_pair(a, k), _by_pair(b, k)))}" for k in nfe) + "."]
+        spread = [p["new"] - p["old"] for p in reproduce.realization_pairs(study)]
+        seeds = sorted({p["train_seed"] for p in a + b})
+        if spread and len(seeds) < 2:
+            lines.append(f"With one training run per model, compare this with what retraining one run changes: the "
+                         f"same PF run retrained on another machine moved its FID by {mean_std(spread)[0]:+.2f} on "
+                         f"average ({min(spread):+.2f} to {max(spread):+.2f}; RESULTS.md, 'The same run trained "
+                         f"twice').")
     lines += ["", "## Alignment", ""]
     for (arm, seed), tr in sorted(data["train"].items()):
         rl = [r for r in tr.get("losses", []) if "repa_loss" in r]
