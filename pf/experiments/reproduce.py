@@ -526,14 +526,15 @@ def render(study: dict, command: str) -> str:
     lines.append(f"- Seeds: every number is mean ± sample std over {len(tc['seeds'])} training seeds x "
                  f"{len(ec['seeds'])} sampling seeds ({list(ec['seeds'])}). Within a sampling seed every column starts "
                  f"from the same noise and labels, so comparisons below are paired by (training seed, sampling seed).")
+    # a point from before the weights were kept records none: beside fingerprinted ones it is another realization
     mixed = sorted({f"{ARMS[arm]['label']} seed {p['train_seed']}" for (arm, _), pts in data["curves"].items()
-                    for p in pts if len({q.get("weights") for q in pts if q["train_seed"] == p["train_seed"]
-                                         and q.get("weights")}) > 1})
+                    for p in pts if len({q.get("weights") for q in pts if q["train_seed"] == p["train_seed"]}) > 1})
     lines.append(f"- Models: each run's EMA weights after {tc['steps']} steps are kept in "
                  f"`{rel(Path(study['records_dir']) / 'weights', Path(study['results']))}/` and later points are "
                  f"measured on them, not on a retrained copy: the same config trained on another machine rounds "
                  f"differently and ends a slightly different model. Every point records the fingerprint of the "
-                 f"weights it came from (points from before the weights were kept record none); "
+                 f"weights it came from (points from before the weights were kept record none, and count as "
+                 f"another realization beside fingerprinted ones); "
                  + (f"runs measured on more than one such realization: {', '.join(mixed)}." if mixed else
                     "no run's points come from two realizations."))
     adaptive_seeds = list(ec.get("adaptive_train_seeds", tc["seeds"]))
