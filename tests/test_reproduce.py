@@ -46,6 +46,7 @@ def test_the_default_study_is_the_papers_comparison():
         if name.startswith(("curve ", "profile ")):
             arm, seed = name.split()[1], name.split()[-1]
             assert [n for n in names[:i] if n.startswith("train ")][-1] == f"train {arm} seed {seed}", name
+    assert all(n.startswith("trend ") for n in names[-2:])  # after every training seed's comparison
     # stage keys do not depend on how the study is run or where it reports
     other = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["jobs=2", "results=/tmp/x.md"]))
     assert [s.key for s in reproduce.build_stages(other)] == [s.key for s in reproduce.build_stages(study)]

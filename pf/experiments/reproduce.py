@@ -260,13 +260,15 @@ def build_stages(study: dict) -> list[Stage]:
                 stages.append(Stage(f"profile {arm} seed {seed}", "pf.experiments.reproduce:profile_stage",
                                     {"study": common.stage_study(study, keep_eval=("profile_times", "profile_images")),
                                      "arm": arm, "seed": int(seed)}, deps=(name,)))
-        if seed == study["train"]["seeds"][0]:  # the trend right after the first seed's curves
-            for arm in study["eval"].get("trend_arms", []):
-                if arm in study["arms"]:
-                    stages.append(Stage(f"trend {arm} seed {seed}", "pf.experiments.reproduce:trend_stage",
-                                        {"study": common.stage_study(study, keep_eval=("trend_steps",)), "arm": arm,
-                                         "seed": int(seed)},
-                                        deps=(train_names[(arm, seed)], "classifier")))
+    # the trend (the first seed's runs continued to longer training) last: the comparison needs
+    # every training seed first
+    seed = study["train"]["seeds"][0]
+    for arm in study["eval"].get("trend_arms", []):
+        if arm in study["arms"]:
+            stages.append(Stage(f"trend {arm} seed {seed}", "pf.experiments.reproduce:trend_stage",
+                                {"study": common.stage_study(study, keep_eval=("trend_steps",)), "arm": arm,
+                                 "seed": int(seed)},
+                                deps=(train_names[(arm, seed)], "classifier")))
     return stages
 
 
