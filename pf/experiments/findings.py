@@ -152,7 +152,7 @@ def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
         # value there (the next one of the batch): a change of context that tells nothing about this
         # image, so what it does to the uncertain patches is what any change would do
         x_other, _ = interpolate(x1.roll(1, 0), x0.roll(1, 0), t_ctx, ps)
-        moved = time_to_pixels(certain.to(xt.dtype), ps, xt.shape[-2], xt.shape[-1]) > 0.5  # (B, 1, H, W)
+        moved = time_to_pixels(certain, ps, xt.shape[-2], xt.shape[-1])  # (B, 1, H, W) bool
         x_shuffled = torch.where(moved, x_other, xt)
         rows = {}
         for name, x_ctx in (("model", x_model), ("true", x_true), ("other", x_shuffled)):
@@ -562,15 +562,14 @@ def uncertainty_statements(fc: dict, unc: list[dict]) -> list[str]:
 
     for kind, what in (("model", "moved along the model's velocity (as look-ahead moves them)"),
                        ("true", "set to their true noisy values (an upper bound)")):
-        err = {s: _mean_change(rs, s, kind)[0] for s in times}
-        var = {s: _mean_change(rs, s, kind)[1] for s in times}
+        changes = {s: _mean_change(rs, s, kind) for s in times}
+        err, var = ({s: c[i] for s, c in changes.items()} for i in (0, 1))
         out.append(f"- Findings 2 and 3, certain patches {what}: the uncertain patches' error changes by "
                    f"{min(err.values()) * 100:+.1f}% to {max(err.values()) * 100:+.1f}%, lower {where(err)}; their "
                    f"predicted variance by {min(var.values()) * 100:+.1f}% to {max(var.values()) * 100:+.1f}%, lower "
                    f"{where(var)}.")
     if all("other" in t["context"] for r in rs for t in r["times"]):
-        err = [_mean_change(rs, s, "other")[0] for s in times]
-        var = [_mean_change(rs, s, "other")[1] for s in times]
+        err, var = (list(v) for v in zip(*(_mean_change(rs, s, "other") for s in times)))
         out.append(f"- Control, the same patches holding another image's values at the same later time: the uncertain "
                    f"patches' error changes by {min(err) * 100:+.1f}% to {max(err) * 100:+.1f}% and their predicted "
                    f"variance by {min(var) * 100:+.1f}% to {max(var) * 100:+.1f}%: "

@@ -306,7 +306,7 @@ def realization_section(study: dict, data: dict) -> list[str]:
            "seed, noise) on the run's kept weights:", "",
            "| run | sampler | K | sampling seeds | FID, earlier realization | FID, kept weights | difference |",
            "|---|---|---|---|---|---|---|"]
-    for (traj, sampler, k), ps in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2])):
+    for (traj, sampler, k), ps in sorted(groups.items(), key=lambda g: g[0]):
         d = [p["new"] - p["old"] for p in ps]
         out.append(f"| {runs.get(traj, traj)} | {SAMPLER_LABELS.get(sampler, sampler)} | {k} | "
                    f"{sorted(p['seed'] for p in ps)} | {fmt([p['old'] for p in ps])} | {fmt([p['new'] for p in ps])} | "
@@ -529,8 +529,11 @@ def render(study: dict, command: str) -> str:
                  f"{len(ec['seeds'])} sampling seeds ({list(ec['seeds'])}). Within a sampling seed every column starts "
                  f"from the same noise and labels, so comparisons below are paired by (training seed, sampling seed).")
     # a point from before the weights were kept records none: beside fingerprinted ones it is another realization
-    mixed = sorted({f"{ARMS[arm]['label']} seed {p['train_seed']}" for (arm, _), pts in data["curves"].items()
-                    for p in pts if len({q.get("weights") for q in pts if q["train_seed"] == p["train_seed"]}) > 1})
+    fingerprints: dict = {}  # (arm, training seed) -> the weights its points name
+    for (arm, _), pts in data["curves"].items():
+        for p in pts:
+            fingerprints.setdefault((arm, p["train_seed"]), set()).add(p.get("weights"))
+    mixed = sorted(f"{ARMS[arm]['label']} seed {seed}" for (arm, seed), fps in fingerprints.items() if len(fps) > 1)
     lines.append(f"- Models: each run's EMA weights after {tc['steps']} steps are kept in "
                  f"`{rel(Path(study['records_dir']) / 'weights', Path(study['results']))}/` and later points are "
                  f"measured on them, not on a retrained copy: the same config trained on another machine rounds "
