@@ -181,3 +181,35 @@ def test_segment_table_marks_the_best_arm_per_time():
     assert lines[-2] == "| SiT (uniform t) | 2 | **0.2000** | 0.5000 | 0.3500 |"
     assert lines[-1] == "| PF (LTG) | 1 | 0.4000 | **0.2000** | 0.3000 |"
     assert reproduce.segment_table(study, {"train": {}}) == []
+
+
+def _points(fids: dict[tuple[int, int], list[float]], targets=(10, 50)) -> list[dict]:
+    """(training seed, sampling seed) -> FID per target NFE (None: not measured yet)."""
+    return [{"target_nfe": n, "steps": n, "nfe": n, "train_seed": ts, "sample_seed": ss, "fid": f,
+             "precision": 0.8, "recall": 0.5}
+            for (ts, ss), row in fids.items() for n, f in zip(targets, row) if f is not None]
+
+
+def test_columns_set_side_by_side_use_only_the_runs_they_all_have():
+    """A curve with two training seeds beside one with a single seed: the table names each row's
+    seeds (and a cell's, where a curve is still running), and the paper's ordering and the
+    falls-with-NFE statements compare means over the same models and noise only."""
+    study = {"arms": ["sit_uniform", "pf_ltg"], "eval": {"nfe": [10, 50]}}
+    data = {"curves": {
+        # seed 1 is much better: mixed in, it would flip the ordering against the seed-0-only columns
+        ("sit_uniform", "euler"): _points({(0, 0): [14.0, 13.0], (1, 0): [4.0, 3.0]}),
+        ("pf_ltg", "euler_pf"): _points({(0, 0): [13.0, 12.0], (1, 0): [12.0, None]}),
+        ("pf_ltg", "dual_loop"): _points({(0, 0): [12.0, 11.0]}),
+        ("pf_ltg", "look_ahead"): _points({(0, 0): [11.0, 10.0]})}}
+    table = reproduce.nfe_table(data, [10, 50], lambda runs: f"{sum(r['fid'] for r in runs) / len(runs):.1f}")
+    assert table[0] == "| model + sampler | training seeds | NFE ~10 | NFE ~50 |"
+    assert table[2] == "| SiT (uniform t) Euler | 0, 1 | 9.0 | 8.0 |"
+    assert table[3] == "| PF (LTG) Euler | 0, 1 | 12.5 | 12.0 [seeds 0] |"
+    assert table[4] == "| PF (LTG) dual-loop | 0 | 12.0 | 11.0 |"
+    text = "\n".join(reproduce.statements(study, data))
+    assert ("The paper's ordering (SiT > PF Euler > dual-loop > look-ahead in FID) at NFE ~10: **reproduced** "
+            "(SiT (uniform t) Euler 14.00, PF (LTG) Euler 13.00, PF (LTG) dual-loop 12.00, PF (LTG) look-ahead 11.00; "
+            "over the 1 run all four have, training seed 0)") in text
+    # PF Euler's NFE ~50 has seed 0 only, so its falls-with-NFE statement uses seed 0 at both NFEs
+    assert "PF (LTG) Euler: FID falls with every step of NFE (13.00, 12.00; training seed 0)" in text
+    assert "SiT (uniform t) Euler: FID falls with every step of NFE (9.00, 8.00; training seeds 0, 1)" in text

@@ -426,7 +426,7 @@ def plot_curves(study: dict, data: dict, path: Path) -> None:
                 ms.append(m)
                 ss.append(s)
             ax.errorbar(xs, ms, yerr=ss, fmt=styles[sampler], color=colors.get(arm), capsize=3,
-                        label=column_label(arm, sampler))
+                        label=f"{column_label(arm, sampler)} ({seeds_phrase(*ser.values())})")
             if key == "precision":
                 rec = [mean_std([r["recall"] for r in ser[t].values()])[0] for t in sorted(ser)]
                 ax.plot(xs, rec, styles[sampler], color=colors.get(arm), alpha=0.35)
@@ -437,11 +437,9 @@ def plot_curves(study: dict, data: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
-    n_runs = len(study["train"]["seeds"]) * len(study["eval"]["seeds"])
     fig.suptitle(f"{study['data']} {study['image_size']}x{study['image_size']}, {study['train']['steps']} training "
-                 f"steps; mean ± std over {n_runs} runs ({len(study['train']['seeds'])} training x "
-                 f"{len(study['eval']['seeds'])} sampling seeds), {study['eval']['num_samples']} images each vs the "
-                 f"held-out test split", fontsize=9)
+                 f"steps; mean ± std over each curve's training seeds (legend) x {len(study['eval']['seeds'])} "
+                 f"sampling seeds, {study['eval']['num_samples']} images each vs the held-out test split", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -525,9 +523,11 @@ def render(study: dict, command: str) -> str:
                      f"{ec['num_samples']} generated images per point (labels i mod 10, no guidance) against "
                      + (f"the first {ec['reference_size']:,}" if ec.get("reference_size") else f"all {clf['test_size']:,}")
                      + " test images. KID in raw feature units.")
-    lines.append(f"- Seeds: every number is mean ± sample std over {len(tc['seeds'])} training seeds x "
-                 f"{len(ec['seeds'])} sampling seeds ({list(ec['seeds'])}). Within a sampling seed every column starts "
-                 f"from the same noise and labels, so comparisons below are paired by (training seed, sampling seed).")
+    lines.append(f"- Seeds: every number is mean ± sample std over the training seeds its row names (up to "
+                 f"{len(tc['seeds'])}: {list(tc['seeds'])}) x {len(ec['seeds'])} sampling seeds ({list(ec['seeds'])}). "
+                 f"Within a sampling seed every column starts from the same noise and labels, so comparisons below "
+                 f"are paired by (training seed, sampling seed), and a statement that sets columns side by side uses "
+                 f"only the runs they all have.")
     # a point from before the weights were kept records none: beside fingerprinted ones it is another realization
     fingerprints: dict = {}  # (arm, training seed) -> the weights its points name
     for (arm, _), pts in data["curves"].items():
@@ -622,12 +622,39 @@ def render(study: dict, command: str) -> str:
 
 def nfe_table(data: dict, targets: list[int], cell) -> list[str]:
     """Rows: every (arm, sampler) curve; columns: the target NFEs; ``cell(runs)`` fills a cell."""
-    lines = ["| model + sampler | " + " | ".join(f"NFE ~{n}" for n in targets) + " |", "|---|" + "---|" * len(targets)]
+    lines = ["| model + sampler | training seeds | " + " | ".join(f"NFE ~{n}" for n in targets) + " |",
+             "|---|---|" + "---|" * len(targets)]
     for (arm, sampler), points in data["curves"].items():
         ser = series(points)
-        cells = [cell(list(ser[n].values())) if ser.get(n) else "pending" for n in targets]
-        lines.append(f"| {column_label(arm, sampler)} | " + " | ".join(cells) + " |")
+        cells = []
+        for n in targets:
+            runs = ser.get(n, {})
+            # a cell over fewer training seeds than its row (a curve still running) says which
+            partial = "" if train_seeds(runs) == train_seeds(*ser.values()) else f" [seeds {seed_list(runs)}]"
+            cells.append(cell(list(runs.values())) + partial if runs else "pending")
+        lines.append(f"| {column_label(arm, sampler)} | {seed_list(*ser.values())} | " + " | ".join(cells) + " |")
     return lines
+
+
+def train_seeds(*runs: dict) -> list[int]:
+    """The training seeds among ``{(train seed, sample seed): point}`` dicts."""
+    return sorted({k[0] for r in runs for k in r})
+
+
+def seed_list(*runs: dict) -> str:
+    return ", ".join(str(s) for s in train_seeds(*runs))
+
+
+def seeds_phrase(*runs: dict) -> str:
+    """'training seed 0' or 'training seeds 0, 1'."""
+    return f"training seed{'s' if len(train_seeds(*runs)) > 1 else ''} {seed_list(*runs)}"
+
+
+def shared_runs(*runs: dict) -> list[dict]:
+    """Each dict cut to the (training seed, sampling seed) runs every one of them has, so means set
+    side by side come from the same models and noise."""
+    keys = set.intersection(*(set(r) for r in runs)) if runs else set()
+    return [{k: r[k] for k in keys} for r in runs]
 
 
 def statements(study: dict, data: dict) -> list[str]:
@@ -657,12 +684,14 @@ def statements(study: dict, data: dict) -> list[str]:
                 curves.get(("pf_ltg", sampler)))
     # does FID fall with K?
     for (arm, sampler), ser in curves.items():
-        ms = [(n, mean_std([r["fid"] for r in ser[n].values()])[0]) for n in targets if n in ser]
+        measured = [n for n in targets if n in ser]
+        runs = dict(zip(measured, shared_runs(*(ser[n] for n in measured))))
+        ms = [(n, mean_std([r["fid"] for r in runs[n].values()])[0]) for n in measured if runs[n]]
         if len(ms) < 2:
             continue
         falling = all(b[1] < a[1] for a, b in zip(ms, ms[1:]))
         best = min(ms, key=lambda x: x[1])
-        trend = ", ".join(f"{m:.2f}" for _, m in ms)
+        trend = ", ".join(f"{m:.2f}" for _, m in ms) + f"; {seeds_phrase(runs[measured[0]])}"
         if falling:
             out.append(f"- {column_label(arm, sampler)}: FID falls with every step of NFE ({trend}).")
         else:
@@ -673,13 +702,17 @@ def statements(study: dict, data: dict) -> list[str]:
     # the paper's ordering at each NFE
     order = [("sit_uniform", "euler"), ("pf_ltg", "euler_pf"), ("pf_ltg", "dual_loop"), ("pf_ltg", "look_ahead")]
     for n in targets:
-        vals = [(column_label(a, s), mean_std([r["fid"] for r in curves[(a, s)][n].values()])[0])
-                for a, s in order if (a, s) in curves and n in curves[(a, s)]]
-        if len(vals) == len(order):
-            paper = all(b[1] < a[1] for a, b in zip(vals, vals[1:]))
-            out.append(f"- The paper's ordering (SiT > PF Euler > dual-loop > look-ahead in FID) at NFE ~{n}: "
-                       + ("**reproduced**" if paper else "**not reproduced**") + " ("
-                       + ", ".join(f"{name} {v:.2f}" for name, v in vals) + ").")
+        if not all((a, s) in curves and n in curves[(a, s)] for a, s in order):
+            continue
+        runs = shared_runs(*(curves[c][n] for c in order))
+        if not runs[0]:
+            continue
+        vals = [(column_label(*c), mean_std([r["fid"] for r in r_.values()])[0]) for c, r_ in zip(order, runs)]
+        paper = all(b[1] < a[1] for a, b in zip(vals, vals[1:]))
+        out.append(f"- The paper's ordering (SiT > PF Euler > dual-loop > look-ahead in FID) at NFE ~{n}: "
+                   + ("**reproduced**" if paper else "**not reproduced**") + " ("
+                   + ", ".join(f"{name} {v:.2f}" for name, v in vals)
+                   + f"; over the {len(runs[0])} run{'s' if len(runs[0]) > 1 else ''} all four have, {seeds_phrase(runs[0])}).")
     return out
 
 
