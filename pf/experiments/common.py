@@ -400,9 +400,17 @@ def fmt(values, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if math.isfinite(m) else "pending"
 
 
+def shared_runs(*runs: dict) -> list[dict]:
+    """Each ``{(training seed, sampling seed): point}`` dict cut to the runs every one of them has
+    (in key order), so numbers set side by side come from the same models and noise."""
+    keys = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+    return [{k: r[k] for k in keys} for r in runs]
+
+
 def paired(a: dict, b: dict, key: str = "fid") -> list[float]:
     """``b - a`` over the (training seed, sampling seed) pairs both have: same noise, labels and seeds."""
-    return [b[k][key] - a[k][key] for k in sorted(set(a) & set(b))]
+    a, b = shared_runs(a, b)
+    return [b[k][key] - a[k][key] for k in a]
 
 
 def verdict(diffs: list[float], lower_is_better: bool = True) -> str:

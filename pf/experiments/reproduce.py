@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pf.eval import cli
 from pf.experiments import common
-from pf.experiments.common import ARMS, SAMPLER_LABELS, fmt, mean_std, paired, rel, verdict
+from pf.experiments.common import ARMS, SAMPLER_LABELS, fmt, mean_std, paired, rel, shared_runs, verdict
 from pf.experiments.stages import Stage, run_stages, stage_result
 
 DEFAULTS = {
@@ -626,11 +626,12 @@ def nfe_table(data: dict, targets: list[int], cell) -> list[str]:
              "|---|---|" + "---|" * len(targets)]
     for (arm, sampler), points in data["curves"].items():
         ser = series(points)
+        row_seeds = train_seeds(*ser.values())
         cells = []
         for n in targets:
             runs = ser.get(n, {})
             # a cell over fewer training seeds than its row (a curve still running) says which
-            partial = "" if train_seeds(runs) == train_seeds(*ser.values()) else f" [seeds {seed_list(runs)}]"
+            partial = "" if train_seeds(runs) == row_seeds else f" [seeds {seed_list(runs)}]"
             cells.append(cell(list(runs.values())) + partial if runs else "pending")
         lines.append(f"| {column_label(arm, sampler)} | {seed_list(*ser.values())} | " + " | ".join(cells) + " |")
     return lines
@@ -648,13 +649,6 @@ def seed_list(*runs: dict) -> str:
 def seeds_phrase(*runs: dict) -> str:
     """'training seed 0' or 'training seeds 0, 1'."""
     return f"training seed{'s' if len(train_seeds(*runs)) > 1 else ''} {seed_list(*runs)}"
-
-
-def shared_runs(*runs: dict) -> list[dict]:
-    """Each dict cut to the (training seed, sampling seed) runs every one of them has, so means set
-    side by side come from the same models and noise."""
-    keys = set.intersection(*(set(r) for r in runs)) if runs else set()
-    return [{k: r[k] for k in keys} for r in runs]
 
 
 def statements(study: dict, data: dict) -> list[str]:
@@ -686,9 +680,9 @@ def statements(study: dict, data: dict) -> list[str]:
     for (arm, sampler), ser in curves.items():
         measured = [n for n in targets if n in ser]
         runs = dict(zip(measured, shared_runs(*(ser[n] for n in measured))))
-        ms = [(n, mean_std([r["fid"] for r in runs[n].values()])[0]) for n in measured if runs[n]]
-        if len(ms) < 2:
+        if len(measured) < 2 or not runs[measured[0]]:
             continue
+        ms = [(n, mean_std([r["fid"] for r in runs[n].values()])[0]) for n in measured]
         falling = all(b[1] < a[1] for a, b in zip(ms, ms[1:]))
         best = min(ms, key=lambda x: x[1])
         trend = ", ".join(f"{m:.2f}" for _, m in ms) + f"; {seeds_phrase(runs[measured[0]])}"
