@@ -13,9 +13,15 @@ import sys
 from collections.abc import Callable
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    from pf.train import NonFiniteLoss
+class NonFiniteLoss(RuntimeError):
+    """The training loss (or the gradient norm) stopped being finite; the run stops before the update.
 
+    Defined here, at the bottom of the import map, so that this policy does not import the
+    training script (and ``python -m pf.train`` raises the same class that ``pf.train`` names).
+    """
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLoss)
 
 

@@ -33,6 +33,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -45,12 +46,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pf import conditioning as conds
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
 from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_model, split_validation
+from pf.errors import NonFiniteLoss, run_command  # pf.train.NonFiniteLoss stays a name
 from pf.flow import validation_loss
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.dit import build_model, num_params
@@ -72,10 +75,6 @@ from pf.training.schema import check_config, check_overrides, fill_family_defaul
 from pf.training.pictures import draw_samples, save_picture
 
 log = logging.getLogger("pf.train")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss (or the gradient norm) stopped being finite; the run stops before the update."""
 
 
 class _Forward:
@@ -510,12 +509,6 @@ def _count(dataset) -> str:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    import sys
-
-    from hydra.core.hydra_config import HydraConfig
-
-    from pf.errors import run_command
-
     # Inside hydra's app: an expected error is our one line (hydra would print a trace summary).
     code = run_command(lambda: train(cfg, HydraConfig.get().runtime.output_dir))
     if code:
@@ -523,10 +516,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from pf.errors import run_command
-
     # Group options and key names are checked before hydra composes (it would print its search
     # path or a trace summary); every expected error reads as one line (PF_DEBUG=1: traceback).
     code = run_command(lambda: check_overrides(sys.argv[1:]))
