@@ -56,7 +56,7 @@ from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_
 from pf.errors import NonFiniteLoss, run_command  # pf.train.NonFiniteLoss stays a name
 from pf.flow import validation_loss
 from pf.models.checkpoint import load_state_dict_checked
-from pf.models.dit import build_model, num_params
+from pf.models.presets import build_model, build_t2i, num_params
 from pf.sampling.grid import class_names
 from pf.training.checkpointing import (
     load_training_checkpoint,
@@ -184,8 +184,6 @@ def _repa_encoder(cfg, d: Dist, device: torch.device):
 def _build_network(cfg, per_token: bool, input_size: int, in_channels: int, num_classes: int, z_dim: int | None,
                    text_dim: int | None = None):
     if cfg.model.family == "t2i":
-        from pf.models.t2i import build_t2i
-
         return build_t2i(cfg.model.name, input_size=input_size, in_channels=in_channels, text_dim=int(text_dim))
     repa = None
     if z_dim is not None:

@@ -7,7 +7,7 @@ import torch
 import pf_kernels
 from model_helpers import tiny_model
 from pf import samplers
-from pf.models.dit import time_table
+from pf.models.dedup import time_table
 from kernel_cases import needs_interp
 
 

@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 from child_env import ROOT, child_env  # noqa: E402
 from pf.data import DataError, LatentShards, ShardedBatches  # noqa: E402
 from pf.data.encode import DEFAULTS, center_crop_adm, encode, plan  # noqa: E402
-from pf.eval import cli  # noqa: E402
+from pf import cli  # noqa: E402
 
 
 def tiny_vae(path: Path) -> Path:

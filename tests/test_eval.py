@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("torch_fidelity")
 
-from pf.eval import cli  # noqa: E402
+from pf import cli  # noqa: E402
 from pf.eval.classifier import (  # noqa: E402
     EXTRACTOR_NAME,
     ClassifierMissing,

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 scipy_stats = pytest.importorskip("scipy.stats")
 
 from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
-from pf.eval import cli  # noqa: E402
+from pf import cli  # noqa: E402
 from pf.experiments import findings  # noqa: E402
 
 

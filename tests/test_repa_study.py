@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch_fidelity")
 
 from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
-from pf.eval import cli  # noqa: E402
+from pf import cli  # noqa: E402
 from pf.experiments import common, repa  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 
 from pf import samplers  # noqa: E402
 from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
-from pf.eval import cli  # noqa: E402
+from pf import cli  # noqa: E402
 from pf.experiments import common, reproduce  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")

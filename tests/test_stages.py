@@ -155,7 +155,7 @@ def test_the_studys_trajectories_keep_their_keys():
     """The study's stored records (results/study) point at these runs: a change to the training
     config's keys or defaults that moves them orphans every stored point of the study. If the
     change is meant to alter what the arms train, update the keys here (and rerun the study)."""
-    from pf.eval import cli
+    from pf import cli
     from pf.experiments import common, reproduce
     from pf.experiments.stages import config_key, trajectory_config
 

@@ -105,7 +105,7 @@ def test_presets_and_the_papers_size():
     assert 1.1e9 <= counts["PFT2I-1.2B"] <= 1.4e9, counts
     assert counts["PFT2I-Tiny"] < counts["PFT2I-S"] < counts["PFT2I-B"] < counts["PFT2I-1.2B"]
     with pytest.raises(ValueError, match="unknown T2I preset"):
-        PF_T2I_models.get("PFT2I-XXL") or __import__("pf.models.t2i", fromlist=["x"]).build_t2i("XXL")
+        PF_T2I_models.get("PFT2I-XXL") or __import__("pf.models.presets", fromlist=["x"]).build_t2i("XXL")
 
 
 @pytest.mark.slow

@@ -164,7 +164,7 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path):
 
 
 def test_the_recognition_experiment_end_to_end(tmp_path):
-    from pf.eval import cli
+    from pf import cli
     from pf.experiments import t2i
     from pf.experiments.reproduce import expand_toy
 

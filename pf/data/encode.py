@@ -38,7 +38,7 @@ import torch
 
 from pf.data.base import DataError
 from pf.data.latent_shards import FORMAT, MANIFEST, shard_name
-from pf.eval import cli
+from pf import cli
 
 DEFAULTS = {
     "images": None,        # class folders or webdataset .tar shards (required)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pf.eval import cli
+from pf import cli
 
 DEFAULTS = {
     "data": {"name": "digits", "path": None, "labels_path": None, "split": "train", "image_size": 16, "channels": 1,

@@ -2,9 +2,10 @@
 text-to-image model, presets and checkpoints."""
 
 from pf.models.checkpoint import load_checkpoint, save_checkpoint
-from pf.models.dit import GlobalTimeDiT, PatchForcingDiT, PF_models, build_model, num_params
+from pf.models.dit import GlobalTimeDiT, PatchForcingDiT
+from pf.models.presets import PF_T2I_models, PF_models, build_model, build_t2i, num_params
 from pf.models.repa import REPAGlobalTimeDiT, REPAPatchForcingDiT
-from pf.models.t2i import PF_T2I_models, PatchForcingT2I, build_t2i
+from pf.models.t2i import PatchForcingT2I
 
 __all__ = [
     "PatchForcingDiT",

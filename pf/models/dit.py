@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pf_kernels
-from pf.models.dedup import DistinctTimes, TimeTable, check_image, time_table
+from pf.models.dedup import DistinctTimes, check_image
 
 try:  # optional: flash-attn is used on CUDA when installed
     from flash_attn import flash_attn_qkvpacked_func  # type: ignore
@@ -429,59 +429,4 @@ class GlobalTimeDiT(PatchForcingDiT):
             raise ValueError(f"GlobalTimeDiT takes one time per sample: t must have shape ({b},), got {tuple(t.shape)}")
 
 
-#################################################################################
-#                                   Presets                                     #
-#################################################################################
-
-
-# (hidden_size, depth, num_heads) per size; patch size 2, MLP ratio 4 throughout.
-PRESET_SIZES = {
-    "XL/2": (1152, 28, 16),
-    "L/2": (1024, 24, 16),
-    "B/2": (768, 12, 12),
-    "S/2": (384, 12, 6),
-    # Small enough to train on a 2-core CPU in minutes (the embedded digits default).
-    "Tiny/2": (128, 4, 4),
-}
-
-
-def build_model(name: str, per_token: bool = True, repa: dict | None = None, **kwargs) -> PatchForcingDiT:
-    """Build a preset by name (``PF-B/2``, ``B/2``, ``SiT-B/2``); ``per_token=False`` gives the
-    baseline; ``repa={"z_dim", "encoder_depth", "projector_dim"}`` adds the REPA projector."""
-    key = name.split("-", 1)[1] if "-" in name else name
-    if key not in PRESET_SIZES:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESET_SIZES)}")
-    d, depth, heads = PRESET_SIZES[key]
-    if repa is not None:
-        from pf.models.repa import REPAGlobalTimeDiT, REPAPatchForcingDiT
-
-        cls, kwargs = (REPAPatchForcingDiT if per_token else REPAGlobalTimeDiT), {**kwargs, **repa}
-    else:
-        cls = PatchForcingDiT if per_token else GlobalTimeDiT
-    return cls(hidden_size=d, depth=depth, num_heads=heads, patch_size=int(key.split("/")[1]), **kwargs)
-
-
-def _preset(name: str):
-    def build(**kwargs) -> PatchForcingDiT:
-        return build_model(name, per_token=True, **kwargs)
-
-    return build
-
-
-PF_models = {f"PF-{key}": _preset(key) for key in PRESET_SIZES}
-
-
-def num_params(model: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-__all__ = [
-    "PatchForcingDiT",
-    "GlobalTimeDiT",
-    "PF_models",
-    "build_model",
-    "get_2d_sincos_pos_embed",
-    "time_table",
-    "TimeTable",
-    "num_params",
-]
+__all__ = ["PatchForcingDiT", "GlobalTimeDiT", "get_2d_sincos_pos_embed"]

@@ -458,36 +458,4 @@ class PatchForcingT2I(DistinctTimes, nn.Module):
         return v, out[:, self.in_channels :]
 
 
-#################################################################################
-#                                   Presets                                     #
-#################################################################################
-
-# (hidden_size, depth, head_dim, text_head_dim, cond_width); patch 2, SwiGLU x3, 2 text layers.
-T2I_PRESET_SIZES = {
-    "1.2B": (1536, 28, 96, 128, 384),   # the paper's model (~1.24B parameters with a 384-wide text encoder)
-    "B": (768, 12, 64, 128, 384),
-    "S": (384, 12, 64, 64, 384),
-    "Tiny": (128, 4, 32, 32, 128),       # trains on a 2-core CPU in minutes (the t2i_demo experiment)
-}
-
-
-def build_t2i(name: str, **kwargs) -> PatchForcingT2I:
-    """A T2I preset by name (``PFT2I-1.2B``, ``1.2B``, ``PFT2I-Tiny``); kwargs override."""
-    key = name.split("-", 1)[1] if name.startswith("PFT2I-") else name
-    if key not in T2I_PRESET_SIZES:
-        raise ValueError(f"unknown T2I preset {name!r}; choose one of {sorted(T2I_PRESET_SIZES)}")
-    d, depth, hd, thd, w = T2I_PRESET_SIZES[key]
-    params = {"hidden_size": d, "depth": depth, "head_dim": hd, "text_head_dim": thd, "cond_width": w, **kwargs}
-    return PatchForcingT2I(**params)
-
-
-def _preset(name: str):
-    def build(**kwargs) -> PatchForcingT2I:
-        return build_t2i(name, **kwargs)
-
-    return build
-
-
-PF_T2I_models = {f"PFT2I-{key}": _preset(key) for key in T2I_PRESET_SIZES}
-
-__all__ = ["PatchForcingT2I", "PF_T2I_models", "build_t2i", "axial_positions", "TextCond"]
+__all__ = ["PatchForcingT2I", "axial_positions", "TextCond"]

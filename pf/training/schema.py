@@ -21,6 +21,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from pf import samplers, timesteps
+from pf.data.captions import CAPTION_DATA
+from pf.models.presets import PRESET_SIZES, T2I_PRESET_SIZES
+from pf.text.encoders import ENCODER_NAMES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "trainer", "sampler", "data", "experiment")
 
@@ -42,27 +49,18 @@ def _choices(*values):
 
 
 def _timestep_names():
-    from pf.timesteps import SAMPLERS
-
-    return tuple(sorted(SAMPLERS))
+    return tuple(sorted(timesteps.SAMPLERS))
 
 
 def _sampler_names():
-    from pf.samplers import SAMPLERS
-
-    return tuple(sorted(SAMPLERS))
+    return tuple(sorted(samplers.SAMPLERS))
 
 
 def _model_names():
-    from pf.models.dit import PRESET_SIZES
-    from pf.models.t2i import T2I_PRESET_SIZES
-
     return (*PRESET_SIZES, *(f"PFT2I-{k}" for k in T2I_PRESET_SIZES))
 
 
 def _data_names():
-    from pf.data.captions import CAPTION_DATA
-
     return ("digits", "fashion_mnist", "mnist_format", "folder", "latents", *CAPTION_DATA)
 
 
@@ -162,8 +160,6 @@ class DataConfig:
 
 
 def _text_encoder_names():
-    from pf.text.encoders import ENCODER_NAMES
-
     return ENCODER_NAMES
 
 
@@ -285,21 +281,15 @@ def _check(node: dict, schema, prefix: str) -> None:
 
 def check_config(cfg) -> None:
     """Stop with one :class:`ConfigError` line unless ``cfg`` (a DictConfig or dict) fits the schema."""
-    from omegaconf import DictConfig, OmegaConf
-
     node = {k: v for k, v in (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
                               else dict(cfg)).items() if k != "hydra"}
     _check(node, TrainConfig, "")
     _check_family(node)
     sc = node["sampler"]
-    from pf import samplers
-
     try:
         samplers.make(sc["name"], **sc["params"])
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sampler.params={sc['params']!r} for sampler {sc['name']}: {err}") from None
-    from pf import timesteps
-
     ts = {k: v for k, v in node["trainer"]["timesteps"].items() if k != "name" and v is not None}
     try:
         timesteps.make(node["trainer"]["timesteps"]["name"], **ts)
@@ -314,8 +304,6 @@ FAMILY_LTG_LOC = {"t2i": 0.5}
 def fill_family_defaults(cfg):
     """``cfg`` with its model family's LTG ``loc`` where ``trainer.timesteps.loc`` is null (so the
     run's saved config says what it trained with); any other config is returned as it is."""
-    from omegaconf import OmegaConf
-
     ts = cfg.trainer.timesteps
     loc = FAMILY_LTG_LOC.get(cfg.model.get("family", "dit"))
     if ts.name != "ltg" or loc is None or ts.get("loc") is not None:
@@ -325,8 +313,6 @@ def fill_family_defaults(cfg):
 
 def _check_family(node: dict) -> None:
     """A text model is a T2I preset trained as Patch Forcing (per-patch times), without REPA."""
-    from pf.models.t2i import T2I_PRESET_SIZES
-
     model = node["model"]
     if (model["family"] == "t2i") != model["name"].startswith("PFT2I-"):
         t2i = ", ".join(f"PFT2I-{k}" for k in T2I_PRESET_SIZES)

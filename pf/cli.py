@@ -1,0 +1,76 @@
+"""The command-line parser of every ``key=value`` entry point (``pf.eval``, ``pf.data.encode``,
+``pf.eval.train_classifier``, the studies): hydra's override syntax, without hydra's run directories.
+
+``parse(defaults, argv)`` merges ``a.b=1 c=[x,y]`` into a copy of ``defaults``; an unknown
+key stops with the list of known ones, and ``--help`` prints the defaults. ``run`` adds the
+one-line error policy of :mod:`pf.errors`. (``python -m pf.train`` parses with hydra itself,
+``python -m pf.export`` with argparse for its documented ``--format``/``--out`` flags.)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from pf.errors import run_command
+
+
+class UsageError(ValueError):
+    """A bad command line (unknown key, not ``key=value``)."""
+
+
+def _leaf_keys(cfg: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return keys
+
+
+def parse(defaults: dict, argv: list[str], free: tuple[str, ...] = ()) -> DictConfig:
+    """``defaults`` updated by ``argv``; keys under a prefix in ``free`` may be added (e.g. sampler params)."""
+    known = _leaf_keys(defaults)
+    items = []
+    for arg in argv:
+        arg = arg.lstrip("+")
+        if "=" not in arg:
+            raise UsageError(f"expected key=value, got {arg!r}; known keys: {', '.join(known)}")
+        key = arg.split("=", 1)[0]
+        if key not in known and not any(key.startswith(f"{p}.") for p in free) and not any(
+                k.startswith(f"{key}.") for k in known):
+            raise UsageError(f"unknown option {key!r}; known keys: {', '.join(known)}")
+        items.append(arg)
+    cfg = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.from_dotlist(items))
+    for item in items:  # a value must have its default's type (when the default is not null)
+        key = item.split("=", 1)[0]
+        default, value = OmegaConf.select(OmegaConf.create(defaults), key), OmegaConf.select(cfg, key)
+        _check_type(key, default, value)
+    return cfg
+
+
+def _check_type(key: str, default, value) -> None:
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, (str, int, float)) and not isinstance(value, bool), "a string"
+    else:
+        ok, want = True, ""
+        if OmegaConf.is_list(default) or isinstance(default, list):
+            ok, want = OmegaConf.is_list(value) or isinstance(value, list), "a list like [1,2]"
+    if not ok:
+        raise UsageError(f"{key}={value!r}: expected {want}")
+
+
+def run(main, defaults: dict, doc: str, free: tuple[str, ...] = (), argv: list[str] | None = None) -> int:
+    """Parse, call ``main(cfg)``; expected errors are one line on stderr and exit code 2 (``pf.errors``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip() + "\n\ndefaults:\n" + OmegaConf.to_yaml(OmegaConf.create(defaults)))
+        return 0
+    return run_command(lambda: main(parse(defaults, argv, free)))
