@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import pf_kernels
-from pf import flow, timesteps
+from pf import timesteps
+from pf.training import objective
 from pf.models import build_model
 from bench_hw_limits import matmul_tflops
 from conftest import QUICK
@@ -62,7 +63,7 @@ def _make_step(preset: str, variant: str, batch: int, device: str):
     def step():
         t = sampler(batch, n, device=device)
         with autocast:
-            loss = flow.training_loss(model, x1, y, t)["loss"]
+            loss = objective.training_loss(model, x1, y, t)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -54,7 +54,6 @@ from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
 from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_model, split_validation
 from pf.errors import NonFiniteLoss, run_command  # pf.train.NonFiniteLoss stays a name
-from pf.flow import validation_loss
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.presets import build_model, build_t2i, num_params
 from pf.sampling.grid import class_names
@@ -70,7 +69,7 @@ from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shu
 from pf.training.conditioning import ClassConditioning, TextConditioning
 from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
-from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective
+from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
 from pf.training.schema import check_config, check_overrides, fill_family_defaults
 from pf.training.pictures import draw_samples, save_picture
 
@@ -79,7 +78,7 @@ log = logging.getLogger("pf.train")
 
 class _Forward:
     """Calls the (DDP-wrapped and/or compiled) model; attributes come from the plain module,
-    so ``pf.flow`` can read ``patch_size`` and ``predict_uncertainty``."""
+    so the objective can read ``patch_size`` and ``predict_uncertainty``."""
 
     def __init__(self, call, module):
         self._call, self._module = call, module

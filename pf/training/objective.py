@@ -1,4 +1,6 @@
-"""The training objective as a sum of named parts (SPEC.md sections 3 and 9).
+"""The training objective as a sum of named parts, and the validation loss (SPEC.md sections 3 and 9).
+
+Every loss term lives here; the path they are computed on (``x_t``, ``u``) is :mod:`pf.flow`.
 
 One forward of the network per step gives a :class:`Prediction`; each :class:`Term` turns it
 into a scalar, and the loss is ``sum(weight * term)``::
@@ -8,17 +10,31 @@ into a scalar, and the loss is ``sum(weight * term)``::
     Alignment      repa_loss  -mean cos(projector(h_l), encoder(pixels))            weight lambda (0.5)
 
 The loop logs every term under its name. A new objective part (or a new conditioning, such
-as text) is one more term, not one more branch in the loop.
+as text) is one more term, not one more branch in the loop. :func:`training_loss` is the
+same sum for one call outside the loop; :func:`validation_loss` is SPEC section 3's MSE at
+fixed times.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pf.flow import NLL_WEIGHT, gaussian_nll, interpolate
+from pf.encoders import resample_tokens
+from pf.flow import interpolate
+
+NLL_WEIGHT = 0.01
+LOGVAR_CLAMP = (-30.0, 20.0)
+NUM_VAL_SEGMENTS = 8
+
+
+def gaussian_nll(u: torch.Tensor, v: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-element ``0.5*(ln 2pi + lv + (u - sg(v))^2 / exp(lv))``, lv clamped, over channels."""
+    lv = logvar.clamp(*LOGVAR_CLAMP)  # (B, 1, H, W), broadcast over C
+    return 0.5 * (math.log(2 * math.pi) + lv + (u - v.detach()) ** 2 / torch.exp(lv))
 
 
 @dataclass
@@ -89,8 +105,6 @@ class Alignment(Term):
         self.encoder, self.grid = encoder, int(grid)
 
     def target(self, pixels: torch.Tensor) -> torch.Tensor:
-        from pf.encoders import resample_tokens
-
         return resample_tokens(self.encoder(pixels), self.grid)  # (B, N, z_dim), no gradient
 
     def __call__(self, batch, u, pred):
@@ -147,3 +161,37 @@ def flow_objective(model, nll_weight: float = NLL_WEIGHT) -> Objective:
     if getattr(model, "predict_uncertainty", False):
         terms.append(DifficultyNLL(nll_weight))
     return Objective(terms)
+
+
+def training_loss(model, x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor, x0: torch.Tensor | None = None,
+                  nll_weight: float = NLL_WEIGHT) -> dict[str, torch.Tensor]:
+    """MSE of the velocity plus ``nll_weight`` times the difficulty head's NLL.
+
+    Works for global-time models (t of shape (B,), no uncertainty head: MSE only).
+    Returns ``{"loss", "mse", "nll"}`` (nll is 0 without an uncertainty head): the
+    :func:`flow_objective` the training loop builds, for one call.
+    """
+    if x0 is None:
+        x0 = torch.randn_like(x1)
+    out = flow_objective(model, nll_weight)(model, FlowBatch(x1, y, t, x0))
+    out.setdefault("nll", torch.zeros((), device=x1.device))
+    return out
+
+
+@torch.no_grad()
+def validation_loss(model, x1: torch.Tensor, y: torch.Tensor, x0: torch.Tensor,
+                    num_segments: int = NUM_VAL_SEGMENTS) -> dict[str, object]:
+    """MSE at fixed global times ``t = (k + 0.5)/num_segments`` with the given fixed noise.
+
+    Returns ``{"val_loss": mean over segments, "segments": [per-segment MSE]}`` (SD3 practice).
+    """
+    b = x1.shape[0]
+    n = (x1.shape[-2] // model.patch_size) * (x1.shape[-1] // model.patch_size)
+    segments = []
+    for k in range(num_segments):
+        tk = (k + 0.5) / num_segments
+        t = torch.full((b,) if not getattr(model, "per_token", True) else (b, n), tk, device=x1.device)
+        xt, u = interpolate(x1, x0, t, model.patch_size)
+        v = model(xt, t, y)
+        segments.append(((v.float() - u.float()) ** 2).mean().item())
+    return {"val_loss": sum(segments) / num_segments, "segments": segments}
