@@ -11,7 +11,7 @@ directory (``hydra.run.dir``) receives::
 ``resume=<run dir or checkpoint>`` continues exactly; ``torchrun --nproc_per_node=N -m
 pf.train`` trains with DDP (rank 0 writes). One step::
 
-    cond = conditioning(labels)       class ids, or captions -> text tokens (pf.training.conditioning)
+    cond = conditioning(labels)       class ids, or captions -> text tokens (pf.conditioning)
     t  ~ timestep sampler             (B, N) per patch (pf) or (B,) per sample (fm)
     x0 ~ N(0, I)                      noise from this rank's generator
     loss = MSE + nll_weight * NLL [+ lambda * repa_loss]    (pf.training.objective, each term logged)
@@ -50,6 +50,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pf import conditioning as conds
+from pf.conditioning import ClassConditioning, TextConditioning
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
 from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_model, split_validation
@@ -66,7 +67,6 @@ from pf.training.checkpointing import (
     write_checkpoint,
 )
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
-from pf.training.conditioning import ClassConditioning, TextConditioning
 from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss

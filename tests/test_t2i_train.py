@@ -21,7 +21,7 @@ from child_env import child_env  # noqa: E402
 from pf.conditioning import TextCond  # noqa: E402
 from pf.models import PatchForcingT2I, load_checkpoint  # noqa: E402
 from pf.models.checkpoint import read_checkpoint_file  # noqa: E402
-from pf.training.conditioning import TextConditioning  # noqa: E402
+from pf.conditioning import TextConditioning  # noqa: E402
 from pf.training.schema import ConfigError, fill_family_defaults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
