@@ -16,6 +16,9 @@ number of processes, and under ``torchrun`` rank ``r`` samples indices ``r, r+W,
 A text-to-image checkpoint samples prompts (``prompt=`` or ``prompts=FILE``, cycled over the
 samples), encoded by the text encoder it was trained with (its ``text`` config; ``text_path=``
 where the encoder's folder is elsewhere now); guidance compares against the empty prompt.
+
+This module reads the command line and writes the files; loading and drawing are
+``pf.pipeline``'s (with ``pf.pipeline.indexed_inputs`` for the noise of each index).
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
+from tqdm.auto import tqdm
+
+from pf import samplers
+from pf.errors import debug, expected_errors, one_line
+from pf.pipeline import Pipeline, indexed_inputs, load_model
+from pf.sampling.grid import class_names, rgb_nhwc, save_png, tile_grid
+from pf.sampling.viz import StepRecorder, viz_strip
 
 DEFAULTS = {
     "ckpt": None,  # released PFT file or one of this project's checkpoints (required)
@@ -84,8 +96,6 @@ class UsageError(ValueError):
 
 def parse_args(argv: list[str]) -> dict:
     """``key=value`` pairs over DEFAULTS; unknown keys and malformed values are errors."""
-    import yaml
-
     cfg = dict(DEFAULTS)
     for arg in argv:
         if "=" not in arg:
@@ -115,7 +125,7 @@ def validate(cfg: dict) -> dict:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "seed" else 1):
             raise UsageError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if cfg["vae_scale"] is None:
-        cfg["vae_scale"] = 0.0  # resolved from the checkpoint's manifest (or 0.18215) by the Runner
+        cfg["vae_scale"] = 0.0  # resolved from the checkpoint's manifest (or 0.18215) by the pipeline
     for key in ("cfg", "p", "ratio", "vae_scale"):
         if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool):
             raise UsageError(f"{key} must be a number, got {cfg[key]!r}")
@@ -164,175 +174,75 @@ def read_prompts(cfg: dict) -> list[str] | None:
 
 
 #################################################################################
-#                               Noise and labels                                #
+#                                   Pipeline                                    #
 #################################################################################
 
 
-def sample_inputs(indices: list[int], shape: tuple[int, int, int], num_classes: int, seed: int,
-                  classes: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (len, C, H, W) and labels (len,) of the given sample indices, on the CPU.
-
-    Index ``i`` draws from its own generator seeded by ``(seed, i)``: independent of batching.
-    """
-    noise, labels = [], []
-    for i in indices:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        noise.append(torch.randn(shape, generator=g))
-        if classes is None:
-            labels.append(int(torch.randint(num_classes, (1,), generator=g)))
-        else:
-            labels.append(classes[i % len(classes)])
-    return torch.stack(noise), torch.tensor(labels, dtype=torch.long)
-
-
-#################################################################################
-#                                    Runner                                     #
-#################################################################################
-
-
-class Runner:
-    """Model, sampler and decoder, set up once; ``run(indices)`` -> uint8 NHWC pictures."""
-
-    def __init__(self, cfg: dict, device: torch.device, verbose: bool = True):
-        from pf import samplers
-        from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
-        from pf.sampling.grid import LATENT_SCALE, Decoder, class_names, training_autoencoder
-
-        self.cfg, self.device, self.verbose = cfg, device, verbose
-        ckpt = read_checkpoint_file(cfg["ckpt"])
-        model = model_from_checkpoint_dict(ckpt, source=str(cfg["ckpt"])).to(device).eval()
-        train_config = ckpt.get("train_config")
-        del ckpt
-        self.base = model
-        self.shape = (model.in_channels, model.input_size, model.input_size)
-        self.text = self._text_part(train_config, device) if model.cond_kind == "text" else None
-        if self.text is None:
-            if cfg["prompt_list"] is not None:
-                raise UsageError("prompt= and prompts= are for text-to-image checkpoints; this model takes classes=")
-            # one more name for the null class (label num_classes)
-            self.class_names = class_names(train_config, model.num_classes) + ["(no class)"]
-            for c in cfg["classes"] or []:
-                if not 0 <= c <= model.num_classes:
-                    raise UsageError(f"class {c} is outside [0, {model.num_classes}] of this model")
-        name = str(cfg["sampler"]).lower().replace("-", "_")
-        params = {"dual_loop": {"p": cfg["p"], "n_inner": cfg["n_inner"]},
-                  "look_ahead": {"p": cfg["p"], "context_t_ratio": cfg["ratio"]}}.get(name, {})
+def build_pipeline(cfg: dict, device: torch.device) -> Pipeline:
+    """The checkpoint's pipeline (``pf.pipeline``) with this command's sampler and options,
+    after the checks of what this command line asks of the model."""
+    model, train_config = load_model(cfg["ckpt"], device=device)
+    if model.cond_kind == "text":
+        if cfg["classes"] is not None:
+            raise UsageError("classes= is for class-conditional checkpoints; a text model takes prompt= or prompts=")
+        if cfg["prompt_list"] is None:
+            raise UsageError("a text-to-image checkpoint samples prompts: give prompt=\"...\" or prompts=FILE")
+    else:
+        if cfg["prompt_list"] is not None:
+            raise UsageError("prompt= and prompts= are for text-to-image checkpoints; this model takes classes=")
+        for c in cfg["classes"] or []:
+            if not 0 <= c <= model.num_classes:
+                raise UsageError(f"class {c} is outside [0, {model.num_classes}] of this model")
+    name = str(cfg["sampler"]).lower().replace("-", "_")
+    params = {"dual_loop": {"p": cfg["p"], "n_inner": cfg["n_inner"]},
+              "look_ahead": {"p": cfg["p"], "context_t_ratio": cfg["ratio"]}}.get(name, {})
+    try:
+        sampler = samplers.make(name, **params)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    pipe = Pipeline.for_model(model, sampler, train_config, device=device, vae=cfg["vae"],
+                              vae_scale=cfg["vae_scale"] or None, text_path=cfg["text_path"], source=cfg["ckpt"],
+                              precision=cfg["precision"])
+    if pipe.text is not None and cfg["graphs"]:
+        raise UsageError("graphs=true is not available for text-to-image models yet (compile=true is)")
+    if (cfg["graphs"] or cfg["compile"] or cfg["precision"] != "fp32") and device.type != "cuda":
+        raise UsageError("graphs=true, compile=true and precision=bf16/fp16 need a CUDA device; this run is on the CPU")
+    if cfg["compile"]:
         try:
-            self.sampler = samplers.make(name, **params)
+            pipe.compile(cfg["compile_mode"], graphs=cfg["graphs"])
         except ValueError as err:
             raise UsageError(str(err)) from err
-        if name == "euler" and getattr(model, "per_token", True):
-            raise UsageError("sampler=euler is for global-time (SiT) models; use euler_pf, dual_loop or look_ahead")
-        if name != "euler" and not getattr(model, "per_token", True):
-            raise UsageError(f"this is a global-time model: use sampler=euler, not {name}")
-        if self.sampler.needs_uncertainty and not model.predict_uncertainty:
-            raise UsageError(f"sampler={name} needs a model with a difficulty head (predict_uncertainty)")
-        vae, scale = training_autoencoder(train_config)  # the manifest's, unless vae= is given
-        vae = cfg["vae"] or vae
-        scale = cfg["vae_scale"] or scale or LATENT_SCALE
-        self.decoder = Decoder(model.in_channels, vae, device=device, scale=scale)
-        if self.text is not None and cfg["graphs"]:
-            raise UsageError("graphs=true is not available for text-to-image models yet (compile=true is)")
-        if (cfg["graphs"] or cfg["compile"] or cfg["precision"] != "fp32") and device.type != "cuda":
-            raise UsageError("graphs=true, compile=true and precision=bf16/fp16 need a CUDA device; this run is on the CPU")
-        self.model = model
-        if cfg["compile"]:
-            from pf.sampling.graphs import compile_model
+    if cfg["graphs"]:
+        pipe.use_graphs()
+    return pipe
 
-            try:
-                self.model = compile_model(model, cfg["compile_mode"], graphs=cfg["graphs"])
-            except ValueError as err:
-                raise UsageError(str(err)) from err
-        self.graphs: dict = {}
-        self.nfe, self.guided_nfe = 0, 0
 
-    def _text_part(self, train_config: dict | None, device: torch.device):
-        """The text encoder the checkpoint was trained with (``text_path`` overrides its folder)."""
-        from pf.text import encoder_from_config
-        from pf.training.conditioning import TextConditioning
+def inputs_of(pipe: Pipeline, cfg: dict, indices: list[int]) -> tuple[torch.Tensor, object]:
+    """Noise and conditions of these sample indices: ``indexed_inputs`` (the noise of index
+    ``i`` depends on ``seed`` and ``i`` alone), and the prompts (cycled) of a text model."""
+    noise, labels = indexed_inputs(indices, pipe.shape, pipe.base.num_classes or 1, cfg["seed"], cfg["classes"])
+    if pipe.text is None:
+        return noise, pipe.conditions(labels)
+    prompts = cfg["prompt_list"]
+    return noise, pipe.conditions([prompts[i % len(prompts)] for i in indices])
 
-        if self.cfg["classes"] is not None:
-            raise UsageError("classes= is for class-conditional checkpoints; a text model takes prompt= or prompts=")
-        if self.cfg["prompt_list"] is None:
-            raise UsageError("a text-to-image checkpoint samples prompts: give prompt=\"...\" or prompts=FILE")
-        text = dict(((train_config or {}).get("text") or {}))
-        if not text:
-            raise UsageError(f"{self.cfg['ckpt']} does not say which text encoder it was trained with (no 'text' "
-                             f"in its training config)")
-        encoder = encoder_from_config(text, device, path=self.cfg["text_path"])
-        if encoder.dim != self.base.text_dim:
-            raise UsageError(f"the text encoder gives {encoder.dim}-wide tokens; the model was trained on "
-                             f"{self.base.text_dim}-wide ones")
-        return TextConditioning(encoder, dropout=0.0)
 
-    def conditions(self, indices: list[int], labels: torch.Tensor):
-        """The model's conditions of these samples: their prompts' encoding (text) or the labels."""
-        if self.text is None:
-            return labels.to(self.device)
-        prompts = self.cfg["prompt_list"]
-        return self.text.fixed([prompts[i % len(prompts)] for i in indices], self.device)
+def names(pipe: Pipeline, cfg: dict, indices: list[int]) -> list[str]:
+    """What each sample shows: its prompt, or its class name."""
+    if pipe.text is not None:
+        prompts = cfg["prompt_list"]
+        return [prompts[i % len(prompts)] for i in indices]
+    _, labels = indexed_inputs(indices, pipe.shape, pipe.base.num_classes, cfg["seed"], cfg["classes"])
+    known = class_names(pipe.train_config, pipe.base.num_classes) + ["(no class)"]  # the null class too
+    return [known[int(c)] for c in labels]
 
-    def names(self, indices: list[int]) -> list[str]:
-        """What each sample shows: its prompt, or its class name."""
-        if self.text is not None:
-            prompts = self.cfg["prompt_list"]
-            return [prompts[i % len(prompts)] for i in indices]
-        _, labels = sample_inputs(indices, self.shape, self.base.num_classes, self.cfg["seed"], self.cfg["classes"])
-        return [self.class_names[int(c)] for c in labels]
 
-    def autocast(self):
-        import contextlib
-
-        if self.cfg["precision"] == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg["precision"] == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-
-    def sample(self, x: torch.Tensor, y) -> torch.Tensor:
-        """Latents/pixels (B, C, H, W) for noise x and conditions y (already on the device)."""
-        cfg = self.cfg
-        with self.autocast():
-            if cfg["graphs"]:
-                from pf.sampling.graphs import GraphedSampler
-
-                b = cfg["batch"]
-                if b not in self.graphs:
-                    self.graphs[b] = GraphedSampler(self.sampler, self.model, (b, *self.shape), cfg["steps"],
-                                                    cfg_scale=cfg["cfg"], device=self.device,
-                                                    guidance_interval=cfg["guidance_interval"])
-                k = x.shape[0]  # pad a short last batch: one graph per batch size
-                pad = torch.cat([x, x[-1:].expand(b - k, *x.shape[1:])]) if k < b else x
-                ypad = torch.cat([y, y[-1:].expand(b - k)]) if k < b else y
-                out = self.graphs[b](pad, ypad)[:k]
-                self.nfe, self.guided_nfe = self.graphs[b].nfe, self.graphs[b].guided_nfe
-                return out
-            import contextlib
-
-            # A compiled model keeps the deduplicated conditioning only with a static table width.
-            static = self.base.sync_free(self.sampler.max_distinct_times) if cfg["compile"] else contextlib.nullcontext()
-            with static:
-                out = self.sampler(self.model, x, cfg["steps"], y=y, cfg_scale=cfg["cfg"],
-                                   guidance_interval=cfg["guidance_interval"], uc_cond=self.null(),
-                                   progress=cfg["progress"] and self.verbose)
-            self.nfe, self.guided_nfe = self.sampler.nfe, self.sampler.guided_nfe
-            return out
-
-    def null(self):
-        """The unconditional condition of guidance: the empty prompt's encoding (text), else the null class."""
-        return self.text.null(self.device) if self.text is not None else None
-
-    def run(self, indices: list[int], bar=None) -> np.ndarray:
-        from pf.sampling.grid import to_uint8
-
-        pictures = []
-        for start in range(0, len(indices), self.cfg["batch"]):
-            chunk = indices[start : start + self.cfg["batch"]]
-            x, y = sample_inputs(chunk, self.shape, self.base.num_classes or 1, self.cfg["seed"], self.cfg["classes"])
-            z = self.sample(x.to(self.device), self.conditions(chunk, y))
-            pictures.append(to_uint8(self.decoder(z)))
-            if bar is not None:
-                bar.update(len(chunk))
-        return np.concatenate(pictures) if pictures else np.zeros((0, 0, 0, 3), np.uint8)
+def draw(pipe: Pipeline, cfg: dict, indices: list[int], bar=None) -> np.ndarray:
+    """The pictures of these sample indices: (len, H, W, 3) uint8."""
+    images, _ = pipe.draw(len(indices), lambda rows: inputs_of(pipe, cfg, indices[rows]), cfg["steps"],
+                          cfg_scale=cfg["cfg"], guidance_interval=cfg["guidance_interval"], batch_size=cfg["batch"],
+                          progress=cfg["progress"], on_batch=None if bar is None else bar.update)
+    return rgb_nhwc(images)
 
 
 #################################################################################
@@ -349,13 +259,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def nfe_note(runner: Runner) -> str:
+def nfe_note(pipe: Pipeline) -> str:
     """How many of the model calls ran the doubled (guided) batch."""
-    if runner.guided_nfe == 0:
+    if pipe.guided_nfe == 0:
         return "unguided"
-    if runner.guided_nfe == runner.nfe:
+    if pipe.guided_nfe == pipe.nfe:
         return "guided, doubled batch"
-    return f"{runner.guided_nfe} guided on a doubled batch, {runner.nfe - runner.guided_nfe} unguided"
+    return f"{pipe.guided_nfe} guided on a doubled batch, {pipe.nfe - pipe.guided_nfe} unguided"
 
 
 def caption(cfg: dict) -> str:
@@ -364,59 +274,52 @@ def caption(cfg: dict) -> str:
     return f"{cfg['sampler']}, {cfg['steps']} steps, cfg {cfg['cfg']:g}{interval}, seed {cfg['seed']}"
 
 
-def write_grid(runner: Runner, cfg: dict) -> Path:
-    from tqdm.auto import tqdm
-
-    from pf.sampling.grid import save_png, tile_grid
-
+def write_grid(pipe: Pipeline, cfg: dict) -> Path:
     indices = list(range(cfg["n"]))
     with tqdm(total=cfg["n"], desc="images", disable=not cfg["progress"]) as bar:
         t0 = time.perf_counter()
-        pictures = runner.run(indices, bar)
-        _sync(runner.device)
+        pictures = draw(pipe, cfg, indices, bar)
+        _sync(pipe.device)
         seconds = time.perf_counter() - t0
-    names = runner.names(indices)
     ncol = min(len(indices), 10 if len(indices) >= 10 else len(indices))
-    path = save_png(tile_grid(pictures, ncol, labels=names, caption=caption(cfg)), Path(cfg["out"]) / f"{_tag(cfg)}.png")
-    print(f"NFE {runner.nfe} per sample ({nfe_note(runner)}); "
-          f"{cfg['n'] / seconds:.3f} images/s ({cfg['n']} in {seconds:.1f}s on {runner.device})")
+    grid = tile_grid(pictures, ncol, labels=names(pipe, cfg, indices), caption=caption(cfg))
+    path = save_png(grid, Path(cfg["out"]) / f"{_tag(cfg)}.png")
+    print(f"NFE {pipe.nfe} per sample ({nfe_note(pipe)}); "
+          f"{cfg['n'] / seconds:.3f} images/s ({cfg['n']} in {seconds:.1f}s on {pipe.device})")
     print(f"wrote {path}")
     return path
 
 
-def write_viz(runner: Runner, cfg: dict) -> Path:
-    from pf.sampling.grid import save_png
-    from pf.sampling.viz import StepRecorder, viz_strip
-
-    x, y = sample_inputs([0], runner.shape, runner.base.num_classes or 1, cfg["seed"], cfg["classes"])
-    recorder = StepRecorder(runner.base, batch=1)
-    with runner.autocast():
-        runner.sampler(recorder, x.to(runner.device), cfg["steps"], y=runner.conditions([0], y),
-                       cfg_scale=cfg["cfg"], guidance_interval=cfg["guidance_interval"], uc_cond=runner.null())
-    strip = viz_strip(recorder.frames, runner.decoder, runner.base.patch_size, max_cols=cfg["viz_cols"],
-                      caption=f"{runner.names([0])[0]}: {caption(cfg)}")
+def write_viz(pipe: Pipeline, cfg: dict) -> Path:
+    """The strip of sample 0 over the sampler's model calls: its sampler run by hand, with a
+    recorder standing in for the model."""
+    x, y = inputs_of(pipe, cfg, [0])
+    recorder = StepRecorder(pipe.base, batch=1)
+    with pipe.autocast():
+        pipe.sampler(recorder, x.to(pipe.device), cfg["steps"], y=y, cfg_scale=cfg["cfg"],
+                     guidance_interval=cfg["guidance_interval"], uc_cond=pipe.null())
+    strip = viz_strip(recorder.frames, pipe.decode, pipe.base.patch_size, max_cols=cfg["viz_cols"],
+                      caption=f"{names(pipe, cfg, [0])[0]}: {caption(cfg)}")
     path = save_png(strip, Path(cfg["out"]) / f"{_tag(cfg)}-viz.png")
     print(f"wrote {path} (rows: image, difficulty exp(logvar), patch times; {len(recorder.frames)} model calls)")
     return path
 
 
-def write_fid_dump(runner: Runner, cfg: dict, rank: int, world: int) -> Path | None:
+def write_fid_dump(pipe: Pipeline, cfg: dict, rank: int, world: int) -> Path | None:
     """Each rank samples indices ``rank::world`` into a part file; rank 0 checks that the
     parts cover every index once and writes ``arr_0`` (num, H, W, 3) uint8 in index order."""
-    from tqdm.auto import tqdm
-
     out = Path(cfg["out"])
     parts = out / f".parts-{_tag(cfg)}-{cfg['num']}"
     parts.mkdir(parents=True, exist_ok=True)
     mine = list(range(rank, cfg["num"], world))
-    with tqdm(total=len(mine), desc=f"rank {rank}", disable=not cfg["progress"] or rank != 0) as bar:
+    with tqdm(total=len(mine), desc=f"rank {rank}", disable=not cfg["progress"]) as bar:
         t0 = time.perf_counter()
-        pictures = runner.run(mine, bar)
-        _sync(runner.device)
+        pictures = draw(pipe, cfg, mine, bar)
+        _sync(pipe.device)
         seconds = time.perf_counter() - t0
     np.savez(parts / f"rank{rank:05d}.npz", images=pictures, indices=np.asarray(mine, dtype=np.int64))
     if rank == 0:
-        print(f"NFE {runner.nfe} per sample; {len(mine) / max(seconds, 1e-9):.3f} images/s per process "
+        print(f"NFE {pipe.nfe} per sample; {len(mine) / max(seconds, 1e-9):.3f} images/s per process "
               f"({world} process{'es' if world > 1 else ''})")
     _barrier(world)
     if rank != 0:
@@ -443,8 +346,6 @@ def write_fid_dump(runner: Runner, cfg: dict, rank: int, world: int) -> Path | N
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -472,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("help", "-h", "--help") for a in argv):
         print(__doc__ + "\n" + USAGE)
         return 0
-    from pf.errors import debug, expected_errors, one_line
-
     try:
         cfg = parse_args(argv)
     except UsageError as err:
@@ -490,23 +389,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = _device(cfg, local_rank)
         if world > 1:
-            import torch.distributed as dist
-
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        cfg["progress"] = cfg["progress"] and rank == 0  # one set of progress bars
         try:
-            runner = Runner(cfg, device, verbose=rank == 0)
+            pipe = build_pipeline(cfg, device)
             if cfg["fid"]:
-                write_fid_dump(runner, cfg, rank, world)
+                write_fid_dump(pipe, cfg, rank, world)
             else:
-                write_grid(runner, cfg)
+                write_grid(pipe, cfg)
             if cfg["viz"] and rank == 0:
-                write_viz(runner, cfg)
+                write_viz(pipe, cfg)
         finally:
             if world > 1:
-                import torch.distributed as dist
-
                 dist.destroy_process_group()
     except expected_errors() as err:
         if debug():

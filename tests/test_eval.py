@@ -10,26 +10,12 @@ import torch
 pytest.importorskip("torch_fidelity")
 
 from pf import cli  # noqa: E402
-from pf.eval.classifier import (  # noqa: E402
-    EXTRACTOR_NAME,
-    ClassifierMissing,
-    classifier_extractor_class,
-    register_classifier_extractor,
-    save_classifier,
-    train_classifier,
-)
-from pf.eval.inputs import (  # noqa: E402
-    ImageSet,
-    InputError,
-    from_uint8,
-    generate,
-    load_folder,
-    load_npz,
-    save_folder,
-    save_npz,
-    to_uint8,
-)
+from pf.encoders.classifier import ClassifierMissing, save_classifier, train_classifier  # noqa: E402
+from pf.eval.classifier import EXTRACTOR_NAME, classifier_extractor_class, register_classifier_extractor  # noqa: E402
+from pf.autoencoder import from_uint8, to_uint8  # noqa: E402
+from pf.eval.inputs import ImageSet, InputError, load_folder, load_npz, save_folder, save_npz  # noqa: E402
 from pf.eval.metrics import MissingWeights, compute_metrics, resolve_extractor  # noqa: E402
+from pf.pipeline import generate  # noqa: E402
 
 FAST = dict(kid_subsets=10, batch_size=512, device="cpu")
 

@@ -14,8 +14,10 @@ from PIL import Image
 from child_env import child_env
 from model_helpers import tiny_model
 from pf import sample, samplers
+from pf.autoencoder import to_uint8
 from pf.models.checkpoint import model_checkpoint, save_checkpoint
-from pf.sampling.grid import to_uint8
+from pf.pipeline import indexed_inputs
+from pf.sampling.grid import rgb_nhwc
 from pf.sampling.viz import LABEL_WIDTH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +53,11 @@ def test_grid_png_and_nfe(ckpts, tmp_path, capsys):
 def test_cli_samples_are_the_sampler_output(ckpts):
     cfg = sample.parse_args([f"ckpt={ckpts['pixel']}", "sampler=look_ahead", "steps=3", "cfg=2.0",
                              "classes=[3,5,7]", "batch=2", "progress=false"])
-    runner = sample.Runner(cfg, torch.device("cpu"))
-    got = runner.run([0, 1, 2])
-    x, y = sample.sample_inputs([0, 1, 2], (3, 8, 8), 10, 0, [3, 5, 7])
+    pipe = sample.build_pipeline(cfg, torch.device("cpu"))
+    got = sample.draw(pipe, cfg, [0, 1, 2])
+    x, y = indexed_inputs([0, 1, 2], (3, 8, 8), 10, 0, [3, 5, 7])
     assert y.tolist() == [3, 5, 7]
-    expected = to_uint8(samplers.LookAhead()(runner.base, x, 3, y=y, cfg_scale=2.0))
+    expected = rgb_nhwc(to_uint8(samplers.LookAhead()(pipe.base, x, 3, y=y, cfg_scale=2.0)))
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
@@ -180,8 +182,8 @@ def test_guidance_interval_in_the_cli(ckpts, tmp_path, capsys):
     assert "NFE 4 per sample (2 guided on a doubled batch, 2 unguided)" in capsys.readouterr().out
     cfg = sample.parse_args([f"ckpt={ckpts['pixel']}", "sampler=euler_pf", "steps=4", "cfg=3.0",
                              "guidance_interval=[0.2,0.6]", "classes=[3,5]", "progress=false"])
-    got = sample.Runner(cfg, torch.device("cpu")).run([0, 1])
-    x, y = sample.sample_inputs([0, 1], (3, 8, 8), 10, 0, [3, 5])
-    runner = sample.Runner(cfg, torch.device("cpu"))
-    expected = to_uint8(samplers.EulerPF()(runner.base, x, 4, y=y, cfg_scale=3.0, guidance_interval=(0.2, 0.6)))
+    pipe = sample.build_pipeline(cfg, torch.device("cpu"))
+    got = sample.draw(pipe, cfg, [0, 1])
+    x, y = indexed_inputs([0, 1], (3, 8, 8), 10, 0, [3, 5])
+    expected = rgb_nhwc(to_uint8(samplers.EulerPF()(pipe.base, x, 4, y=y, cfg_scale=3.0, guidance_interval=(0.2, 0.6))))
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1

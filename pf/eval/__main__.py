@@ -21,8 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-from pf.eval import cli
+import torch
+
+from pf import cli, samplers
+from pf.eval import inputs
+from pf.eval.metrics import compute_metrics
 from pf.eval.train_classifier import DEFAULTS as CLASSIFIER_DEFAULTS
+from pf.pipeline import Pipeline
 
 DEFAULTS = {
     "generated": None,          # folder | .npz | checkpoint (.pt / .pth / .ckpt)
@@ -50,8 +55,6 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 def load_images(source: str, cfg, role: str):
     """uint8 (M, C, H, W) images of a source (see pf.eval.inputs), plus a note on where they came from."""
-    from pf.eval import inputs
-
     if source == "data":
         images, _ = inputs.load_dataset_images(cfg.data)
         return images, {"source": f"data:{cfg.data.name}", "image_size": cfg.data.image_size}
@@ -71,38 +74,18 @@ def load_images(source: str, cfg, role: str):
 
 
 def draw_from_checkpoint(path: Path, cfg):
-    import torch
-
-    from pf import samplers
-    from pf.eval.inputs import generate
-
-    from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
-    from pf.sampling.grid import LATENT_SCALE, Decoder, training_autoencoder
-
+    """``num_samples`` pictures of a checkpoint's model (``pf.pipeline``), balanced classes, and a note on how."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    ckpt = read_checkpoint_file(path)
-    model = model_from_checkpoint_dict(ckpt, use_ema=cfg.use_ema, source=str(path)).eval().to(device)
-    vae, scale = training_autoencoder(ckpt.get("train_config"))
-    del ckpt
-    decoder = Decoder(model.in_channels, cfg.vae or vae, device=device, scale=scale or LATENT_SCALE)
     sampler = samplers.make(cfg.sampler.name, **cfg.sampler.params)
-    if type(model).__name__ == "GlobalTimeDiT" and sampler.name != "euler":
-        raise ValueError(f"{path} holds a global-time model (the SiT baseline): use sampler.name=euler")
-    images, info = generate(model, sampler, cfg.num_samples, cfg.sampler.steps, seed=cfg.seed,
-                            cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.batch_size, device=device,
-                            decode=decoder if decoder.latent else None,
-                            guidance_interval=cfg.sampler.guidance_interval)
+    pipe = Pipeline.from_checkpoint(path, sampler, device=device, use_ema=cfg.use_ema, vae=cfg.vae)
+    images, info = pipe.generate(cfg.num_samples, cfg.sampler.steps, seed=cfg.seed, cfg_scale=cfg.sampler.cfg_scale,
+                                 batch_size=cfg.batch_size, guidance_interval=cfg.sampler.guidance_interval)
     return images, {"source": str(path), "sampler": repr(sampler), "steps": cfg.sampler.steps,
                     "cfg_scale": cfg.sampler.cfg_scale, "seed": cfg.seed, **info}
 
 
 def evaluate(cfg) -> dict:
-    from pf.eval import inputs
-    from pf.eval.metrics import compute_metrics
-
     if cfg.threads:
-        import torch
-
         torch.set_num_threads(int(cfg.threads))
     if not cfg.generated:
         raise ValueError("set generated=<folder | .npz | checkpoint> (the images to evaluate)")

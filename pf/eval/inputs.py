@@ -10,7 +10,9 @@ Sources, as written on the command line:
     path/to/file.npz        ``arr_0`` uint8 NHWC (the ADM / guided-diffusion convention)
     data:digits             the embedded digits (``data.image_size`` from the eval config)
     data:folder:<path>      an image folder read like the training data
-    path/to/checkpoint.pt   draw ``num_samples`` images with a sampler (see :func:`generate`)
+    path/to/checkpoint.pt   draw ``num_samples`` images with a sampler (``pf.pipeline``)
+
+Pictures are converted with ``pf.autoencoder.to_uint8`` / ``from_uint8`` (floats in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+
+from pf.autoencoder import from_uint8, to_uint8  # noqa: F401 - the pictures' value range, named here too
+from pf.data import build_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -52,18 +58,8 @@ class ImageSet(Dataset):
 
 
 #################################################################################
-#                          Conversions and file formats                         #
+#                                  File formats                                 #
 #################################################################################
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (any float dtype) -> uint8 in [0, 255], rounded, same shape."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def from_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] -> float32 in [-1, 1]."""
-    return x.float() / 127.5 - 1.0
 
 
 def load_npz(path: str | os.PathLike) -> torch.Tensor:
@@ -92,8 +88,6 @@ def load_folder(path: str | os.PathLike) -> torch.Tensor:
 
     Grey images stay one channel unless the folder mixes grey and colour (then all RGB).
     """
-    from PIL import Image
-
     files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise InputError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images in this folder")
@@ -111,8 +105,6 @@ def load_folder(path: str | os.PathLike) -> torch.Tensor:
 
 def save_folder(path: str | os.PathLike, images: torch.Tensor) -> None:
     """(M, C, H, W) uint8 -> ``000000.png``, ``000001.png``, ... in ``path``."""
-    from PIL import Image
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for i, x in enumerate(images):
@@ -122,50 +114,6 @@ def save_folder(path: str | os.PathLike, images: torch.Tensor) -> None:
 
 def load_dataset_images(data_cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """A training dataset (``pf.data.build_dataset``) as uint8 images and its labels."""
-    from pf.data import build_dataset
-
     dataset = build_dataset(data_cfg)
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
     return to_uint8(torch.stack(xs)), torch.as_tensor(ys, dtype=torch.long)
-
-
-#################################################################################
-#                               Drawing from a model                            #
-#################################################################################
-
-
-@torch.no_grad()
-def generate(model, sampler, num_samples: int, steps: int, *, seed: int = 0, cfg_scale: float = 1.0,
-             batch_size: int = 500, labels=None, device=None, static: bool = False, decode=None,
-             guidance_interval=None, uc_cond=None) -> tuple[torch.Tensor, dict]:
-    """Draw ``num_samples`` images with ``sampler`` at ``steps`` outer steps.
-
-    Labels default to ``i % num_classes`` (balanced classes); the noise comes from a generator
-    seeded by ``seed``, drawn on the CPU in one piece, so the same seed gives the same noise
-    for every sampler and batch size. ``static=True`` (for a ``torch.compile``-d model) runs
-    the model in ``sync_free(sampler.max_distinct_times)``, its static-shape form. ``decode``
-    turns latents into images in [-1, 1] (``pf.sampling.grid.Decoder``). Returns
-    uint8 images (M, C, H, W) and ``{"nfe": model calls per batch, "seconds": wall time}``.
-    ``labels`` may be a text condition (:class:`pf.conditioning.TextCond`, with ``uc_cond`` the
-    empty prompt's for guidance).
-    """
-    import contextlib
-    import time
-
-    from pf import conditioning
-
-    base = getattr(model, "_orig_mod", model)  # through a torch.compile wrapper
-    device = device or next(base.parameters()).device
-    shape = (num_samples, base.in_channels, base.input_size, base.input_size)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))  # (M, C, H, W)
-    if labels is None:
-        labels = torch.arange(num_samples) % base.num_classes
-    out, nfe, t0 = [], None, time.perf_counter()
-    with base.sync_free(sampler.max_distinct_times) if static else contextlib.nullcontext():
-        for i in range(0, num_samples, batch_size):
-            y = conditioning.to(conditioning.rows(labels, slice(i, i + batch_size)), device)
-            x = sampler(model, noise[i:i + batch_size].to(device), steps, y=y, cfg_scale=cfg_scale,
-                        guidance_interval=guidance_interval, uc_cond=uc_cond)
-            out.append(to_uint8(decode(x) if decode is not None else x))
-            nfe = sampler.nfe
-    return torch.cat(out), {"nfe": nfe, "guided_nfe": sampler.guided_nfe, "seconds": time.perf_counter() - t0}

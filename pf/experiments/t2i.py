@@ -123,26 +123,21 @@ def prompt_sets() -> dict[str, list[tuple[str, int]]]:
 def recognition_stage(study: dict, seed: int) -> dict:
     """Stage: every prompt of each set ``eval.per_prompt`` times (sampling seed ``seed``), classified."""
     from pf import samplers
+    from pf.autoencoder import from_uint8
     from pf.eval.classifier import load_classifier
-    from pf.eval.inputs import from_uint8, generate
-    from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
-    from pf.text import encoder_from_config
-    from pf.training.conditioning import TextConditioning
+    from pf.pipeline import Pipeline
 
     ec = study["eval"]
-    checkpoint = read_checkpoint_file(trained(study)["checkpoint"])
-    model = model_from_checkpoint_dict(checkpoint, source="the demo's checkpoint").eval()
-    text = TextConditioning(encoder_from_config(checkpoint["train_config"]["text"]), dropout=0.0)
+    pipe = Pipeline.from_checkpoint(trained(study)["checkpoint"], samplers.make(ec["sampler"]),
+                                    source="the demo's checkpoint")
     classifier, _ = load_classifier(classifier_path(study))
-    sampler = samplers.make(ec["sampler"])
     out, grid = {}, None
     sets = {**prompt_sets(), "empty prompt": [("", c) for c in range(10)]}
     for name, pairs in sets.items():
         prompts = [p for p, _ in pairs for _ in range(int(ec["per_prompt"]))]
         digits = torch.tensor([c for _, c in pairs for _ in range(int(ec["per_prompt"]))])
-        images, info = generate(model, sampler, len(prompts), int(ec["steps"]), seed=int(seed) * 1009 + len(out),
-                                cfg_scale=float(ec["cfg"]), batch_size=int(ec["batch_size"]),
-                                labels=text.fixed(prompts, torch.device("cpu")), uc_cond=text.null(torch.device("cpu")))
+        images, info = pipe.generate(len(prompts), int(ec["steps"]), seed=int(seed) * 1009 + len(out),
+                                     cfg_scale=float(ec["cfg"]), batch_size=int(ec["batch_size"]), prompts=prompts)
         predicted = classifier(from_uint8(images)).argmax(1)
         hits = predicted == digits
         out[name] = {"prompts": len(pairs), "images": len(prompts), "rate": float(hits.float().mean()),
@@ -155,14 +150,13 @@ def recognition_stage(study: dict, seed: int) -> dict:
 
 def _save_grid(study: dict, images: torch.Tensor, prompts: list[str], per_prompt: int) -> str:
     """The first image of every held-out prompt: one column per digit, one row per wording."""
-    from pf.sampling.grid import save_png, tile_grid
+    from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
 
     first = list(range(0, len(prompts), per_prompt))  # prompts are grouped by digit, then wording
     per_digit = len(first) // 10
     order = [first[d * per_digit + w] for w in range(per_digit) for d in range(10)]
-    x = images[order].expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
     path = Path(study["figures"]) / "samples.png"
-    save_png(tile_grid(x, 10, labels=[prompts[i] for i in order], min_size=80,
+    save_png(tile_grid(rgb_nhwc(images[order]), 10, labels=[prompts[i] for i in order], min_size=80,
                        caption=f"PFT2I-Tiny after {study['train']['steps']} steps: held-out prompts, "
                                f"{study['eval']['sampler']} {study['eval']['steps']} steps, cfg {study['eval']['cfg']:g}"),
              path)

@@ -1,5 +1,5 @@
-"""From sampler output to pictures: the first stage (an SD-VAE for latent models), uint8
-conversion, grids and PNG files."""
+"""Pictures for people: uint8 images laid out as labelled, captioned grids and saved as PNG
+files (the decoding that makes the images is ``pf.autoencoder``'s)."""
 
 from __future__ import annotations
 
@@ -9,92 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-LATENT_SCALE = 0.18215  # SD-VAE latents are stored multiplied by this (SPEC.md section 2)
-
-
-class DecoderError(ValueError):
-    """The model's output cannot be turned into pictures with what was given."""
+from pf.data.latent_shards import is_latent_set, read_manifest
+from pf.data.mnist_format import FASHION_MNIST_CLASSES
 
 
-class Decoder:
-    """Turns a model's samples (B, C, H, W) into images in [-1, 1] (B, 3 or 1, H', W').
-
-    Pixel models (1 or 3 channels) pass through. Latent models need ``vae``: a local
-    diffusers ``AutoencoderKL`` folder (``from_pretrained``) or single file
-    (``from_single_file``); the latents are divided by ``scale`` before decoding.
-    """
-
-    def __init__(self, in_channels: int, vae: str | os.PathLike | None = None, *, device="cpu",
-                 scale: float = LATENT_SCALE, chunk: int = 16):
-        self.in_channels, self.scale, self.chunk, self.vae = in_channels, float(scale), int(chunk), None
-        if vae is None:
-            if in_channels not in (1, 3):
-                raise DecoderError(
-                    f"this is a latent model (in_channels={in_channels}): pass vae=PATH, a local diffusers "
-                    "AutoencoderKL folder or .safetensors/.ckpt file (e.g. the sd-vae-ft-ema weights), to decode "
-                    "its samples into pictures"
-                )
-            return
-        if in_channels in (1, 3):
-            raise DecoderError(f"vae={vae} was given, but the model works in pixel space (in_channels={in_channels})")
-        self.vae = load_vae(vae, device)
-
-    @property
-    def latent(self) -> bool:
-        return self.vae is not None
-
-    @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return z.float().clamp(-1, 1)
-        dtype = next(self.vae.parameters()).dtype
-        out = [self.vae.decode(part.to(dtype) / self.scale).sample.float() for part in z.split(self.chunk)]
-        return torch.cat(out).clamp(-1, 1)  # (B, 3, 8H, 8W)
-
-
-def training_autoencoder(train_config: dict | None) -> tuple[str | None, float | None]:
-    """(autoencoder path, scale factor) named by the manifest of a checkpoint's latent training data."""
-    from pf.data.latent_shards import is_latent_set, read_manifest
-
-    data = (train_config or {}).get("data", {}) or {}
-    if data.get("name") == "latents" and is_latent_set(data.get("path")):
-        manifest = read_manifest(Path(data["path"]).expanduser())
-        scale = data.get("scale_factor") or manifest["scale_factor"]
-        return manifest["autoencoder"]["path"], float(scale)
-    return None, None
-
-
-def load_vae(path: str | os.PathLike, device="cpu"):
-    """A diffusers ``AutoencoderKL`` from a local folder or single file (never downloads)."""
-    path = Path(path)
-    if not path.exists():
-        raise DecoderError(f"vae not found: {path} (a local diffusers AutoencoderKL folder or file)")
-    try:
-        from diffusers import AutoencoderKL  # type: ignore
-    except ImportError as err:
-        raise DecoderError(
-            f"decoding latents with vae={path} needs the 'diffusers' package, which is not installed: "
-            "pip install diffusers"
-        ) from err
-    try:
-        if path.is_dir():
-            vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
-        else:
-            vae = AutoencoderKL.from_single_file(str(path), local_files_only=True)
-    except Exception as err:
-        raise DecoderError(f"could not load a diffusers AutoencoderKL from {path}: {err}") from err
-    return vae.to(device).eval()
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1], C in (1, 3) -> (B, H, W, 3) uint8 (grey repeated to RGB)."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise DecoderError(f"expected (B, 1 or 3, H, W) images, got {tuple(images.shape)}")
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # NHWC
+def rgb_nhwc(images: torch.Tensor) -> np.ndarray:
+    """uint8 pictures (B, C, H, W), C = 1 or 3 (``pf.autoencoder.to_uint8``) -> (B, H, W, 3)
+    uint8, the layout of PNG files and the ADM evaluator's ``.npz`` (grey repeated to RGB)."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 (B, 1 or 3, H, W) pictures, got {images.dtype} {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, H, W, 3)
 
 
 MIN_TILE = 64  # pixels across a tile: small samples are upscaled (nearest) to at least this
@@ -106,9 +34,8 @@ def upscale(images: np.ndarray, min_size: int = MIN_TILE) -> np.ndarray:
     return images.repeat(factor, axis=-3).repeat(factor, axis=-2) if factor > 1 else images
 
 
-def _text_strip(width: int, lines: list[str], height: int | None = None) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
+def text_strip(width: int, lines: list[str], height: int | None = None) -> np.ndarray:
+    """A white strip ``width`` pixels wide with ``lines`` of black text (captions and labels)."""
     height = height or 4 + 12 * len(lines)
     strip = Image.new("RGB", (width, height), "white")
     ImageDraw.Draw(strip).multiline_text((3, 2), "\n".join(lines), fill="black", spacing=2)
@@ -119,8 +46,6 @@ def label_lines(label: str, width: int, max_lines: int = 4) -> list[str]:
     """A label (a class name or a prompt) wrapped to lines that fit ``width`` pixels in the
     default font, at most ``max_lines``, the last one ending in "..." when the label is longer.
     Words go whole onto a line when they fit; a word wider than a line is split."""
-    from PIL import ImageFont
-
     font = ImageFont.load_default()
 
     def fits(text: str) -> bool:
@@ -156,7 +81,7 @@ def tile_grid(images: np.ndarray, ncol: int | None = None, *, labels: list[str] 
     ``torchvision.utils.make_grid``, and ``caption`` (sampler, steps, guidance ...) is a row
     of text on top.
     """
-    import torch
+    # torchvision is not among the package's declared dependencies: imported where it is used.
     from torchvision.utils import make_grid as tv_make_grid
 
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -168,12 +93,12 @@ def tile_grid(images: np.ndarray, ncol: int | None = None, *, labels: list[str] 
         w = tiles.shape[2]
         lines = [label_lines(str(lab), w - 6) for lab in labels]  # the text starts 3 pixels in
         height = 2 + 12 * max(len(ls) for ls in lines)  # 14 pixels a one-line label
-        tiles = np.stack([np.concatenate([t, _text_strip(w, ls, height)]) for t, ls in zip(tiles, lines)])
+        tiles = np.stack([np.concatenate([t, text_strip(w, ls, height)]) for t, ls in zip(tiles, lines)])
     ncol = ncol or math.ceil(math.sqrt(len(tiles)))
     grid = tv_make_grid(torch.from_numpy(tiles).permute(0, 3, 1, 2), nrow=ncol, padding=pad, pad_value=255)
     grid = grid.permute(1, 2, 0).numpy()  # (H', W', 3)
     if caption:
-        grid = np.concatenate([_text_strip(grid.shape[1], [caption] if isinstance(caption, str) else caption), grid])
+        grid = np.concatenate([text_strip(grid.shape[1], [caption] if isinstance(caption, str) else caption), grid])
     return grid
 
 
@@ -203,13 +128,9 @@ def class_names(train_config: dict | None, num_classes: int) -> list[str]:
     """Readable class names for a checkpoint's training data (ids where the data has no names)."""
     data = (train_config or {}).get("data", {}) or {}
     if data.get("name") == "fashion_mnist":
-        from pf.data.mnist_format import FASHION_MNIST_CLASSES
-
         return list(FASHION_MNIST_CLASSES)
     if data.get("name") == "digits":
         return [f"digit {i}" for i in range(num_classes)]
-    from pf.data.latent_shards import is_latent_set, read_manifest
-
     if data.get("name") == "latents" and is_latent_set(data.get("path")):
         names = read_manifest(Path(data["path"]).expanduser()).get("class_names")
         if names and len(names) == num_classes:
@@ -218,8 +139,6 @@ def class_names(train_config: dict | None, num_classes: int) -> list[str]:
 
 
 def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
@@ -231,8 +150,6 @@ def labelled_panels(panels: list[tuple[str, torch.Tensor]], path: str | os.PathL
     """Captioned panels of uint8 (M, C, H, W) images, ``per_row`` panels a row, saved as a PNG."""
     grids = []
     for caption, images in panels:
-        x = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)
-        grids.append(tile_grid(x.permute(0, 2, 3, 1).contiguous().numpy(), nrow, caption=caption.split("\n"),
-                               min_size=48))
+        grids.append(tile_grid(rgb_nhwc(images), nrow, caption=caption.split("\n"), min_size=48))
     rows = [side_by_side(grids[i:i + per_row]) for i in range(0, len(grids), per_row)]
     return save_png(stacked(rows), path)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
-from pf.sampling.grid import tile_grid, to_uint8, upscale
+from pf.autoencoder import to_uint8
+from pf.sampling.grid import rgb_nhwc, text_strip, tile_grid, upscale
 
 
 class StepRecorder:
@@ -43,7 +45,7 @@ class StepRecorder:
 def _grey(values: torch.Tensor, lo: float, hi: float) -> np.ndarray:
     """(1, H, W) -> (H, W, 3) uint8, values in [lo, hi] mapped to black..white."""
     scaled = ((values - lo) / max(hi - lo, 1e-12)).clamp(0, 1) * 2 - 1
-    return to_uint8(scaled[None])[0]
+    return rgb_nhwc(to_uint8(scaled[None]))[0]
 
 
 def _heat(values: torch.Tensor) -> np.ndarray:
@@ -61,7 +63,7 @@ def viz_strip(frames: list[dict], decode, patch_size: int, max_cols: int = 10, c
         raise ValueError("no model calls were recorded")
     picks = np.unique(np.linspace(0, len(frames) - 1, min(max_cols, len(frames))).round().astype(int))
     chosen = [frames[i] for i in picks]
-    images = to_uint8(decode(torch.stack([f["x"] for f in chosen])))  # (K, H', W', 3)
+    images = rgb_nhwc(to_uint8(decode(torch.stack([f["x"] for f in chosen]))))  # (K, H', W', 3)
     size = images.shape[1]
     rows = [upscale(images)]
     if chosen[0]["logvar"] is not None:
@@ -78,9 +80,7 @@ def viz_strip(frames: list[dict], decode, patch_size: int, max_cols: int = 10, c
     grid = np.concatenate([grid, times_row[1:]])
     strip = _label_rows(grid, names, rows[0].shape[1])
     if caption:
-        from pf.sampling.grid import _text_strip
-
-        strip = np.concatenate([_text_strip(strip.shape[1], [caption]), strip])
+        strip = np.concatenate([text_strip(strip.shape[1], [caption]), strip])
     return strip
 
 
@@ -89,8 +89,6 @@ LABEL_WIDTH = 72
 
 def _label_rows(grid: np.ndarray, names: list[str], tile: int, pad: int = 2) -> np.ndarray:
     """A white margin on the left with each row's name."""
-    from PIL import Image, ImageDraw
-
     margin = Image.new("RGB", (LABEL_WIDTH, grid.shape[0]), "white")
     draw = ImageDraw.Draw(margin)
     for i, name in enumerate(names):
