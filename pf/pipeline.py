@@ -30,11 +30,11 @@ import torch
 
 from pf import conditioning
 from pf.autoencoder import LATENT_SCALE, Decoder, to_uint8, training_autoencoder
+from pf.conditioning import TextConditioning
 from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
 from pf.samplers import Euler, Sampler
 from pf.sampling.graphs import GraphedSampler, compile_model
 from pf.text import encoder_from_config
-from pf.training.conditioning import TextConditioning
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
