@@ -18,7 +18,7 @@ import spec_reference as ref
 from model_helpers import TINY, tiny_model
 from pf import samplers
 from pf.encoders import ClassifierEncoder, build_image_encoder, register_image_encoder, resample_tokens
-from pf.eval.classifier import SmallCNN, save_classifier
+from pf.encoders.classifier import SmallCNN, save_classifier
 from pf.models import PatchForcingDiT, REPAPatchForcingDiT, load_checkpoint
 from pf.models.checkpoint import read_checkpoint_file
 from pf.training.objective import Alignment, FlowBatch, Objective, Prediction

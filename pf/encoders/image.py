@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from pf.encoders.classifier import load_classifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,8 +97,6 @@ def _weights_file(weights, what: str) -> Path:
 def _load_state(path: Path) -> dict:
     """A state dict from a .safetensors file or a torch file (weights_only: no pickled code)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "teacher"):  # common wrappers of released checkpoints
@@ -112,14 +113,12 @@ def _load_state(path: Path) -> dict:
 
 
 class ClassifierEncoder(ImageEncoder):
-    """This project's feature classifier (``pf.eval.classifier.SmallCNN``) as an encoder: the
+    """This project's feature classifier (``pf.encoders.classifier.SmallCNN``) as an encoder: the
     last conv stage before pooling, ``(S/2)^2`` tokens of ``2 * width`` features. Trained on
     the same data in seconds to minutes, it is the offline default for tests and small runs."""
 
     def __init__(self, weights):
         super().__init__()
-        from pf.eval.classifier import load_classifier
-
         path = Path(weights) if weights is not None else None
         if path is None or not path.is_file():
             raise FileNotFoundError(f"classifier encoder weights not found: {path} (set {WEIGHTS_KEY}=<file>, "
@@ -170,7 +169,7 @@ class TimmEncoder(ImageEncoder):
     def __init__(self, weights, model: str | None = None, resolution: int | None = None):
         super().__init__()
         try:
-            import timm
+            import timm  # optional (the repa extra): imported when this encoder is built
         except ImportError as err:
             raise ImportError("the timm encoder needs the 'timm' package: pip install 'patch-forcing[repa]'") from err
         if not model:

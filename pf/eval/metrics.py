@@ -2,7 +2,7 @@
 
 Feature extractors:
 
-    classifier   the dataset's own small CNN (pf.eval.classifier), penultimate features;
+    classifier   the dataset's own small CNN (pf.encoders.classifier), penultimate features;
                  ``weights`` = its file (default: the cached digits classifier)
     inception    torch-fidelity's InceptionV3 (``inception-v3-compat``, 2048-d pool features);
                  ``weights`` = a local copy of weights-inception-2015-12-05-6726825d.pth:
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pf.eval.classifier import EXTRACTOR_NAME, default_classifier_path, register_classifier_extractor
+from pf.encoders.classifier import default_classifier_path, load_classifier
+from pf.eval.classifier import EXTRACTOR_NAME, register_classifier_extractor
 from pf.eval.inputs import ImageSet
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -69,7 +70,7 @@ def compute_metrics(generated, reference, *, extractor: str = "classifier", weig
     "num_reference", "extractor"}`` (only the metrics asked for). KID uses subsets of
     ``min(kid_subset_size, len(generated), len(reference))`` samples.
     """
-    import torch_fidelity
+    import torch_fidelity  # optional (the eval extra): ``import pf.eval`` works without it
 
     gen, ref = _as_set(generated, "generated"), _as_set(reference, "reference")
     if not (fid or kid or prc):
@@ -93,8 +94,6 @@ def compute_metrics(generated, reference, *, extractor: str = "classifier", weig
 
 def classifier_feature_dim(weights: str | Path | None = None) -> int:
     """Width of the classifier's penultimate features (for reports)."""
-    from pf.eval.classifier import load_classifier
-
     net, _ = load_classifier(weights or default_classifier_path())
     return net.fc.out_features
 

@@ -1,4 +1,4 @@
-"""Train the feature classifier once: ``python -m pf.eval.train_classifier [key=value ...]``.
+"""Train the feature classifier once, then find it cached: ``python -m pf.eval.train_classifier [key=value ...]``.
 
     python -m pf.eval.train_classifier                      # digits at 16x16 -> the default cache file
     python -m pf.eval.train_classifier data.image_size=8 out=/tmp/clf8.pt
@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+import torch
 
 from pf import cli
+from pf.autoencoder import from_uint8
+from pf.encoders.classifier import default_classifier_path, load_classifier, save_classifier, train_classifier
+from pf.eval.inputs import load_dataset_images
 
 DEFAULTS = {
     "data": {"name": "digits", "path": None, "labels_path": None, "split": "train", "image_size": 16, "channels": 1,
@@ -35,13 +41,6 @@ DEFAULTS = {
 def ensure_classifier(data_cfg, out=None, *, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
                       width: int = 32, test_frac: float = 0.2, seed: int = 0, force: bool = False, log=print):
     """Path to a trained classifier for ``data_cfg``: the cached file, or trained now and saved."""
-    from pathlib import Path
-
-    import torch
-
-    from pf.eval.classifier import default_classifier_path, load_classifier, save_classifier, train_classifier
-    from pf.eval.inputs import from_uint8, load_dataset_images
-
     path = Path(out) if out else default_classifier_path(data_cfg.name, data_cfg.image_size)
     if path.is_file() and not force:
         _, info = load_classifier(path)
@@ -62,8 +61,6 @@ def ensure_classifier(data_cfg, out=None, *, epochs: int = 40, batch_size: int =
 
 def main(cfg) -> None:
     if cfg.threads:
-        import torch
-
         torch.set_num_threads(int(cfg.threads))
     path, info = ensure_classifier(cfg.data, cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                    width=cfg.width, test_frac=cfg.test_frac, seed=cfg.seed, force=cfg.force)
