@@ -54,10 +54,10 @@ from pf.conditioning import ClassConditioning, TextConditioning
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
 from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_model, split_validation
+from pf.data.names import class_names
 from pf.errors import NonFiniteLoss, run_command  # pf.train.NonFiniteLoss stays a name
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.presets import build_model, build_t2i, num_params
-from pf.sampling.grid import class_names
 from pf.training.checkpointing import (
     load_training_checkpoint,
     resolve_resume,

@@ -20,7 +20,7 @@ from pf.data.captions import (
     CaptionShards,
     build_caption_dataset,
     class_captions,
-    class_names,
+    class_words,
     collate_captions,
     demo_prompts,
     load_captioned,
@@ -286,7 +286,7 @@ def test_captioned_digits_images_labels_and_captions():
     assert isinstance(ds, CaptionedClasses) and len(ds) == len(base) == 1797
     assert ds.num_classes == 10 and ds.channels == 1 and ds.image_size == 16
     assert torch.equal(ds.labels, base.labels)
-    names = class_names("digits")
+    names = class_words("digits")
     for i in range(0, len(ds), 97):
         x, caption = ds[i]
         assert torch.equal(x, base.images[i]) and ds.label(i) == int(base.labels[i])
@@ -308,7 +308,7 @@ def test_captioned_fashion_mnist_test_split():
     base = load_mnist_format(FASHION_MNIST_DIR, "test", 16)
     assert len(ds) == 10000 and ds.num_classes == 10 and torch.equal(ds.labels, base.labels)
     assert ds.class_names[7] == "sneaker" and ds.class_names[9] == "ankle boot"
-    names = class_names("fashion_mnist")
+    names = class_words("fashion_mnist")
     for i in range(0, len(ds), 499):
         x, caption = ds[i]
         assert torch.equal(x, base.images[i]) and _names_class(caption, names[ds.label(i)]), caption
@@ -317,7 +317,7 @@ def test_captioned_fashion_mnist_test_split():
 
 @pytest.mark.parametrize("name", ["digits", "fashion_mnist"])
 def test_every_caption_names_its_class(name):
-    names = class_names(name)
+    names = class_words(name)
     for split in ("train", "test"):
         for c, captions in enumerate(class_captions(name, split)):
             assert captions and all(_names_class(t, names[c]) for t in captions), (split, c)

@@ -356,7 +356,7 @@ def _article(phrase: str) -> str:
     return ("an " if vowel else "a ") + phrase
 
 
-def class_names(name: str) -> tuple[tuple[str, ...], ...]:
+def class_words(name: str) -> tuple[tuple[str, ...], ...]:
     """The words naming each class of a demo set (``digits`` or ``fashion_mnist``)."""
     if name == "digits":
         return tuple((w, str(i)) for i, w in enumerate(DIGIT_WORDS))
@@ -376,7 +376,7 @@ def _render(name: str, template: str, class_id: int, which: int = 0) -> str:
 
 def templates(name: str, split: str = "train") -> tuple[str, ...]:
     """The caption templates of a demo set: ``train`` (captions of the data) or ``test`` (held out)."""
-    class_names(name)
+    class_words(name)
     if split not in ("train", "test"):
         raise DataError(f"template split must be 'train' or 'test', got {split!r}")
     return TEMPLATES[name][split]
@@ -384,7 +384,7 @@ def templates(name: str, split: str = "train") -> tuple[str, ...]:
 
 def class_captions(name: str, split: str = "train") -> list[list[str]]:
     """Per class, every caption its ``split`` templates give (training: with every name of the class)."""
-    names = class_names(name)
+    names = class_words(name)
     out = []
     for c in range(len(names)):
         which = range(len(names[c])) if name == "fashion_mnist" and split == "train" else [0]
@@ -454,8 +454,8 @@ def load_captioned(name: str, split: str = "train", image_size: int = 16, path: 
         base = load_mnist_format(path or FASHION_MNIST_DIR, split, image_size, name="Fashion-MNIST",
                                  class_names=FASHION_MNIST_CLASSES)
     else:
-        class_names(name)  # the error naming the demo sets
-    return CaptionedClasses(base, class_captions(name, "train"), class_names=tuple(n[0] for n in class_names(name)),
+        class_words(name)  # the error naming the demo sets
+    return CaptionedClasses(base, class_captions(name, "train"), class_names=tuple(n[0] for n in class_words(name)),
                             seed=seed, name=name)
 
 
@@ -500,5 +500,5 @@ def check_caption_data(dataset, *, channels: int, image_size: int) -> None:
 
 
 __all__ = ["collate_captions", "CaptionFolder", "CaptionShards", "CaptionedClasses", "load_captioned", "demo_prompts",
-           "templates", "class_captions", "class_names", "build_caption_dataset", "check_caption_data", "expand_shards",
+           "templates", "class_captions", "class_words", "build_caption_dataset", "check_caption_data", "expand_shards",
            "read_captions_jsonl", "TEMPLATES", "CAPTION_DATA"]

@@ -35,7 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
 
+from pf.autoencoder import load_vae
 from pf.data.base import DataError
 from pf.data.latent_shards import FORMAT, MANIFEST, shard_name
 from pf import cli
@@ -67,8 +71,6 @@ WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 def center_crop_adm(image, size: int):
     """The ADM / DiT center crop: halve with a box filter while the shorter side is at least
     ``2 * size``, resize (bicubic) so the shorter side is ``size``, then take the center."""
-    from PIL import Image
-
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
     scale = size / min(image.size)
@@ -85,8 +87,6 @@ def to_tensor(image, size: int) -> torch.Tensor:
 
 
 def _open(source) -> torch.Tensor | None:
-    from PIL import Image
-
     try:
         with Image.open(source) as img:
             img.load()
@@ -123,7 +123,7 @@ def _collate(batch):
 
 def _tar_files(images: str) -> list[str] | None:
     if "{" in images and ".tar" in images:
-        import braceexpand
+        import braceexpand  # optional (a dependency of webdataset, the vae extra): only for tar shards
 
         return list(braceexpand.braceexpand(images))
     path = Path(images).expanduser()
@@ -166,7 +166,7 @@ def plan(images: str, shard_size: int) -> dict:
 def _unit_items(unit: dict) -> list:
     if "items" in unit:
         return unit["items"]
-    import webdataset as wds
+    import webdataset as wds  # optional (the vae extra): only for webdataset inputs
 
     items = []
     for sample in wds.WebDataset(unit["tar"], shardshuffle=False, empty_check=False):
@@ -237,10 +237,6 @@ def _device(cfg, local_rank: int) -> torch.device:
 
 def encode(cfg) -> dict:
     """Encode everything ``cfg`` names (resuming a killed run); returns the manifest."""
-    from tqdm.auto import tqdm
-
-    from pf.sampling.grid import load_vae
-
     if not cfg.out:
         raise DataError("set out=<folder for the latent set>")
     if not cfg.vae:
@@ -265,8 +261,6 @@ def encode(cfg) -> dict:
         for i in todo:
             encode_unit(vae, work["units"][i], i, out, cfg, device, bar)
     if world > 1:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         dist.barrier()
@@ -296,8 +290,6 @@ def encode(cfg) -> dict:
               f"in {len(records)} shards, latents {manifest['latent_shape']} x 2 flips, "
               f"{time.perf_counter() - t0:.0f} s")
     if world > 1:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     return manifest
 
