@@ -33,13 +33,10 @@ from pf_kernels.reference import (
 
 try:  # Triton may be missing (CPU-only installs); the reference path then serves everything.
     from pf_kernels.ops import _utils as _triton_utils
-    from pf_kernels.ops.ada_rms_norm import ada_rms_norm_indexed_triton, ada_rms_norm_triton
-    from pf_kernels.ops.adaln_modulate import adaln_modulate_indexed_triton, adaln_modulate_triton
-    from pf_kernels.ops.gated_residual import gated_residual_indexed_triton, gated_residual_triton
-    from pf_kernels.ops.gated_residual_modulate import (
-        gated_residual_modulate_indexed_triton,
-        gated_residual_modulate_triton,
-    )
+    from pf_kernels.ops.ada_rms_norm import ada_rms_norm_triton
+    from pf_kernels.ops.adaln_modulate import adaln_modulate_triton
+    from pf_kernels.ops.gated_residual import gated_residual_triton
+    from pf_kernels.ops.gated_residual_modulate import gated_residual_modulate_triton
     from pf_kernels.ops.patch_euler import patch_euler_triton
     from pf_kernels.ops.timestep_embedding import timestep_embedding_triton
 
@@ -188,7 +185,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     _same_device("adaln_modulate", x=x, shift=shift, scale=scale)
     if _rows_use_triton(x, shift, scale):
         with _launch_on(x):
-            return adaln_modulate_triton(x, shift, scale, float(eps))
+            return adaln_modulate_triton(x, shift, scale, None, float(eps))
     return adaln_modulate_ref(x, shift, scale, eps)
 
 
@@ -200,7 +197,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     _same_device("gated_residual", x=x, gate=gate, y=y)
     if _rows_use_triton(x, gate, y):
         with _launch_on(x):
-            return gated_residual_triton(x, gate, y)
+            return gated_residual_triton(x, gate, y, None)
     return gated_residual_ref(x, gate, y)
 
 
@@ -218,7 +215,7 @@ def adaln_modulate_indexed(
     index = index.to(torch.int64)
     if _rows_use_triton(x, shift, scale, index):
         with _launch_on(x):
-            return adaln_modulate_indexed_triton(x, shift, scale, index, float(eps))
+            return adaln_modulate_triton(x, shift, scale, index, float(eps))
     return adaln_modulate_indexed_ref(x, shift, scale, index, eps)
 
 
@@ -231,7 +228,7 @@ def gated_residual_indexed(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     index = index.to(torch.int64)
     if _rows_use_triton(x, gate, y, index):
         with _launch_on(x):
-            return gated_residual_indexed_triton(x, gate, y, index)
+            return gated_residual_triton(x, gate, y, index)
     return gated_residual_indexed_ref(x, gate, y, index)
 
 
@@ -250,7 +247,7 @@ def gated_residual_modulate(
     _same_device("gated_residual_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale)
     if _rows_use_triton(x, gate, y, shift, scale):
         with _launch_on(x):
-            return gated_residual_modulate_triton(x, gate, y, shift, scale, float(eps))
+            return gated_residual_modulate_triton(x, gate, y, shift, scale, None, float(eps))
     return gated_residual_modulate_ref(x, gate, y, shift, scale, eps)
 
 
@@ -267,7 +264,7 @@ def gated_residual_modulate_indexed(
     index = index.to(torch.int64)
     if _rows_use_triton(x, gate, y, shift, scale, index):
         with _launch_on(x):
-            return gated_residual_modulate_indexed_triton(x, gate, y, shift, scale, index, float(eps))
+            return gated_residual_modulate_triton(x, gate, y, shift, scale, index, float(eps))
     return gated_residual_modulate_indexed_ref(x, gate, y, shift, scale, index, eps)
 
 
@@ -281,7 +278,7 @@ def ada_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> tor
     _same_device("ada_rms_norm", x=x, scale=scale)
     if _rows_use_triton(x, scale):
         with _launch_on(x):
-            return ada_rms_norm_triton(x, scale, float(eps))
+            return ada_rms_norm_triton(x, scale, None, float(eps))
     return ada_rms_norm_ref(x, scale, eps)
 
 
@@ -300,7 +297,7 @@ def ada_rms_norm_indexed(
     index = index.to(torch.int64)
     if _rows_use_triton(x, scale_table, index):
         with _launch_on(x):
-            return ada_rms_norm_indexed_triton(x, scale_table, index, float(eps))
+            return ada_rms_norm_triton(x, scale_table, index, float(eps))
     return ada_rms_norm_indexed_ref(x, scale_table, index, eps)
 
 

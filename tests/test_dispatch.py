@@ -204,6 +204,7 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
 
     import pf_kernels.ops.adaln_modulate as adaln
     import pf_kernels.ops.gated_residual as gated
+    import pf_kernels.ops.norm_modulate as family
     import pf_kernels.ops.patch_euler as euler
     import pf_kernels.ops.timestep_embedding as temb
 
@@ -216,7 +217,7 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(kwargs)
 
-    for module in (adaln, gated, euler, temb):
+    for module in (family, gated, euler, temb):
         monkeypatch.setattr(module, "wrap", Stub)
     x = torch.randn(2, 300, 48)
     mod = torch.randn(2, 300, 96)

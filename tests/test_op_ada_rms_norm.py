@@ -123,22 +123,6 @@ def test_follows_eager_type_promotion(x_dtype, s_dtype, backend):
 
 
 @needs_interp
-def test_autograd_function_fallback(triton_backend):
-    """The torch < 2.6 route (plain autograd.Function over the same launchers)."""
-    from pf_kernels.ops.ada_rms_norm import AdaRmsNormFunction
-
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 24, generator=gen, requires_grad=True)
-    c = torch.randn(2, 1, 48, generator=gen, requires_grad=True)
-    out = AdaRmsNormFunction.apply(x, c.chunk(2, dim=-1)[1], None, 1e-6)
-    out.square().sum().backward()
-    xr, cr = x.detach().double().requires_grad_(), c.detach().double().requires_grad_()
-    rms64(xr, cr.chunk(2, dim=-1)[1], 1e-6).square().sum().backward()
-    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(c.grad.double(), cr.grad, atol=1e-4, rtol=1e-4)
-
-
-@needs_interp
 def test_routing(triton_backend):
     """float64 and the torch backend take the reference (no launch); the Triton route agrees."""
     gen = torch.Generator().manual_seed(3)
@@ -397,6 +381,7 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     import pf_kernels.ops.ada_rms_norm as rn
+    import pf_kernels.ops.norm_modulate as family
 
     launches = []
 
@@ -407,7 +392,7 @@ def test_launchers_trace_with_symbolic_shapes(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(kwargs)
 
-    monkeypatch.setattr(rn, "wrap", Stub)
+    monkeypatch.setattr(family, "wrap", Stub)
     x = torch.randn(2, 300, 48)
     mod, mod1 = torch.randn(2, 300, 96), torch.randn(2, 1, 96)
     index = torch.zeros(2, 300, dtype=torch.int64)

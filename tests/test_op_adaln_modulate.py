@@ -116,23 +116,6 @@ def test_eps_and_mixed_dtypes(device, dtype, triton_backend):
 
 
 @needs_interp
-def test_autograd_function_fallback(triton_backend):
-    """The torch < 2.6 route (plain autograd.Function over the same launchers)."""
-    from pf_kernels.ops.adaln_modulate import AdalnModulateFunction
-
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 24, generator=gen, requires_grad=True)
-    c = torch.randn(2, 1, 48, generator=gen, requires_grad=True)
-    shift, scale = c.chunk(2, dim=-1)
-    out = AdalnModulateFunction.apply(x, shift, scale, None, 1e-6)
-    out.square().sum().backward()
-    xr, cr = x.detach().double().requires_grad_(), c.detach().double().requires_grad_()
-    adaln64(xr, *cr.chunk(2, dim=-1), 1e-6).square().sum().backward()
-    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(c.grad.double(), cr.grad, atol=1e-4, rtol=1e-4)
-
-
-@needs_interp
 @pytest.mark.parametrize("op", ["adaln_modulate", "adaln_modulate_backward"])
 def test_opcheck(op):
     """torch.library.opcheck: schema, autograd registration, fake tensors, AOT dispatch.

@@ -77,21 +77,6 @@ def test_mixed_dtypes_and_expanded_grad(triton_backend):
 
 
 @needs_interp
-def test_autograd_function_fallback(triton_backend):
-    from pf_kernels.ops.gated_residual import GatedResidualFunction
-
-    gen = torch.Generator().manual_seed(4)
-    x, y = (torch.randn(2, 3, 24, generator=gen, requires_grad=True) for _ in range(2))
-    gate = torch.randn(2, 1, 24, generator=gen, requires_grad=True)
-    out = GatedResidualFunction.apply(x, gate, y, None)
-    out.square().sum().backward()
-    xr, gr, yr = (t.detach().double().requires_grad_() for t in (x, gate, y))
-    (xr + gr * yr).square().sum().backward()
-    for got, want in ((x.grad, xr.grad), (gate.grad, gr.grad), (y.grad, yr.grad)):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
-
-
-@needs_interp
 @pytest.mark.parametrize("op", ["gated_residual", "gated_residual_backward"])
 def test_opcheck(op):
     """See test_op_adaln_modulate.test_opcheck for why AOT dispatch runs without triton_op's

@@ -1,6 +1,9 @@
-"""Triton kernels, one op per file, each reading top to bottom: forward kernel, backward
-kernel, host launchers (block sizes, strides), then registration (``torch.library.triton_op``
-with explicit fake impls and ``register_autograd``; a plain ``autograd.Function`` on torch
-< 2.6). Import the public ops from ``pf_kernels``, which routes CPU tensors to the torch
-references in ``pf_kernels.reference``; ``_utils.LAUNCHES`` counts eager kernel launches.
+"""Triton kernels, one op per file, each with its host launchers and its registered forms.
+
+The LayerNorm/RMSNorm modulation ops (``adaln_modulate``, ``ada_rms_norm``,
+``gated_residual_modulate``) share one kernel family, ``norm_modulate``, whose Triton row
+helpers live in ``rows``; every op registers its forms (``torch.library.triton_op``, fake impl,
+autograd) through ``registry``. Import the public ops from ``pf_kernels``, which routes CPU
+tensors to the torch references in ``pf_kernels.reference``; ``_utils.LAUNCHES`` counts eager
+kernel launches.
 """

@@ -1,4 +1,4 @@
-"""Shared host-side helpers for the Triton ops: availability flags, launch counter, block sizes.
+"""Host-side helpers the Triton ops share: interpreter flag, launch counter, block sizes, row forms.
 
 ``INTERPRETED`` is decided once, when the kernels are decorated: ``@triton.jit`` reads
 ``TRITON_INTERPRET`` at decoration time (``triton.knobs.runtime.interpret``), so the variable
@@ -37,12 +37,6 @@ if INTERPRETED and _version(triton.__version__) < (3, 7) and _version(np.__versi
         stacklevel=2,
     )
 
-# ``torch.library.triton_op`` / ``wrap_triton`` arrived in torch 2.6; older torch takes the
-# plain ``autograd.Function`` route in each op file (eager only, no compile tracing). Each
-# op's schema is inferred from its function's annotations: torch 2.11's ``triton_op`` ignores
-# a ``schema=`` string and refuses an unannotated function.
-HAS_TRITON_OP: bool = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
 # Kernel name -> number of launches from the host launchers. Tests read it to prove the
 # Triton path ran; it counts eager launches (a compiled graph launches without the host code).
 LAUNCHES: collections.Counter = collections.Counter()
@@ -53,13 +47,13 @@ TILE_ELEMS = 4096
 
 
 def wrap(kernel):
-    """``wrap_triton(kernel)`` where available (traceable launch), else the kernel itself.
+    """``torch.library.wrap_triton(kernel)`` (a launch ``torch.compile`` can trace).
 
     Triton before 3.7 turns ``@triton.jit`` into an ``InterpretedFunction`` under
     ``TRITON_INTERPRET=1``, which ``wrap_triton`` refuses; it is launched directly (eager, as
     every interpreter launch is: compile cannot run interpreted kernels on fake tensors).
     """
-    if HAS_TRITON_OP and isinstance(kernel, (JITFunction, Autotuner)):
+    if isinstance(kernel, (JITFunction, Autotuner)):
         return torch.library.wrap_triton(kernel)
     return kernel
 
@@ -156,3 +150,72 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def empty_rows(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Contiguous output: the fake impls build the same, so compiled strides match eager."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def mod_row_stride(t: torch.Tensor, indexed: bool) -> int:
+    """A modulation's row stride for the kernels: a per-sample (B, 1, D) one is read at row 0
+    by every token (stride 0); a table (indexed) keeps its real stride even with K = 1."""
+    return t.stride(1) if indexed or t.shape[1] != 1 else 0
+
+
+def index_args(index, like: torch.Tensor):
+    """(pointer, stride_b, stride_n) of ``index`` (B, N); without one, any pointer (never read)."""
+    if index is None:
+        return like, 0, 0
+    return index, index.stride(0), index.stride(1)
+
+
+def per_sample(t: torch.Tensor, n: int, indexed: bool) -> bool:
+    """A (B, 1, D) modulation read by N > 1 tokens: its grad is a sum (constexpr: a plain bool)."""
+    return bool(not indexed and t.shape[1] == 1 and n != 1)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will ask for this op's backward: then the forward stores the row
+    statistics for it (the ``*_with_stats`` ops)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def reduce_programs(n_rows: int, batch: int, block_m: int, device: torch.device, num_warps: int = 8) -> tuple[int, int]:
+    """(P, rows per program) for a backward that sums over tokens: enough programs to fill the
+    GPU (about 32 warps per SM), the rest of the parallelism taken as a longer loop per program."""
+    if device.type == "cuda":
+        target = max(1, 32 // num_warps) * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2  # the interpreter: few programs are fastest; still more than one partial
+    # Plain ints: under torch.compile with dynamic shapes this sizes a buffer and a grid, so
+    # it is specialised on N and B (a per-sample modulation is rare there anyway).
+    n_rows, batch = max(int(n_rows), 1), int(batch)
+    n_blocks = triton.cdiv(n_rows, block_m)
+    p = min(n_blocks, max(1, triton.cdiv(target, batch)))
+    rows_per_prog = triton.cdiv(n_blocks, p) * block_m
+    return triton.cdiv(n_rows, rows_per_prog), rows_per_prog
+
+
+MAX_TABLE_K = 8  # indexed tables with up to this many rows have their grads summed by a kernel
+TABLE_BLOCK_D = 128  # widest column tile there (K fp32 accumulator rows per table in registers)
+
+
+def table_tiles(n, d, elems_per_row: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, D tiles) of a table-grad kernel: ``col_tiles``' tile (no lanes wasted
+    at the PF widths) at most TABLE_BLOCK_D wide, and TILE_ELEMS / elems_per_row elements a
+    step. Plain ints: D is a model constant."""
+    block_d = min(col_tiles(d)[0], TABLE_BLOCK_D)
+    block_m = max(1, min(TILE_ELEMS // block_d // elems_per_row, triton.next_power_of_2(max(int(n), 1))))
+    return block_m, block_d, triton.cdiv(d, block_d)
+
+
+def table_sum(parts: torch.Tensor, k_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K, D) table grad from (B, P, TABLE_K, D) fp32 program partials: the P added in order
+    (deterministic). Rows sliced before the sum, so the result is contiguous as the fake impls
+    say (a slice after it would keep the padded row stride TABLE_K * D)."""
+    return parts[:, :, :k_rows].sum(1).to(dtype)
+
+
+def scatter_rows(rows: torch.Tensor, index: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum per-token grads (B, N, D) into a (B, K, D) table by index (B, N), in fp32 (a table
+    wider than MAX_TABLE_K: atomics on a GPU)."""
+    bsz, n, d = rows.shape
+    table = torch.zeros((bsz, k, d), dtype=torch.float32, device=rows.device)
+    table.scatter_add_(1, index[:, :, None].expand(bsz, n, d), rows.to(torch.float32))
+    return table.to(dtype)

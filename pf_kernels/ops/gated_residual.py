@@ -1,10 +1,10 @@
-"""Fused gated residual: ``out = x + gate * y`` (AdaLN-Zero's residual update).
+"""Fused gated residual ``out = x + gate * y`` (AdaLN-Zero's residual update): kernels, launchers, ops.
 
 Gate forms, as in ``adaln_modulate``: per token (B, N, D) (strided ``chunk`` views welcome),
 per sample (B, 1, D) read through a zero row stride with its grad reduced over N, or an
 indexed (B, K, D) table with ``index`` (B, N) (``HAS_INDEX``). Arithmetic in fp32.
 
-File layout: forward kernel, backward kernel, host launchers, op registration + autograd.
+File layout: forward kernel, backward kernels, host launchers, op registration.
 """
 
 from typing import Optional
@@ -15,23 +15,31 @@ import triton.language as tl
 from torch import Tensor
 
 from pf_kernels.ops._utils import (
-    HAS_TRITON_OP,
+    MAX_TABLE_K,
     TILE_ELEMS,
     count,
     elementwise_per_thread,
     elementwise_tiles,
     empty_rows,
+    index_args,
     last_dim_contiguous,
+    mod_row_stride,
+    reduce_programs,
+    scatter_rows,
+    table_sum,
+    table_tiles,
     wrap,
 )
-from pf_kernels.ops.adaln_modulate import (
-    _index_args,
-    _mod_row_stride,
-    _scatter_rows,
+from pf_kernels.ops.registry import register
+from pf_kernels.ops.rows import (
     add_table_rows,
+    column_program,
     load_mod,
-    reduce_programs,
-    table_block_d,
+    load_tile,
+    mod_row_index,
+    step_rows,
+    store_table_part,
+    store_tile,
 )
 from pf_kernels.reference import gated_residual_dtype
 
@@ -59,20 +67,15 @@ def _gated_residual_fwd_kernel(
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
     mask = row_ok[:, None] & (cols < D)[None, :]
-    if HAS_INDEX:
-        mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=0)
-    else:
-        mrows = rows
-    x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
-    y = tl.load(Y + b * stride_yb + rows[:, None] * stride_yn + cols[None, :], mask=mask, other=0.0)
-    gate = tl.load(GATE + b * stride_gb + mrows[:, None] * stride_gn + cols[None, :], mask=mask, other=0.0)
-    # out = x + gate * y
-    out = x.to(tl.float32) + gate.to(tl.float32) * y.to(tl.float32)
-    tl.store(OUT + b * stride_ob + rows[:, None] * stride_on + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    mrows = mod_row_index(INDEX, stride_ib, stride_in, b, rows, row_ok, HAS_INDEX)
+    x = load_tile(X + b * stride_xb + rows * stride_xn, cols, mask)
+    y = load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask)
+    out = x + load_tile(GATE + b * stride_gb + mrows * stride_gn, cols, mask) * y  # out = x + gate * y
+    store_tile(OUT + b * stride_ob + rows * stride_on, cols, out, mask, OUT)
 
 
 #################################################################################
-#                                Backward kernel                                #
+#                                Backward kernels                               #
 #################################################################################
 
 
@@ -81,91 +84,49 @@ def _gated_residual_bwd_kernel(
     DOUT, stride_db, stride_dn,  # (B, N, D) incoming gradient (dx is this tensor itself)
     GATE, stride_gb, stride_gn,  # as in the forward
     Y, stride_yb, stride_yn,  # (B, N, D)
-    INDEX, stride_ib, stride_in,  # (B, N) int64 (HAS_INDEX only)
+    INDEX, stride_ib, stride_in,  # (B, N) int64
     DY, stride_dyb, stride_dyn,  # (B, N, D)
     DGATE, stride_dgb, stride_dgn,  # (B, N, D) per token, or (B, P, D) fp32 partials (REDUCE_GATE)
+    stride_pb, stride_pp, stride_pk,  # TABLE: DGATE is (B, P, TABLE_K, D) fp32 partials
     N, D, ROWS_PER_PROG,
     HAS_INDEX: tl.constexpr,
     REDUCE_GATE: tl.constexpr,
+    TABLE: tl.constexpr,
+    TABLE_K: tl.constexpr,  # TABLE: the table's rows, padded to a power of two
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # Grid (P, B, column tiles); program p covers ROWS_PER_PROG tokens of sample b in one
-    # column tile, BLOCK_M rows a step; a per-sample gate's grad is summed over them in fp32
-    # registers and written once per program (the host adds the P partials in order).
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    # column tile, BLOCK_M rows a step: dy = g * gate, and dgate = g * y stored per token, or
+    # summed over the tokens in fp32 registers and written once per program, for a per-sample
+    # gate (REDUCE_GATE) or per table row (TABLE: dgate[k] = sum_{n: index = k} g_n * y_n,
+    # without atomics); the host adds the P partials in order.
+    pid, b, cols, col_ok = column_program(D, BLOCK_D)
     acc_dgate = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_table = tl.zeros((TABLE_K, BLOCK_D), dtype=tl.float32)
     row_start = pid * ROWS_PER_PROG
     for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_ok = rows < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        if HAS_INDEX:
-            mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=0)
+        rows, row_ok, mask = step_rows(m0, N, col_ok, BLOCK_M)
+        if TABLE:
+            mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=-1)  # -1: no table row
+            gate_rows = GATE + b * stride_gb + tl.maximum(mrows, 0) * stride_gn
         else:
-            mrows = rows
-        g = tl.load(DOUT + b * stride_db + rows[:, None] * stride_dn + cols[None, :], mask=mask, other=0.0)
-        g = g.to(tl.float32)
-        y = tl.load(Y + b * stride_yb + rows[:, None] * stride_yn + cols[None, :], mask=mask, other=0.0)
-        gate = load_mod(GATE + b * stride_gb, GATE + b * stride_gb + mrows * stride_gn, cols, mask, D, REDUCE_GATE)
-        # dy = g * gate; dgate = g * y
-        dy = g * gate.to(tl.float32)
-        tl.store(DY + b * stride_dyb + rows[:, None] * stride_dyn + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
-        dgate = g * y.to(tl.float32)
-        if REDUCE_GATE:
+            mrows = mod_row_index(INDEX, stride_ib, stride_in, b, rows, row_ok, HAS_INDEX)
+            gate_rows = GATE + b * stride_gb + mrows * stride_gn
+        g = load_tile(DOUT + b * stride_db + rows * stride_dn, cols, mask)
+        gate = load_mod(GATE + b * stride_gb, gate_rows, cols, mask, D, REDUCE_GATE)
+        store_tile(DY + b * stride_dyb + rows * stride_dyn, cols, g * gate, mask, DY)
+        dgate = g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask)
+        if TABLE:
+            acc_table = add_table_rows(acc_table, dgate, mrows, TABLE_K)
+        elif REDUCE_GATE:
             acc_dgate += tl.sum(dgate, axis=0)
         else:
-            tl.store(
-                DGATE + b * stride_dgb + rows[:, None] * stride_dgn + cols[None, :],
-                dgate.to(DGATE.dtype.element_ty),
-                mask=mask,
-            )
+            store_tile(DGATE + b * stride_dgb + rows * stride_dgn, cols, dgate, mask, DGATE)
+    if TABLE:
+        store_table_part(DGATE, acc_table, b, pid, stride_pb, stride_pp, stride_pk, cols, col_ok, TABLE_K)
     if REDUCE_GATE:
         tl.store(DGATE + b * stride_dgb + pid * stride_dgn + cols, acc_dgate, mask=col_ok)
-
-
-@triton.jit
-def _gated_residual_table_bwd_kernel(
-    DOUT, stride_db, stride_dn,  # (B, N, D) incoming gradient
-    GATE, stride_gb, stride_gn,  # (B, K, D) table
-    Y, stride_yb, stride_yn,  # (B, N, D)
-    INDEX, stride_ib, stride_in,  # (B, N) int64
-    DY, stride_dyb, stride_dyn,  # (B, N, D)
-    DGATE, stride_pb, stride_pp, stride_pk,  # (B, P, TABLE_K, D) fp32 partials
-    N, D, ROWS_PER_PROG,
-    TABLE_K: tl.constexpr,  # the table's rows, padded to a power of two
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # Grid (P, B, D tiles): dy as in the kernel above, and the table's grads
-    # dgate[k] = sum_{n: index = k} g_n * y_n summed in fp32 registers per program (the same
-    # sums in the same order on every run: no atomics); the host adds the P partials.
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    ks = tl.arange(0, TABLE_K)
-    acc = tl.zeros((TABLE_K, BLOCK_D), dtype=tl.float32)
-    row_start = pid * ROWS_PER_PROG
-    for m0 in range(row_start, row_start + ROWS_PER_PROG, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_ok = rows < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        mrows = tl.load(INDEX + b * stride_ib + rows * stride_in, mask=row_ok, other=-1)
-        g = tl.load(DOUT + b * stride_db + rows[:, None] * stride_dn + cols[None, :], mask=mask, other=0.0)
-        g = g.to(tl.float32)
-        y = tl.load(Y + b * stride_yb + rows[:, None] * stride_yn + cols[None, :], mask=mask, other=0.0)
-        gate = tl.load(GATE + b * stride_gb + tl.maximum(mrows, 0)[:, None] * stride_gn + cols[None, :], mask=mask,
-                       other=0.0)
-        tl.store(DY + b * stride_dyb + rows[:, None] * stride_dyn + cols[None, :],
-                 (g * gate.to(tl.float32)).to(DY.dtype.element_ty), mask=mask)
-        dgate = g * y.to(tl.float32)
-        acc = add_table_rows(acc, dgate, mrows, TABLE_K)
-    tl.store(DGATE + b * stride_pb + pid * stride_pp + ks[:, None] * stride_pk + cols[None, :], acc,
-             mask=col_ok[None, :])
 
 
 #################################################################################
@@ -182,13 +143,12 @@ def gated_residual_fwd(x, gate, y, index) -> torch.Tensor:
         return out
     indexed = index is not None
     block_m, block_d, n_tiles, num_warps = elementwise_tiles(n, d)
-    idx, sib, sin = _index_args(index, x)
     count("gated_residual_fwd")
     wrap(_gated_residual_fwd_kernel)[(triton.cdiv(n, block_m), bsz, n_tiles)](
         x, x.stride(0), x.stride(1),
-        gate, gate.stride(0), _mod_row_stride(gate, indexed),
+        gate, gate.stride(0), mod_row_stride(gate, indexed),
         y, y.stride(0), y.stride(1),
-        idx, sib, sin,
+        *index_args(index, x),
         out, out.stride(0), out.stride(1),
         n, d,
         HAS_INDEX=indexed, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
@@ -196,10 +156,7 @@ def gated_residual_fwd(x, gate, y, index) -> torch.Tensor:
     return out
 
 
-MAX_TABLE_K = 8  # an indexed gate with up to this many rows has its grads summed in the kernel
-
-
-def gated_residual_bwd(grad, gate, y, index):
+def gated_residual_bwd(grad: Tensor, gate: Tensor, y: Tensor, index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Returns (dy, dgate): dgate (B, 1, D) reduced for a per-sample gate, per token otherwise,
     and for an indexed gate its (B, K, D) table grads (summed in the kernel, deterministic,
     for K <= MAX_TABLE_K; by a scatter of the per-token grads above). dx is ``grad`` itself."""
@@ -218,50 +175,34 @@ def gated_residual_bwd(grad, gate, y, index):
         n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, y.device, num_warps)
         dgate_buf = torch.empty((bsz, n_prog, d), dtype=torch.float32, device=y.device)
     elif table_k:
-        block_d = table_block_d(d)
-        block_m = max(1, min(TILE_ELEMS // 2 // block_d, triton.next_power_of_2(max(int(n), 1))))
+        block_m, block_d, d_tiles = table_tiles(n, d, 2)
         num_warps = 4
-        d_tiles = triton.cdiv(d, block_d)
         n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, y.device)
         dgate_buf = torch.empty((bsz, n_prog, table_k, d), dtype=torch.float32, device=y.device)
     else:
         n_prog, rows_per_prog = triton.cdiv(max(n, 1), block_m), block_m
         dgate_buf = empty_rows((bsz, n, d), torch.float32 if indexed else gate.dtype, y.device)
-    if dy.numel() > 0 and table_k:
-        count("gated_residual_bwd")
-        wrap(_gated_residual_table_bwd_kernel)[(n_prog, bsz, d_tiles)](
-            grad, grad.stride(0), grad.stride(1),
-            gate, gate.stride(0), gate.stride(1),
-            y, y.stride(0), y.stride(1),
-            index, index.stride(0), index.stride(1),
-            dy, dy.stride(0), dy.stride(1),
-            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1), dgate_buf.stride(2),
-            n, d, rows_per_prog,
-            TABLE_K=table_k, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        )  # fmt: skip
-    elif dy.numel() > 0:
-        idx, sib, sin = _index_args(index, y)
+    if dy.numel() > 0:
         count("gated_residual_bwd")
         wrap(_gated_residual_bwd_kernel)[(n_prog, bsz, d_tiles)](
             grad, grad.stride(0), grad.stride(1),
-            gate, gate.stride(0), _mod_row_stride(gate, indexed),
+            gate, gate.stride(0), mod_row_stride(gate, indexed),
             y, y.stride(0), y.stride(1),
-            idx, sib, sin,
+            *index_args(index, y),
             dy, dy.stride(0), dy.stride(1),
-            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1),
+            dgate_buf, dgate_buf.stride(0), dgate_buf.stride(1), *(dgate_buf.stride()[:3] if table_k else (0, 0, 0)),
             n, d, rows_per_prog,
-            HAS_INDEX=indexed, REDUCE_GATE=reduce_gate, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_INDEX=indexed, REDUCE_GATE=reduce_gate, TABLE=bool(table_k), TABLE_K=max(table_k, 1),
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )  # fmt: skip
     elif reduce_gate or table_k:
         dgate_buf.zero_()
     if reduce_gate:
         return dy, dgate_buf.sum(1, keepdim=True).to(gate.dtype)
     if table_k:
-        # (B, K, D): the P partials added in order; rows sliced before the sum, so the grad is
-        # contiguous as the fake impl says (a slice after it keeps the padded stride TABLE_K * D)
-        return dy, dgate_buf[:, :, :k_rows].sum(1).to(gate.dtype)
+        return dy, table_sum(dgate_buf, k_rows, gate.dtype)
     if indexed:  # a wide table: per-token grads scattered into it (atomics on a GPU)
-        return dy, _scatter_rows(dgate_buf, index, k_rows, gate.dtype)
+        return dy, scatter_rows(dgate_buf, index, k_rows, gate.dtype)
     return dy, dgate_buf
 
 
@@ -273,82 +214,38 @@ def _bwd_fake(grad, gate, y, index):
     return dy, empty_rows((bsz, 1 if gate.shape[1] == 1 else n, d), gate.dtype, y.device)
 
 
-def _finish_grads(grad, x_dtype, dy, dgate, gate, index):
-    # dx = grad (in x's dtype); dgate is already the gate's (or its table's) grad.
-    dx = grad if grad.dtype == x_dtype else grad.to(x_dtype)
-    return dx, dgate, dy
-
-
 #################################################################################
-#                        Registration: triton_op + autograd                     #
+#                                 Registration                                  #
 #################################################################################
 
 
-class GatedResidualFunction(torch.autograd.Function):
-    """The route without ``torch.library.triton_op`` (torch < 2.6): eager autograd only."""
-
-    @staticmethod
-    def forward(ctx, x, gate, y, index):
-        ctx.save_for_backward(gate, y, index)
-        ctx.x_dtype = x.dtype
-        return gated_residual_fwd(x, gate, y, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, y, index = ctx.saved_tensors
-        dy, dgate = gated_residual_bwd(grad, gate, y, index)
-        return (*_finish_grads(grad, ctx.x_dtype, dy, dgate, gate, index), None)
+def _plain(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    return gated_residual_fwd(x, gate, y, None)
 
 
-if HAS_TRITON_OP:
-
-    @torch.library.triton_op("pf_kernels::gated_residual", mutates_args=())
-    def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-        return gated_residual_fwd(x, gate, y, None)
-
-    @torch.library.triton_op("pf_kernels::gated_residual_indexed", mutates_args=())
-    def _gated_residual_indexed_op(x: Tensor, gate: Tensor, y: Tensor, index: Tensor) -> Tensor:
-        return gated_residual_fwd(x, gate, y, index)
-
-    @torch.library.triton_op("pf_kernels::gated_residual_backward", mutates_args=())
-    def _gated_residual_backward_op(
-        grad: Tensor, gate: Tensor, y: Tensor, index: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        return gated_residual_bwd(grad, gate, y, index)
-
-    def _fwd_fake(x, gate, y):
-        return empty_rows(x.shape, gated_residual_dtype(x, gate, y), x.device)
-
-    def _fwd_indexed_fake(x, gate, y, index):
-        return empty_rows(x.shape, gated_residual_dtype(x, gate, y), x.device)
-
-    _gated_residual_op.register_fake(_fwd_fake)
-    _gated_residual_indexed_op.register_fake(_fwd_indexed_fake)
-    _gated_residual_backward_op.register_fake(_bwd_fake)
-
-    def _setup_context(ctx, inputs, output):
-        x, gate, y = inputs[:3]
-        index = inputs[3] if len(inputs) > 3 else None
-        ctx.save_for_backward(gate, y, index)
-        ctx.x_dtype = x.dtype  # x itself is not needed: dx = grad
-
-    def _backward(ctx, grad):
-        gate, y, index = ctx.saved_tensors
-        dy, dgate = torch.ops.pf_kernels.gated_residual_backward(grad, gate, y, index)
-        grads = _finish_grads(grad, ctx.x_dtype, dy, dgate, gate, index)
-        return grads if index is None else (*grads, None)
-
-    _gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
-    _gated_residual_indexed_op.register_autograd(_backward, setup_context=_setup_context)
+def _indexed(x: Tensor, gate: Tensor, y: Tensor, index: Tensor) -> Tensor:
+    return gated_residual_fwd(x, gate, y, index)
 
 
-def gated_residual_triton(x, gate, y) -> torch.Tensor:
-    if HAS_TRITON_OP:
+def _backward(grads, gate, y, index, x_dtype):
+    """(dx, dgate, dy): dx is the incoming grad (in x's dtype); x itself is not saved."""
+    dy, dgate = torch.ops.pf_kernels.gated_residual_backward(grads[0], gate, y, index)
+    return grads[0].to(x_dtype), dgate, dy
+
+
+def _out_fake(x, gate, y, *args):
+    return empty_rows(x.shape, gated_residual_dtype(x, gate, y), x.device)
+
+
+register("gated_residual", _plain, _out_fake, backward=_backward,
+         save=lambda x, gate, y, out: (gate, y, None, x.dtype))
+register("gated_residual_indexed", _indexed, _out_fake, backward=_backward,
+         save=lambda x, gate, y, index, out: (gate, y, index, x.dtype))
+register("gated_residual_backward", gated_residual_bwd, _bwd_fake)
+
+
+def gated_residual_triton(x, gate, y, index) -> torch.Tensor:
+    """The op for the dispatcher: the plain or the indexed form."""
+    if index is None:
         return torch.ops.pf_kernels.gated_residual(x, gate, y)
-    return GatedResidualFunction.apply(x, gate, y, None)
-
-
-def gated_residual_indexed_triton(x, gate, y, index) -> torch.Tensor:
-    if HAS_TRITON_OP:
-        return torch.ops.pf_kernels.gated_residual_indexed(x, gate, y, index)
-    return GatedResidualFunction.apply(x, gate, y, index)
+    return torch.ops.pf_kernels.gated_residual_indexed(x, gate, y, index)

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pf_kernels.ops._utils import HAS_TRITON_OP, count, wrap
+from pf_kernels.ops._utils import count, wrap
+from pf_kernels.ops.registry import register
 
 TILE_ELEMS = 2048  # elements per program: rows of the (B*C*H, W) view times a column block
 
@@ -82,7 +83,8 @@ def _tile(w: int) -> tuple[int, int]:
     return max(1, TILE_ELEMS // block_w), block_w
 
 
-def patch_euler_launch(out, x, v, dt, patch_size: int, v_other, mask) -> None:
+def patch_euler_launch(out: Tensor, x: Optional[Tensor], v: Tensor, dt: Tensor, patch_size: int,
+                       v_other: Optional[Tensor], mask: Optional[Tensor]) -> None:
     """Writes the step into ``out`` (contiguous, x's shape); ``x`` None means out holds x.
     x, v and v_other are read through their strides (no copies)."""
     bsz, c, h, w = out.shape
@@ -108,26 +110,9 @@ def patch_euler_launch(out, x, v, dt, patch_size: int, v_other, mask) -> None:
     )  # fmt: skip
 
 
-if HAS_TRITON_OP:
-
-    # One mutating op: ``out`` is written, and ``x = None`` is the in-place form (out holds x),
-    # so no two arguments alias (custom ops do not allow that).
-    @torch.library.triton_op("pf_kernels::patch_euler_", mutates_args={"out"})
-    def _patch_euler_op(
-        out: Tensor,
-        x: Optional[Tensor],
-        v: Tensor,
-        dt: Tensor,
-        patch_size: int,
-        v_other: Optional[Tensor],
-        mask: Optional[Tensor],
-    ) -> None:
-        patch_euler_launch(out, x, v, dt, patch_size, v_other, mask)
-
-    def _fake(out, x, v, dt, patch_size, v_other, mask):
-        return None
-
-    _patch_euler_op.register_fake(_fake)
+# One mutating op: ``out`` is written, and ``x = None`` is the in-place form (out holds x), so
+# no two arguments alias (custom ops do not allow that).
+register("patch_euler_", patch_euler_launch, lambda *args: None, mutates_args={"out"})
 
 
 def patch_euler_triton(x, v, dt, patch_size: int, *, v_other=None, mask=None, out=None) -> torch.Tensor:
@@ -138,10 +123,7 @@ def patch_euler_triton(x, v, dt, patch_size: int, *, v_other=None, mask=None, ou
         x_arg = x
     else:
         x_arg = None if target is x else x
-    if HAS_TRITON_OP:
-        torch.ops.pf_kernels.patch_euler_(target, x_arg, v, dt, patch_size, v_other, mask)
-    else:
-        patch_euler_launch(target, x_arg, v, dt, patch_size, v_other, mask)
+    torch.ops.pf_kernels.patch_euler_(target, x_arg, v, dt, patch_size, v_other, mask)
     if out is not None and target is not out:
         out.copy_(target)  # a strided or differently typed ``out``: one extra copy
         return out

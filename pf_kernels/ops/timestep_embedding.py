@@ -9,7 +9,7 @@ times this is a (B, N, 256) fp32 tensor written once from the (B, N) times, inst
 the ``arange``/``exp``/outer-product/``cat`` chain. Differentiable in ``t`` (cheap: the
 backward recomputes the angles), ``dt = sum_k f_k * (g_sin_k * cos - g_cos_k * sin)``.
 
-File layout: forward kernel, backward kernel, host launchers, op registration + autograd.
+File layout: forward kernel, backward kernel, host launchers, op registration.
 """
 
 import torch
@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pf_kernels.ops._utils import HAS_TRITON_OP, count, empty_rows, wrap
+from pf_kernels.ops._utils import count, empty_rows, wrap
+from pf_kernels.ops.registry import register
 from pf_kernels.reference import timestep_frequencies
 
 #################################################################################
@@ -109,7 +110,7 @@ def _freqs(half: int, max_period: float, t: torch.Tensor) -> torch.Tensor:
     return _FREQS[key]
 
 
-def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+def timestep_embedding_fwd(t: Tensor, dim: int, max_period: float) -> Tensor:
     """t any shape -> t.shape + (dim,), fp32."""
     out = empty_rows((*t.shape, dim), torch.float32, t.device)
     m, half = t.numel(), dim // 2
@@ -125,7 +126,7 @@ def timestep_embedding_fwd(t: torch.Tensor, dim: int, max_period: float) -> torc
     return out
 
 
-def timestep_embedding_bwd(grad: torch.Tensor, t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+def timestep_embedding_bwd(grad: Tensor, t: Tensor, dim: int, max_period: float) -> Tensor:
     """grad t.shape + (dim,) -> dt of t's shape and dtype."""
     dt = empty_rows(t.shape, t.dtype, t.device)
     m, half = t.numel(), dim // 2
@@ -145,57 +146,18 @@ def timestep_embedding_bwd(grad: torch.Tensor, t: torch.Tensor, dim: int, max_pe
 
 
 #################################################################################
-#                        Registration: triton_op + autograd                     #
+#                                 Registration                                  #
 #################################################################################
 
 
-class TimestepEmbeddingFunction(torch.autograd.Function):
-    """The route without ``torch.library.triton_op`` (torch < 2.6): eager autograd only."""
-
-    @staticmethod
-    def forward(ctx, t, dim, max_period):
-        ctx.save_for_backward(t)
-        ctx.dim, ctx.max_period = dim, max_period
-        return timestep_embedding_fwd(t, dim, max_period)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (t,) = ctx.saved_tensors
-        return timestep_embedding_bwd(grad, t, ctx.dim, ctx.max_period), None, None
-
-
-if HAS_TRITON_OP:
-
-    @torch.library.triton_op("pf_kernels::timestep_embedding", mutates_args=())
-    def _timestep_embedding_op(t: Tensor, dim: int, max_period: float) -> Tensor:
-        return timestep_embedding_fwd(t, dim, max_period)
-
-    @torch.library.triton_op("pf_kernels::timestep_embedding_backward", mutates_args=())
-    def _timestep_embedding_backward_op(grad: Tensor, t: Tensor, dim: int, max_period: float) -> Tensor:
-        return timestep_embedding_bwd(grad, t, dim, max_period)
-
-    def _fwd_fake(t, dim, max_period):
-        return empty_rows((*t.shape, dim), torch.float32, t.device)
-
-    def _bwd_fake(grad, t, dim, max_period):
-        return empty_rows(t.shape, t.dtype, t.device)
-
-    _timestep_embedding_op.register_fake(_fwd_fake)
-    _timestep_embedding_backward_op.register_fake(_bwd_fake)
-
-    def _setup_context(ctx, inputs, output):
-        t, dim, max_period = inputs
-        ctx.save_for_backward(t)
-        ctx.dim, ctx.max_period = dim, max_period
-
-    def _backward(ctx, grad):
-        (t,) = ctx.saved_tensors
-        return torch.ops.pf_kernels.timestep_embedding_backward(grad, t, ctx.dim, ctx.max_period), None, None
-
-    _timestep_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+register("timestep_embedding", timestep_embedding_fwd,
+         lambda t, dim, max_period: empty_rows((*t.shape, dim), torch.float32, t.device),
+         save=lambda t, dim, max_period, out: (t, dim, max_period),
+         backward=lambda grads, t, dim, max_period: (
+             torch.ops.pf_kernels.timestep_embedding_backward(grads[0], t, dim, max_period),))
+register("timestep_embedding_backward", timestep_embedding_bwd,
+         lambda grad, t, dim, max_period: empty_rows(t.shape, t.dtype, t.device))
 
 
 def timestep_embedding_triton(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    if HAS_TRITON_OP:
-        return torch.ops.pf_kernels.timestep_embedding(t, dim, float(max_period))
-    return TimestepEmbeddingFunction.apply(t, dim, float(max_period))
+    return torch.ops.pf_kernels.timestep_embedding(t, dim, float(max_period))
