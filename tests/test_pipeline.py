@@ -93,6 +93,40 @@ def test_draw_equals_the_sampler_by_hand(name, params, cfg):
     assert info["nfe"] == samplers.make(name, **params).expected_nfe(3)
 
 
+def test_graphed_sampling_pads_a_short_batch_and_captures_once_per_setting(monkeypatch):
+    """The CUDA-graph path on the CPU: a stand-in for GraphedSampler runs the captured
+    setting eagerly, on the full (padded) batch it was built for."""
+    captured = []
+
+    class EagerGraph:
+        def __init__(self, sampler, model, shape, steps, *, cfg_scale, device, guidance_interval):
+            captured.append((shape, steps, cfg_scale))
+            self.sampler, self.model, self.shape, self.steps, self.cfg_scale = sampler, model, shape, steps, cfg_scale
+            self.nfe = self.guided_nfe = 0
+
+        def __call__(self, x, y):
+            assert x.shape == self.shape and y.shape == (self.shape[0],)
+            out = self.sampler(self.model, x, self.steps, y=y, cfg_scale=self.cfg_scale)
+            self.nfe, self.guided_nfe = self.sampler.nfe, self.sampler.guided_nfe
+            return out
+
+    monkeypatch.setattr(pipeline, "GraphedSampler", EagerGraph)
+    model = tiny_model(dtype=torch.float32)
+    pipe = Pipeline(model, samplers.EulerPF(), Decoder(3))
+    pipe.graphs = {}  # what use_graphs() sets on a CUDA device
+    noise = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    got, info = pipe.draw(5, lambda rows: (noise[rows], labels[rows]), 2, cfg_scale=2.0, batch_size=3)
+    assert captured == [((3, 3, 8, 8), 2, 2.0)]  # one capture serves the full batch and the padded last one
+    assert info == {**info, "nfe": 2, "guided_nfe": 2}
+    padded = torch.cat([noise, noise[-1:]]), torch.cat([labels, labels[-1:]])
+    by_hand = torch.cat([samplers.EulerPF()(model, padded[0][i:i + 3], 2, y=padded[1][i:i + 3], cfg_scale=2.0)
+                         for i in (0, 3)])[:5]
+    assert torch.equal(got, to_uint8(by_hand))
+    pipe.draw(2, lambda rows: (noise[rows], labels[rows]), 3, cfg_scale=2.0, batch_size=3)
+    assert len(captured) == 2  # another step count: another capture
+
+
 def test_generate_is_seeded_noise_and_balanced_labels():
     model = tiny_model(dtype=torch.float32, in_channels=1)
     got, _ = pipeline.generate(model, samplers.EulerPF(), 12, 2, seed=7, batch_size=12, cfg_scale=2.0)
