@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pf.errors import run_command
 from pf.models.checkpoint import RELEASED_TARGETS, read_checkpoint_file, model_from_checkpoint_dict, save_checkpoint, save_safetensors
 
 # Constructor arguments the released config names (SPEC section 2), plus mlp_ratio when it
@@ -58,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output file (default: next to the input)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     args = parser.parse_args(argv)
-    from pf.errors import run_command
 
     def run() -> None:
         print(f"wrote {export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema)}")

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from pf_kernels.ltg import ltg_sample
+
 
 def _check_finite(name: str, value: float) -> None:
     if not math.isfinite(value):
@@ -97,8 +99,6 @@ class LTG(TimestepSampler):
             n = _randn((batch, num_patches), device, generator)
             u = _rand((batch, num_patches), device, generator)
             return ltg_from_noise(n0, n, u, self.loc, self.scale, self.std)
-        from pf_kernels.ltg import ltg_sample
-
         if self.seed is None:
             gen_device = generator.device if generator is not None else "cpu"
             self.seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=gen_device))

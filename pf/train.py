@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -48,16 +49,22 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from pf import conditioning as conds
-from pf.conditioning import ClassConditioning, TextConditioning
 from pf import samplers as pf_samplers
 from pf import timesteps as pf_timesteps
+from pf.conditioning import ClassConditioning, TextConditioning
 from pf.data import ShardedBatches, StreamBatches, build_dataset, check_against_model, split_validation
+from pf.data.captions import (CAPTION_DATA, CaptionedClasses, build_caption_dataset, check_caption_data,
+                              demo_prompts)
 from pf.data.names import class_names
+from pf.encoders import build_image_encoder
 from pf.errors import NonFiniteLoss, run_command  # pf.train.NonFiniteLoss stays a name
+from pf.eval.train_classifier import ensure_classifier
 from pf.models.checkpoint import load_state_dict_checked
 from pf.models.presets import build_model, build_t2i, num_params
+from pf.text import CachedTextEncoder, encoder_from_config
 from pf.training.checkpointing import (
     load_training_checkpoint,
     resolve_resume,
@@ -70,8 +77,8 @@ from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shu
 from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
-from pf.training.schema import check_config, check_overrides, fill_family_defaults
 from pf.training.pictures import draw_samples, save_picture
+from pf.training.schema import check_config, check_overrides, fill_family_defaults
 
 log = logging.getLogger("pf.train")
 
@@ -159,13 +166,9 @@ def _validate(model, x1, y, x0, batch: int, autocast) -> dict:
 def _repa_encoder(cfg, d: Dist, device: torch.device):
     """The frozen encoder of ``trainer.repa`` (the default classifier: trained once on the
     training data and cached, by rank 0 first)."""
-    from pf.encoders import build_image_encoder
-
     rc = cfg.trainer.repa
     weights = rc.weights
     if rc.encoder == "classifier" and weights is None:
-        from pf.eval.train_classifier import ensure_classifier
-
         if d.enabled and not d.is_main:
             dist.barrier()  # rank 0 trains and caches it first
         if d.is_main:
@@ -231,8 +234,6 @@ def _data(cfg, d: Dist, device: torch.device, seed: int):
     """The data, checked against the model's sizes (null sizes come from the data, e.g. a
     latent set's manifest), split for validation, and this rank's batches. With REPA a latent
     set's items also carry their pixels; captioned data gives captions in place of class ids."""
-    from pf.data.captions import CAPTION_DATA, build_caption_dataset, check_caption_data
-
     captioned = cfg.data.name in CAPTION_DATA
     if captioned != (cfg.model.family == "t2i"):
         raise ValueError(f"data={cfg.data.name} " + ("has captions: train it with a text model (model=t2i-tiny, ...)"
@@ -264,8 +265,6 @@ def _conditioning(cfg, dataset, device: torch.device):
     if cfg.model.family != "t2i":
         num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes
         return ClassConditioning(num_classes, class_names(OmegaConf.to_container(cfg, resolve=True), num_classes))
-    from pf.text import CachedTextEncoder, encoder_from_config
-
     tx = cfg.text
     encoder = encoder_from_config(OmegaConf.to_container(tx, resolve=True), device)
     prompts = picture_prompts(cfg, dataset)
@@ -279,8 +278,6 @@ def picture_prompts(cfg, dataset) -> list[str]:
     prompt per class (a wording no training caption has), else the data's first captions."""
     if cfg.sampler.prompts:
         return list(cfg.sampler.prompts)
-    from pf.data.captions import CaptionedClasses, demo_prompts
-
     if isinstance(dataset, CaptionedClasses):
         first: dict[int, str] = {}
         for prompt, c in demo_prompts(dataset.name, "test"):
@@ -320,8 +317,6 @@ def _resume(cfg, d: Dist, device, state: dict, generators: dict, timestep_sample
 def _wrap(model, tc, d: Dist, device) -> _Forward:
     train_model = model
     if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
         train_model = torch.compile(train_model)
@@ -360,8 +355,6 @@ def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, 
 
 
 def _summary(run_dir: Path, step: int, first_loss, seconds: float, main: bool) -> dict:
-    import json
-
     summary = {"steps": step, "first_loss": first_loss, "seconds": seconds, "run_dir": str(run_dir)}
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line] if main and path.is_file() else []

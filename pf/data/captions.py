@@ -40,8 +40,10 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from pf.data.base import DataError, TensorImages
+from pf.data.digits import load_digits_dataset
 from pf.data.folder import IMAGE_SUFFIXES, _readable, image_to_tensor, load_image
 from pf.data.latent_shards import _mix
+from pf.data.mnist_format import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_mnist_format
 
 CAPTIONS_FILE = "captions.jsonl"
 SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -442,15 +444,11 @@ def load_captioned(name: str, split: str = "train", image_size: int = 16, path: 
     """A demo set with its training captions: ``digits`` (scikit-learn's, one split: ``train``)
     or ``fashion_mnist`` (``train`` / ``test``; ``path`` default the Debian package's folder)."""
     if name == "digits":
-        from pf.data.digits import load_digits_dataset
-
         if split != "train":
             raise DataError(f"the digits have no {split!r} split (only 'train'); held-out prompts come from "
                             f"demo_prompts('digits', 'test')")
         base = load_digits_dataset(image_size=image_size)
     elif name == "fashion_mnist":
-        from pf.data.mnist_format import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_mnist_format
-
         base = load_mnist_format(path or FASHION_MNIST_DIR, split, image_size, name="Fashion-MNIST",
                                  class_names=FASHION_MNIST_CLASSES)
     else:

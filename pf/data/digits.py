@@ -13,7 +13,7 @@ from pf.data.base import DataError, TensorImages
 
 
 def load_digits_dataset(image_size: int = 16) -> TensorImages:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here, not at the top: importing scikit-learn takes seconds
 
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]

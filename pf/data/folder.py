@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from pf.data.base import DataError
@@ -21,8 +22,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def _readable(path: Path) -> bool:
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.verify()  # checks the file without decoding every pixel
@@ -81,8 +80,6 @@ class ImageFolder(Dataset):
 def image_to_tensor(img, image_size: int, channels: int) -> torch.Tensor:
     """A Pillow image as ``(channels, image_size, image_size)`` float32 in [-1, 1]: converted to
     RGB or L, the shorter side resized to ``image_size`` (bicubic), center-cropped."""
-    from PIL import Image
-
     img = img.convert("RGB" if channels == 3 else "L")
     w, h = img.size
     scale = image_size / min(w, h)  # shorter side -> image_size, then center crop
@@ -100,7 +97,5 @@ def image_to_tensor(img, image_size: int, channels: int) -> torch.Tensor:
 
 def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
     """The image file at ``path`` through :func:`image_to_tensor`."""
-    from PIL import Image
-
     with Image.open(path) as img:
         return image_to_tensor(img, image_size, channels)

@@ -19,13 +19,19 @@ OmegaConf container classes are allow-listed, so a released config can be read.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf, nodes
+from omegaconf.base import Container, ContainerMetadata, Metadata, Node
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pf.models.dit import GlobalTimeDiT, PatchForcingDiT
 from pf.models.repa import REPAGlobalTimeDiT, REPAPatchForcingDiT
@@ -45,15 +51,6 @@ RELEASED_TARGETS = {"PatchForcingDiT": "patch_flow.models.pf_transformer.PatchFo
 
 def _omegaconf_safe_globals() -> list:
     """The classes a pickled OmegaConf DictConfig refers to, and nothing else."""
-    try:
-        import typing
-
-        from omegaconf import DictConfig, ListConfig, nodes
-        from omegaconf.base import Container, ContainerMetadata, Metadata, Node
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        return []
-    import collections
-
     allowed = [DictConfig, ListConfig, ContainerMetadata, Metadata, Container, Node, typing.Any, dict, list, int, collections.defaultdict]
     allowed += [getattr(nodes, name) for name in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode", "EnumNode", "ValueNode")
                 if hasattr(nodes, name)]
@@ -81,13 +78,8 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
 
 
 def _to_plain(config: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(config, DictConfig):
-            return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
     return dict(config)
 
 
@@ -169,10 +161,6 @@ def model_checkpoint(model: PatchForcingDiT, ema_state: dict | None = None, **ex
 
 def save_safetensors(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Weights as safetensors with ``{"format", "model_class", "config"}`` as JSON metadata."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError as err:  # pragma: no cover - safetensors is a dependency
-        raise ImportError("exporting to safetensors needs the 'safetensors' package: pip install safetensors") from err
     path = Path(path)
     meta = {"format": FORMAT, "model_class": type(model).__name__, "config": json.dumps(model.config())}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -183,8 +171,6 @@ def save_safetensors(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def _read_safetensors(path: Path, map_location: Any) -> dict:
-    from safetensors import safe_open
-
     device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
     try:
         with safe_open(str(path), framework="pt", device=device) as f:

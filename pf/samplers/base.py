@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from pf.flow import patch_mean
 from pf.guidance import Guided, guided_call
@@ -151,8 +152,6 @@ class Sampler:
         self._guided_steps = guided_steps(schedule, float(cfg_scale), guidance_interval)
         steps = range(len(schedule) - 1)
         if progress:
-            from tqdm.auto import tqdm
-
             steps = tqdm(steps, desc=type(self).__name__, leave=False)
         with torch.no_grad():
             return self.run(model, x.clone(), schedule, y, steps)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from pf.conditioning import TextCond
 from pf.text.encoders import check_prompts
@@ -75,8 +76,6 @@ class CachedTextEncoder(nn.Module):
     # ------------------------------------------------------------------ building the table
     @torch.no_grad()
     def _encode_all(self, captions: list[str], batch_size: int, dtype: torch.dtype, progress) -> dict:
-        from tqdm.auto import tqdm
-
         order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # similar lengths share a batch
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         show = len(batches) >= 4 if progress is None else bool(progress)

@@ -25,6 +25,8 @@ on the right: ``mask`` is True on the real tokens and the tokens of padding are 
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -227,8 +229,6 @@ MODEL_TYPES = {"t5": ("t5",), "clip": ("clip", "clip_text_model")}  # what T5Enc
 
 
 def _check_model_type(folder: Path, name: str, kind: str) -> None:
-    import json
-
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as err:
@@ -283,8 +283,6 @@ def _language_tower(folder: Path, dtype: torch.dtype) -> nn.Module:
 
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 model folder from its PyPI package, extracted once if shipped zipped."""
-    import importlib.util
-
     for package in MINILM_PACKAGES:
         spec = importlib.util.find_spec(package)  # finds the package without running its __init__
         if spec is None or not spec.submodule_search_locations:

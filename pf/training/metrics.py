@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 
 class MetricsWriter:
     """Appends JSON lines. On resume, records after the resumed step are dropped first, so
@@ -25,7 +27,5 @@ class MetricsWriter:
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True,
                 mininterval=1.0, unit="step")

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from pf.sampling.grid import side_by_side, tile_grid
 
 # Anchor colours of an inferno-like map, dark -> bright.
 _HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
@@ -81,10 +84,6 @@ def save_picture(path: Path, samples: torch.Tensor, difficulty: torch.Tensor | N
                  title: str = "", map_title: str = "", labels: list[str] | None = None) -> None:
     """Write the samples grid, and the difficulty grid beside it when there is one, as a PNG
     (each image upscaled to at least 64 pixels, ``labels`` under the images, titles on top)."""
-    from PIL import Image
-
-    from pf.sampling.grid import side_by_side, tile_grid
-
     panels = [tile_grid(_to_rgb(samples), nrow, labels=labels, caption=title)]
     if difficulty is not None:
         panels.append(tile_grid(_heat(difficulty), nrow, labels=labels, caption=map_title))
