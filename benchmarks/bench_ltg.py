@@ -7,6 +7,10 @@ rand, mul, where: about ten kernels and torch's RNG). Shapes (B, N): (256, 256) 
 training at 256 px (N = 256), (64, 1024) at 512 px, (1024, 256) a large global batch.
 Targets: >= 2x on the CPU, >= 5x on a GPU. CUDA cases are skipped without a GPU.
 ``PF_BENCH_SCOPE=quick`` on a GPU machine runs the CUDA cases only.
+On CUDA the kernel takes microseconds, so wall clock around a synchronised call measures the
+launch and the sync: ``extra_info["ms"]`` (what the table shows) is the GPU time of one call
+replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``), ``ms_host`` CUDA events
+around each call with its launch costs (``do_bench``).
 CPU cases run with one thread and with torch's default thread count: on a shared, loaded
 machine the multi-threaded PyTorch composite stalls in spinning OpenMP waits (run with
 OMP_WAIT_POLICY=PASSIVE, as pf.train does), and the one-thread numbers are the fair
@@ -18,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import QUICK
+from conftest import QUICK, time_ms
 from pf import timesteps
 from pf_kernels import ltg_sample
 
@@ -74,6 +78,10 @@ def test_ltg_sample(benchmark, device, shape, impl):
                                 threads=torch.get_num_threads())
     try:
         out = benchmark(_synced(fn, device))
+        if device == "cuda":
+            from lease import graph_ms
+
+            benchmark.extra_info.update(ms=round(graph_ms(fn), 5), ms_host=round(time_ms(fn, device="cuda"), 5))
     finally:
         torch.set_num_threads(threads)
     assert out.shape == (batch, n)

@@ -39,7 +39,9 @@ def kernel_backend(name: str):
         pf_kernels.set_backend(previous)
 
 
-def _make_step(preset: str, variant: str, batch: int, device: str):
+def _make_step(preset: str, variant: str, batch: int, device: str, ltg_backend: str = "compiled"):
+    """One training step as a callable; ``ltg_backend="torch"`` draws the LTG times with
+    torch's RNG (gpu_check.sh uses it when the extension build failed: no JIT retry)."""
     model = build_model(preset, input_size=32 if device == "cuda" else 8, in_channels=4,
                         num_classes=1000).to(device).train()
     with torch.no_grad():  # non-zero AdaLN so the fused ops see real work
@@ -53,7 +55,7 @@ def _make_step(preset: str, variant: str, batch: int, device: str):
     elif "compile" in variant:
         for blk in model.blocks:
             blk.compile()
-    sampler = timesteps.make("ltg")
+    sampler = timesteps.make("ltg", backend=ltg_backend)
     size = 32 if device == "cuda" else 8
     x1 = torch.randn(batch, 4, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -72,6 +74,7 @@ def _make_step(preset: str, variant: str, batch: int, device: str):
             torch.cuda.synchronize()
 
     step.params = params
+    step.tokens = n  # per image
     return step
 
 

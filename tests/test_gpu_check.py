@@ -4,6 +4,7 @@ table merged from several files, and scripts/gpu_check.sh's phases and time budg
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,8 +30,8 @@ def _rows_of(table: str) -> dict:
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and cells[0] not in ("group", "---"):
-            rows[(cells[0], cells[1])] = cells[2:]
+        if len(cells) == 10 and cells[0] not in ("group", "---"):
+            rows[(cells[0], cells[1])] = cells[2:9]
     return rows
 
 
@@ -52,6 +53,33 @@ def test_table_ratios_and_fractions(tmp_path):
     assert rows[("adaln", "compile")][:3] == ["1.000", "2.00", ""]  # no ratio to itself
     assert rows[("adaln", "eager")][1:3] == ["", "0.50"]
     assert rows[("train", "eager")] == ["300.000", "", "", "", "", "410.0", "52"]
+
+
+def test_checks_notes_phases_and_targets(tmp_path):
+    """A lease's files: value checks, notes and phases get sections of their own; a timed
+    row's target is its last cell."""
+    lines = [
+        {"group": "values adaln_modulate B*N=65536 D=1152 bf16", "name": "ops[check]", "stats": {"median": 0.0},
+         "extra_info": {"impl": "check", "check": "FAIL", "worst": "grad x", "err": 0.5, "torch_err": 0.01,
+                        "bound": 0.03, "failures": "grad x: ..."}},
+        {"group": "ops notes", "name": "ops[note]", "stats": {"median": 0.0},
+         "extra_info": {"impl": "note", "note": "cut before patch_euler D=768"}},
+        _row("adaln fwd", "fused", 0.5, target=">= 85% copy BW"),
+        {"group": "gpu tests", "name": "tests/test_x.py", "stats": {"median": 12.0},
+         "extra_info": {"impl": "tests/test_x.py", "state": "ok", "passed": 3, "failed": 0, "skipped": 1}},
+    ]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    phases = tmp_path / "phases.tsv"
+    phases.write_text("phase\tbudget_s\test_s\tlimit_s\ttook_s\tstate\nops\t110\t95\t120\t118\tok\n")
+    bt = _bench_table()
+    table = bt.table(bt.load([str(rows), str(phases)]))
+    assert "| ops | 110 | 95 | 120 | 118 | ok |" in table
+    assert "| adaln_modulate B*N=65536 D=1152 bf16 | FAIL | grad x | 0.5 | 0.01 | 0.03 | grad x: ... |" in table
+    assert "- cut before patch_euler D=768" in table
+    assert "| tests/test_x.py | ok | 3 | 0 | 1 | 12 |  |" in table
+    assert table.splitlines()[-1].endswith("| >= 85% copy BW |")
+    assert table.count("| adaln fwd |") == 1 and "| values " not in table  # a check is not a timed row
 
 
 def test_x_compile_is_against_the_whole_model_compile(tmp_path):
@@ -138,32 +166,123 @@ def test_benchmarks_stream_one_line_each(tmp_path):
     assert rows[0]["machine"]["torch"] and "gpu" in rows[0]["machine"] and "machine" not in rows[1]
 
 
-def _gpu_check(tmp_path, **env):
+def _gpu_check(tmp_path, *args, **env):
     return subprocess.run(
-        ["bash", "scripts/gpu_check.sh", str(tmp_path / "out")],
-        cwd=ROOT, env=_env(PYTHON=sys.executable, **env), capture_output=True, text=True, timeout=300,
+        ["bash", "scripts/gpu_check.sh", *(args or [str(tmp_path / "out")])],
+        cwd=ROOT, env=_env(PYTHON=sys.executable, **env), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the training phase runs PF-XL/2: gpu_check.sh itself is the check there")
-def test_gpu_check_runs_phases_and_prints_the_table(tmp_path):
-    proc = _gpu_check(tmp_path, PF_GPU_PHASES="limits train", PF_GPU_BUDGET_S="200")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+FAILING_BUILD = 'echo "csrc/ltg_cuda.cu(7): error: identifier \\"x\\" is undefined" >&2; exit 1'
+PHASE_ORDER = ["env", "build", "limits", "ops", "train", "sampling", "compile", "tests"]
+
+
+def _plan(stdout: str) -> dict:
+    """{phase: (budget_s, est_s)} of the printed plan, in order."""
+    plan = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        if len(cells) >= 3 and cells[1].isdigit() and cells[2].isdigit():
+            plan[cells[0]] = (int(cells[1]), int(cells[2]))
+    return plan
+
+
+def test_dry_run_prints_a_value_first_plan_that_fits_the_call():
+    """One device call of at most 9.5 minutes: every phase has a budget and an estimated
+    cost beside it, they add up to at most 540 s with the table's reserve, and the phases
+    that return numbers come before the compile baselines and the test suite."""
+    proc = _gpu_check(None, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    plan = _plan(proc.stdout)
+    total = plan.pop("total")
+    assert list(plan) == PHASE_ORDER
+    assert total == (sum(b for b, _ in plan.values()), sum(e for _, e in plan.values()))
+    assert total[0] + 10 <= 540 and total[1] <= total[0]
+    assert all(0 < est <= budget for budget, est in plan.values())
+    with open(os.path.join(ROOT, "scripts", "gpu_check.sh")) as f:
+        assert 'total="${PF_GPU_BUDGET_S:-540}"' in f.read()
+
+
+def test_dry_run_follows_the_phase_order_asked_for():
+    proc = _gpu_check(None, "--dry-run", PF_GPU_PHASES="tests ops")
+    assert list(_plan(proc.stdout)) == ["tests", "ops", "total"]
+
+
+def test_fake_run_streams_rows_and_records_a_build_failure_once(tmp_path):
+    """PF_GPU_FAKE=1 on the CPU: the env phase, a build that fails (its error shown and kept
+    in build.log, one note, LTG's torch path from then on), the limits phase (its rows in
+    rows.jsonl, table.md re-rendered), the real-shape test file run under a timeout."""
+    proc = _gpu_check(tmp_path, PF_GPU_FAKE="1", PF_GPU_PHASES="env build limits tests", PF_GPU_BUILD_CMD=FAILING_BUILD)
+    out = tmp_path / "out"
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the failed build
     summary = proc.stdout[proc.stdout.index("=== phases") :]
-    assert "limits    ok" in summary and "train     ok" in summary
-    assert "tests" not in summary  # not asked for
-    table = (tmp_path / "out" / "table.md").read_text()
-    assert "| hardware limits | test_copy_bandwidth |" in table
-    assert "| train-step Tiny/2 cpu b8 | fused |" in table
+    for phase, state in [("env", "ok"), ("build", "FAILED (exit 1)"), ("limits", "ok"), ("tests", "ok")]:
+        assert f"{phase:<9} {state}" in summary, summary
+    assert 'BUILD FAILED (exit 1)' in proc.stdout and "error: identifier" in proc.stdout  # shown, not hidden
+    assert "error: identifier" in (out / "build.log").read_text()
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    build_notes = [r for r in rows if r["group"] == "build notes"]
+    assert len(build_notes) == 1 and "LTG's torch path" in build_notes[0]["extra_info"]["note"]
+    limits = {r["extra_info"].get("limit") for r in rows if r["group"] == "hardware limits"}
+    assert limits == {"copy", "matmul"}
+    assert next(r for r in rows if "machine" in r)["group"] == "hardware limits"  # the first measured row
+    tests = [r for r in rows if r["group"] == "gpu tests"]
+    assert [r["extra_info"]["impl"] for r in tests] == ["tests/test_gpu_real_shapes.py"]
+    assert tests[0]["extra_info"]["skipped"] > 0 and tests[0]["extra_info"]["failed"] == 0
+    phases = (out / "phases.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in phases] == ["phase", "env", "build", "limits", "tests"]
+    # A phase may use what the phases before it left: limits' limit is above its own budget.
+    limits_limit = int(phases[3].split("\t")[3])
+    assert 10 < limits_limit <= 10 + 55 + 10
+    table = (out / "table.md").read_text()
+    assert "| hardware limits | copy |" in table and "| tests/test_gpu_real_shapes.py | ok |" in table
     assert table in proc.stdout  # printed last, for the device tool's output tail
-    assert (tmp_path / "out" / "check.log").read_text().count("=== ") >= 3
 
 
-def test_gpu_check_skips_phases_past_its_budget(tmp_path):
-    proc = _gpu_check(tmp_path, PF_GPU_PHASES="limits", PF_GPU_BUDGET_S="5")
+def test_a_phase_past_its_limit_is_cut_and_the_run_goes_on(tmp_path):
+    """Budget 20 s, 10 kept for the table: the build (a command that hangs) is cut at what is
+    left of those 10 s with a note, and the next phase is skipped (no time left) instead of
+    overrunning."""
+    proc = _gpu_check(tmp_path, PF_GPU_FAKE="1", PF_GPU_PHASES="build limits", PF_GPU_BUDGET_S="20",
+                      PF_GPU_BUILD_CMD="sleep 60")  # fmt: skip
     assert proc.returncode == 1
-    assert "limits    SKIPPED: under 10 s of the 5 s budget left" in proc.stdout
+    summary = proc.stdout[proc.stdout.index("=== phases") :]
+    assert re.search(r"build     CUT at its \d+ s limit +\d+ s", summary), summary
+    took = int((tmp_path / "out" / "phases.tsv").read_text().splitlines()[1].split("\t")[4])
+    assert took <= 10 + 1  # stopped at its limit, not after the command's 60 s
+    assert "limits    SKIPPED" in summary
+    notes = (tmp_path / "out" / "table.md").read_text()
+    assert "s limit (rows measured before the cut are kept)" in notes and "skipped:" in notes
+
+
+def test_without_cuda_each_gpu_phase_is_skipped_with_a_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU")
+    proc = _gpu_check(tmp_path, PF_GPU_PHASES="limits train tests")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for phase in ("limits", "train", "tests"):
+        assert f"note ({phase}): skipped: no CUDA device" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fake_run_of_every_phase(tmp_path):
+    """The whole call on the CPU at toy sizes, after a failed build: every phase's code runs
+    (value checks ok, the LTG op skipped instead of a JIT build, training on LTG's torch
+    path, the GPU-only rows noted), within the default budget."""
+    proc = _gpu_check(tmp_path, PF_GPU_FAKE="1", PF_GPU_BUILD_CMD=FAILING_BUILD)
+    summary = proc.stdout[proc.stdout.index("=== phases") :]
+    for phase in PHASE_ORDER:
+        assert f"{phase:<9} {'FAILED (exit 1)' if phase == 'build' else 'ok'}" in summary, proc.stdout[-5000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if r["extra_info"]["impl"] == "check"]
+    assert len(checks) == 19 + 1 and all(r["extra_info"]["check"] == "ok" for r in checks)  # ops, the model
+    notes = " ".join(r["extra_info"]["note"] for r in rows if r["extra_info"]["impl"] == "note")
+    assert "LTG op skipped: the extension build failed" in notes
+    assert "compile phase skipped" in notes
+    train = [r for r in rows if r["group"].startswith("train-step")]
+    assert {r["extra_info"]["impl"] for r in train} == {"eager", "fused"}
+    assert all(r["extra_info"]["ltg"] == "torch" for r in train)
+    assert {r["extra_info"]["impl"] for r in rows if r["group"].startswith("sampling ")} == {"plain", "dedup+fused"}
 
 
 def test_gpu_check_rejects_unknown_phases(tmp_path):

@@ -1,0 +1,550 @@
+"""The measurements of one GPU call (``scripts/gpu_check.sh``), one phase per process, each row
+appended to a JSON-lines file the moment it is measured.
+
+    python benchmarks/lease.py PHASE --out ROWS.jsonl --seconds S [--toy]
+    python benchmarks/lease.py junit XML --out ROWS.jsonl --file NAME --rc RC --took S
+
+Phases, in the order a lease wants their numbers:
+  limits    device copy bandwidth and bf16 matmul (every fraction below is read against them;
+            written to limits.json beside ROWS for the later phases)
+  ops       each op at B*N = 65536, D = 1152 then 768, bf16: the value check (benchmarks/
+            value_check.py, forward and backward against fp32), then fused vs eager forward and
+            forward+backward, ms (CUDA events) and the fraction of the copy bandwidth; then the
+            LTG op against its torch composite (CUDA graph of the call, and with launch costs)
+  train     the PF-XL/2 forward+backward with fused ops checked against the torch path, then one
+            training step (bf16 autocast, batch 32): eager, fused, per-block compile (the
+            published code), for PF-XL/2 then PF-B/2
+  sampling  dual-loop sampling, batch 32, cfg 4, 5 steps (20 NFE): plain, per-block compile
+            (published), dedup+fused, +graphs (the whole sampler as one CUDA graph), PF-XL/2
+            then PF-B/2
+  compile   the torch.compile baselines: each op's expression, the sampling model
+            (dedup+compile) and the training step (compile-model), cheapest first
+Every row is timed only if the phase's remaining seconds cover the row's estimated cost; a
+row that would overrun is not started and a ``cut`` row says so (the shell's timeout is the
+backstop, never the plan). ``--toy`` runs the same code on the CPU at toy sizes (no Triton,
+no compile, no graphs: those rows are noted as skipped), so the control flow is tested
+before any lease. ``PF_GPU_LTG=torch`` (set by gpu_check.sh when the extension build
+failed): the LTG sampler's torch path is used and the LTG op row is skipped, so no process
+retries the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import pf_kernels  # noqa: E402
+import value_check as vc  # noqa: E402
+from conftest import measure_copy_bandwidth, time_ms  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+PHASES = ("limits", "ops", "train", "sampling", "compile")
+
+
+class Rows:
+    """Appends one JSON line per row (``scripts/bench_table.py`` reads them) and keeps the
+    phase's deadline."""
+
+    def __init__(self, path: str, phase: str, seconds: float, toy: bool):
+        self.path, self.phase, self.toy = path, phase, toy
+        self.deadline = time.monotonic() + seconds
+        # The machine goes on the file's first row that has one (the shell's notes have none).
+        self.first = not (os.path.exists(path) and '"machine":' in open(path).read())
+        self.cut = False
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def fits(self, what: str, est_s: float) -> bool:
+        """Whether a row of ``est_s`` seconds fits; once one does not, the rest of the phase
+        is cut (one note, later rows are not tried)."""
+        if self.cut:
+            return False
+        if self.toy:
+            est_s = min(est_s, 2.0)  # toy sizes: the estimates are the GPU's
+        if est_s > self.left():
+            self.note(f"cut before {what}: it needs about {est_s:.0f} s, {self.left():.0f} s of the phase left")
+            self.cut = True
+            return False
+        return True
+
+    def write(self, group: str, impl: str, ms: float | None = None, **info) -> None:
+        row = {"group": group, "name": f"{self.phase}[{impl}]",
+               "stats": {"median": (ms or 0.0) / 1e3}, "extra_info": {"impl": impl, "phase": self.phase, **info},
+               "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        if ms is not None:
+            row["extra_info"]["ms"] = round(ms, 5)
+        if self.first:
+            row["machine"] = machine_info()
+            self.first = False
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        print(f"  {group} | {impl} | " + (f"{ms:.3f} ms" if ms is not None else "") + " "
+              + " ".join(f"{k}={v}" for k, v in info.items() if k not in ("target",)), flush=True)  # fmt: skip
+
+    def note(self, text: str) -> None:
+        self.write(f"{self.phase} notes", "note", note=text)
+
+
+def machine_info() -> dict:
+    import triton
+
+    info = {"torch": torch.__version__, "triton": triton.__version__, "gpu": None}
+    if CUDA:
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return info
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def wall_ms(fn, reps: int) -> float:
+    """Mean ms of ``reps`` synchronised calls (for calls of many ms: training steps, sampling)."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str):
+    previous = pf_kernels.get_backend()
+    pf_kernels.set_backend(name)
+    try:
+        yield
+    finally:
+        pf_kernels.set_backend(previous)
+
+
+def limits_path(rows: Rows) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(rows.path)), "limits.json")
+
+
+def copy_limit(rows: Rows) -> float:
+    """The copy bandwidth the limits phase measured, or measured now."""
+    try:
+        with open(limits_path(rows)) as f:
+            return float(json.load(f)["copy_gb_per_s"])
+    except (OSError, KeyError, ValueError):
+        return measure_copy_bandwidth("cuda" if CUDA else "cpu", nbytes=(512 if CUDA else 8) * 2**20)
+
+
+#################################################################################
+#                                   limits                                      #
+#################################################################################
+
+
+def phase_limits(rows: Rows) -> None:
+    device = "cuda" if CUDA else "cpu"
+    nbytes = (512 if CUDA else 8) * 2**20
+    copy = measure_copy_bandwidth(device, nbytes=nbytes)
+    rows.write("hardware limits", "copy", 2 * nbytes / copy / 1e6, gb_per_s=round(copy, 1), limit="copy",
+               target="H100 about 3000 GB/s (KINDS.md), H200 about 4300")
+    n, dtype = (8192, torch.bfloat16) if CUDA else (256, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device=device)
+    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    rows.write("hardware limits", f"matmul {n}^3 {str(dtype)[6:]}", ms, tflops=round(tflops, 1), limit="matmul",
+               target="H100 about 790 TFLOP/s bf16 (KINDS.md)")
+    with open(limits_path(rows), "w") as f:
+        json.dump({"copy_gb_per_s": copy, "matmul_tflops": tflops, "device": device}, f)
+
+
+#################################################################################
+#                                     ops                                        #
+#################################################################################
+
+# (op, target note) in the order the report wants them; the targets are BENCHMARKS.md's.
+OP_TARGETS = {
+    "adaln_modulate": "fwd >= 85% copy BW, >= 2.5x eager; fwd+bwd >= 1.8x eager",
+    "gated_residual_modulate": "beats the two ops and eager; vs compile in the compile phase",
+    "gated_residual": ">= 85% copy BW",
+}
+
+
+def _shapes(toy: bool):
+    """(B, N, D) per width: B*N = 65536 at N = 256 on the GPU."""
+    return [(2, 16, 48), (2, 16, 32)] if toy else [(256, 256, 1152), (256, 256, 768)]
+
+
+def time_case(rows: Rows, case: vc.Case, group: str, copy_gbps: float, modes=("fwd", "fwd+bwd")) -> None:
+    device = "cuda" if CUDA else "cpu"
+    for mode in modes:
+        if mode == "fwd+bwd" and case.op in vc.FORWARD_ONLY:
+            continue
+        nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_fwd_bwd
+        for impl, fn in (("fused", case.fused), ("eager", case.eager)):
+            run = make_timed(fn, case, mode)
+            ms = time_ms(run, device=device)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            rows.write(f"{group} {mode}", impl, ms, gb_per_s=round(gbps, 1), frac_of_copy_bw=round(gbps / copy_gbps, 3),
+                       bytes_moved=nbytes, target=OP_TARGETS.get(case.op, "") if impl == "fused" else "")
+
+
+def make_timed(fn, case: vc.Case, mode: str):
+    """The timed callable: forward, or forward + autograd.grad of the float inputs."""
+    grad = mode != "fwd"
+    inputs = {k: (v.detach().requires_grad_(grad and k in case.grads) if v.is_floating_point() else v)
+              for k, v in case.inputs.items()}  # fmt: skip
+    if not grad:
+        return lambda: fn(**inputs)
+    leaves = [inputs[k] for k in case.grads]
+    outs = fn(**inputs)
+    cot = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+    return lambda: torch.autograd.grad(fn(**inputs), leaves, cot)
+
+
+def phase_ops(rows: Rows) -> None:
+    device = "cuda" if CUDA else "cpu"
+    copy_gbps = copy_limit(rows)
+    est = 2 if rows.toy else 12  # s per op and width: Triton JIT of fwd and bwd, fp32 refs, ~10 timings
+    with kernel_backend("auto"):
+        for op in vc.OPS:
+            for b, n, d in _shapes(rows.toy):
+                if op == "timestep_embedding" and d != _shapes(rows.toy)[0][2]:
+                    continue  # no width: once
+                if not rows.fits(f"{op} D={d}", est):
+                    return
+                shape = f"B*N={b * n}" + ("" if op == "timestep_embedding" else f" D={d}")
+                dtype = torch.float32 if op == "timestep_embedding" else (torch.float16 if rows.toy else torch.bfloat16)
+                case = vc.make_case(op, b, n, d, dtype, device)
+                dname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+                results = vc.check(case)
+                worst = max(results, key=lambda r: r.err / r.bound if r.bound else float("inf"))
+                rows.write(f"values {op} {shape} {dname}", "check", check="ok" if all(r.ok for r in results) else "FAIL",
+                           worst=worst.name, err=float(f"{worst.err:.3g}"), torch_err=float(f"{worst.torch_err:.3g}"),
+                           bound=float(f"{worst.bound:.3g}"), failures=vc.failures(results))  # fmt: skip
+                time_case(rows, case, f"{op} {shape} {dname}", copy_gbps)
+        ltg_rows(rows)
+
+
+def ltg_rows(rows: Rows) -> None:
+    """The LTG op vs its torch composite: GPU time of one call replayed from a CUDA graph
+    (``do_bench_cudagraph``: a microsecond kernel is not timed by wall clock), and ``ms_host``,
+    CUDA events around each call with its launch costs (``do_bench``)."""
+    from pf import timesteps
+
+    if os.environ.get("PF_GPU_LTG") == "torch":
+        rows.note("LTG op skipped: the extension build failed (build.log); training used LTG's torch path")
+        return
+    if not rows.fits("ltg", 10):
+        return
+    from pf_kernels import ltg_sample
+
+    device = "cuda" if CUDA else "cpu"
+    for batch, n in ([(4, 16)] if rows.toy else [(256, 256), (1024, 256)]):
+        torch_ltg = timesteps.make("ltg", backend="torch")
+        fns = {"op": lambda: ltg_sample(batch, n, seed=0, offset=0, device=device),
+               "torch": lambda: torch_ltg(batch, n, device=device)}  # fmt: skip
+        for impl, fn in fns.items():
+            host = time_ms(fn, device=device)
+            graph = graph_ms(fn) if CUDA else host
+            rows.write(f"ltg {device} {batch}x{n}", impl, graph, ms_host=round(host, 5),
+                       target=">= 5x the composite on a GPU" if impl == "op" else "")
+
+
+def graph_ms(fn) -> float:
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    except Exception as err:  # noqa: BLE001 - a capture failure is a finding, not a crash
+        print(f"  CUDA graph timing failed ({type(err).__name__}: {err}); events instead", flush=True)
+        return time_ms(fn, device="cuda")
+
+
+#################################################################################
+#                                    train                                      #
+#################################################################################
+
+
+def _presets(toy: bool):
+    return ["Tiny/2"] if toy else ["PF-XL/2", "PF-B/2"]
+
+
+def model_value_check(rows: Rows) -> None:
+    """The whole model's forward and backward with the fused ops against the torch path:
+    |fused bf16 - fp32| <= 2 |torch bf16 - fp32| + atol, for the output and every gradient
+    (the worst parameter reported), PF-XL/2 at batch 4 on the GPU."""
+    from pf.models import build_model
+
+    device = "cuda" if CUDA else "cpu"
+    preset, size, batch = ("Tiny/2", 8, 2) if rows.toy else ("PF-XL/2", 32, 4)
+    torch.manual_seed(0)
+    # eval(): no label dropout, so the three runs see the same labels (grads flow as in training)
+    model = build_model(preset, input_size=size, in_channels=4, num_classes=1000).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(0, 0.02)  # AdaLN-Zero would make the fused ops trivial
+    x = torch.randn(batch, 4, size, size, device=device)
+    t = torch.rand(batch, (size // 2) ** 2, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    low = torch.bfloat16 if CUDA else torch.float32
+
+    def run(backend: str, dtype):
+        model.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with kernel_backend(backend), ctx:
+            out = model(x, t, y)
+        (out.float() * cot).sum().backward()
+        return out.detach().double(), {k: p.grad.detach().double() for k, p in model.named_parameters()
+                                        if p.grad is not None}  # fmt: skip
+
+    cot = torch.randn(batch, 4, size, size, device=device)
+    ref_out, ref_grads = run("torch", torch.float32)
+    low_out, low_grads = run("torch", low)
+    fused_out, fused_grads = run("auto", low)
+    atol = vc.ATOL.get(low, 1e-5)
+    worst, failing = None, []
+    for name in ["out", *ref_grads]:
+        r, lo, k = (ref_out, low_out, fused_out) if name == "out" else (ref_grads[name], low_grads[name], fused_grads[name])
+        err, terr = (k - r).abs().max().item(), (lo - r).abs().max().item()
+        bound = 2 * terr + atol * max(1.0, r.abs().max().item())
+        ratio = err / bound if bound else float("inf")
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, name, err, terr, bound)
+        if not err <= bound:
+            failing.append(name)
+    _, name, err, terr, bound = worst
+    rows.write(f"values {preset} fwd+bwd b{batch} {str(low)[6:]} fused vs torch", "check",
+               check="ok" if not failing else "FAIL", worst=name, err=float(f"{err:.3g}"),
+               torch_err=float(f"{terr:.3g}"), bound=float(f"{bound:.3g}"),
+               failures=", ".join(failing[:10]) + (f" (+{len(failing) - 10})" if len(failing) > 10 else ""))
+
+
+def phase_train(rows: Rows) -> None:
+    import bench_train_step as bts
+    from bench_hw_limits import matmul_tflops
+
+    if rows.fits("model value check", 5 if rows.toy else 25):
+        model_value_check(rows)
+    device = "cuda" if CUDA else "cpu"
+    ltg = "torch" if os.environ.get("PF_GPU_LTG") == "torch" else "compiled"
+    try:
+        with open(limits_path(rows)) as f:
+            peak = float(json.load(f)["matmul_tflops"])
+    except (OSError, KeyError, ValueError):
+        peak = matmul_tflops(device)
+    batch = 2 if rows.toy else 32
+    # (variant, kernel backend, estimated s: warm-up + 5 steps, and the compile where there is one)
+    variants = [("eager", "torch", 10), ("fused", "auto", 15), ("blockc", "torch", 60)]
+    for preset in _presets(rows.toy):
+        for variant, backend, est in variants:
+            if variant == "blockc" and not CUDA:
+                rows.note(f"train {preset} blockc skipped: per-block torch.compile is timed on the GPU only")
+                continue
+            if not rows.fits(f"train {preset} {variant}", est * (0.3 if "B/2" in preset else 1)):
+                return
+            with kernel_backend(backend):
+                step = bts._make_step(preset, "compile" if variant == "blockc" else variant, batch, device,
+                                      ltg_backend=ltg)
+                t0 = time.perf_counter()
+                for _ in range(3 if variant == "blockc" else 2):  # warm-up, and the compile
+                    step()
+                warm_s = time.perf_counter() - t0
+                if CUDA:
+                    torch.cuda.reset_peak_memory_stats()
+                ms = wall_ms(step, 1 if rows.toy else 5)
+            tokens = batch * step.tokens
+            tflops = 6 * step.params * tokens / (ms * 1e-3) / 1e12
+            info = {"images_per_s": round(batch / ms * 1e3, 2), "tflops": round(tflops, 1),
+                    "frac_of_matmul_peak": round(tflops / peak, 3), "warmup_s": round(warm_s, 1), "ltg": ltg}
+            if CUDA:
+                info["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            target = "fused >= 1.25x eager with per-block compile, at no higher peak memory" if variant == "fused" else ""
+            rows.write(f"train-step {preset} bf16 b{batch}", variant, ms, target=target, **info)
+            del step
+            if CUDA:
+                torch.cuda.empty_cache()
+
+
+#################################################################################
+#                                   sampling                                    #
+#################################################################################
+
+
+def phase_sampling(rows: Rows) -> None:
+    import bench_sampling as bs
+    from pf import samplers
+
+    device = "cuda" if CUDA else "cpu"
+    batch, steps, size = (2, 2, 8) if rows.toy else (32, 5, 32)
+    # (variant, estimated s: warm-up (compile, graph capture) + 2 timed runs at PF-XL/2)
+    variants = [("plain", 8), ("plain+blockc", 40), ("dedup+fused", 8), ("+graphs", 10)]
+    for preset in _presets(rows.toy):
+        model = bs.make_model(preset, size, device)
+        for variant, est in variants:
+            if variant in ("plain+blockc", "+graphs") and not CUDA:
+                rows.note(f"sampling {preset} {variant} skipped: needs CUDA")
+                continue
+            if not rows.fits(f"sampling {preset} {variant}", est * (0.3 if "B/2" in preset else 1)):
+                return
+            sampler = samplers.make("dual_loop")
+            g = torch.Generator(device="cpu").manual_seed(0)
+            x = torch.randn(batch, 4, size, size, generator=g).to(device)
+            y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+            with lease_setup(bs, model, variant, sampler) as runner, autocast(device):
+                fn, counter = bs.sample_fn(model, runner, "+graphs" if variant == "+graphs" else variant,
+                                           sampler, x, y, steps)
+                t0 = time.perf_counter()
+                fn()  # warm-up: Triton JIT, compile, graph capture
+                sync()
+                warm_s = time.perf_counter() - t0
+                ms = wall_ms(fn, 1 if rows.toy else 2)
+            target = "guided sampling >= 1.5x images/s over plain with per-block compile" \
+                if variant in ("dedup+fused", "+graphs") else ""  # fmt: skip
+            rows.write(f"sampling {preset} dual_loop b{batch} cfg{bs.CFG} {steps} steps", variant, ms,
+                       images_per_s=round(batch / ms * 1e3, 2), nfe=counter.nfe, warmup_s=round(warm_s, 1),
+                       target=target)  # fmt: skip
+        del model
+        if CUDA:
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def lease_setup(bs, model, variant: str, sampler):
+    """bench_sampling's variants, with ``+graphs`` the dedup+fused eager model captured whole
+    (no torch.compile: the compiled model is the compile phase's)."""
+    if variant != "+graphs":
+        with bs.setup(model, variant, sampler) as runner:
+            yield runner
+        return
+    with bs.setup(model, "dedup+fused", sampler) as runner:
+        yield runner
+
+
+def autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+#################################################################################
+#                                   compile                                     #
+#################################################################################
+
+
+def phase_compile(rows: Rows) -> None:
+    """The torch.compile baselines, cheapest first: each op's plain expression (fwd+bwd at
+    PF-XL/2), then the sampling model (dedup+compile, PF-XL/2), then the training step's
+    whole-model compile (PF-B/2, then PF-XL/2: 100-160 s cold)."""
+    if not CUDA:
+        rows.note("compile phase skipped: the torch.compile baselines are timed on the GPU only")
+        return
+    import bench_sampling as bs
+    import bench_train_step as bts
+    from pf import samplers
+
+    copy_gbps = copy_limit(rows)
+    b, n, d = _shapes(False)[0]
+    for op in ("adaln_modulate", "gated_residual_modulate", "gated_residual", "ada_rms_norm"):
+        if not rows.fits(f"compile {op}", 12):
+            return
+        case = vc.make_case(op, b, n, d, torch.bfloat16, "cuda")
+        torch._dynamo.reset()
+        compiled = torch.compile(case.eager, fullgraph=True, dynamic=False)
+        for mode in ("fwd", "fwd+bwd"):
+            nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_fwd_bwd
+            ms = time_ms(make_timed(compiled, case, mode), device="cuda")
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            rows.write(f"{op} B*N={b * n} D={d} bf16 {mode}", "compile", ms, gb_per_s=round(gbps, 1),
+                       frac_of_copy_bw=round(gbps / copy_gbps, 3), bytes_moved=nbytes)
+    if rows.fits("sampling PF-XL/2 dedup+compile", 90):
+        model = bs.make_model("PF-XL/2", 32, "cuda")
+        sampler = samplers.make("dual_loop")
+        x = torch.randn(32, 4, 32, 32, device="cuda")
+        y = torch.randint(0, 1000, (32,), device="cuda")
+        with bs.setup(model, "dedup+compile", sampler) as runner, autocast("cuda"):
+            fn, counter = bs.sample_fn(model, runner, "dedup+compile", sampler, x, y, 5)
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            warm_s = time.perf_counter() - t0
+            ms = wall_ms(fn, 2)
+        rows.write(f"sampling PF-XL/2 dual_loop b32 cfg{bs.CFG} 5 steps", "dedup+compile", ms,
+                   images_per_s=round(32 / ms * 1e3, 2), nfe=counter.nfe, warmup_s=round(warm_s, 1))
+        del model
+        torch.cuda.empty_cache()
+    ltg = "torch" if os.environ.get("PF_GPU_LTG") == "torch" else "compiled"
+    for preset, est in (("PF-B/2", 60), ("PF-XL/2", 150)):
+        if not rows.fits(f"train {preset} compile-model", est):
+            return
+        with kernel_backend("torch"):
+            step = bts._make_step(preset, "compile-model", 32, "cuda", ltg_backend=ltg)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                step()
+            warm_s = time.perf_counter() - t0
+            ms = wall_ms(step, 5)
+        rows.write(f"train-step {preset} bf16 b32", "compile-model", ms, images_per_s=round(32 / ms * 1e3, 2),
+                   warmup_s=round(warm_s, 1))
+        del step
+        torch.cuda.empty_cache()
+
+
+#################################################################################
+#                                   junit rows                                   #
+#################################################################################
+
+
+def junit_row(rows: Rows, xml_path: str, file: str, rc: int, took: float) -> None:
+    """One row per GPU test file: passed / failed / skipped counts and the failing ids."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed = []
+    try:
+        root = ET.parse(xml_path).getroot()
+        for suite in root.iter("testsuite"):
+            for k in counts:
+                counts[k] += int(suite.get(k, 0))
+        for case in root.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(case.get("name"))
+    except (OSError, ET.ParseError):
+        pass  # cut before pytest wrote its report: the rc says so
+    state = {0: "ok", 5: "none selected", 124: "CUT (file timeout)", 137: "KILLED"}.get(rc, f"exit {rc}")
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    rows.write("gpu tests", file, took * 1e3, state=state, passed=passed, failed=counts["failures"] + counts["errors"],
+               skipped=counts["skipped"], failing=", ".join(failed[:8]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", choices=[*PHASES, "junit"])
+    parser.add_argument("xml", nargs="?")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--toy", action="store_true")
+    parser.add_argument("--file", default="")
+    parser.add_argument("--rc", type=int, default=0)
+    parser.add_argument("--took", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    rows = Rows(args.out, args.phase, args.seconds, args.toy)
+    if args.phase == "junit":
+        junit_row(rows, args.xml, args.file, args.rc, args.took)
+        return 0
+    if not CUDA and not args.toy:
+        rows.note(f"{args.phase}: no CUDA device, nothing measured (--toy runs the CPU rehearsal)")
+        return 0
+    if CUDA:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    globals()[f"phase_{args.phase}"](rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
