@@ -4,8 +4,8 @@ the studies draw from a model.
     pipe = Pipeline.from_checkpoint("last.pt", samplers.make("look_ahead"), device="cuda")
     images, info = pipe.generate(64, 50, seed=0, cfg_scale=4.0)   # uint8 (64, C, H, W)
 
-``from_checkpoint`` loads the model (its EMA weights when it has them), the autoencoder a
-latent run's manifest names (or ``vae=``) and, for a text-to-image checkpoint, the text
+``from_checkpoint`` builds the sampler (or takes one), loads the model (its EMA weights when
+it has them), the autoencoder a latent run's manifest names (or ``vae=``) and, for a text-to-image checkpoint, the text
 encoder it was trained with. ``check_compatible`` refuses, once and in one line naming the
 model's class and the sampler, a sampler the model cannot run. Drawing returns pictures as
 uint8 (M, C, H, W) in [0, 255] (``pf.autoencoder.to_uint8`` of the decoded samples): C = 3,
@@ -32,6 +32,7 @@ from pf import conditioning
 from pf.autoencoder import LATENT_SCALE, Decoder, to_uint8, training_autoencoder
 from pf.conditioning import TextConditioning
 from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
+from pf import samplers
 from pf.samplers import Euler, Sampler
 from pf.sampling.graphs import GraphedSampler, compile_model
 from pf.text import encoder_from_config
@@ -62,6 +63,15 @@ def check_compatible(model, sampler: Sampler, source: str = "the model") -> None
         raise ValueError(f"{name} needs a per-patch-time model; {held}, a global-time model (use sampler=euler)")
     if sampler.needs_uncertainty and not getattr(base, "predict_uncertainty", False):
         raise ValueError(f"{name} needs a model with a difficulty head (predict_uncertainty); {held} without one")
+
+
+def make_sampler(sampler: Sampler | str, params: dict | None = None) -> Sampler:
+    """``sampler`` itself, or the sampler of that name (``pf.samplers.make``) built with ``params``."""
+    if isinstance(sampler, Sampler):
+        if params:
+            raise ValueError(f"sampler parameters {sorted(params)} are for a sampler given by name, not {sampler!r}")
+        return sampler
+    return samplers.make(str(sampler), **dict(params or {}))
 
 
 def load_model(path: str | os.PathLike, *, device="cpu", use_ema: bool = True,
@@ -147,7 +157,7 @@ class Pipeline:
         self.nfe, self.guided_nfe = 0, 0
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, sampler: Sampler, *, device="cpu", use_ema: bool = True,
+    def from_checkpoint(cls, path: str | os.PathLike, sampler: Sampler | str, *, device="cpu", use_ema: bool = True,
                         source: str | None = None, **options) -> Pipeline:
         """Load ``path`` (see :func:`load_model`), then :meth:`for_model` with ``options``."""
         source = source or str(path)
@@ -155,13 +165,15 @@ class Pipeline:
         return cls.for_model(model, sampler, train_config, device=device, source=source, **options)
 
     @classmethod
-    def for_model(cls, model, sampler: Sampler, train_config: dict | None, *, device="cpu", vae=None,
-                  vae_scale: float | None = None, text_path: str | None = None, source: str = "the model",
-                  precision: str = "fp32") -> Pipeline:
-        """The pipeline of a loaded model and its run's training config: the autoencoder
-        ``vae`` (default: the one the latent set's manifest names; None for a pixel model)
-        with ``vae_scale`` (default: the manifest's, else ``LATENT_SCALE``), and the text
-        encoder of a text-to-image model (``text_path``: its folder, when it moved)."""
+    def for_model(cls, model, sampler: Sampler | str, train_config: dict | None, *, sampler_params: dict | None = None,
+                  device="cpu", vae=None, vae_scale: float | None = None, text_path: str | None = None,
+                  source: str = "the model", precision: str = "fp32") -> Pipeline:
+        """The pipeline of a loaded model and its run's training config: the sampler (or its
+        name and ``sampler_params``), the autoencoder ``vae`` (default: the one the latent
+        set's manifest names; None for a pixel model) with ``vae_scale`` (default: the
+        manifest's, else ``LATENT_SCALE``), and the text encoder of a text-to-image model
+        (``text_path``: its folder, when it moved)."""
+        sampler = make_sampler(sampler, sampler_params)
         check_compatible(model, sampler, source)  # before loading anything more
         manifest_vae, manifest_scale = training_autoencoder(train_config)
         decoder = Decoder(model.in_channels, vae or manifest_vae, device=device,
@@ -320,5 +332,5 @@ def generate(model, sampler: Sampler, num_samples: int, steps, *, seed: int = 0,
                          guidance_interval=guidance_interval, uc_cond=uc_cond)
 
 
-__all__ = ["Pipeline", "check_compatible", "generate", "indexed_inputs", "load_model", "seeded_noise",
+__all__ = ["Pipeline", "check_compatible", "generate", "indexed_inputs", "load_model", "make_sampler", "seeded_noise",
            "text_conditioning", "unwrap"]

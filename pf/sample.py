@@ -34,7 +34,6 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
-from pf import samplers
 from pf.errors import debug, expected_errors, one_line
 from pf.pipeline import Pipeline, indexed_inputs, load_model
 from pf.sampling.grid import class_names, rgb_nhwc, save_png, tile_grid
@@ -196,11 +195,7 @@ def build_pipeline(cfg: dict, device: torch.device) -> Pipeline:
     name = str(cfg["sampler"]).lower().replace("-", "_")
     params = {"dual_loop": {"p": cfg["p"], "n_inner": cfg["n_inner"]},
               "look_ahead": {"p": cfg["p"], "context_t_ratio": cfg["ratio"]}}.get(name, {})
-    try:
-        sampler = samplers.make(name, **params)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    pipe = Pipeline.for_model(model, sampler, train_config, device=device, vae=cfg["vae"],
+    pipe = Pipeline.for_model(model, name, train_config, sampler_params=params, device=device, vae=cfg["vae"],
                               vae_scale=cfg["vae_scale"] or None, text_path=cfg["text_path"], source=cfg["ckpt"],
                               precision=cfg["precision"])
     if pipe.text is not None and cfg["graphs"]:

@@ -73,6 +73,17 @@ def test_the_check_sees_through_torch_compile():
         check_compatible(compiled, samplers.LookAhead())
 
 
+def test_the_pipeline_builds_a_sampler_by_name(tmp_path):
+    path = tmp_path / "pf.ckpt"
+    save_checkpoint(model_checkpoint(tiny_model(dtype=torch.float32)), path)
+    pipe = Pipeline.from_checkpoint(path, "look_ahead", sampler_params={"p": 0.3, "context_t_ratio": 1.2})
+    assert type(pipe.sampler).__name__ == "LookAhead" and (pipe.sampler.p, pipe.sampler.context_t_ratio) == (0.3, 1.2)
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        Pipeline.from_checkpoint(path, "heun")
+    with pytest.raises(ValueError, match="are for a sampler given by name"):
+        pipeline.make_sampler(samplers.LookAhead(), {"p": 0.3})
+
+
 #################################################################################
 #                         The pipeline's pictures, by hand                      #
 #################################################################################

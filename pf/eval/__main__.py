@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pf import cli, samplers
+from pf import cli
 from pf.eval import inputs
 from pf.eval.metrics import compute_metrics
 from pf.eval.train_classifier import DEFAULTS as CLASSIFIER_DEFAULTS
@@ -76,11 +76,11 @@ def load_images(source: str, cfg, role: str):
 def draw_from_checkpoint(path: Path, cfg):
     """``num_samples`` pictures of a checkpoint's model (``pf.pipeline``), balanced classes, and a note on how."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    sampler = samplers.make(cfg.sampler.name, **cfg.sampler.params)
-    pipe = Pipeline.from_checkpoint(path, sampler, device=device, use_ema=cfg.use_ema, vae=cfg.vae)
+    pipe = Pipeline.from_checkpoint(path, cfg.sampler.name, sampler_params=cfg.sampler.params, device=device,
+                                    use_ema=cfg.use_ema, vae=cfg.vae)
     images, info = pipe.generate(cfg.num_samples, cfg.sampler.steps, seed=cfg.seed, cfg_scale=cfg.sampler.cfg_scale,
                                  batch_size=cfg.batch_size, guidance_interval=cfg.sampler.guidance_interval)
-    return images, {"source": str(path), "sampler": repr(sampler), "steps": cfg.sampler.steps,
+    return images, {"source": str(path), "sampler": repr(pipe.sampler), "steps": cfg.sampler.steps,
                     "cfg_scale": cfg.sampler.cfg_scale, "seed": cfg.seed, **info}
 
 
