@@ -16,6 +16,7 @@ scipy_stats = pytest.importorskip("scipy.stats")
 from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
 from pf import cli  # noqa: E402
 from pf.experiments import findings  # noqa: E402
+from pf.experiments.command import study_config  # noqa: E402
 
 
 def test_patch_stats_are_patch_means_of_variance_and_error():
@@ -44,9 +45,7 @@ def test_within_image_rank_correlation_is_spearman_per_row():
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_stages_that_read_one_model_run_together():
-    from pf.experiments import reproduce
-
-    study = reproduce.study_config(cli.parse(findings.DEFAULTS, []))
+    study = study_config(cli.parse(findings.DEFAULTS, []))
     names = [s.name for s in findings.build_stages(study)]
     # each stage listed with the model it reads; a model's stages are consecutive (a study continued in a
     # fresh clone, without the models, retrains only the one it stopped at)
@@ -68,7 +67,7 @@ def test_findings_toy_end_to_end(tmp_path):
                                 f"figures={tmp_path / 'fig'}", "device=cpu"])
     cfg = cli.parse(findings.DEFAULTS, argv, free=findings.FREE)
     findings.main(cfg, argv=["toy=true"])
-    study = findings.reproduce.study_config(cfg)
+    study = study_config(cfg)
     data = findings.collect(study)
     assert all(s is not None for _, s in data["stages"])
     assert {(r["arm"], r["seed"]) for r in data["uncertainty"]} == {(a, s) for a in ("pf_ltg", "pf_logit_normal")

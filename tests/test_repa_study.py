@@ -12,6 +12,7 @@ pytest.importorskip("torch_fidelity")
 from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
 from pf import cli  # noqa: E402
 from pf.experiments import common, repa  # noqa: E402
+from pf.experiments.command import study_config  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 
@@ -30,7 +31,7 @@ def test_repa_study_toy_end_to_end(tmp_path):
                             f"page={tmp_path / 'repa.md'}", "device=cpu"])
     cfg = cli.parse(repa.DEFAULTS, argv, free=repa.FREE)
     repa.main(cfg, argv=["toy=true"])
-    data = repa.collect(repa.reproduce.study_config(cfg))
+    data = repa.collect(study_config(cfg))
     assert all(seconds is not None for _, seconds in data["stages"])
     assert {p["target_nfe"] for p in data["curves"]["pf_ltg_repa"]} == {2, 4}
     assert {(p["train_seed"], p["sample_seed"]) for p in data["curves"]["pf_ltg"]} == {(0, 0), (0, 1)}

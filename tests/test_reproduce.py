@@ -15,26 +15,27 @@ pytest.importorskip("matplotlib")
 from pf import samplers  # noqa: E402
 from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
 from pf import cli  # noqa: E402
-from pf.experiments import common, reproduce  # noqa: E402
+from pf.experiments import command, common, curves, reproduce  # noqa: E402
+from pf.experiments.comparison import ARMS  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 
 
 def test_steps_for_nfe_matches_the_budget():
-    assert common.steps_for_nfe(samplers.EulerPF(), 20) == 20
-    assert common.steps_for_nfe(samplers.DualLoop(n_inner=4), 20) == 5
-    assert common.steps_for_nfe(samplers.DualLoop(n_inner=4), 10) == 2  # 8 and 12 tie: the cheaper
+    assert curves.steps_for_nfe(samplers.EulerPF(), 20) == 20
+    assert curves.steps_for_nfe(samplers.DualLoop(n_inner=4), 20) == 5
+    assert curves.steps_for_nfe(samplers.DualLoop(n_inner=4), 10) == 2  # 8 and 12 tie: the cheaper
     la = samplers.LookAhead()
-    k = common.steps_for_nfe(la, 50)
+    k = curves.steps_for_nfe(la, 50)
     assert abs(la.expected_nfe(k) - 50) <= 1 and la.expected_nfe(k) <= 50
 
 
 def test_the_default_study_is_the_papers_comparison():
     cfg = cli.parse(reproduce.DEFAULTS, [])
-    study = reproduce.study_config(cfg)
+    study = command.study_config(cfg)
     assert study["data"] == "fashion_mnist" and len(study["train"]["seeds"]) >= 2 and len(study["eval"]["seeds"]) >= 3
     assert study["eval"]["nfe"] == [10, 25, 50, 100] and study["eval"]["cfg_scale"] == 1.0
-    assert common.ARMS["sit_uniform"]["overrides"] == ["trainer=fm", "trainer.timesteps.name=uniform"]
+    assert ARMS["sit_uniform"]["overrides"] == ["trainer=fm", "trainer.timesteps.name=uniform"]
     names = [s.name for s in reproduce.build_stages(study)]
     for arm in ("sit_uniform", "sit_logit_normal", "pf_ltg", "pf_logit_normal"):
         assert f"train {arm} seed 0" in names and f"train {arm} seed 1" in names
@@ -48,19 +49,19 @@ def test_the_default_study_is_the_papers_comparison():
             assert [n for n in names[:i] if n.startswith("train ")][-1] == f"train {arm} seed {seed}", name
     assert all(n.startswith("trend ") for n in names[-2:])  # after every training seed's comparison
     # stage keys do not depend on how the study is run or where it reports
-    other = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["jobs=2", "results=/tmp/x.md"]))
+    other = command.study_config(cli.parse(reproduce.DEFAULTS, ["jobs=2", "results=/tmp/x.md"]))
     assert [s.key for s in reproduce.build_stages(other)] == [s.key for s in reproduce.build_stages(study)]
     # nor on which other stages exist: a longer trend or fewer arms re-keys only the trend
     keys = {s.name: s.key for s in reproduce.build_stages(study)}
-    layout = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["eval.trend_steps=[500]", "arms=[pf_ltg,sit_uniform]",
+    layout = command.study_config(cli.parse(reproduce.DEFAULTS, ["eval.trend_steps=[500]", "arms=[pf_ltg,sit_uniform]",
                                                                    "eval.adaptive_train_seeds=[0,1]"]))
     changed = {s.name for s in reproduce.build_stages(layout) if keys.get(s.name, s.key) != s.key}
     assert changed == {"trend pf_ltg seed 0", "trend sit_uniform seed 0"}
     # what a stage computes does re-key it: training stages do not see the evaluation settings
-    recipe = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["train.lr=0.002", "eval.num_samples=10"]))
+    recipe = command.study_config(cli.parse(reproduce.DEFAULTS, ["train.lr=0.002", "eval.num_samples=10"]))
     rekeyed = {s.name: s.key != keys[s.name] for s in reproduce.build_stages(recipe)}
     assert all(rekeyed.values())
-    sampling = reproduce.study_config(cli.parse(reproduce.DEFAULTS, ["eval.num_samples=10"]))
+    sampling = command.study_config(cli.parse(reproduce.DEFAULTS, ["eval.num_samples=10"]))
     rekeyed = {s.name: s.key != keys[s.name] for s in reproduce.build_stages(sampling)}
     assert not any(v for n, v in rekeyed.items() if n.startswith("train ")) and rekeyed["curve pf_ltg euler_pf seed 0"]
     with pytest.raises(ValueError, match="global-time model"):
@@ -73,7 +74,7 @@ def test_reproduce_toy_end_to_end(tmp_path):
                                  f"figures={tmp_path / 'fig'}", "device=cpu"])
     cfg = cli.parse(reproduce.DEFAULTS, argv, free=reproduce.FREE)
     reproduce.main(cfg, argv=["toy=true"])
-    study = reproduce.study_config(cfg)
+    study = command.study_config(cfg)
     data = reproduce.collect(study)
     assert all(seconds is not None for _, seconds in data["stages"])  # every stage finished
     assert len(data["train"]) == 8  # 4 arms x 2 training seeds
@@ -123,13 +124,13 @@ def test_reproduce_toy_end_to_end(tmp_path):
     # the feature classifier, whose file went with out_dir, is retrained to the same numbers
     import json
 
-    from pf.experiments.stages import config_key
+    from pf.experiments.records import config_key
 
     kept = sorted((Path(study["records_dir"]) / "weights").glob("*.pt"))
     assert len(kept) == 8  # every arm and training seed at the comparison's length
     stage_file(study["records_dir"], curve).unlink()
-    run = common.TrainedRun(study, common.ARMS["pf_ltg"]["overrides"], 0, study["train"]["steps"])
-    key = common.point_key(study, run.identity, "euler_pf", {}, 4, 1)
+    run = common.TrainedRun(study, ARMS["pf_ltg"]["overrides"], 0, study["train"]["steps"])
+    key = curves.point_key(study, run.identity, "euler_pf", {}, 4, 1)
     point = Path(study["records_dir"]) / "points" / f"{config_key(key)}.json"
     before = json.loads(point.read_text())["result"]
     assert before["weights"] == data["train"][("pf_ltg", 0)]["weights"]  # measured on that very model

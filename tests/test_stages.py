@@ -11,15 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pf.experiments.stages import (
-    Stage,
-    cached,
-    config_key,
-    directory_lock,
-    ensure_trained,
-    run_stages,
-    trajectory_dir,
-)
+from pf.experiments.records import cached, config_key, directory_lock
+from pf.experiments.stages import Stage, run_stages
+from pf.experiments.trajectories import ensure_trained, trajectory_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "pf" / "configs"
 
@@ -81,6 +75,32 @@ def test_a_failing_stage_stops_the_run_and_is_not_cached(tmp_path, jobs):
     with pytest.raises(RuntimeError, match="broken on purpose"):
         run_stages(stages, tmp_path / "out", jobs=jobs, log=lambda *_: None)
     assert not (tmp_path / "c.txt").exists() and not list((tmp_path / "out").glob("stages/*.json"))
+
+
+def fails_once(log: str, name: str, flag: str) -> dict:
+    """A stage killed the first time it runs (the ``flag`` file does not exist yet)."""
+    record_call(log, name)
+    if not Path(flag).exists():
+        Path(flag).touch()
+        raise KeyboardInterrupt("killed")  # what an interrupted study raises
+    return {"value": 1}
+
+
+def test_an_interrupted_study_resumes_at_the_stage_it_stopped_in(tmp_path):
+    """Killed in its second stage, the study reruns that stage and the ones after it; the
+    finished first stage is read back from its record, not run again."""
+    log, flag = str(tmp_path / "calls.txt"), str(tmp_path / "flag")
+    stages = [Stage("first", f"{__name__}:record_call", {"log": log, "name": "first", "value": 1}),
+              Stage("second", f"{__name__}:fails_once", {"log": log, "name": "second", "flag": flag}, deps=("first",)),
+              Stage("third", f"{__name__}:record_call", {"log": log, "name": "third"}, deps=("second",))]
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(stages, tmp_path / "out", log=lambda *_: None)
+    assert _calls(tmp_path / "calls.txt") == ["first", "second"]
+    assert len(list((tmp_path / "out" / "stages").glob("*.json"))) == 1  # only the finished stage is recorded
+    records = run_stages(stages, tmp_path / "out", log=lambda *_: None)
+    assert _calls(tmp_path / "calls.txt") == ["first", "second", "second", "third"]
+    assert records["first"]["result"] == {"value": 2} and records["second"]["result"] == {"value": 1}
+    assert set(records) == {"first", "second", "third"}
 
 
 def test_bad_stage_lists():
@@ -157,9 +177,11 @@ def test_the_studys_trajectories_keep_their_keys():
     change is meant to alter what the arms train, update the keys here (and rerun the study)."""
     from pf import cli
     from pf.experiments import common, reproduce
-    from pf.experiments.stages import config_key, trajectory_config
+    from pf.experiments.command import study_config
+    from pf.experiments.comparison import ARMS
+    from pf.experiments.trajectories import trajectory_config
 
-    study = reproduce.study_config(cli.parse(reproduce.DEFAULTS, []))
-    keys = {arm: config_key(trajectory_config(common.compose_train_config(study, common.ARMS[arm]["overrides"], 0)))
+    study = study_config(cli.parse(reproduce.DEFAULTS, []))
+    keys = {arm: config_key(trajectory_config(common.compose_train_config(study, ARMS[arm]["overrides"], 0)))
             for arm in ("pf_ltg", "sit_uniform", "pf_logit_normal")}
     assert keys == {"pf_ltg": "ea3cfc1ccd38", "sit_uniform": "4e9c5e4b162a", "pf_logit_normal": "9958c40624d5"}

@@ -166,7 +166,7 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path):
 def test_the_recognition_experiment_end_to_end(tmp_path):
     from pf import cli
     from pf.experiments import t2i
-    from pf.experiments.reproduce import expand_toy
+    from pf.experiments.command import expand_toy
 
     argv = expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"records_dir={tmp_path / 'rec'}",
                        f"page={tmp_path / 't2i.md'}", f"figures={tmp_path / 'fig'}"], t2i.TOY)

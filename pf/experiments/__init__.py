@@ -1,1 +1,12 @@
-"""Experiments that regenerate the reports (RESULTS.md): ``python -m pf.experiments.reproduce``."""
+"""The studies that write the reports (RESULTS.md, docs/*.md), and the framework they share.
+
+Studies, each its settings, stages, statements and report: ``reproduce`` (the paper's
+comparison, RESULTS.md), ``findings``, ``repa`` and ``t2i``; run ``python -m pf.experiments.<study>``.
+
+Framework, bottom up: ``records`` (keys, cached JSON results, a directory lock), ``stages``
+(cached, resumable stages and their runner), ``trajectories`` (training runs resumed by step),
+``comparison`` (the settings and arms the comparison's studies share), ``common`` (its trained
+runs, feature classifier and held-out reference), ``curves`` (evaluation points and curves),
+``summary`` (report numbers), ``plots`` (shared figure helpers) and ``command`` (a study's
+command line: toy sizes, run then report).
+"""

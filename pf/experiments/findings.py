@@ -28,15 +28,22 @@ import copy
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from pf.eval import cli
-from pf.experiments import common, reproduce
-from pf.experiments.common import ARMS, fmt, mean_std, paired, rel, verdict
+import pf_kernels
+from pf import samplers
+from pf.experiments import command, comparison, plots
+from pf.experiments.common import TrainedRun, device_name, load_test_labels, reference_images, weights_fingerprint
+from pf.experiments.comparison import ARMS, SAMPLER_LABELS, stage_study
+from pf.experiments.curves import evaluate_point, sampler_params, steps_for_nfe, stored_point
 from pf.experiments.stages import Stage, stage_result
+from pf.experiments.summary import fmt, mean_std, paired, rel, stage_table, verdict
+from pf.flow import interpolate, patch_mean, time_to_pixels
+from pf.models import load_checkpoint
+from pf.samplers import certain_patches
 
-DEFAULTS = copy.deepcopy(reproduce.DEFAULTS)
-DEFAULTS.pop("results")
+DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
 DEFAULTS.update({
     "page": "docs/findings.md",
     "findings": {
@@ -60,10 +67,10 @@ DEFAULTS.update({
         },
     },
 })
-TOY = [*reproduce.TOY, "findings.images=40", "findings.times=[0.3,0.7]", "findings.bins=4",
+TOY = [*comparison.TOY, "findings.images=40", "findings.times=[0.3,0.7]", "findings.bins=4",
        "findings.ablation.steps=2", "findings.ablation.eval=[[euler_pf,2],[look_ahead,3]]", "findings.selection.nfe=4",
        "findings.ablation.samplers=[independent,ltg]"]
-FREE = (*reproduce.FREE, "findings.ablation", "findings.selection")
+FREE = (*comparison.FREE, "findings.ablation", "findings.selection")
 DOC_COMMAND = "python -m pf.experiments.findings"
 
 
@@ -73,6 +80,7 @@ DOC_COMMAND = "python -m pf.experiments.findings"
 
 
 def _rank_rows(a):
+    # scipy is an optional dependency (the ``eval`` extra): imported where a finding is measured
     from scipy.stats import rankdata
 
     return rankdata(a, axis=1)
@@ -98,8 +106,6 @@ def _forward(model, x, t, y, batch: int = 500):
 
 def patch_stats(v, logvar, target, patch_size: int):
     """(per-patch predicted variance, per-patch squared error), each (B, N)."""
-    from pf.flow import patch_mean
-
     var = patch_mean(torch.exp(logvar.double()), patch_size)
     err = patch_mean(((v.double() - target.double()) ** 2).mean(1, keepdim=True), patch_size)
     return var, err
@@ -107,25 +113,19 @@ def patch_stats(v, logvar, target, patch_size: int):
 
 def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
     """Stage: findings 1-3 for one trained model, on held-out test images."""
-    import numpy as np
+    # scipy is an optional dependency (the ``eval`` extra): imported where a finding is measured
     from scipy.stats import spearmanr
 
-    import pf_kernels
-    from pf.flow import interpolate, time_to_pixels
-    from pf.samplers import certain_patches
-
     fc = study["findings"]
-    run = common.TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
-    from pf.models import load_checkpoint
-
+    run = TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
     model = load_checkpoint(run.checkpoint(), use_ema=True).eval()
-    images = common.reference_images(study)[:int(fc["images"])]
-    labels = common.load_test_labels(study)[:int(fc["images"])]
+    images = reference_images(study)[:int(fc["images"])]
+    labels = load_test_labels(study)[:int(fc["images"])]
     x1 = images.float() / 127.5 - 1.0  # (B, 1, S, S)
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1234))
     ps = model.patch_size
     n = (x1.shape[-1] // ps) ** 2
-    out = {"arm": arm, "seed": seed, "images": int(x1.shape[0]), "weights": common.weights_fingerprint(model),
+    out = {"arm": arm, "seed": seed, "images": int(x1.shape[0]), "weights": weights_fingerprint(model),
            "times": []}
     map_s = min((float(s) for s in fc["times"]), key=lambda s: abs(s - 0.5))  # the time of the pictured maps
     for s in fc["times"]:
@@ -200,15 +200,13 @@ def ablation_stage(study: dict, sampler_name: str) -> dict:
     """Stage: PF trained with one timestep sampler at the ablation budget, and its FID points."""
     ac = study["findings"]["ablation"]
     seed = int(ac["seed"])
-    run = common.TrainedRun(study, ablation_overrides(sampler_name), seed, int(ac["steps"]))
+    run = TrainedRun(study, ablation_overrides(sampler_name), seed, int(ac["steps"]))
     points = []
     for name, target in ac["eval"]:
-        from pf import samplers
-
-        params = reproduce.sampler_params(study, name)
-        k = common.steps_for_nfe(samplers.make(name, **params), int(target))
+        params = sampler_params(study, name)
+        k = steps_for_nfe(samplers.make(name, **params), int(target))
         for sseed in study["eval"]["seeds"]:
-            p = common.evaluate_point(study, run.identity, name, params, k, sseed, model=run.model)
+            p = evaluate_point(study, run.identity, name, params, k, sseed, model=run.model)
             points.append({"sampler": name, "target_nfe": int(target), "steps": k, "train_seed": seed,
                            "sample_seed": int(sseed), **p})
     trained = run.trained  # the run's losses and time (a fresh clone retrains it for them)
@@ -217,19 +215,17 @@ def ablation_stage(study: dict, sampler_name: str) -> dict:
 
 def selection_stage(study: dict, sampler: str, rule: str, seed: int) -> dict:
     """Stage: one adaptive sampler with one selection rule at the fixed NFE, every sampling seed."""
-    from pf import samplers
-
     sc = study["findings"]["selection"]
-    run = common.TrainedRun(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"])
-    params = reproduce.sampler_params(study, sampler)
+    run = TrainedRun(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"])
+    params = sampler_params(study, sampler)
     if rule != "uncertainty":  # the method's own points are the comparison's (same key)
         params = {**params, "selection": rule}
-    k = common.steps_for_nfe(samplers.make(sampler, **params), int(sc["nfe"]))
+    k = steps_for_nfe(samplers.make(sampler, **params), int(sc["nfe"]))
     points = []
     for sseed in study["eval"]["seeds"]:
         if rule == "random":
             params = {**params, "selection_seed": int(sseed)}
-        p = common.evaluate_point(study, run.identity, sampler, params, k, sseed, model=run.model)
+        p = evaluate_point(study, run.identity, sampler, params, k, sseed, model=run.model)
         points.append({"steps": k, "train_seed": seed, "sample_seed": int(sseed), **p})
     return {"points": points}
 
@@ -240,8 +236,8 @@ def build_stages(study: dict) -> list[Stage]:
     trained model lives only in ``out_dir``, which a fresh clone does not have, so a study
     continued elsewhere retrains only the model it stopped at."""
     fc = study["findings"]
-    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": common.stage_study(study)})]
-    study = common.stage_study(study, keep=("findings",))
+    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": stage_study(study)})]
+    study = stage_study(study, keep=("findings",))
     ac, sc = fc["ablation"], fc["selection"]
     ablation = {name: Stage(f"ablation {name}", "pf.experiments.findings:ablation_stage",
                             {"study": study, "sampler_name": name}, deps=("classifier",)) for name in ac["samplers"]}
@@ -291,11 +287,9 @@ def _runs(points, **match) -> dict:
 
 
 def plot_uncertainty(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Finding 1 (binned predicted variance against the actual error) and findings 2 and 3 (the
+    uncertain patches' error and variance with and without context), PF (LTG) where measured."""
+    plt = plots.pyplot()
     results = [r for r in data["uncertainty"] if r["arm"] == "pf_ltg"] or data["uncertainty"]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     cmap = plt.get_cmap("viridis")
@@ -331,18 +325,12 @@ def plot_uncertainty(data: dict, path: Path) -> None:
         a.set_xticks(list(xs), [f"s={s}" for s in times])
         a.set(title=title)
         a.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def plot_maps(data: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per-patch predicted variance beside the actual error on a few test images (PF, LTG)."""
+    plt = plots.pyplot()
     r = next((r for r in data["uncertainty"] if r["arm"] == "pf_ltg" and r.get("maps")), None)
     if r is None or not Path(r["maps"]).is_file():
         return False
@@ -359,171 +347,173 @@ def plot_maps(data: dict, path: Path) -> bool:
             ax[i, j].set_yticks([])
         ax[i, 0].set_ylabel(title, fontsize=7)
     fig.suptitle("per-patch predicted variance against the actual error (PF, LTG; brighter = larger)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
     return True
 
 
-def plot_bars(groups: list[tuple[str, list[tuple[str, list[float]]]]], path: Path, title: str, ylabel: str) -> None:
-    """Grouped bars with std error bars: groups of (group name, [(bar name, values)])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, (gname, bars) in zip(axes[0], groups):
-        ms = [mean_std(v) for _, v in bars]
-        ax.bar(range(len(bars)), [m for m, _ in ms], yerr=[s for _, s in ms], capsize=3,
-               color=["tab:blue" if "ltg" in b or "uncertainty" in b else "tab:gray" for b, _ in bars])
-        ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=30, ha="right", fontsize=8)
-        ax.set_title(gname, fontsize=9)
-        ax.set_ylabel(ylabel)
-        finite = [m + (sd if sd == sd else 0.0) for m, sd in ms if m == m]
-        if finite:
-            ax.set_ylim(0, 1.05 * max(finite))  # from zero: bar heights compare as the numbers do
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def render(study: dict, data: dict, command: str) -> str:
-    fc, ec, tc = study["findings"], study["eval"], study["train"]
+def render(study: dict, data: dict, command_line: str) -> str:
+    """docs/findings.md: a section per finding measured so far, then the stage times."""
     figures, page = Path(study["figures"]), Path(study["page"])
-    n_sample = len(ec["seeds"])
-    lines = ["# The paper's findings, measured at small scale", "",
-             f"Generated by `pf/experiments/findings.py` from the stages finished so far "
-             f"({sum(s is not None for _, s in data['stages'])} of {len(data['stages'])}); regenerate (or continue) "
-             f"with:", "", "```", command, "```", "",
-             f"Data `data={study['data']}` {study['image_size']}x{study['image_size']}, `model={study['model']}`; the "
-             f"models of the main comparison ([RESULTS.md]({rel('RESULTS.md', page)}): {tc['steps']} steps, batch "
-             f"{tc['batch_size']}, lr {tc['lr']}, training seeds {list(tc['seeds'])}). Held-out test images only. "
-             f"Device: {common.device_name(study)}.", ""]
-
-    # ---- 1-3
-    unc = data["uncertainty"]
-    if unc:
-        lines += ["## 1. Uncertainty tracks difficulty", "",
-                  f"{unc[0]['images']} test images, every patch noised to the same time s (fixed noise), one forward "
-                  f"pass: per patch the predicted variance (exp(logvar) averaged over the patch) and the actual "
-                  f"squared error of the velocity. Spearman rank correlation over all patches pooled, and within an "
-                  f"image (what the samplers use: they rank the patches of one image), mean ± std over training "
-                  f"seeds.", "",
-                  f"![uncertainty against error]({rel(figures / 'uncertainty.png', page)})", "",
-                  "| model | s | Spearman pooled | Spearman within an image | error of the certain / uncertain patches |",
-                  "|---|---|---|---|---|"]
-        for arm in fc["arms"]:
-            rs = [r for r in unc if r["arm"] == arm]
-            if not rs:
-                continue
-            for s in fc["times"]:
-                rows = [next(t for t in r["times"] if t["s"] == float(s)) for r in rs]
-                lines.append(f"| {ARMS[arm]['label']} | {s} | {fmt([t['spearman_pooled'] for t in rows], 3)} | "
-                             f"{fmt([t['spearman_within'] for t in rows], 3)} | "
-                             f"{mean_std([t['certain_err'] for t in rows])[0]:.4f} / "
-                             f"{mean_std([t['uncertain_err'] for t in rows])[0]:.4f} |")
-        if (figures / "difficulty_maps.png").is_file():
-            lines += ["", f"![difficulty maps]({rel(figures / 'difficulty_maps.png', page)})"]
-        lines += ["", "## 2 and 3. Context helps, and reduces uncertainty", "",
-                  f"The same images: the certain patches (the {fc['p']} least uncertain) moved ahead to "
-                  f"min(s x {fc['context_t_ratio']}, 1), either along the model's own velocity (as look-ahead moves "
-                  f"them) or to their true noisy value there (an upper bound), the uncertain ones left at s; a second "
-                  f"pass. Control (*other image*): the same patches at the same later time holding the true noisy "
-                  f"value of another test image, a change of context that says nothing about this one. Mean over the "
-                  f"uncertain patches, relative change against no context, and the share of images where it went "
-                  f"down; mean over training seeds.", "",
-                  "| model | s -> context t | uncertain-patch error: no context | with context (model) | "
-                  "with context (true) | control (other image) | predicted variance: no context | with context (model) "
-                  "| with context (true) | control (other image) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for arm in fc["arms"]:
-            rs = [r for r in unc if r["arm"] == arm]
-            for s in fc["times"] if rs else []:
-                rows = [next(t for t in r["times"] if t["s"] == float(s)) for r in rs]
-
-                def cell(kind, key, rows=rows):
-                    if kind not in rows[0]["context"]:  # a record from before the control was measured
-                        return "not measured"
-                    m = mean_std([t["context"][kind][key] for t in rows])[0]
-                    ch = mean_std([t["context"][kind][f"{key}_change"] for t in rows])[0]
-                    fr = mean_std([t["context"][kind][f"{key}_lower_frac"] for t in rows])[0]
-                    return f"{m:.4f} ({ch * 100:+.1f}%, lower in {fr * 100:.0f}% of images)"
-
-                lines.append(f"| {ARMS[arm]['label']} | {s} -> {rows[0]['context_t']:.2f} | "
-                             f"{mean_std([t['uncertain_err'] for t in rows])[0]:.4f} | {cell('model', 'err')} | "
-                             f"{cell('true', 'err')} | {cell('other', 'err')} | "
-                             f"{mean_std([t['uncertain_var'] for t in rows])[0]:.4f} | "
-                             f"{cell('model', 'var')} | {cell('true', 'var')} | {cell('other', 'var')} |")
-        lines += [""] + uncertainty_statements(fc, unc)
-
-    # ---- 4
-    ab = data["ablation"]
-    if ab:
-        ac = fc["ablation"]
-        lines += ["", "## 4. The timestep-sampler ablation", "",
-                  f"PF (same network, recipe and seed {ac['seed']}) trained for **{ac['steps']} steps** (a smaller "
-                  f"budget than the comparison's {tc['steps']}) with each timestep sampler of SPEC section 4; FID "
-                  f"against the test split, {ec['num_samples']} images, mean ± std over {n_sample} sampling seeds.", "",
-                  f"![ablation]({rel(figures / 'ablation.png', page)})", "",
-                  "| timestep sampler | validation MSE | " + " | ".join(
-                      f"{reproduce.SAMPLER_LABELS[n]} NFE ~{t}" for n, t in ac["eval"]) + " |",
-                  "|---|---|" + "---|" * len(ac["eval"])]
-        for name in ac["samplers"]:
-            r = ab.get(name)
-            if r is None:
-                lines.append(f"| {name} | pending |" + " pending |" * len(ac["eval"]))
-                continue
-            cells = []
-            for sname, target in ac["eval"]:
-                runs = list(_runs(r["points"], sampler=sname, target_nfe=int(target)).values())
-                cells.append(f"{fmt([p['fid'] for p in runs])} (K={runs[0]['steps']}, NFE {runs[0]['nfe']})")
-            lines.append(f"| {name} | {r['train']['val_loss']:.4f} | " + " | ".join(cells) + " |")
-        lines += [""] + ablation_statements(fc, ab)
-
-    # ---- 5
-    sel = data["selection"]
-    if sel:
-        sc = fc["selection"]
-        lines += ["", "## 5. Patch selection at fixed compute", "",
-                  f"PF (LTG), {tc['steps']} steps, training seed(s) {list(sc['train_seeds'])}; the adaptive samplers at "
-                  f"NFE ~{sc['nfe']} with the patches that go ahead chosen by uncertainty (the method: least "
-                  f"uncertain first), at random (as many patches), or most uncertain first; FID mean ± std over "
-                  f"{n_sample} sampling seeds, paired by seed.", "",
-                  f"![patch selection]({rel(figures / 'selection.png', page)})", "",
-                  "| sampler | " + " | ".join(sc["rules"]) + " |", "|---|" + "---|" * len(sc["rules"])]
-        for sampler in sc["samplers"]:
-            cells = []
-            for rule in sc["rules"]:
-                pts = sel.get((sampler, rule), [])
-                cells.append(f"{fmt([p['fid'] for p in pts])} (K={pts[0]['steps']}, NFE {pts[0]['nfe']})"
-                             if pts else "pending")
-            lines.append(f"| {reproduce.SAMPLER_LABELS[sampler]} | " + " | ".join(cells) + " |")
-        lines.append("")
-        euler = parallel_points(study)
-        if euler:
-            lines.append(f"For reference, Euler with every patch together at K={sc['nfe']} (NFE {sc['nfe']}; the main "
-                         f"comparison's point of the same model): FID {fmt([p['fid'] for p in euler.values()])}.")
-            lines.append("")
-        for sampler in sc["samplers"]:
-            base = _runs(sel.get((sampler, "uncertainty"), []))
-            for rule in sc["rules"]:
-                if rule != "uncertainty" and (sampler, rule) in sel:
-                    d = paired(_runs(sel[(sampler, rule)]), base)
-                    lines.append(f"- {reproduce.SAMPLER_LABELS[sampler]}: uncertainty-guided against {rule} "
-                                 f"selection, FID difference {verdict(d)} (negative: uncertainty-guided is better).")
-            for rule in ("random", "uncertainty"):
-                if euler and (sampler, rule) in sel:
-                    d = paired(euler, _runs(sel[(sampler, rule)]))
-                    lines.append(f"- {reproduce.SAMPLER_LABELS[sampler]} with {rule} selection against Euler (every "
-                                 f"patch together) at about the same NFE, FID difference {verdict(d)} (negative: "
-                                 f"{rule} selection is better"
-                                 + ("; the paper: random selection is worse than plain parallel sampling)."
-                                    if rule == "random" else ")."))
-    lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
-    lines += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'pending'} |" for name, s in data["stages"]]
+    lines = header(study, data, command_line, page)
+    if data["uncertainty"]:
+        lines += uncertainty_section(study, data["uncertainty"], figures, page)
+        lines += context_section(study, data["uncertainty"])
+    if data["ablation"]:
+        lines += ablation_section(study, data["ablation"], figures, page)
+    if data["selection"]:
+        lines += selection_section(study, data["selection"], figures, page)
+    lines += stage_table(data["stages"])
     return "\n".join(lines) + "\n"
+
+
+def header(study: dict, data: dict, command_line: str, page: Path) -> list[str]:
+    tc = study["train"]
+    return ["# The paper's findings, measured at small scale", "",
+            f"Generated by `pf/experiments/findings.py` from the stages finished so far "
+            f"({sum(s is not None for _, s in data['stages'])} of {len(data['stages'])}); regenerate (or continue) "
+            f"with:", "", "```", command_line, "```", "",
+            f"Data `data={study['data']}` {study['image_size']}x{study['image_size']}, `model={study['model']}`; the "
+            f"models of the main comparison ([RESULTS.md]({rel('RESULTS.md', page)}): {tc['steps']} steps, batch "
+            f"{tc['batch_size']}, lr {tc['lr']}, training seeds {list(tc['seeds'])}). Held-out test images only. "
+            f"Device: {device_name(study)}.", ""]
+
+
+def uncertainty_section(study: dict, unc: list[dict], figures: Path, page: Path) -> list[str]:
+    """Finding 1: rank correlation of the predicted variance with the actual error, per model and s."""
+    fc = study["findings"]
+    lines = ["## 1. Uncertainty tracks difficulty", "",
+             f"{unc[0]['images']} test images, every patch noised to the same time s (fixed noise), one forward "
+             f"pass: per patch the predicted variance (exp(logvar) averaged over the patch) and the actual "
+             f"squared error of the velocity. Spearman rank correlation over all patches pooled, and within an "
+             f"image (what the samplers use: they rank the patches of one image), mean ± std over training "
+             f"seeds.", "",
+             f"![uncertainty against error]({rel(figures / 'uncertainty.png', page)})", "",
+             "| model | s | Spearman pooled | Spearman within an image | error of the certain / uncertain patches |",
+             "|---|---|---|---|---|"]
+    for arm in fc["arms"]:
+        rs = [r for r in unc if r["arm"] == arm]
+        if not rs:
+            continue
+        for s in fc["times"]:
+            rows = [next(t for t in r["times"] if t["s"] == float(s)) for r in rs]
+            lines.append(f"| {ARMS[arm]['label']} | {s} | {fmt([t['spearman_pooled'] for t in rows], 3)} | "
+                         f"{fmt([t['spearman_within'] for t in rows], 3)} | "
+                         f"{mean_std([t['certain_err'] for t in rows])[0]:.4f} / "
+                         f"{mean_std([t['uncertain_err'] for t in rows])[0]:.4f} |")
+    if (figures / "difficulty_maps.png").is_file():
+        lines += ["", f"![difficulty maps]({rel(figures / 'difficulty_maps.png', page)})"]
+    return lines
+
+
+def context_section(study: dict, unc: list[dict]) -> list[str]:
+    """Findings 2 and 3: the uncertain patches' error and predicted variance with context, and
+    the statements on findings 1-3."""
+    fc = study["findings"]
+    lines = ["", "## 2 and 3. Context helps, and reduces uncertainty", "",
+             f"The same images: the certain patches (the {fc['p']} least uncertain) moved ahead to "
+             f"min(s x {fc['context_t_ratio']}, 1), either along the model's own velocity (as look-ahead moves "
+             f"them) or to their true noisy value there (an upper bound), the uncertain ones left at s; a second "
+             f"pass. Control (*other image*): the same patches at the same later time holding the true noisy "
+             f"value of another test image, a change of context that says nothing about this one. Mean over the "
+             f"uncertain patches, relative change against no context, and the share of images where it went "
+             f"down; mean over training seeds.", "",
+             "| model | s -> context t | uncertain-patch error: no context | with context (model) | "
+             "with context (true) | control (other image) | predicted variance: no context | with context (model) "
+             "| with context (true) | control (other image) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in fc["arms"]:
+        rs = [r for r in unc if r["arm"] == arm]
+        for s in fc["times"] if rs else []:
+            rows = [next(t for t in r["times"] if t["s"] == float(s)) for r in rs]
+
+            def cell(kind, key, rows=rows):
+                if kind not in rows[0]["context"]:  # a record from before the control was measured
+                    return "not measured"
+                m = mean_std([t["context"][kind][key] for t in rows])[0]
+                ch = mean_std([t["context"][kind][f"{key}_change"] for t in rows])[0]
+                fr = mean_std([t["context"][kind][f"{key}_lower_frac"] for t in rows])[0]
+                return f"{m:.4f} ({ch * 100:+.1f}%, lower in {fr * 100:.0f}% of images)"
+
+            lines.append(f"| {ARMS[arm]['label']} | {s} -> {rows[0]['context_t']:.2f} | "
+                         f"{mean_std([t['uncertain_err'] for t in rows])[0]:.4f} | {cell('model', 'err')} | "
+                         f"{cell('true', 'err')} | {cell('other', 'err')} | "
+                         f"{mean_std([t['uncertain_var'] for t in rows])[0]:.4f} | "
+                         f"{cell('model', 'var')} | {cell('true', 'var')} | {cell('other', 'var')} |")
+    return lines + [""] + uncertainty_statements(fc, unc)
+
+
+def ablation_section(study: dict, ab: dict, figures: Path, page: Path) -> list[str]:
+    """Finding 4: FID of PF trained with each timestep sampler at the ablation's budget."""
+    fc, ec, tc = study["findings"], study["eval"], study["train"]
+    ac = fc["ablation"]
+    lines = ["", "## 4. The timestep-sampler ablation", "",
+             f"PF (same network, recipe and seed {ac['seed']}) trained for **{ac['steps']} steps** (a smaller "
+             f"budget than the comparison's {tc['steps']}) with each timestep sampler of SPEC section 4; FID "
+             f"against the test split, {ec['num_samples']} images, mean ± std over {len(ec['seeds'])} sampling "
+             f"seeds.", "",
+             f"![ablation]({rel(figures / 'ablation.png', page)})", "",
+             "| timestep sampler | validation MSE | " + " | ".join(
+                 f"{SAMPLER_LABELS[n]} NFE ~{t}" for n, t in ac["eval"]) + " |",
+             "|---|---|" + "---|" * len(ac["eval"])]
+    for name in ac["samplers"]:
+        r = ab.get(name)
+        if r is None:
+            lines.append(f"| {name} | pending |" + " pending |" * len(ac["eval"]))
+            continue
+        cells = []
+        for sname, target in ac["eval"]:
+            runs = list(_runs(r["points"], sampler=sname, target_nfe=int(target)).values())
+            cells.append(f"{fmt([p['fid'] for p in runs])} (K={runs[0]['steps']}, NFE {runs[0]['nfe']})")
+        lines.append(f"| {name} | {r['train']['val_loss']:.4f} | " + " | ".join(cells) + " |")
+    return lines + [""] + ablation_statements(fc, ab)
+
+
+def selection_section(study: dict, sel: dict, figures: Path, page: Path) -> list[str]:
+    """Finding 5: the adaptive samplers with each patch selection rule at a fixed NFE, against
+    each other and against Euler with every patch together."""
+    sc, tc = study["findings"]["selection"], study["train"]
+    lines = ["", "## 5. Patch selection at fixed compute", "",
+             f"PF (LTG), {tc['steps']} steps, training seed(s) {list(sc['train_seeds'])}; the adaptive samplers at "
+             f"NFE ~{sc['nfe']} with the patches that go ahead chosen by uncertainty (the method: least "
+             f"uncertain first), at random (as many patches), or most uncertain first; FID mean ± std over "
+             f"{len(study['eval']['seeds'])} sampling seeds, paired by seed.", "",
+             f"![patch selection]({rel(figures / 'selection.png', page)})", "",
+             "| sampler | " + " | ".join(sc["rules"]) + " |", "|---|" + "---|" * len(sc["rules"])]
+    for sampler in sc["samplers"]:
+        cells = []
+        for rule in sc["rules"]:
+            pts = sel.get((sampler, rule), [])
+            cells.append(f"{fmt([p['fid'] for p in pts])} (K={pts[0]['steps']}, NFE {pts[0]['nfe']})"
+                         if pts else "pending")
+        lines.append(f"| {SAMPLER_LABELS[sampler]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    euler = parallel_points(study)
+    if euler:
+        lines.append(f"For reference, Euler with every patch together at K={sc['nfe']} (NFE {sc['nfe']}; the main "
+                     f"comparison's point of the same model): FID {fmt([p['fid'] for p in euler.values()])}.")
+        lines.append("")
+    return lines + selection_statements(sc, sel, euler)
+
+
+def selection_statements(sc: dict, sel: dict, euler: dict) -> list[str]:
+    """Uncertainty-guided selection against the other rules, and each rule against Euler."""
+    lines = []
+    for sampler in sc["samplers"]:
+        base = _runs(sel.get((sampler, "uncertainty"), []))
+        for rule in sc["rules"]:
+            if rule != "uncertainty" and (sampler, rule) in sel:
+                d = paired(_runs(sel[(sampler, rule)]), base)
+                lines.append(f"- {SAMPLER_LABELS[sampler]}: uncertainty-guided against {rule} "
+                             f"selection, FID difference {verdict(d)} (negative: uncertainty-guided is better).")
+        for rule in ("random", "uncertainty"):
+            if euler and (sampler, rule) in sel:
+                d = paired(euler, _runs(sel[(sampler, rule)]))
+                lines.append(f"- {SAMPLER_LABELS[sampler]} with {rule} selection against Euler (every "
+                             f"patch together) at about the same NFE, FID difference {verdict(d)} (negative: "
+                             f"{rule} selection is better"
+                             + ("; the paper: random selection is worse than plain parallel sampling)."
+                                if rule == "random" else ")."))
+    return lines
 
 
 def parallel_points(study: dict) -> dict:
@@ -532,9 +522,9 @@ def parallel_points(study: dict) -> dict:
     sc, k = study["findings"]["selection"], int(study["findings"]["selection"]["nfe"])
     out = {}
     for seed in sc["train_seeds"]:
-        identity = common.TrainedRun(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"]).identity
+        identity = TrainedRun(study, ARMS["pf_ltg"]["overrides"], seed, study["train"]["steps"]).identity
         for sseed in study["eval"]["seeds"]:
-            p = common.stored_point(study, identity, "euler_pf", {}, k, int(sseed))
+            p = stored_point(study, identity, "euler_pf", {}, k, int(sseed))
             if p is not None:
                 out[(int(seed), int(sseed))] = p
     return out
@@ -608,7 +598,7 @@ def ablation_statements(fc: dict, ab: dict) -> list[str]:
         if len(means) < 2:
             continue
         order = sorted(means, key=means.get)
-        text = (f"- {reproduce.SAMPLER_LABELS[sname]} NFE ~{target}, best to worst FID of the {len(order)} of "
+        text = (f"- {SAMPLER_LABELS[sname]} NFE ~{target}, best to worst FID of the {len(order)} of "
                 f"{len(names)} samplers measured: " + ", ".join(f"{n} {means[n]:.2f}" for n in order) + ". ")
         if pending:
             text += f"No verdict until {', '.join(pending)} {'is' if len(pending) == 1 else 'are'} measured."
@@ -630,7 +620,8 @@ def ablation_statements(fc: dict, ab: dict) -> list[str]:
     return out
 
 
-def write_report(study: dict, command: str) -> None:
+def write_report(study: dict, command_line: str) -> None:
+    """The figures, then the page, from what is stored."""
     data = collect(study)
     figures = Path(study["figures"])
     figures.mkdir(parents=True, exist_ok=True)
@@ -644,28 +635,26 @@ def write_report(study: dict, command: str) -> None:
             bars = [(n, [p["fid"] for p in _runs(data["ablation"][n]["points"], sampler=sname,
                                                target_nfe=int(target)).values()])
                     for n in fc["ablation"]["samplers"] if n in data["ablation"]]
-            groups.append((f"{reproduce.SAMPLER_LABELS[sname]}, NFE ~{target}", bars))
-        plot_bars(groups, figures / "ablation.png", f"PF trained with each timestep sampler "
-                  f"({fc['ablation']['steps']} steps): FID against the test split", "FID ↓")
+            groups.append((f"{SAMPLER_LABELS[sname]}, NFE ~{target}", bars))
+        plots.bars(groups, figures / "ablation.png", f"PF trained with each timestep sampler "
+                   f"({fc['ablation']['steps']} steps): FID against the test split", "FID ↓")
     if data["selection"]:
-        groups = [(f"{reproduce.SAMPLER_LABELS[s]}, NFE ~{fc['selection']['nfe']}",
+        groups = [(f"{SAMPLER_LABELS[s]}, NFE ~{fc['selection']['nfe']}",
                    [(r, [p["fid"] for p in data["selection"].get((s, r), [])]) for r in fc["selection"]["rules"]])
                   for s in fc["selection"]["samplers"]]
-        plot_bars(groups, figures / "selection.png", "which patches go ahead: FID at fixed compute", "FID ↓")
+        plots.bars(groups, figures / "selection.png", "which patches go ahead: FID at fixed compute", "FID ↓")
     Path(study["page"]).parent.mkdir(parents=True, exist_ok=True)
-    Path(study["page"]).write_text(render(study, data, command))
+    Path(study["page"]).write_text(render(study, data, command_line))
 
 
 def expand_toy(argv: list[str]) -> list[str]:
-    return reproduce.expand_toy(argv, TOY)
+    """``toy=true`` stands for this study's toy sizes."""
+    return command.expand_toy(argv, TOY)
 
 
 def main(cfg, argv: list[str] | None = None) -> None:
-    reproduce.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
+    command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
 
 
 if __name__ == "__main__":
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.exit(cli.run(main, DEFAULTS, __doc__, free=FREE, argv=expand_toy(sys.argv[1:])))
+    sys.exit(command.main(main, DEFAULTS, __doc__, free=FREE, toy=TOY))

@@ -20,18 +20,31 @@ own features would reward the metric, not the images. Stages are cached and resu
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from pf.eval import cli
-from pf.experiments import common, reproduce
-from pf.experiments.common import ARMS, fmt, mean_std, paired, verdict
-from pf.experiments.stages import Stage, config_key, stage_result
+from pf.autoencoder import from_uint8
+from pf.encoders import build_image_encoder
+from pf.encoders.classifier import accuracy, load_classifier
+from pf.eval.inputs import load_dataset_images
+from pf.eval.train_classifier import ensure_classifier
+from pf.experiments import command, comparison
+from pf.experiments.common import TrainedRun, data_config, load_test_labels, reference_images
+from pf.experiments.common import train_stage as train_arm  # this module's train_stage is the REPA study's
+from pf.experiments.comparison import ARMS, stage_study
+from pf.experiments.curves import realization_pairs, run_curve, stored_points
+from pf.experiments.records import config_key
+from pf.experiments.stages import Stage, stage_result
+from pf.experiments.summary import fmt, mean_std, paired, stage_table, verdict
+from pf.flow import interpolate
+from pf.models import load_checkpoint
+from pf.training.objective import Alignment
 
-DEFAULTS = copy.deepcopy(reproduce.DEFAULTS)
-DEFAULTS.pop("results")
+DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
 DEFAULTS.update({
     "page": "docs/repa.md",
     "repa": {
@@ -45,16 +58,14 @@ DEFAULTS.update({
         "images": 1000,
     },
 })
-TOY = [*reproduce.TOY, "repa.nfe=[2,4]", "repa.encoder.epochs=1", "repa.encoder.width=4", "repa.images=40", "repa.projector_dim=16",
+TOY = [*comparison.TOY, "repa.nfe=[2,4]", "repa.encoder.epochs=1", "repa.encoder.width=4", "repa.images=40", "repa.projector_dim=16",
        "repa.times=[0.5]"]
-FREE = reproduce.FREE
+FREE = comparison.FREE
 DOC_COMMAND = "python -m pf.experiments.repa"
 
 
 def encoder_path(study: dict) -> Path:
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.to_container(common.data_config(study, "train"), resolve=True)
+    data = OmegaConf.to_container(data_config(study, "train"), resolve=True)
     data.pop("num_workers", None)
     return Path(study["out_dir"]) / f"repa_encoder_{config_key({'data': data, **study['repa']['encoder']})}.pt"
 
@@ -80,24 +91,18 @@ LABELS = {"pf_ltg": "PF (LTG)", "pf_ltg_repa": "PF (LTG) + REPA"}
 
 def encoder_stage(study: dict) -> dict:
     """Stage: the classifier REPA aligns to, trained on the train split; its test accuracy."""
-    from pf.eval.classifier import accuracy, load_classifier
-    from pf.eval.inputs import from_uint8, load_dataset_images
-    from pf.eval.train_classifier import ensure_classifier
-
     ec = study["repa"]["encoder"]
-    path, info = ensure_classifier(common.data_config(study, "train"), encoder_path(study), epochs=int(ec["epochs"]),
+    path, info = ensure_classifier(data_config(study, "train"), encoder_path(study), epochs=int(ec["epochs"]),
                                    width=int(ec["width"]), seed=int(ec["seed"]), test_frac=0.0, log=None)
     model, _ = load_classifier(path)
-    test, labels = load_dataset_images(common.data_config(study, "test"))
+    test, labels = load_dataset_images(data_config(study, "test"))
     return {"path": str(path), "test_accuracy": accuracy(model, from_uint8(test), labels),
             "seconds": info.get("seconds")}
 
 
 def train_stage(study: dict, arm: str, seed: int) -> dict:
     """Stage: one arm trained; its losses along training (repa_loss for the REPA arm)."""
-    import json
-
-    trained = common.train_stage(study, arm_overrides(study, arm), seed, study["train"]["steps"])
+    trained = train_arm(study, arm_overrides(study, arm), seed, study["train"]["steps"])
     records = [json.loads(line) for line in (Path(trained["run_dir"]) / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
     curve = [{k: r[k] for k in ("step", "loss", "mse", "repa_loss") if k in r} for r in records
@@ -108,27 +113,21 @@ def train_stage(study: dict, arm: str, seed: int) -> dict:
 def curve_stage(study: dict, arm: str, seed: int) -> dict:
     """Stage: Euler FID at every K of ``repa.nfe`` and sampling seed (the comparison's points
     and kept images, by key)."""
-    return {"points": reproduce.run_curve(study, arm_overrides(study, arm), seed, "euler_pf", study["repa"]["nfe"])}
+    return {"points": run_curve(study, arm_overrides(study, arm), seed, "euler_pf", study["repa"]["nfe"])}
 
 
 def alignment_stage(study: dict, seed: int) -> dict:
     """Stage: cosine similarity of the REPA model's projection to the encoder's tokens on
     held-out test images, every patch at each time of ``repa.times``."""
-    from pf.encoders import build_image_encoder
-    from pf.models import load_checkpoint
-    from pf.training.objective import Alignment
-
     rc = study["repa"]
-    trained = common.train_stage(study, repa_overrides(study), seed, study["train"]["steps"])
+    trained = train_arm(study, repa_overrides(study), seed, study["train"]["steps"])
     model = load_checkpoint(trained["checkpoint"], use_ema=True).eval()
     term = Alignment(build_image_encoder("classifier", weights=str(encoder_path(study))), model.grid_size)
-    images = common.reference_images(study)[:int(rc["images"])]
-    labels = common.load_test_labels(study)[:int(rc["images"])]
+    images = reference_images(study)[:int(rc["images"])]
+    labels = load_test_labels(study)[:int(rc["images"])]
     x1 = images.float() / 127.5 - 1.0
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(4321))
     n = model.grid_size**2
-    from pf.flow import interpolate
-
     out = []
     for s in rc["times"]:
         cos = []
@@ -146,8 +145,8 @@ def alignment_stage(study: dict, seed: int) -> dict:
 
 
 def build_stages(study: dict) -> list[Stage]:
-    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": common.stage_study(study)})]
-    study = common.stage_study(study, keep=("repa",))
+    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": stage_study(study)})]
+    study = stage_study(study, keep=("repa",))
     stages.append(Stage("repa encoder", "pf.experiments.repa:encoder_stage", {"study": study}))
     for seed in study["repa"]["train_seeds"]:
         for arm in ("pf_ltg_repa", "pf_ltg"):  # PF's run and points are usually the comparison's, made meanwhile
@@ -189,34 +188,48 @@ def collect(study: dict) -> dict:
 
 def stored_curve(study: dict, arm: str, seed: int) -> list[dict]:
     """The points of an unfinished curve that are already evaluated."""
-    identity = common.TrainedRun(study, arm_overrides(study, arm), seed, study["train"]["steps"]).identity
-    return reproduce.stored_points(study, identity, seed, "euler_pf", study["repa"]["nfe"])
+    identity = TrainedRun(study, arm_overrides(study, arm), seed, study["train"]["steps"]).identity
+    return stored_points(study, identity, seed, "euler_pf", study["repa"]["nfe"])
 
 
 def _by_pair(points: list[dict], target: int) -> dict:
     return {(p["train_seed"], p["sample_seed"]): p for p in points if p["target_nfe"] == target}
 
 
-def render(study: dict, data: dict, command: str) -> str:
-    tc, ec, rc = study["train"], study["eval"], study["repa"]
+def render(study: dict, data: dict, command_line: str) -> str:
+    """docs/repa.md: the setup, FID against NFE of both models, the alignment, the stage times."""
     lines = ["# PF against PF + REPA (representation alignment), small scale", "",
-             "Generated by `pf/experiments/repa.py`; regenerate (or continue) with:", "", "```", command, "```", "",
-             "## Setup", "",
-             f"- Data, network and recipe of the main comparison (RESULTS.md): {study['data']} at "
-             f"{study['image_size']}x{study['image_size']}, model={study['model']}, {tc['steps']} steps, batch "
-             f"{tc['batch_size']}, lr {tc['lr']}, training seed(s) {rc['train_seeds']}.",
-             f"- REPA (SPEC.md section 9): projector after block {rc['encoder_depth']} (width {rc['projector_dim']}), "
-             f"lambda {rc['lambda']}, aligned to a classifier of the train split (width {rc['encoder']['width']}, "
-             f"seed {rc['encoder']['seed']}, {rc['encoder']['epochs']} epochs"
-             + (f", test accuracy {data['encoder']['test_accuracy']:.3f}" if data["encoder"] else "")
-             + "); its tokens are its last conv stage before pooling, 8x8 at 16x16, the DiT's grid. It is a "
-             "different network from the FID classifier, so REPA is not rewarded for copying the metric's features.",
-             f"- FID, precision and recall as in RESULTS.md: {ec['num_samples']} images per point against the "
-             f"held-out test split, no guidance, Euler (per-patch times all equal), sampling seeds {ec['seeds']} "
-             f"paired across the two columns.", ""]
-    nfe = rc["nfe"]
-    lines += ["## FID against NFE", "", "| model | " + " | ".join(f"K={k}" for k in nfe) + " |",
-              "|---|" + "---|" * len(nfe)]
+             "Generated by `pf/experiments/repa.py`; regenerate (or continue) with:", "", "```", command_line, "```",
+             ""]
+    lines += setup_section(study, data)
+    lines += fid_section(study, data)
+    lines += alignment_section(data)
+    lines += stage_table(data["stages"])
+    return "\n".join(lines) + "\n"
+
+
+def setup_section(study: dict, data: dict) -> list[str]:
+    tc, ec, rc = study["train"], study["eval"], study["repa"]
+    return ["## Setup", "",
+            f"- Data, network and recipe of the main comparison (RESULTS.md): {study['data']} at "
+            f"{study['image_size']}x{study['image_size']}, model={study['model']}, {tc['steps']} steps, batch "
+            f"{tc['batch_size']}, lr {tc['lr']}, training seed(s) {rc['train_seeds']}.",
+            f"- REPA (SPEC.md section 9): projector after block {rc['encoder_depth']} (width {rc['projector_dim']}), "
+            f"lambda {rc['lambda']}, aligned to a classifier of the train split (width {rc['encoder']['width']}, "
+            f"seed {rc['encoder']['seed']}, {rc['encoder']['epochs']} epochs"
+            + (f", test accuracy {data['encoder']['test_accuracy']:.3f}" if data["encoder"] else "")
+            + "); its tokens are its last conv stage before pooling, 8x8 at 16x16, the DiT's grid. It is a "
+            "different network from the FID classifier, so REPA is not rewarded for copying the metric's features.",
+            f"- FID, precision and recall as in RESULTS.md: {ec['num_samples']} images per point against the "
+            f"held-out test split, no guidance, Euler (per-patch times all equal), sampling seeds {ec['seeds']} "
+            f"paired across the two columns.", ""]
+
+
+def fid_section(study: dict, data: dict) -> list[str]:
+    """FID and precision / recall of both models at each K, and REPA against PF, paired."""
+    nfe = study["repa"]["nfe"]
+    lines = ["## FID against NFE", "", "| model | " + " | ".join(f"K={k}" for k in nfe) + " |",
+             "|---|" + "---|" * len(nfe)]
     for arm in ("pf_ltg", "pf_ltg_repa"):
         pts = data["curves"].get(arm, [])
         cells = [fmt([p["fid"] for p in _by_pair(pts, k).values()]) for k in nfe]
@@ -235,14 +248,19 @@ def render(study: dict, data: dict, command: str) -> str:
     if a and b:
         lines += ["", "REPA against PF at the same K (FID difference, negative = REPA better): "
                   + "; ".join(f"K={k}: {verdict(paired(_by_pair(a, k), _by_pair(b, k)))}" for k in nfe) + "."]
-        spread = [p["new"] - p["old"] for p in reproduce.realization_pairs(study)]
+        spread = [p["new"] - p["old"] for p in realization_pairs(study)]
         seeds = sorted({p["train_seed"] for p in a + b})
         if spread and len(seeds) < 2:
             lines.append(f"With one training run per model, compare this with what retraining one run changes: the "
                          f"same PF run retrained on another machine moved its FID by {mean_std(spread)[0]:+.2f} on "
                          f"average ({min(spread):+.2f} to {max(spread):+.2f}; RESULTS.md, 'The same run trained "
                          f"twice').")
-    lines += ["", "## Alignment", ""]
+    return lines
+
+
+def alignment_section(data: dict) -> list[str]:
+    """``repa_loss`` along training, and the held-out cosine similarity at each time."""
+    lines = ["", "## Alignment", ""]
     for (arm, seed), tr in sorted(data["train"].items()):
         rl = [r for r in tr.get("losses", []) if "repa_loss" in r]
         if rl:
@@ -256,27 +274,23 @@ def render(study: dict, data: dict, command: str) -> str:
                      + ".")
     if not data["alignment"] and not any("repa_loss" in str(t) for t in data["train"].values()):
         lines.append("pending")
-    lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
-    lines += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'pending'} |" for name, s in data["stages"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def write_report(study: dict, command: str) -> None:
+def write_report(study: dict, command_line: str) -> None:
     page = Path(study["page"])
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(render(study, collect(study), command))
+    page.write_text(render(study, collect(study), command_line))
 
 
 def expand_toy(argv: list[str]) -> list[str]:
-    return reproduce.expand_toy(argv, TOY)
+    """``toy=true`` stands for this study's toy sizes."""
+    return command.expand_toy(argv, TOY)
 
 
 def main(cfg, argv: list[str] | None = None) -> None:
-    reproduce.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
+    command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
 
 
 if __name__ == "__main__":
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.exit(cli.run(main, DEFAULTS, __doc__, free=FREE, argv=expand_toy(sys.argv[1:])))
+    sys.exit(command.main(main, DEFAULTS, __doc__, free=FREE, toy=TOY))

@@ -14,15 +14,28 @@ run and images to ``out_dir``. ``toy=true`` is a minute-sized run (CI).
 
 from __future__ import annotations
 
-import shlex
+import json
 import sys
-import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from pf.eval import cli
-from pf.experiments.stages import Stage, config_key, run_stages, stage_result
+import pf
+from pf import samplers
+from pf.autoencoder import from_uint8
+from pf.data.captions import demo_prompts
+from pf.encoders.classifier import load_classifier
+from pf.eval.train_classifier import ensure_classifier
+from pf.experiments import command
+from pf.experiments.records import config_key
+from pf.experiments.stages import Stage, stage_result
+from pf.experiments.summary import fmt, stage_table
+from pf.experiments.trajectories import ensure_trained
+from pf.models import load_checkpoint, num_params
+from pf.pipeline import Pipeline
+from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
 
 DEFAULTS = {
     "out_dir": "runs/t2i_demo",       # the training run, the classifier, sample grids (recomputable)
@@ -41,6 +54,7 @@ DEFAULTS = {
     },
     "classifier": {"epochs": 40, "width": 32},   # the digits classifier (pf.eval.train_classifier)
     "toy": False,
+    "report_only": False,             # rewrite the page from the stored records; run nothing
 }
 TOY = ["out_dir=runs/t2i_toy", "records_dir=runs/t2i_toy/records", "page=runs/t2i_toy/t2i.md",
        "figures=runs/t2i_toy/fig", "train.steps=4", "train.overrides=[trainer.batch_size=8,data.val_size=16]",
@@ -51,10 +65,6 @@ LAYOUT_KEYS = ("threads", "page", "figures", "toy")
 
 def train_config(study: dict):
     """The pf.train config of the demo (hydra's compose): experiment=t2i_demo at ``train.steps``."""
-    from hydra import compose, initialize_config_dir
-
-    import pf
-
     tc = study["train"]
     every = max(1, min(500, int(tc["steps"])))
     overrides = ["experiment=t2i_demo", f"trainer.max_steps={int(tc['steps'])}", "trainer.progress=false",
@@ -66,16 +76,12 @@ def train_config(study: dict):
 
 def trained(study: dict) -> dict:
     """The demo's run at ``train.steps``, trained or resumed as needed (a trajectory of
-    :mod:`pf.experiments.stages`: keyed by its config but its length; longer runs resume shorter ones)."""
-    from pf.experiments.stages import ensure_trained
-
+    :mod:`pf.experiments.trajectories`: keyed by its config but its length; longer runs resume shorter ones)."""
     return ensure_trained(train_config(study), study["out_dir"], int(study["train"]["steps"]), log=lambda *_: None)
 
 
 def train_stage(study: dict) -> dict:
     """Stage: the demo trained to ``train.steps``; its wall time and losses."""
-    import json
-
     out = trained(study)
     records = [json.loads(ln) for ln in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     upto = [r for r in records if r["step"] <= out["steps"]]
@@ -85,8 +91,6 @@ def train_stage(study: dict) -> dict:
 
 
 def _params(checkpoint: Path) -> int:
-    from pf.models import load_checkpoint, num_params
-
     return num_params(load_checkpoint(checkpoint))
 
 
@@ -96,16 +100,12 @@ def classifier_path(study: dict) -> Path:
 
 
 def digits_data():
-    from omegaconf import OmegaConf
-
     return OmegaConf.create({"name": "digits", "path": None, "split": "train", "image_size": 16, "channels": 1,
                              "num_classes": 10})
 
 
 def classifier_stage(study: dict) -> dict:
     """Stage: the digits classifier (real digits only; 20% held out for its accuracy)."""
-    from pf.eval.train_classifier import ensure_classifier
-
     cc = study["classifier"]
     _, info = ensure_classifier(digits_data(), classifier_path(study), epochs=int(cc["epochs"]),
                                 width=int(cc["width"]), log=None)
@@ -114,19 +114,12 @@ def classifier_stage(study: dict) -> dict:
 
 def prompt_sets() -> dict[str, list[tuple[str, int]]]:
     """(prompt, digit) pairs: the held-out wordings, and the training captions."""
-    from pf.data.captions import demo_prompts
-
     return {"held-out prompts": demo_prompts("digits", "test"), "training captions": demo_prompts("digits", "train")}
 
 
 @torch.no_grad()
 def recognition_stage(study: dict, seed: int) -> dict:
     """Stage: every prompt of each set ``eval.per_prompt`` times (sampling seed ``seed``), classified."""
-    from pf import samplers
-    from pf.autoencoder import from_uint8
-    from pf.eval.classifier import load_classifier
-    from pf.pipeline import Pipeline
-
     ec = study["eval"]
     pipe = Pipeline.from_checkpoint(trained(study)["checkpoint"], samplers.make(ec["sampler"]),
                                     source="the demo's checkpoint")
@@ -150,8 +143,6 @@ def recognition_stage(study: dict, seed: int) -> dict:
 
 def _save_grid(study: dict, images: torch.Tensor, prompts: list[str], per_prompt: int) -> str:
     """The first image of every held-out prompt: one column per digit, one row per wording."""
-    from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
-
     first = list(range(0, len(prompts), per_prompt))  # prompts are grouped by digit, then wording
     per_digit = len(first) // 10
     order = [first[d * per_digit + w] for w in range(per_digit) for d in range(10)]
@@ -182,19 +173,31 @@ def build_stages(study: dict) -> list[Stage]:
 #################################################################################
 
 
-def render(study: dict, command: str) -> str:
-    from pf.experiments.common import fmt
-
+def render(study: dict, command_line: str) -> str:
+    """docs/t2i.md from the stage records: the setup, the recognition rates, the sample grid."""
     recs = {s.name: stage_result(study["records_dir"], s) for s in build_stages(study)}
-    ec, tc = study["eval"], study["train"]
+    ec = study["eval"]
     lines = ["# Text-to-image Patch Forcing on a CPU: do the samples follow their prompts?", "",
-             f"Generated by `pf/experiments/t2i.py`; regenerate (or continue) with:", "", "```", command, "```", ""]
+             f"Generated by `pf/experiments/t2i.py`; regenerate (or continue) with:", "", "```", command_line, "```",
+             ""]
+    lines += setup_section(study, recs)
+    done = [recs[f"recognition seed {s}"]["result"] for s in ec["seeds"] if recs.get(f"recognition seed {s}")]
+    if done:
+        lines += recognition_section(done)
+    if done and done[0].get("grid"):
+        lines += samples_section(study, done[0]["grid"])
+    lines += stage_table([(n, rec["seconds"] if rec else None) for n, rec in recs.items()])
+    return "\n".join(lines) + "\n"
+
+
+def setup_section(study: dict, recs: dict) -> list[str]:
+    ec, tc = study["eval"], study["train"]
     tr, cl = recs["train"], recs["classifier"]
-    lines += ["## Setup", "",
-              "- Model and data: `python -m pf.train experiment=t2i_demo` (PFT2I-Tiny, the T2I model of SPEC.md "
-              "section 11 at width 128, depth 4; the 1,797 scikit-learn digits at 16x16 with captions such as "
-              "\"a handwritten seven\"; the frozen all-MiniLM-L6-v2 text encoder from its PyPI package; LTG with "
-              f"loc 0.5; caption dropout 0.1), {tc['steps']} steps" + (f", overrides {tc['overrides']}" if tc["overrides"] else "") + "."]
+    lines = ["## Setup", "",
+             "- Model and data: `python -m pf.train experiment=t2i_demo` (PFT2I-Tiny, the T2I model of SPEC.md "
+             "section 11 at width 128, depth 4; the 1,797 scikit-learn digits at 16x16 with captions such as "
+             "\"a handwritten seven\"; the frozen all-MiniLM-L6-v2 text encoder from its PyPI package; LTG with "
+             f"loc 0.5; caption dropout 0.1), {tc['steps']} steps" + (f", overrides {tc['overrides']}" if tc["overrides"] else "") + "."]
     if tr:
         r = tr["result"]
         lines.append(f"- Training: {r['params'] / 1e6:.2f}M parameters; loss {r['first_loss']:.3f} at step 1, "
@@ -207,58 +210,52 @@ def render(study: dict, command: str) -> str:
                      f"{cl['result']['test_accuracy']:.1%} accurate on {cl['result']['test_size']} held-out real digits.")
     lines.append(f"- Sampling: {ec['sampler']}, {ec['steps']} steps, guidance {ec['cfg']:g} against the empty prompt; "
                  f"{ec['per_prompt']} images per prompt and sampling seed; seeds {list(ec['seeds'])}.")
-    done = [recs[f"recognition seed {s}"]["result"] for s in ec["seeds"] if recs.get(f"recognition seed {s}")]
-    if done:
-        lines += ["", "## Recognition", "",
-                  "The fraction of samples the classifier reads as the prompted digit (mean ± std over the sampling "
-                  "seeds; chance is 10%):", "", "| prompts | prompts x images | recognised as the prompted digit |",
-                  "|---|---|---|"]
-        for name in done[0]["sets"]:
-            rates = [d["sets"][name]["rate"] for d in done]
-            n = done[0]["sets"][name]
-            label = name if name != "empty prompt" else "empty prompt (control: digit i of 10 'prompted' by nothing)"
-            lines.append(f"| {label} | {n['prompts']} x {n['images'] // n['prompts']} | {fmt([100 * r for r in rates])}% |")
-        held = done[0]["sets"]["held-out prompts"]
-        per_digit = [sum(d["sets"]["held-out prompts"]["per_digit"][c] for d in done) / len(done) for c in range(10)]
-        lines += ["", "Per digit, held-out prompts: " + ", ".join(f"{c}: {100 * r:.0f}%" for c, r in enumerate(per_digit))
-                  + f". NFE {held['nfe']} per image (guided: a doubled batch).", ""]
-        empty = [d["sets"]["empty prompt"]["predicted_counts"] for d in done]
-        top = max(range(10), key=lambda c: sum(e[c] for e in empty))
-        lines.append(f"With the empty prompt the classifier's most frequent answer is {top} "
-                     f"({100 * sum(e[top] for e in empty) / sum(sum(e) for e in empty):.0f}% of those samples): "
-                     "the model's unconditional digits, the rate a prompt-blind model would reach at best on one digit.")
-    if done and done[0].get("grid"):
-        rel = Path(done[0]["grid"]).resolve().relative_to(Path(study["page"]).resolve().parent) \
-            if Path(done[0]["grid"]).resolve().is_relative_to(Path(study["page"]).resolve().parent) else done[0]["grid"]
-        lines += ["", "## Samples", "", f"The first image of every held-out prompt (sampling seed {ec['seeds'][0]}); "
-                  "column j was prompted with digit j:", "", f"![held-out prompts]({Path(rel).as_posix()})"]
-    lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
-    lines += [f"| {n} | {rec['seconds'] / 60:.1f} |" if rec else f"| {n} | pending |" for n, rec in recs.items()]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def recognition_section(done: list[dict]) -> list[str]:
+    """The recognition rate of each prompt set over the sampling seeds, per digit, and the empty prompt's."""
+    lines = ["", "## Recognition", "",
+             "The fraction of samples the classifier reads as the prompted digit (mean ± std over the sampling "
+             "seeds; chance is 10%):", "", "| prompts | prompts x images | recognised as the prompted digit |",
+             "|---|---|---|"]
+    for name in done[0]["sets"]:
+        rates = [d["sets"][name]["rate"] for d in done]
+        n = done[0]["sets"][name]
+        label = name if name != "empty prompt" else "empty prompt (control: digit i of 10 'prompted' by nothing)"
+        lines.append(f"| {label} | {n['prompts']} x {n['images'] // n['prompts']} | {fmt([100 * r for r in rates])}% |")
+    held = done[0]["sets"]["held-out prompts"]
+    per_digit = [sum(d["sets"]["held-out prompts"]["per_digit"][c] for d in done) / len(done) for c in range(10)]
+    lines += ["", "Per digit, held-out prompts: " + ", ".join(f"{c}: {100 * r:.0f}%" for c, r in enumerate(per_digit))
+              + f". NFE {held['nfe']} per image (guided: a doubled batch).", ""]
+    empty = [d["sets"]["empty prompt"]["predicted_counts"] for d in done]
+    top = max(range(10), key=lambda c: sum(e[c] for e in empty))
+    lines.append(f"With the empty prompt the classifier's most frequent answer is {top} "
+                 f"({100 * sum(e[top] for e in empty) / sum(sum(e) for e in empty):.0f}% of those samples): "
+                 "the model's unconditional digits, the rate a prompt-blind model would reach at best on one digit.")
+    return lines
+
+
+def samples_section(study: dict, grid: str) -> list[str]:
+    page_dir = Path(study["page"]).resolve().parent
+    link = Path(grid).resolve().relative_to(page_dir) if Path(grid).resolve().is_relative_to(page_dir) else grid
+    return ["", "## Samples", "", f"The first image of every held-out prompt (sampling seed {study['eval']['seeds'][0]}); "
+            "column j was prompted with digit j:", "", f"![held-out prompts]({Path(link).as_posix()})"]
+
+
+def write_report(study: dict, command_line: str) -> None:
+    Path(study["page"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(study["page"]).write_text(render(study, command_line))
+
+
+def expand_toy(argv: list[str]) -> list[str]:
+    """``toy=true`` stands for this study's toy sizes."""
+    return command.expand_toy(argv, TOY)
 
 
 def main(cfg, argv: list[str] | None = None) -> None:
-    from omegaconf import OmegaConf
-
-    t0 = time.perf_counter()
-    study = OmegaConf.to_container(cfg, resolve=True)
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("report_only")]
-    command = " ".join([DOC_COMMAND, *map(shlex.quote, args)])
-    torch.set_num_threads(int(study["threads"]))
-
-    def report(*_):
-        Path(study["page"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(study["page"]).write_text(render(study, command))
-
-    run_stages(build_stages(study), study["records_dir"], jobs=1, threads=int(study["threads"]), on_finish=report)
-    report()
-    print(f"wrote {study['page']} in {(time.perf_counter() - t0) / 60:.1f} min")
+    command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
 
 
 if __name__ == "__main__":
-    import os
-
-    from pf.experiments.reproduce import expand_toy
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.exit(cli.run(main, DEFAULTS, __doc__, argv=expand_toy(sys.argv[1:], TOY)))
+    sys.exit(command.main(main, DEFAULTS, __doc__, toy=TOY))

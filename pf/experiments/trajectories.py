@@ -1,0 +1,80 @@
+"""Training runs as trajectories: the checkpoint of a config at a step count, trained or resumed.
+
+With a constant learning rate after warm-up nothing a run computes depends on
+``trainer.max_steps``, so the checkpoint of step S of a longer run is the run of S steps. A
+trajectory is keyed by its whole resolved config except the step count and the logging
+intervals, lives in ``<root>/train/<key>``, keeps ``step_XXXXXX.pt`` every ``keep_every``
+steps, and a request for more steps resumes it exactly (one process at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pf.experiments.records import config_key, directory_lock, write_json
+from pf.models.checkpoint import read_checkpoint_file
+from pf.train import train
+
+# Keys that change what a run logs or how often it writes, not what it computes.
+FREE_TRAINER_KEYS = ("max_steps", "progress", "log_every", "val_every", "ckpt_every", "keep_every", "sample_every")
+FREE_TOP_KEYS = ("resume", "sampler", "hydra")
+
+
+def trajectory_config(train_cfg) -> dict:
+    """The resolved config that decides a training trajectory (what its key hashes)."""
+    cfg = OmegaConf.to_container(train_cfg, resolve=True)
+    for key in FREE_TOP_KEYS:
+        cfg.pop(key, None)
+    for key in FREE_TRAINER_KEYS:
+        cfg["trainer"].pop(key, None)
+    cfg["data"].pop("num_workers", None)
+    # Options that are off compute nothing: runs from before them keep their key.
+    if not cfg["trainer"].get("repa", {}).get("enabled", False):
+        cfg["trainer"].pop("repa", None)
+    if cfg["model"].get("family", "dit") == "dit":
+        cfg["model"].pop("family", None)
+        cfg.pop("text", None)  # a class model has no text encoder
+    return cfg
+
+
+def trajectory_dir(root: str | Path, train_cfg) -> Path:
+    return Path(root) / "train" / config_key(trajectory_config(train_cfg))
+
+
+def ensure_trained(train_cfg, root: str | Path, steps: int, log=print) -> dict:
+    """The checkpoint of ``train_cfg``'s trajectory at ``steps`` (trained or resumed as needed).
+
+    Returns ``{"checkpoint", "run_dir", "steps", "train_seconds", "seconds_per_step"}``: the
+    wall time per step measured over the trained segments (a killed segment is not counted),
+    times ``steps``.
+    """
+    run_dir = trajectory_dir(root, train_cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    target = ckpt_dir / f"step_{int(steps):06d}.pt"
+    segments_file = run_dir / "segments.json"
+    with directory_lock(run_dir, log=log):
+        if not target.is_file():
+            last = ckpt_dir / "last.pt"
+            start = int(read_checkpoint_file(last)["step"]) if last.is_file() else 0
+            if start > steps:
+                raise RuntimeError(f"{run_dir} went past step {steps} without keeping it (keep_every "
+                                   f"{train_cfg.trainer.keep_every}); ask for a multiple of keep_every")
+            cfg = OmegaConf.merge(train_cfg, {"trainer": {"max_steps": int(steps)},
+                                              "resume": str(last) if start > 0 else None})
+            write_json(run_dir / "trajectory.json", trajectory_config(train_cfg))
+            log(f"training {run_dir.name}: steps {start} -> {steps}")
+            t0 = time.perf_counter()
+            train(cfg, run_dir)
+            segments = json.loads(segments_file.read_text()) if segments_file.is_file() else []
+            segments = [s for s in segments if s["to"] <= start]  # a killed segment left no record
+            segments.append({"from": start, "to": int(steps), "seconds": time.perf_counter() - t0})
+            write_json(segments_file, segments)
+    segments = json.loads(segments_file.read_text()) if segments_file.is_file() else []
+    covered = sum(s["to"] - s["from"] for s in segments)
+    per_step = sum(s["seconds"] for s in segments) / covered if covered else float("nan")
+    return {"checkpoint": str(target), "run_dir": str(run_dir), "steps": int(steps),
+            "train_seconds": per_step * int(steps), "seconds_per_step": per_step}
