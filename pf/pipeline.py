@@ -1,15 +1,15 @@
 """Checkpoint + autoencoder + sampler -> pictures: the one way ``pf.sample``, ``pf.eval`` and
 the studies draw from a model.
 
-    pipe = Pipeline.from_checkpoint("last.pt", samplers.make("look_ahead"), device="cuda")
+    pipe = Pipeline.from_checkpoint("last.pt", "look_ahead", device="cuda")
     images, info = pipe.generate(64, 50, seed=0, cfg_scale=4.0)   # uint8 (64, C, H, W)
 
-``from_checkpoint`` builds the sampler (or takes one), loads the model (its EMA weights when
-it has them), the autoencoder a latent run's manifest names (or ``vae=``) and, for a text-to-image checkpoint, the text
-encoder it was trained with. ``check_compatible`` refuses, once and in one line naming the
-model's class and the sampler, a sampler the model cannot run. Drawing returns pictures as
-uint8 (M, C, H, W) in [0, 255] (``pf.autoencoder.to_uint8`` of the decoded samples): C = 3,
-or 1 for a grey pixel model.
+``from_checkpoint`` loads the model (its EMA weights when it has them), builds the sampler
+(or takes one), and loads the autoencoder a latent run's manifest names (or ``vae=``) and,
+for a text-to-image checkpoint, the text encoder it was trained with. ``check_compatible``
+refuses, once and in one line naming the model's class and the sampler, a sampler the model
+cannot run. Drawing returns pictures as uint8 (M, C, H, W) in [0, 255]
+(``pf.autoencoder.to_uint8`` of the decoded samples): C = 3, or 1 for a grey pixel model.
 
 Two seeding schemes give sample ``i`` its noise, both independent of the batch size:
 
@@ -28,11 +28,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pf import conditioning
+from pf import conditioning, samplers
 from pf.autoencoder import LATENT_SCALE, Decoder, to_uint8, training_autoencoder
 from pf.conditioning import TextConditioning
 from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
-from pf import samplers
 from pf.samplers import Euler, Sampler
 from pf.sampling.graphs import GraphedSampler, compile_model
 from pf.text import encoder_from_config
@@ -173,16 +172,14 @@ class Pipeline:
         set's manifest names; None for a pixel model) with ``vae_scale`` (default: the
         manifest's, else ``LATENT_SCALE``), and the text encoder of a text-to-image model
         (``text_path``: its folder, when it moved)."""
-        sampler = make_sampler(sampler, sampler_params)
-        check_compatible(model, sampler, source)  # before loading anything more
+        pipe = cls(model, make_sampler(sampler, sampler_params), device=device, source=source, precision=precision,
+                   train_config=train_config)  # checked before the autoencoder and the text encoder load
         manifest_vae, manifest_scale = training_autoencoder(train_config)
-        decoder = Decoder(model.in_channels, vae or manifest_vae, device=device,
-                          scale=vae_scale or manifest_scale or LATENT_SCALE)
-        text = None
+        pipe.decode = Decoder(model.in_channels, vae or manifest_vae, device=device,
+                              scale=vae_scale or manifest_scale or LATENT_SCALE)
         if model.cond_kind == "text":
-            text = text_conditioning(model, train_config, device, path=text_path, source=source)
-        return cls(model, sampler, decoder, text=text, device=device, source=source, precision=precision,
-                   train_config=train_config)
+            pipe.text = text_conditioning(model, train_config, device, path=text_path, source=source)
+        return pipe
 
     @property
     def shape(self) -> tuple[int, int, int]:
