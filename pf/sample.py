@@ -34,9 +34,10 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
+from pf.data.names import class_names
 from pf.errors import debug, expected_errors, one_line
 from pf.pipeline import Pipeline, indexed_inputs, load_model
-from pf.sampling.grid import class_names, rgb_nhwc, save_png, tile_grid
+from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
 from pf.sampling.viz import StepRecorder, viz_strip
 
 DEFAULTS = {

@@ -11,9 +11,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pf.data.latent_shards import is_latent_set, read_manifest
-from pf.data.mnist_format import FASHION_MNIST_CLASSES
-
 
 def rgb_nhwc(images: torch.Tensor) -> np.ndarray:
     """uint8 pictures (B, C, H, W), C = 1 or 3 (``pf.autoencoder.to_uint8``) -> (B, H, W, 3)
@@ -122,20 +119,6 @@ def stacked(pictures: list[np.ndarray], gap: int = 12) -> np.ndarray:
         if i < len(pictures) - 1:
             parts.append(np.full((gap, w, 3), 255, np.uint8))
     return np.concatenate(parts)
-
-
-def class_names(train_config: dict | None, num_classes: int) -> list[str]:
-    """Readable class names for a checkpoint's training data (ids where the data has no names)."""
-    data = (train_config or {}).get("data", {}) or {}
-    if data.get("name") == "fashion_mnist":
-        return list(FASHION_MNIST_CLASSES)
-    if data.get("name") == "digits":
-        return [f"digit {i}" for i in range(num_classes)]
-    if data.get("name") == "latents" and is_latent_set(data.get("path")):
-        names = read_manifest(Path(data["path"]).expanduser()).get("class_names")
-        if names and len(names) == num_classes:
-            return list(names)
-    return [f"class {i}" for i in range(num_classes)]
 
 
 def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
