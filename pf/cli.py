@@ -27,20 +27,26 @@ def _leaf_keys(cfg: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def parse(defaults: dict, argv: list[str], free: tuple[str, ...] = ()) -> DictConfig:
-    """``defaults`` updated by ``argv``; keys under a prefix in ``free`` may be added (e.g. sampler params)."""
+def parse(defaults: dict, argv: list[str], free: tuple[str, ...] = (), verbatim: tuple[str, ...] = ()) -> DictConfig:
+    """``defaults`` updated by ``argv``; keys under a prefix in ``free`` may be added (e.g. sampler
+    params); a key in ``verbatim`` keeps its value as typed, a string (a prompt ``7`` is the text "7")."""
     known = _leaf_keys(defaults)
-    items = []
+    items, as_typed = [], {}
     for arg in argv:
         arg = arg.lstrip("+")
         if "=" not in arg:
             raise UsageError(f"expected key=value, got {arg!r}; known keys: {', '.join(known)}")
-        key = arg.split("=", 1)[0]
+        key, value = arg.split("=", 1)
         if key not in known and not any(key.startswith(f"{p}.") for p in free) and not any(
                 k.startswith(f"{key}.") for k in known):
             raise UsageError(f"unknown option {key!r}; known keys: {', '.join(known)}")
-        items.append(arg)
+        if key in verbatim:
+            as_typed[key] = value
+        else:
+            items.append(arg)
     cfg = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.from_dotlist(items))
+    for key, value in as_typed.items():
+        OmegaConf.update(cfg, key, value, merge=False)
     for item in items:  # a value must have its default's type (when the default is not null)
         key = item.split("=", 1)[0]
         default, value = OmegaConf.select(OmegaConf.create(defaults), key), OmegaConf.select(cfg, key)
