@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 
@@ -98,6 +99,23 @@ class Rows:
         self.write(f"{self.phase} notes", "note", note=text)
 
 
+@contextlib.contextmanager
+def guarded(rows: Rows, what: str, check_group: str | None = None):
+    """An error in one row is a finding, not the end of the phase: it is noted (as a failed
+    value check when ``check_group`` names one) and the phase goes on with the next row."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001
+        text = f"{what}: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+        traceback.print_exc()
+        if check_group:
+            rows.write(check_group, "check", check="FAIL", failures=text)
+        else:
+            rows.note(f"FAILED {text}")
+        if CUDA:
+            torch.cuda.empty_cache()
+
+
 def machine_info() -> dict:
     import triton
 
@@ -145,6 +163,17 @@ def copy_limit(rows: Rows) -> float:
         return measure_copy_bandwidth("cuda" if CUDA else "cpu", nbytes=(512 if CUDA else 8) * 2**20)
 
 
+def matmul_peak(rows: Rows) -> float:
+    """The matmul TFLOP/s the limits phase measured, or measured now."""
+    try:
+        with open(limits_path(rows)) as f:
+            return float(json.load(f)["matmul_tflops"])
+    except (OSError, KeyError, ValueError):
+        from bench_hw_limits import matmul_tflops
+
+        return matmul_tflops("cuda" if CUDA else "cpu")
+
+
 #################################################################################
 #                                   limits                                      #
 #################################################################################
@@ -176,6 +205,9 @@ OP_TARGETS = {
     "gated_residual_modulate": "beats the two ops and eager; vs compile in the compile phase",
     "gated_residual": ">= 85% copy BW",
 }
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _shapes(toy: bool):
@@ -223,14 +255,17 @@ def phase_ops(rows: Rows) -> None:
                     return
                 shape = f"B*N={b * n}" + ("" if op == "timestep_embedding" else f" D={d}")
                 dtype = torch.float32 if op == "timestep_embedding" else (torch.float16 if rows.toy else torch.bfloat16)
-                case = vc.make_case(op, b, n, d, dtype, device)
-                dname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-                results = vc.check(case)
-                worst = max(results, key=lambda r: r.err / r.bound if r.bound else float("inf"))
-                rows.write(f"values {op} {shape} {dname}", "check", check="ok" if all(r.ok for r in results) else "FAIL",
-                           worst=worst.name, err=float(f"{worst.err:.3g}"), torch_err=float(f"{worst.torch_err:.3g}"),
-                           bound=float(f"{worst.bound:.3g}"), failures=vc.failures(results))  # fmt: skip
-                time_case(rows, case, f"{op} {shape} {dname}", copy_gbps)
+                group = f"{op} {shape} {DTYPE_NAMES[dtype]}"
+                with guarded(rows, group, check_group=f"values {group}"):
+                    case = vc.make_case(op, b, n, d, dtype, device)
+                    results = vc.check(case)
+                    worst = max(results, key=lambda r: r.err / r.bound if r.bound else float("inf"))
+                    rows.write(f"values {group}", "check", check="ok" if all(r.ok for r in results) else "FAIL",
+                               worst=worst.name, err=float(f"{worst.err:.3g}"), torch_err=float(f"{worst.torch_err:.3g}"),
+                               bound=float(f"{worst.bound:.3g}"), failures=vc.failures(results))  # fmt: skip
+                with guarded(rows, f"timing {group}"):
+                    time_case(rows, case, group, copy_gbps)
+                    del case
         ltg_rows(rows)
 
 
@@ -253,10 +288,11 @@ def ltg_rows(rows: Rows) -> None:
         fns = {"op": lambda: ltg_sample(batch, n, seed=0, offset=0, device=device),
                "torch": lambda: torch_ltg(batch, n, device=device)}  # fmt: skip
         for impl, fn in fns.items():
-            host = time_ms(fn, device=device)
-            graph = graph_ms(fn) if CUDA else host
-            rows.write(f"ltg {device} {batch}x{n}", impl, graph, ms_host=round(host, 5),
-                       target=">= 5x the composite on a GPU" if impl == "op" else "")
+            with guarded(rows, f"ltg {impl} {batch}x{n}"):
+                host = time_ms(fn, device=device)
+                graph = graph_ms(fn) if CUDA else host
+                rows.write(f"ltg {device} {batch}x{n}", impl, graph, ms_host=round(host, 5),
+                           target=">= 5x the composite on a GPU" if impl == "op" else "")
 
 
 def graph_ms(fn) -> float:
@@ -331,17 +367,13 @@ def model_value_check(rows: Rows) -> None:
 
 def phase_train(rows: Rows) -> None:
     import bench_train_step as bts
-    from bench_hw_limits import matmul_tflops
 
     if rows.fits("model value check", 5 if rows.toy else 25):
-        model_value_check(rows)
-    device = "cuda" if CUDA else "cpu"
+        with guarded(rows, "model value check", check_group="values model fwd+bwd fused vs torch"):
+            model_value_check(rows)
+        release()
     ltg = "torch" if os.environ.get("PF_GPU_LTG") == "torch" else "compiled"
-    try:
-        with open(limits_path(rows)) as f:
-            peak = float(json.load(f)["matmul_tflops"])
-    except (OSError, KeyError, ValueError):
-        peak = matmul_tflops(device)
+    peak = matmul_peak(rows)
     batch = 2 if rows.toy else 32
     # (variant, kernel backend, estimated s: warm-up + 5 steps, and the compile where there is one)
     variants = [("eager", "torch", 10), ("fused", "auto", 15), ("blockc", "torch", 60)]
@@ -352,27 +384,39 @@ def phase_train(rows: Rows) -> None:
                 continue
             if not rows.fits(f"train {preset} {variant}", est * (0.3 if "B/2" in preset else 1)):
                 return
-            with kernel_backend(backend):
-                step = bts._make_step(preset, "compile" if variant == "blockc" else variant, batch, device,
-                                      ltg_backend=ltg)
-                t0 = time.perf_counter()
-                for _ in range(3 if variant == "blockc" else 2):  # warm-up, and the compile
-                    step()
-                warm_s = time.perf_counter() - t0
-                if CUDA:
-                    torch.cuda.reset_peak_memory_stats()
-                ms = wall_ms(step, 1 if rows.toy else 5)
-            tokens = batch * step.tokens
-            tflops = 6 * step.params * tokens / (ms * 1e-3) / 1e12
-            info = {"images_per_s": round(batch / ms * 1e3, 2), "tflops": round(tflops, 1),
-                    "frac_of_matmul_peak": round(tflops / peak, 3), "warmup_s": round(warm_s, 1), "ltg": ltg}
-            if CUDA:
-                info["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            target = "fused >= 1.25x eager with per-block compile, at no higher peak memory" if variant == "fused" else ""
-            rows.write(f"train-step {preset} bf16 b{batch}", variant, ms, target=target, **info)
-            del step
-            if CUDA:
-                torch.cuda.empty_cache()
+            with guarded(rows, f"train {preset} {variant}"):
+                train_row(rows, bts._make_step, preset, variant, backend, batch, ltg, peak)
+            release()
+
+
+def train_row(rows: Rows, make_step, preset: str, variant: str, backend: str, batch: int, ltg: str,
+              peak: float) -> None:
+    device = "cuda" if CUDA else "cpu"
+    with kernel_backend(backend):
+        step = make_step(preset, {"blockc": "compile"}.get(variant, variant), batch, device, ltg_backend=ltg)
+        t0 = time.perf_counter()
+        for _ in range(3 if "compile" in variant or variant == "blockc" else 2):  # warm-up, and the compile
+            step()
+        warm_s = time.perf_counter() - t0
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        ms = wall_ms(step, 1 if rows.toy else 5)
+    tflops = 6 * step.params * batch * step.tokens / (ms * 1e-3) / 1e12
+    info = {"images_per_s": round(batch / ms * 1e3, 2), "tflops": round(tflops, 1),
+            "frac_of_matmul_peak": round(tflops / peak, 3), "warmup_s": round(warm_s, 1), "ltg": ltg}
+    if CUDA:
+        info["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    target = "fused >= 1.25x eager with per-block compile, at no higher peak memory" if variant == "fused" else ""
+    rows.write(f"train-step {preset} bf16 b{batch}", variant, ms, target=target, **info)
+
+
+def release() -> None:
+    """Free the last row's model before the next is built (PF-XL/2 with AdamW: ~11 GB)."""
+    import gc
+
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 #################################################################################
@@ -382,7 +426,6 @@ def phase_train(rows: Rows) -> None:
 
 def phase_sampling(rows: Rows) -> None:
     import bench_sampling as bs
-    from pf import samplers
 
     device = "cuda" if CUDA else "cpu"
     batch, steps, size = (2, 2, 8) if rows.toy else (32, 5, 32)
@@ -396,26 +439,35 @@ def phase_sampling(rows: Rows) -> None:
                 continue
             if not rows.fits(f"sampling {preset} {variant}", est * (0.3 if "B/2" in preset else 1)):
                 return
-            sampler = samplers.make("dual_loop")
-            g = torch.Generator(device="cpu").manual_seed(0)
-            x = torch.randn(batch, 4, size, size, generator=g).to(device)
-            y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-            with lease_setup(bs, model, variant, sampler) as runner, autocast(device):
-                fn, counter = bs.sample_fn(model, runner, "+graphs" if variant == "+graphs" else variant,
-                                           sampler, x, y, steps)
-                t0 = time.perf_counter()
-                fn()  # warm-up: Triton JIT, compile, graph capture
-                sync()
-                warm_s = time.perf_counter() - t0
-                ms = wall_ms(fn, 1 if rows.toy else 2)
-            target = "guided sampling >= 1.5x images/s over plain with per-block compile" \
-                if variant in ("dedup+fused", "+graphs") else ""  # fmt: skip
-            rows.write(f"sampling {preset} dual_loop b{batch} cfg{bs.CFG} {steps} steps", variant, ms,
-                       images_per_s=round(batch / ms * 1e3, 2), nfe=counter.nfe, warmup_s=round(warm_s, 1),
-                       target=target)  # fmt: skip
+            with guarded(rows, f"sampling {preset} {variant}"):
+                sampling_row(rows, model, preset, variant, batch, steps, size)
         del model
-        if CUDA:
-            torch.cuda.empty_cache()
+        release()
+
+
+def sampling_row(rows: Rows, model, preset: str, variant: str, batch: int, steps: int, size: int) -> None:
+    """Dual-loop sampling, guided (cfg 4): one warm-up (Triton JIT, compile, graph capture),
+    then the mean of timed runs."""
+    import bench_sampling as bs
+    from pf import samplers
+
+    device = "cuda" if CUDA else "cpu"
+    sampler = samplers.make("dual_loop")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 4, size, size, generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    with lease_setup(bs, model, variant, sampler) as runner, autocast(device):
+        fn, counter = bs.sample_fn(model, runner, variant, sampler, x, y, steps)
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        warm_s = time.perf_counter() - t0
+        ms = wall_ms(fn, 1 if rows.toy else 2)
+    target = "guided sampling >= 1.5x images/s over plain with per-block compile" \
+        if variant in ("dedup+fused", "+graphs") else ""  # fmt: skip
+    rows.write(f"sampling {preset} dual_loop b{batch} cfg{bs.CFG} {steps} steps", variant, ms,
+               images_per_s=round(batch / ms * 1e3, 2), nfe=counter.nfe, warmup_s=round(warm_s, 1),
+               target=target)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -448,53 +500,35 @@ def phase_compile(rows: Rows) -> None:
         return
     import bench_sampling as bs
     import bench_train_step as bts
-    from pf import samplers
 
     copy_gbps = copy_limit(rows)
     b, n, d = _shapes(False)[0]
     for op in ("adaln_modulate", "gated_residual_modulate", "gated_residual", "ada_rms_norm"):
         if not rows.fits(f"compile {op}", 12):
             return
-        case = vc.make_case(op, b, n, d, torch.bfloat16, "cuda")
-        torch._dynamo.reset()
-        compiled = torch.compile(case.eager, fullgraph=True, dynamic=False)
-        for mode in ("fwd", "fwd+bwd"):
-            nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_fwd_bwd
-            ms = time_ms(make_timed(compiled, case, mode), device="cuda")
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            rows.write(f"{op} B*N={b * n} D={d} bf16 {mode}", "compile", ms, gb_per_s=round(gbps, 1),
-                       frac_of_copy_bw=round(gbps / copy_gbps, 3), bytes_moved=nbytes)
+        with guarded(rows, f"compile {op}"):
+            case = vc.make_case(op, b, n, d, torch.bfloat16, "cuda")
+            torch._dynamo.reset()  # a fresh cache per op: no silent fallback past the recompile limit
+            compiled = torch.compile(case.eager, fullgraph=True, dynamic=False)
+            for mode in ("fwd", "fwd+bwd"):
+                nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_fwd_bwd
+                ms = time_ms(make_timed(compiled, case, mode), device="cuda")
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                rows.write(f"{op} B*N={b * n} D={d} bf16 {mode}", "compile", ms, gb_per_s=round(gbps, 1),
+                           frac_of_copy_bw=round(gbps / copy_gbps, 3), bytes_moved=nbytes)
     if rows.fits("sampling PF-XL/2 dedup+compile", 90):
         model = bs.make_model("PF-XL/2", 32, "cuda")
-        sampler = samplers.make("dual_loop")
-        x = torch.randn(32, 4, 32, 32, device="cuda")
-        y = torch.randint(0, 1000, (32,), device="cuda")
-        with bs.setup(model, "dedup+compile", sampler) as runner, autocast("cuda"):
-            fn, counter = bs.sample_fn(model, runner, "dedup+compile", sampler, x, y, 5)
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            warm_s = time.perf_counter() - t0
-            ms = wall_ms(fn, 2)
-        rows.write(f"sampling PF-XL/2 dual_loop b32 cfg{bs.CFG} 5 steps", "dedup+compile", ms,
-                   images_per_s=round(32 / ms * 1e3, 2), nfe=counter.nfe, warmup_s=round(warm_s, 1))
+        with guarded(rows, "sampling PF-XL/2 dedup+compile"):
+            sampling_row(rows, model, "PF-XL/2", "dedup+compile", 32, 5, 32)
         del model
-        torch.cuda.empty_cache()
+        release()
     ltg = "torch" if os.environ.get("PF_GPU_LTG") == "torch" else "compiled"
     for preset, est in (("PF-B/2", 60), ("PF-XL/2", 150)):
         if not rows.fits(f"train {preset} compile-model", est):
             return
-        with kernel_backend("torch"):
-            step = bts._make_step(preset, "compile-model", 32, "cuda", ltg_backend=ltg)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                step()
-            warm_s = time.perf_counter() - t0
-            ms = wall_ms(step, 5)
-        rows.write(f"train-step {preset} bf16 b32", "compile-model", ms, images_per_s=round(32 / ms * 1e3, 2),
-                   warmup_s=round(warm_s, 1))
-        del step
-        torch.cuda.empty_cache()
+        with guarded(rows, f"train {preset} compile-model"):
+            train_row(rows, bts._make_step, preset, "compile-model", "torch", 32, ltg, matmul_peak(rows))
+        release()
 
 
 #################################################################################

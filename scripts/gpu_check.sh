@@ -23,8 +23,9 @@
 #                    per file (default 120)
 # Files in OUT_DIR: check.log (everything printed), build.log, rows.jsonl, phases.tsv,
 # limits.json, table.md. The last lines printed are the phase summary and the table.
+# shellcheck disable=SC2317  # the phase functions are called through run_phase
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 # phase    budget_s estimate_s  basis of the estimate (H100, 16 cores; "here" = this 2-core CPU)
 PLAN=(
@@ -125,6 +126,7 @@ run_phase() {
   say "=== $name (limit ${limit} s: budget ${BUDGET[$name]} s + $((limit - BUDGET[$name])) s carried; est ${EST[$name]} s; ${elapsed} s used) ==="
   t0=$(date +%s)
   # The phases are functions of this script: exported, run by a child bash under timeout.
+  # shellcheck disable=SC2163  # exports the function named by $1
   export -f "$1"
   PF_PHASE_SECONDS=$((limit > 8 ? limit - 3 : limit)) timeout --signal=INT --kill-after=5 "$limit" \
     bash -c '"$@"' bash "$@" 2>&1 | tee -a "$log"
@@ -189,6 +191,7 @@ phase_build() {
     echo "--- last lines of build.log ---"
     tail -5 "$blog"
     { grep -m1 -i -E "error|fatal" "$blog" || tail -1 "$blog"; } >"$out/build.failed"
+    [ -s "$out/build.failed" ] || echo "exit $rc, nothing in build.log" >"$out/build.failed"
     return 1
   fi
   echo "build ok ($(wc -l <"$blog") lines in build.log)"
@@ -236,7 +239,7 @@ phase_tests() {
     "$py" benchmarks/lease.py junit "/tmp/pf-junit/$(basename "$f").xml" --out "$rows" --file "$f" --rc "$rc" \
       --took $(($(date +%s) - t0)) >/dev/null
   done
-  return $status
+  return "$status"
 }
 
 say "gpu_check.sh: PF_GPU_BUDGET_S=$total, phases: ${phases[*]}, fake=$fake"
