@@ -261,7 +261,6 @@ SCHEMAS = {
 }
 
 
-@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="custom ops need torch >= 2.6")
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_registered_schemas(name):
     """triton_op infers the schemas from the annotations (torch 2.11 ignores a schema string)."""

@@ -250,7 +250,6 @@ SCHEMAS = {
 }
 
 
-@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="custom ops need torch >= 2.6")
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_registered_schemas(name):
     assert str(getattr(torch.ops.pf_kernels, name).default._schema) == f"pf_kernels::{name}{SCHEMAS[name]}"

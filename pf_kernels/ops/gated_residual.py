@@ -114,9 +114,10 @@ def _gated_residual_bwd_kernel(
             mrows = mod_row_index(INDEX, stride_ib, stride_in, b, rows, row_ok, HAS_INDEX)
             gate_rows = GATE + b * stride_gb + mrows * stride_gn
         g = load_tile(DOUT + b * stride_db + rows * stride_dn, cols, mask)
+        y = load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask)
         gate = load_mod(GATE + b * stride_gb, gate_rows, cols, mask, D, REDUCE_GATE)
-        store_tile(DY + b * stride_dyb + rows * stride_dyn, cols, g * gate, mask, DY)
-        dgate = g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask)
+        store_tile(DY + b * stride_dyb + rows * stride_dyn, cols, g * gate, mask, DY)  # dy = g * gate
+        dgate = g * y
         if TABLE:
             acc_table = add_table_rows(acc_table, dgate, mrows, TABLE_K)
         elif REDUCE_GATE:

@@ -277,21 +277,23 @@ def _norm_modulate_table_kernel(
         mean, rstd = load_pair(TSTATS, (b * N + rows) * 4, row_ok)
         c1, c2 = load_pair(TSTATS, (b * N + rows) * 4 + 2, row_ok)
         gh = load_tile(DH + b * stride_dhb + rows * stride_dhn, cols, mask)
-        xhat = tl.where(mask, (load_tile(X + b * stride_xb + rows * stride_xn, cols, mask) - mean[:, None])
-                        * rstd[:, None], 0.0)
+        xf = load_tile(X + b * stride_xb + rows * stride_xn, cols, mask)
+        xhat = tl.where(mask, (xf - mean[:, None]) * rstd[:, None], 0.0)
         wdy = gh * (1.0 + load_tile(SCALE + b * stride_sb + trows * stride_sn, cols, mask))
         g = norm_input_grad(wdy, xhat, c1, c2, rstd, IS_RMS_NORM)
-        out_rows = b * stride_db + rows * stride_dn
         if HAS_RESIDUAL:
             g += load_tile(DXN + b * stride_dnb + rows * stride_dnn, cols, mask)
+        out_rows = b * stride_db + rows * stride_dn
+        store_tile(DX + out_rows, cols, g, mask, DX)
+        if HAS_RESIDUAL:
             store_tile(DY + out_rows, cols, g * load_tile(GATE + b * stride_gb + trows * stride_gn, cols, mask), mask,
                        DY)
             dgate = tl.where(mask, g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask), 0.0)
             acc_gate = add_table_rows(acc_gate, dgate, mrows, TABLE_K)
-        store_tile(DX + out_rows, cols, g, mask, DX)
-        acc_scale = add_table_rows(acc_scale, gh * xhat, mrows, TABLE_K)
         if not IS_RMS_NORM:
             acc_shift = add_table_rows(acc_shift, gh, mrows, TABLE_K)
+        # dscale = grad_h * xhat (RMSNorm: (grad_h * x) * rstd, the rounding its table grad always had)
+        acc_scale = add_table_rows(acc_scale, gh * xf * rstd[:, None] if IS_RMS_NORM else gh * xhat, mrows, TABLE_K)
     store_table_part(DSCALE, acc_scale, b, pid, stride_pb, stride_pp, stride_pk, cols, col_ok, TABLE_K)
     if not IS_RMS_NORM:
         store_table_part(DSHIFT, acc_shift, b, pid, stride_pb, stride_pp, stride_pk, cols, col_ok, TABLE_K)
