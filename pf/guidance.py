@@ -22,11 +22,6 @@ class Guided(NamedTuple):
     v_cond: torch.Tensor  # (B, C, H, W) conditional velocity
 
 
-def null_labels(model, y, uc_cond=None):
-    """The unconditional counterpart of ``y``: ``uc_cond`` when given, else the null class."""
-    return conditioning.null(model, y, uc_cond)
-
-
 def guided_call(model, x: torch.Tensor, t: torch.Tensor, y, cfg_scale: float = 1.0,
                 uc_cond=None, with_logvar: bool = True) -> Guided:
     """One model evaluation (one NFE) with guidance on the velocity and the difficulty map."""
@@ -34,7 +29,7 @@ def guided_call(model, x: torch.Tensor, t: torch.Tensor, y, cfg_scale: float = 1
         out = model(x, t, y, return_uncertainty=with_logvar)
         v, lv = out if with_logvar else (out, None)
         return Guided(v, lv, v)
-    y2 = conditioning.cat([null_labels(model, y, uc_cond), y])
+    y2 = conditioning.cat([conditioning.null(model, y, uc_cond), y])
     out = model(torch.cat([x, x]), torch.cat([t, t]), y2, return_uncertainty=with_logvar)
     v2, lv2 = out if with_logvar else (out, None)
     v_u, v_c = v2.chunk(2)
