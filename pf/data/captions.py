@@ -281,7 +281,7 @@ class CaptionShards(IterableDataset):
         return mine
 
     def __iter__(self):
-        import webdataset as wds
+        import webdataset as wds  # optional (the t2i extra): only caption shards read it
 
         mine = self.reader_shards()
         stages = [wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=wds.warn_and_continue)]

@@ -182,7 +182,7 @@ def _first_id(tokenizer, *attrs) -> int | None:
 
 def _transformers():
     try:
-        import transformers
+        import transformers  # optional (the t2i extra): imported when an encoder is built
     except ImportError as err:
         raise ImportError("text encoders need the 'transformers' package: pip install 'patch-forcing[t2i]'") from err
     return transformers
@@ -242,7 +242,7 @@ def _load_model(loader, folder: Path, kind: str, dtype: torch.dtype, **kwargs) -
     """``loader(folder)`` offline and quietly: weights of the checkpoint the model does not use
     (a decoder, a vision tower) are dropped without a report; weights the model needs and the
     checkpoint lacks are an error when most are missing (not this kind of model), else a warning."""
-    import transformers
+    import transformers  # optional (the t2i extra)
 
     logging = transformers.utils.logging
     verbosity = logging.get_verbosity()
