@@ -51,7 +51,8 @@ _PLAIN_IPS: dict = {}
 
 def make_model(preset: str, input_size: int, device: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(preset, input_size=input_size, in_channels=4, num_classes=1000).to(device).eval()
+    with torch.device(device):  # initialised where it runs: PF-XL/2 on the host takes seconds
+        model = build_model(preset, input_size=input_size, in_channels=4, num_classes=1000).eval()
     with torch.no_grad():  # DiT's zero init makes AdaLN trivial: give every weight a value
         for p in model.parameters():
             if p.requires_grad:

@@ -42,8 +42,9 @@ def kernel_backend(name: str):
 def _make_step(preset: str, variant: str, batch: int, device: str, ltg_backend: str = "compiled"):
     """One training step as a callable; ``ltg_backend="torch"`` draws the LTG times with
     torch's RNG (gpu_check.sh uses it when the extension build failed: no JIT retry)."""
-    model = build_model(preset, input_size=32 if device == "cuda" else 8, in_channels=4,
-                        num_classes=1000).to(device).train()
+    with torch.device(device):  # initialised where it runs: PF-XL/2 on the host takes seconds
+        model = build_model(preset, input_size=32 if device == "cuda" else 8, in_channels=4,
+                            num_classes=1000).train()
     with torch.no_grad():  # non-zero AdaLN so the fused ops see real work
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:

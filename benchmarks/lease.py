@@ -324,7 +324,8 @@ def model_value_check(rows: Rows) -> None:
     preset, size, batch = ("Tiny/2", 8, 2) if rows.toy else ("PF-XL/2", 32, 4)
     torch.manual_seed(0)
     # eval(): no label dropout, so the three runs see the same labels (grads flow as in training)
-    model = build_model(preset, input_size=size, in_channels=4, num_classes=1000).to(device).eval()
+    with torch.device(device):
+        model = build_model(preset, input_size=size, in_channels=4, num_classes=1000).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:
