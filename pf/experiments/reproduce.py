@@ -403,10 +403,10 @@ def trend_statements(trend: dict, ks: list[int]) -> list[str]:
 #################################################################################
 
 
-def render(study: dict, data: dict, command: str) -> str:
+def render(study: dict, data: dict, command_line: str) -> str:
     """RESULTS.md: the study's settings, tables, statements and figures, section by section."""
     figures, results = Path(study["figures"]), Path(study["results"])
-    lines = header(data, command, study)
+    lines = header(study, data, command_line)
     lines += setup_section(study, data)
     lines += nfe_section(study, data, figures, results)
     lines += ["", "## What this shows", ""] + statements(study, data)
@@ -422,7 +422,7 @@ def render(study: dict, data: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def header(data: dict, command: str, study: dict) -> list[str]:
+def header(study: dict, data: dict, command_line: str) -> list[str]:
     done = sum(1 for _, s in data["stages"] if s is not None)
     total_min = sum(s for _, s in data["stages"] if s is not None) / 60
     return [
@@ -433,7 +433,7 @@ def header(data: dict, command: str, study: dict) -> list[str]:
         f"{len(data['stages'])}); regenerate (or continue) with:",
         "",
         "```",
-        command,
+        command_line,
         "```",
         "",
         f"Device: {device_name(study)}. Stage time so far: {total_min:.0f} min (per stage at the end).",
