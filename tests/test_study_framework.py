@@ -124,3 +124,23 @@ def test_bars_draw_every_group(tmp_path):
     plots.bars([("Euler", [("ltg", [1.0, 2.0]), ("uniform", [3.0])]), ("look-ahead", [("ltg", [])])], path,
                "title", "FID")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_framework_imports_no_study_and_no_study_imports_another():
+    """Studies build on the framework only: a study's module can change (or go) without
+    touching the others, and the framework never reaches up into a study."""
+    import ast
+
+    import pf.experiments as package
+
+    studies = {"reproduce", "findings", "repa", "t2i"}
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pf.experiments":
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pf.experiments."):
+                imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[2] for a in node.names if a.name.startswith("pf.experiments.")}
+        assert not imported & studies, f"{path.name} imports the study {sorted(imported & studies)}"
