@@ -88,7 +88,8 @@ def test_report_numbers_match_direct_computations():
     a = {(0, 0): {"fid": 10.0}, (0, 1): {"fid": 12.0}, (1, 0): {"fid": 9.0}}
     b = {(0, 0): {"fid": 9.0}, (0, 1): {"fid": 12.5}, (2, 0): {"fid": 1.0}}
     assert summary.paired(a, b) == [-1.0, 0.5]  # only the runs both have, in key order
-    assert summary.verdict([-1.0, 0.5]) == f"-0.25 ± {statistics.stdev([-1.0, 0.5]):.2f}, better in 1, worse in 1 of 2 paired runs"
+    spread = statistics.stdev([-1.0, 0.5])
+    assert summary.verdict([-1.0, 0.5]) == f"-0.25 ± {spread:.2f}, better in 1, worse in 1 of 2 paired runs"
     assert summary.verdict([-1.0, -2.0]).endswith("better in all 2 paired runs")
     assert summary.verdict([1.0, 0.0]).endswith("better in 0, worse in 1, equal in 1 of 2 paired runs")
     assert summary.verdict([]) == "not measured yet"

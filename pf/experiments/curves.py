@@ -135,6 +135,12 @@ def stored_points(study: dict, trained: dict, seed: int, sampler: str, targets=N
     return out
 
 
+def by_run(points: list[dict], **match) -> dict:
+    """The points whose fields equal ``match`` by (training seed, sampling seed): the runs a
+    number is averaged over and paired by."""
+    return {(p["train_seed"], p["sample_seed"]): p for p in points if all(p.get(k) == v for k, v in match.items())}
+
+
 def series(points: list[dict]) -> dict[int, dict]:
     """A curve's points as target NFE -> {(train seed, sample seed): point}."""
     out: dict[int, dict] = {}

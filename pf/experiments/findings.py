@@ -36,7 +36,7 @@ from pf import samplers
 from pf.experiments import command, comparison, plots
 from pf.experiments.common import TrainedRun, device_name, load_test_labels, reference_images, weights_fingerprint
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, stage_study
-from pf.experiments.curves import evaluate_point, sampler_params, steps_for_nfe, stored_point
+from pf.experiments.curves import by_run, evaluate_point, sampler_params, steps_for_nfe, stored_point
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, mean_std, paired, rel, stage_table, verdict
 from pf.flow import interpolate, patch_mean, time_to_pixels
@@ -282,10 +282,6 @@ def collect(study: dict) -> dict:
     return out
 
 
-def _runs(points, **match) -> dict:
-    return {(p["train_seed"], p["sample_seed"]): p for p in points if all(p.get(k) == v for k, v in match.items())}
-
-
 def plot_uncertainty(data: dict, path: Path) -> None:
     """Finding 1 (binned predicted variance against the actual error) and findings 2 and 3 (the
     uncertain patches' error and variance with and without context), PF (LTG) where measured."""
@@ -462,7 +458,7 @@ def ablation_section(study: dict, ab: dict, figures: Path, page: Path) -> list[s
             continue
         cells = []
         for sname, target in ac["eval"]:
-            runs = list(_runs(r["points"], sampler=sname, target_nfe=int(target)).values())
+            runs = list(by_run(r["points"], sampler=sname, target_nfe=int(target)).values())
             cells.append(f"{fmt([p['fid'] for p in runs])} (K={runs[0]['steps']}, NFE {runs[0]['nfe']})")
         lines.append(f"| {name} | {r['train']['val_loss']:.4f} | " + " | ".join(cells) + " |")
     return lines + [""] + ablation_statements(fc, ab)
@@ -499,15 +495,15 @@ def selection_statements(sc: dict, sel: dict, euler: dict) -> list[str]:
     """Uncertainty-guided selection against the other rules, and each rule against Euler."""
     lines = []
     for sampler in sc["samplers"]:
-        base = _runs(sel.get((sampler, "uncertainty"), []))
+        base = by_run(sel.get((sampler, "uncertainty"), []))
         for rule in sc["rules"]:
             if rule != "uncertainty" and (sampler, rule) in sel:
-                d = paired(_runs(sel[(sampler, rule)]), base)
+                d = paired(by_run(sel[(sampler, rule)]), base)
                 lines.append(f"- {SAMPLER_LABELS[sampler]}: uncertainty-guided against {rule} "
                              f"selection, FID difference {verdict(d)} (negative: uncertainty-guided is better).")
         for rule in ("random", "uncertainty"):
             if euler and (sampler, rule) in sel:
-                d = paired(euler, _runs(sel[(sampler, rule)]))
+                d = paired(euler, by_run(sel[(sampler, rule)]))
                 lines.append(f"- {SAMPLER_LABELS[sampler]} with {rule} selection against Euler (every "
                              f"patch together) at about the same NFE, FID difference {verdict(d)} (negative: "
                              f"{rule} selection is better"
@@ -593,7 +589,7 @@ def ablation_statements(fc: dict, ab: dict) -> list[str]:
     names = list(fc["ablation"]["samplers"])
     pending = [n for n in names if n not in ab]
     for sname, target in fc["ablation"]["eval"]:
-        means = {n: mean_std([p["fid"] for p in _runs(r["points"], sampler=sname, target_nfe=int(target)).values()])[0]
+        means = {n: mean_std([p["fid"] for p in by_run(r["points"], sampler=sname, target_nfe=int(target)).values()])[0]
                  for n, r in ab.items()}
         if len(means) < 2:
             continue
@@ -614,8 +610,8 @@ def ablation_statements(fc: dict, ab: dict) -> list[str]:
                      f"run is not measured).")
         out.append(text)
         if "ltg" in ab and "independent" in ab:
-            d = paired(_runs(ab["independent"]["points"], sampler=sname, target_nfe=int(target)),
-                       _runs(ab["ltg"]["points"], sampler=sname, target_nfe=int(target)))
+            d = paired(by_run(ab["independent"]["points"], sampler=sname, target_nfe=int(target)),
+                       by_run(ab["ltg"]["points"], sampler=sname, target_nfe=int(target)))
             out.append(f"  - LTG against independent, paired by sampling seed: {verdict(d)}.")
     return out
 
@@ -632,8 +628,8 @@ def write_report(study: dict, command_line: str) -> None:
     if data["ablation"]:
         groups = []
         for sname, target in fc["ablation"]["eval"]:
-            bars = [(n, [p["fid"] for p in _runs(data["ablation"][n]["points"], sampler=sname,
-                                               target_nfe=int(target)).values()])
+            bars = [(n, [p["fid"] for p in by_run(data["ablation"][n]["points"], sampler=sname,
+                                                target_nfe=int(target)).values()])
                     for n in fc["ablation"]["samplers"] if n in data["ablation"]]
             groups.append((f"{SAMPLER_LABELS[sname]}, NFE ~{target}", bars))
         plots.bars(groups, figures / "ablation.png", f"PF trained with each timestep sampler "

@@ -36,7 +36,7 @@ from pf.experiments import command, comparison
 from pf.experiments.common import TrainedRun, data_config, load_test_labels, reference_images
 from pf.experiments.common import train_stage as train_arm  # this module's train_stage is the REPA study's
 from pf.experiments.comparison import ARMS, stage_study
-from pf.experiments.curves import realization_pairs, run_curve, stored_points
+from pf.experiments.curves import by_run, realization_pairs, run_curve, stored_points
 from pf.experiments.records import config_key
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, mean_std, paired, stage_table, verdict
@@ -192,10 +192,6 @@ def stored_curve(study: dict, arm: str, seed: int) -> list[dict]:
     return stored_points(study, identity, seed, "euler_pf", study["repa"]["nfe"])
 
 
-def _by_pair(points: list[dict], target: int) -> dict:
-    return {(p["train_seed"], p["sample_seed"]): p for p in points if p["target_nfe"] == target}
-
-
 def render(study: dict, data: dict, command_line: str) -> str:
     """docs/repa.md: the setup, FID against NFE of both models, the alignment, the stage times."""
     lines = ["# PF against PF + REPA (representation alignment), small scale", "",
@@ -232,7 +228,7 @@ def fid_section(study: dict, data: dict) -> list[str]:
              "|---|" + "---|" * len(nfe)]
     for arm in ("pf_ltg", "pf_ltg_repa"):
         pts = data["curves"].get(arm, [])
-        cells = [fmt([p["fid"] for p in _by_pair(pts, k).values()]) for k in nfe]
+        cells = [fmt([p["fid"] for p in by_run(pts, target_nfe=k).values()]) for k in nfe]
         lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     lines += ["", "Precision / recall:", "", "| model | " + " | ".join(f"K={k}" for k in nfe) + " |",
               "|---|" + "---|" * len(nfe)]
@@ -240,14 +236,15 @@ def fid_section(study: dict, data: dict) -> list[str]:
         pts = data["curves"].get(arm, [])
         cells = []
         for k in nfe:
-            run = list(_by_pair(pts, k).values())
+            run = list(by_run(pts, target_nfe=k).values())
             cells.append(f"{mean_std([p['precision'] for p in run])[0]:.3f} / {mean_std([p['recall'] for p in run])[0]:.3f}"
                          if run else "pending")
         lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     a, b = data["curves"].get("pf_ltg", []), data["curves"].get("pf_ltg_repa", [])
     if a and b:
+        diffs = {k: paired(by_run(a, target_nfe=k), by_run(b, target_nfe=k)) for k in nfe}
         lines += ["", "REPA against PF at the same K (FID difference, negative = REPA better): "
-                  + "; ".join(f"K={k}: {verdict(paired(_by_pair(a, k), _by_pair(b, k)))}" for k in nfe) + "."]
+                  + "; ".join(f"K={k}: {verdict(d)}" for k, d in diffs.items()) + "."]
         spread = [p["new"] - p["old"] for p in realization_pairs(study)]
         seeds = sorted({p["train_seed"] for p in a + b})
         if spread and len(seeds) < 2:
