@@ -93,26 +93,61 @@ def weights_fingerprint(model) -> str:
     """A short hash of a model's weights (state dict, in order): which realization of a run a
     number was measured on. The same config trained on another machine is another realization
     (other floating-point rounding, diverging over training), so the run's config does not say it."""
+    return state_fingerprint(model.state_dict())
+
+
+def state_fingerprint(state: dict) -> str:
+    """:func:`weights_fingerprint` of a state dict (its tensors' bytes, in order)."""
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:12]
 
 
+# Kept weights are stored in float16: 2 bytes a parameter, so the records of many runs still
+# travel with the repository to a lent GPU machine (64 MiB in all; tests/test_tree_size.py).
+# Rounding moves a tiny model's velocity by about 2e-4 (relative), far below what retraining the
+# same run changes; but it is another realization, so every point of a kept run is measured on
+# the stored float16 weights (TrainedRun.checkpoint) and names their fingerprint, and the file
+# records the fingerprint of the exact float32 weights it was rounded from ("exact_weights").
+KEPT_DTYPE = torch.float16
+
+
+def compact_state(state: dict) -> dict:
+    """``state`` with its floating-point tensors in :data:`KEPT_DTYPE` (integer buffers as they are)."""
+    return {k: v.to(KEPT_DTYPE) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def compact_kept_file(path: str | Path) -> bool:
+    """Rewrite a kept-weights file in :data:`KEPT_DTYPE` (atomically), recording the fingerprint
+    of the exact weights it held; False when it is compact already."""
+    ckpt = read_checkpoint_file(path)
+    if ckpt.get("kept_dtype") == str(KEPT_DTYPE):
+        return False
+    exact = load_checkpoint(path, use_ema=True)  # the model the stored points were measured on
+    ckpt["exact_weights"] = weights_fingerprint(exact)
+    ckpt["kept_dtype"] = str(KEPT_DTYPE)
+    for name in ("ema", "state_dict"):
+        if ckpt.get(name) is not None:
+            ckpt[name] = compact_state(ckpt[name])
+    save_checkpoint(ckpt, path)
+    return True
+
+
 def keep_weights(study: dict, identity: dict, checkpoint: str) -> Path:
     """Keep a run's EMA weights with the records (once: the first realization stays), so a
     study continued on another machine evaluates the very model its stored numbers came from
-    instead of retraining a slightly different one. Only the EMA model (about 4 bytes a
-    parameter), written atomically, loaded with ``load_checkpoint``."""
+    instead of retraining a slightly different one. Only the EMA model, in :data:`KEPT_DTYPE`
+    (2 bytes a parameter), written atomically, loaded with ``load_checkpoint``."""
     path = kept_weights_path(study, identity)
     if not path.is_file():
         ckpt = read_checkpoint_file(checkpoint)
         slim = {k: ckpt[k] for k in ("format", "model_class", "config", "train_config", "step") if k in ckpt}
-        if ckpt.get("ema") is not None:
-            slim["ema"] = ckpt["ema"]
-        else:
-            slim["state_dict"] = ckpt["state_dict"]
+        name = "ema" if ckpt.get("ema") is not None else "state_dict"
+        slim[name] = compact_state(ckpt[name])
+        slim["exact_weights"] = weights_fingerprint(load_checkpoint(checkpoint, use_ema=True))
+        slim["kept_dtype"] = str(KEPT_DTYPE)
         save_checkpoint(slim, path)
     return path
 
@@ -189,7 +224,12 @@ class TrainedRun:
         """The kept weights of this run when the records hold them (no training), else its
         checkpoint in ``out_dir`` (trained or resumed as needed)."""
         kept = kept_weights_path(self.study, self.identity)
-        return str(kept) if kept.is_file() else self.trained["checkpoint"]
+        if not kept.is_file():
+            trained = self.trained  # trains (or resumes) the run; one of the comparison's length is kept
+            if not kept.is_file():
+                return trained["checkpoint"]
+        # a kept run's points all come from its stored weights, from the session that trained it on
+        return str(kept)
 
     def model(self) -> PointModel:
         if self._model is None:
