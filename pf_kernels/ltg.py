@@ -66,14 +66,14 @@ def _jit_wants_cuda() -> bool:
     flag = os.environ.get("PF_BUILD_CUDA")
     if flag in ("0", "1"):
         return flag == "1"
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME  # JIT build only: importing it looks for (and warns about) CUDA
 
     return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
 
 
 def _jit_build():
     """Build the extension with torch.utils.cpp_extension.load (cached between runs)."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # JIT build only: importing it looks for (and warns about) CUDA
 
     src = _csrc_dir()
     compiler = os.environ.get("CXX", "c++")

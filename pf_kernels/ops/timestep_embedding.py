@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from pf_kernels.ops._utils import count, empty_rows, wrap
 from pf_kernels.ops.registry import register
@@ -100,8 +101,6 @@ _FREQS: dict = {}
 def _freqs(half: int, max_period: float, t: torch.Tensor) -> torch.Tensor:
     """The fp32 frequency table on t's device, made once (bit-equal to the reference's). While
     tracing (fake tensors) it is made fresh, so no traced tensor lands in the cache."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if is_fake(t):
         return timestep_frequencies(int(half), float(max_period), torch.float32, t.device)
     key = (int(half), float(max_period), str(t.device))
