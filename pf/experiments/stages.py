@@ -9,6 +9,11 @@ this process), and returns the records by stage name. A killed study restarts wh
 stopped: finished stages are read back, training resumes from its last checkpoint
 (:mod:`pf.experiments.trajectories`), and stages cache their own smaller pieces
 (:func:`pf.experiments.records.cached`).
+
+A ``deadline`` (``time.time()`` seconds) cuts a run cleanly: no stage starts after it, and a
+stage still running at it is interrupted (:class:`StageCut`, raised in the worker by a timer)
+and left unfinished; every file a study writes is written whole or not at all
+(:func:`pf.experiments.records.write_json`), so a cut leaves no half-written record.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import importlib
 import json
 import multiprocessing as mp
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -43,12 +50,30 @@ class Stage:
         self.key = config_key({"fn": self.fn, "args": self.args})
 
 
-def _call(fn: str, args: dict, threads: int) -> tuple[dict, float]:
+class StageCut(BaseException):
+    """A stage interrupted at the run's deadline. A BaseException, like KeyboardInterrupt, so
+    that a stage's ``except Exception`` does not swallow it."""
+
+
+def _cut(signum, frame):
+    raise StageCut("the run's deadline passed")
+
+
+def _call(fn: str, args: dict, threads: int, deadline: float | None = None) -> tuple[dict, float]:
     if threads:
         torch.set_num_threads(int(threads))
     module, name = fn.split(":")
+    timed = deadline is not None and threading.current_thread() is threading.main_thread()
+    if timed:  # a worker process runs its calls in its main thread, where signals arrive
+        previous = signal.signal(signal.SIGALRM, _cut)
+        signal.setitimer(signal.ITIMER_REAL, max(deadline - time.time(), 1e-3))
     t0 = time.perf_counter()
-    result = getattr(importlib.import_module(module), name)(**args)
+    try:
+        result = getattr(importlib.import_module(module), name)(**args)
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     return result, time.perf_counter() - t0
 
 
@@ -63,13 +88,16 @@ def stage_result(out_dir: str | Path, stage: Stage) -> dict | None:
 
 
 def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, jobs: int = 1, threads: int = 1, log=print,
-               on_finish: Callable[[Stage, dict], None] | None = None) -> dict[str, dict]:
+               on_finish: Callable[[Stage, dict], None] | None = None,
+               deadline: float | None = None) -> dict[str, dict]:
     """Run every unfinished stage once its dependencies are done; records by stage name.
 
     ``jobs > 1`` runs stages on that many fresh processes (``spawn``), each with ``threads``
     torch threads; ``on_finish(stage, record)`` runs in this process after each stage (e.g. to
     rewrite a report as results come in). A failing stage stops the run with its error after
-    the stages already running have finished.
+    the stages already running have finished. ``deadline`` (``time.time()`` seconds): no stage
+    starts after it and the running ones are cut at it (logged ``cut``); the records returned
+    are then those finished, the others are left for the next run.
     """
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
@@ -100,36 +128,52 @@ def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, jobs: int = 1, t
     def ready(s: Stage) -> bool:
         return all(d in records for d in s.deps)
 
+    def out_of_time() -> bool:
+        if deadline is not None and time.time() >= deadline:
+            log(f"deadline reached: {len(pending)} stage(s) not started")
+            return True
+        return False
+
     if jobs <= 1:
-        while pending:
+        while pending and not out_of_time():
             s = next((s for s in pending if ready(s)), None)
             if s is None:
                 raise RuntimeError(f"stages wait on each other: {[p.name for p in pending]}")
             pending.remove(s)
             log(f"start {s.name}")
-            finish(s, *_call(s.fn, s.args, threads))
+            try:
+                result = _call(s.fn, s.args, threads, deadline)
+            except StageCut:
+                log(f"cut {s.name} at the deadline (no record written; it runs again next time)")
+                break
+            finish(s, *result)
         return records
 
     running: dict = {}
     error = None
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        stopped = False  # the deadline passed: start nothing more
         while pending or running:
-            while error is None and len(running) < jobs:
+            stopped = stopped or (error is None and bool(pending) and out_of_time())
+            while error is None and not stopped and len(running) < jobs:
                 s = next((s for s in pending if ready(s)), None)
                 if s is None:
                     break
                 pending.remove(s)
                 log(f"start {s.name}")
-                running[pool.submit(_call, s.fn, s.args, threads)] = s
+                running[pool.submit(_call, s.fn, s.args, threads, deadline)] = s
             if not running:
-                if error is None:
+                if error is None and not stopped:
                     raise RuntimeError(f"stages wait on each other: {[p.name for p in pending]}")
                 break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            timeout = None if deadline is None or stopped else max(deadline - time.time(), 0) + 0.1
+            done, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
             for fut in done:
                 s = running.pop(fut)
                 try:
                     finish(s, *fut.result())
+                except StageCut:
+                    log(f"cut {s.name} at the deadline (no record written; it runs again next time)")
                 except Exception as err:  # the others finish; then the first error is raised
                     log(f"stage {s.name} failed: {type(err).__name__}: {err}")
                     error = error or err
