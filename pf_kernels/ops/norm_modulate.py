@@ -281,15 +281,14 @@ def _norm_modulate_table_kernel(
         xhat = tl.where(mask, (xf - mean[:, None]) * rstd[:, None], 0.0)
         wdy = gh * (1.0 + load_tile(SCALE + b * stride_sb + trows * stride_sn, cols, mask))
         g = norm_input_grad(wdy, xhat, c1, c2, rstd, IS_RMS_NORM)
-        if HAS_RESIDUAL:
-            g += load_tile(DXN + b * stride_dnb + rows * stride_dnn, cols, mask)
         out_rows = b * stride_db + rows * stride_dn
-        store_tile(DX + out_rows, cols, g, mask, DX)
-        if HAS_RESIDUAL:
+        if HAS_RESIDUAL:  # g: the stream's whole grad, the norm's plus the one that flows on
+            g += load_tile(DXN + b * stride_dnb + rows * stride_dnn, cols, mask)
             store_tile(DY + out_rows, cols, g * load_tile(GATE + b * stride_gb + trows * stride_gn, cols, mask), mask,
                        DY)
             dgate = tl.where(mask, g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask), 0.0)
             acc_gate = add_table_rows(acc_gate, dgate, mrows, TABLE_K)
+        store_tile(DX + out_rows, cols, g, mask, DX)
         if not IS_RMS_NORM:
             acc_shift = add_table_rows(acc_shift, gh, mrows, TABLE_K)
         # dscale = grad_h * xhat (RMSNorm: (grad_h * x) * rstd, the rounding its table grad always had)
