@@ -268,7 +268,7 @@ for phase in "${phases[@]}"; do
         # Recorded once: the later phases take LTG's torch path and skip the LTG op tests
         # instead of each retrying a JIT build (30-60 s a process).
         export PF_GPU_LTG=torch
-        note build "FAILED: $(<"$out/build.failed"); LTG's torch path used from here on"
+        note build "build FAILED: $(<"$out/build.failed"); LTG's torch path used from here on"
       fi
       ;;
     tests)
