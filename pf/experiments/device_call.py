@@ -65,9 +65,19 @@ def load_study(module_name: str, overrides: list[str], device_defaults: bool) ->
         if not hasattr(module, name):
             raise SystemExit(f"device_call: {module_name} does not name its stages ({name} missing)")
     given = {a.lstrip("+").split("=", 1)[0] for a in overrides}
-    extra = [d for d in DEVICE_DEFAULTS if d.split("=", 1)[0] not in given] if device_defaults else []
+    extra = [d for d in DEVICE_DEFAULTS if d.split("=", 1)[0] not in given and has_key(module.DEFAULTS, d)]
+    extra = extra if device_defaults else []
     argv = command.expand_toy([*extra, *overrides], list(module.TOY))
     return module, command.study_config(cli.parse(module.DEFAULTS, argv, tuple(module.FREE)))
+
+
+def has_key(defaults: dict, override: str) -> bool:
+    node = defaults
+    for part in override.split("=", 1)[0].split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def choose_jobs(model: str, gpu_gib: float | None, cpus: int) -> tuple[int, int]:
@@ -180,7 +190,11 @@ def file_hashes(records: Path) -> dict[str, str]:
 def pack(records: Path, snapshot: Path, out_dir: Path, summary: Path | None) -> dict:
     """The files of ``records`` new or changed since ``snapshot``, in tars of at most
     :data:`TAR_BYTES` (``study-1.tar``, ...; at most :data:`MAX_TARS`; what does not fit is
-    listed in the summary and stays behind)."""
+    listed in the summary and stays behind). The call's summary goes with them as
+    ``device_calls/<UTC time>.json``: the records keep which device measured them."""
+    if summary is not None and Path(summary).is_file():
+        write_json(Path(records) / "device_calls" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json",
+                   json.loads(Path(summary).read_text()))
     before = json.loads(Path(snapshot).read_text()) if Path(snapshot).is_file() else {}
     changed = [rel for rel, h in file_hashes(records).items() if before.get(rel) != h]
     chunks: list[list[str]] = []
