@@ -24,7 +24,7 @@
 #   PF_GPU_TEST_TIMEOUT_S per-test timeout when pytest-timeout is there (default 60), else
 #                    per file (default 120)
 # Files in OUT_DIR: check.log (everything printed), build.log, rows.jsonl, phases.tsv,
-# limits.json, table.md. The last lines printed are the table, the value checks' count and the
+# limits.json, table.md, triton_warm.log. The last lines printed are the table, the value checks' count and the
 # phase summary.
 # shellcheck disable=SC2317  # the phase functions are called through run_phase
 set -uo pipefail
@@ -166,6 +166,9 @@ print(f"torch {torch.__version__}  triton {triton.__version__}  cuda {torch.vers
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
 with open(os.path.join(os.environ["out"], "cuda"), "w") as f:  # read by the script: which phases can run
     f.write("1" if torch.cuda.is_available() else "0")
+if torch.cuda.is_available():  # the Triton cache warm-up's target (build phase)
+    with open(os.path.join(os.environ["out"], "arch"), "w") as f:
+        f.write("%d%d" % torch.cuda.get_device_capability())
 st = importlib.util.find_spec("setuptools")
 print("setuptools:", __import__("setuptools").__version__ if st else "MISSING (the build needs it)")
 inc = os.path.join(sysconfig.get_paths()["include"], "Python.h")
@@ -184,6 +187,15 @@ phase_build() {
       return 0
     fi
     cmd="PF_BUILD_CUDA=1 \"$py\" setup.py build_ext --inplace"
+  fi
+  if ((have_cuda)) && [ -s "$out/arch" ]; then
+    # While nvcc runs, warm Triton's cache with the ops phase's bf16 kernels: kernel_report.py
+    # compiles them for this card with the launches' own specialisation (same cache keys), so
+    # the ops phase finds them compiled. Best effort, in the background, its own log.
+    for d in 1152 768; do
+      "$py" scripts/kernel_report.py --arch "$(<"$out/arch")" --only "D=$d bf16" >>"$out/triton_warm.log" 2>&1 &
+    done
+    echo "warming Triton's cache for sm_$(<"$out/arch") in the background (triton_warm.log)"
   fi
   echo "building: $cmd (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS; log: build.log)"
   bash -c "$cmd" >"$blog" 2>&1
