@@ -12,9 +12,10 @@ with two things swapped: Triton's driver names the target instead of asking a GP
 launch becomes ``kernel.warmup`` (compile, no run). So every kernel goes through Triton's real
 compiler (TTIR, PTX, then ptxas to a cubin) with exactly the specialisation a launch would give
 it (dtypes, 16-byte alignment of pointers and strides, constexprs), which the interpreter never
-exercises. Per compiled variant it reports num_warps, the row tiling (BLOCK_M, BLOCK_D,
-NUM_TILES) and the fraction of column lanes left empty (``padding``: D covered by
-``cdiv(D, BLOCK_D)`` tiles), registers, stack-frame and spill bytes (``ptxas -v``, the ptxas
+exercises. Per compiled variant it reports the constexpr flags set (which member of a kernel
+family it is: ``IS_RMS_NORM``, ``HAS_RESIDUAL``, ``STATS_ONLY``...), num_warps, the row tiling
+(BLOCK_M, BLOCK_D, NUM_TILES) and the fraction of column lanes left empty (``padding``: D
+covered by ``cdiv(D, BLOCK_D)`` tiles), registers, stack-frame and spill bytes (``ptxas -v``, the ptxas
 Triton bundles), shared memory, and the width of the global loads and stores in the PTX
 (``v4`` = 16 bytes per thread for 32-bit words, what coalesced memory-bound code wants).
 ``--only TEXT`` compiles the cases whose label contains TEXT. Needs ``TRITON_INTERPRET`` unset.
@@ -238,8 +239,10 @@ def compile_all(arch: int, only: str | None = None) -> list[dict]:
     for label, kernel, ck, bound in recorder.compiled:
         meta = ck.metadata
         tiles = {k: int(bound[k]) for k in ("BLOCK_M", "BLOCK_D", "NUM_TILES") if k in bound}
+        flags = " ".join(k for k, v in bound.items() if k.isupper() and v is True)  # the constexpr flags set
         rows.append({
-            "case": label, "kernel": kernel, "arch": arch, "num_warps": meta.num_warps, "shared": meta.shared,
+            "case": label, "kernel": kernel, "flags": flags, "arch": arch, "num_warps": meta.num_warps,
+            "shared": meta.shared,
             **tiles, "padding": _padding(bound),
             **_resources(ck.asm["ptx"], re.search(r"\.target (sm_\w+)", ck.asm["ptx"]).group(1), ptxas),
             **_memory_widths(ck.asm["ptx"]),
@@ -248,7 +251,7 @@ def compile_all(arch: int, only: str | None = None) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["case", "kernel", "num_warps", "BLOCK_M", "BLOCK_D", "NUM_TILES", "padding", "regs", "stack", "spill",
+    cols = ["case", "kernel", "flags", "num_warps", "BLOCK_M", "BLOCK_D", "NUM_TILES", "padding", "regs", "stack", "spill",
             "shared", "ld_v4", "ld_v2", "ld_scalar", "st_v4", "st_v2", "st_scalar"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
