@@ -299,7 +299,8 @@ def load_test_labels(study: dict) -> torch.Tensor:
 
 def device_name(study: dict) -> str:
     """Where the study runs, as its reports state it."""
-    if resolve_device(study) == "cuda":
-        return torch.cuda.get_device_name()
+    if resolve_device(study) == "cuda":  # rendered away from the GPU, the card is named in device_calls/
+        return (torch.cuda.get_device_name() if torch.cuda.is_available()
+                else f"a CUDA GPU (named in {study['records_dir']}/device_calls)")
     return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
             f"{study['jobs']} worker process(es) with {study['threads']} torch thread(s) each")

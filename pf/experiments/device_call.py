@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("study")
     a.add_argument("--budget", type=float, default=540.0)
     a.add_argument("--json", type=Path)
+    a.add_argument("--field", help="print only this field of the plan (records_dir, out_dir, ...)")
     a = sub.add_parser("snapshot")
     a.add_argument("records", type=Path)
     a.add_argument("file", type=Path)
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unexpected arguments: {rest}")
     if args.cmd == "plan":
         result = plan(args.study, rest, args.budget)
+        if args.field:
+            print(result[args.field])
+            return 0
         print_plan(result)
         if args.json:
             write_json(args.json, result)
