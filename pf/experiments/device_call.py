@@ -34,6 +34,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import torch
+
 from pf import cli
 from pf.experiments import command
 from pf.experiments.records import write_json
@@ -91,8 +93,6 @@ def choose_jobs(model: str, gpu_gib: float | None, cpus: int) -> tuple[int, int]
 
 
 def gpu_gib() -> float | None:
-    import torch
-
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -164,8 +164,6 @@ def run(module_name: str, overrides: list[str], deadline: float, summary: Path) 
 
 
 def device_label(study: dict) -> str:
-    import torch
-
     if study["device"] == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu ({os.cpu_count()} cores)"
