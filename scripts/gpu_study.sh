@@ -21,8 +21,8 @@
 #   PF_STUDY_MODULE    the study (default pf.experiments.reproduce; any module naming DEFAULTS,
 #                      FREE, TOY and build_stages)
 #   PF_STUDY_BUDGET_S  seconds for the whole call, start-up included (default 540)
-#   PF_STUDY_RESERVE_S seconds kept after the deadline for the cut stages to stop and the pack
-#                      (default 30)
+#   PF_STUDY_RESERVE_S seconds kept after the deadline (default 30): the first half for the cut
+#                      stages to stop (then a timeout stops the run), the second for the pack
 #   PF_STUDY_FAKE=1    no GPU: the same call on the CPU (device=cpu toy=true jobs=2), for tests
 # The study runs with device=cuda (PF_STUDY_FAKE: device=cpu toy=true) before the overrides
 # given, so the overrides win; the records land in the study's records_dir (results/study).
@@ -134,7 +134,7 @@ snapshot=$(mktemp)
 
 # The run stops by itself at the deadline; timeout is the backstop for a stage stuck in one
 # long C call (it signals the whole process group, the workers too).
-left=$((start + budget - 10 - $(date +%s)))
+left=$((deadline + reserve / 2 - $(date +%s))) # half the reserve for the cut stages to stop, half for the pack
 timeout --signal=INT --kill-after=5 "$((left > 1 ? left : 1))" \
   "$py" -m pf.experiments.device_call run "$module" --deadline "$deadline" --summary "$out/summary.json" \
   "${overrides[@]}" 2>&1 | tee -a "$log"
@@ -145,6 +145,9 @@ rm -f "$snapshot"
 import json, sys
 import os
 s = json.load(open(sys.argv[1])) if os.path.exists(sys.argv[1]) else {}
+if "study" not in s:
+    print("the run was stopped by the backstop timeout before its summary (study.log); the records it finished "
+          "are in the tars all the same")
 print(f"=== {s.get('study')} on {s.get('device_name')}: jobs={s.get('jobs')} threads={s.get('threads')}, "
       f"{sys.argv[2]} s used ===")
 print(f"stages done before: {s.get('done_before')}, done now: {len(s.get('done_now', []))}, "
