@@ -211,3 +211,19 @@ def test_pack_keeps_to_what_comes_back(tmp_path, monkeypatch):
     result = device_call.pack(rec, tmp_path / "none.json", out, None)
     assert [t["files"] for t in result["tars"]] == [2, 2] and result["left_out"] == ["points/4.json"]
     assert sorted(read_tars(out)) == [f"points/{i}.json" for i in range(4)]
+
+
+def test_deadline_in_process(tmp_path, monkeypatch):
+    """jobs=1 (the stages run in this process): the running stage is cut by the same timer, and
+    nothing starts after it; the timer is off again afterwards."""
+    import signal
+
+    from pf.experiments.stages import run_stages
+
+    monkeypatch.setenv(SLOW_ENV, "1000")
+    rec = tmp_path / "rec"
+    t0 = time.time()
+    done = run_stages(build_stages({"records_dir": str(rec)}), rec, jobs=1, deadline=t0 + 2, log=lambda *a: None)
+    assert sorted(done) == ["quick a"] and time.time() - t0 < 10
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert [p.name for p in (rec / "stages").iterdir()] and len(list((rec / "stages").iterdir())) == 1
