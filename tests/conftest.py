@@ -24,12 +24,14 @@ if not torch.cuda.is_available():
 # (a new one included) is in the compatibility pass.
 SAME_ON_EVERY_STACK = {
     "test_captions.py": "caption text, templates and shard reading",
+    "test_cli.py": "the key=value parser of the entry points",
     "test_cli_errors.py": "one-line messages for bad command-line input",
     "test_data.py": "datasets, folders and loaders",
     "test_encode.py": "latent-set files written by pf.data.encode (a stand-in autoencoder)",
     "test_eval.py": "metric plumbing of pf.eval (torch-fidelity, not our models)",
     "test_findings.py": "the study's statements over stored records",
     "test_flow.py": "the probability path: tensor arithmetic",
+    "test_gpu_study.py": "the study's device-call plumbing (plans, deadlines, returned files), rehearsed",
     "test_layers.py": "the import map, read from the source",
     "test_mnist_format.py": "IDX file parsing",
     "test_repa_study.py": "the REPA study's stages and report",
@@ -39,6 +41,7 @@ SAME_ON_EVERY_STACK = {
     "test_stages.py": "stage keys and caching of the studies",
     "test_study_framework.py": "the study framework: stages, caching, curves, reports",
     "test_t2i_sampling.py": "text conditions through the samplers (the network: test_t2i_model)",
+    "test_tree_size.py": "the size of the tracked files",
 }
 
 
