@@ -142,11 +142,13 @@ def test_sample_errors_name_the_problem(tmp_path):
              ([f"ckpt={ckpt}", f"prompts={empty}"], r"holds no prompt"),
              ([f"ckpt={ckpt}", "prompt=a seven", "classes=[1]"], r"classes= is for class-conditional"),
              ([f"ckpt={ckpt}", "prompt=x", f"prompts={empty}"], r"not both")]
-    for args, pattern in cases:
-        proc = subprocess.run([sys.executable, "-m", "pf.sample", *args, f"out={tmp_path}"], cwd=ROOT,
-                              env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr[-1500:])
+    from test_cli_errors import _run_forked  # each case its own process, torch imported once
+
+    (tmp_path / "stderr").mkdir()
+    results = _run_forked([["-m", "pf.sample", *args, f"out={tmp_path}"] for args, _ in cases], tmp_path / "stderr")
+    for (args, pattern), (code, stderr) in zip(cases, results):
+        lines = [ln for ln in stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, stderr[-1500:])
         import re
 
         assert re.search(pattern, lines[0]), (args, lines[0])
