@@ -213,10 +213,8 @@ def make_fn(impl: str, fns: dict, inputs, mode: str):
 
 @pytest.fixture
 def backend_auto():
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend("auto")  # CUDA tensors -> Triton
-    yield
-    pf_kernels.set_backend(previous)
+    with pf_kernels.use_backend("auto"):  # CUDA tensors -> Triton
+        yield
 
 
 #################################################################################

@@ -29,16 +29,6 @@ VARIANTS = ["eager", "fused", "compile-model", "compile", "fused+compile"]
 CUDA_PRESETS = ["PF-XL/2"] if QUICK else ["PF-B/2", "PF-XL/2"]
 
 
-@contextlib.contextmanager
-def kernel_backend(name: str):
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend(name)
-    try:
-        yield
-    finally:
-        pf_kernels.set_backend(previous)
-
-
 def _make_step(preset: str, variant: str, batch: int, device: str, ltg_backend: str = "compiled"):
     """One training step as a callable; ``ltg_backend="torch"`` draws the LTG times with
     torch's RNG (gpu_check.sh uses it when the extension build failed: no JIT retry)."""
@@ -81,7 +71,7 @@ def _make_step(preset: str, variant: str, batch: int, device: str, ltg_backend: 
 
 def _run(benchmark, preset, variant, batch, device):
     backend = "torch" if variant in ("eager", "compile", "compile-model") else "auto"
-    with kernel_backend(backend):
+    with pf_kernels.use_backend(backend):
         step = _make_step(preset, variant, batch, device)
         for _ in range(3):  # warm-up (and compilation)
             step()

@@ -140,16 +140,6 @@ def wall_ms(fn, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-@contextlib.contextmanager
-def kernel_backend(name: str):
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend(name)
-    try:
-        yield
-    finally:
-        pf_kernels.set_backend(previous)
-
-
 def limits_path(rows: Rows) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(rows.path)), "limits.json")
 
@@ -246,7 +236,7 @@ def phase_ops(rows: Rows) -> None:
     device = "cuda" if CUDA else "cpu"
     copy_gbps = copy_limit(rows)
     est = 2 if rows.toy else 12  # s per op and width: Triton JIT of fwd and bwd, fp32 refs, ~10 timings
-    with kernel_backend("auto"):
+    with pf_kernels.use_backend("auto"):
         for op in vc.OPS:
             for b, n, d in _shapes(rows.toy):
                 if op == "timestep_embedding" and d != _shapes(rows.toy)[0][2]:
@@ -338,7 +328,7 @@ def model_value_check(rows: Rows) -> None:
     def run(backend: str, dtype):
         model.zero_grad(set_to_none=True)
         ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with kernel_backend(backend), ctx:
+        with pf_kernels.use_backend(backend), ctx:
             out = model(x, t, y)
         (out.float() * cot).sum().backward()
         return out.detach().double(), {k: p.grad.detach().double() for k, p in model.named_parameters()
@@ -393,7 +383,7 @@ def phase_train(rows: Rows) -> None:
 def train_row(rows: Rows, make_step, preset: str, variant: str, backend: str, batch: int, ltg: str,
               peak: float) -> None:
     device = "cuda" if CUDA else "cpu"
-    with kernel_backend(backend):
+    with pf_kernels.use_backend(backend):
         step = make_step(preset, {"blockc": "compile"}.get(variant, variant), batch, device, ltg_backend=ltg)
         t0 = time.perf_counter()
         for _ in range(3 if "compile" in variant or variant == "blockc" else 2):  # warm-up, and the compile

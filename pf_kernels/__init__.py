@@ -5,7 +5,7 @@ Public API (SPEC.md section 8): ``adaln_modulate``, ``gated_residual``,
 section 11); the indexed forms ``adaln_modulate_indexed`` / ``gated_residual_indexed`` /
 ``ada_rms_norm_indexed`` (deduplicated conditioning); ``gated_residual_modulate`` (and its
 ``_indexed`` form): a residual update fused with the next LayerNorm + modulation;
-``set_backend`` / ``get_backend`` (``PF_KERNELS_BACKEND=auto|triton|torch``) and
+``set_backend`` / ``get_backend`` / ``use_backend`` (``PF_KERNELS_BACKEND=auto|triton|torch``) and
 ``patch_dit(model)``, the drop-in for DiT/SiT-style models.
 """
 
@@ -22,6 +22,7 @@ from pf_kernels.dispatch import (
     patch_euler,
     set_backend,
     timestep_embedding,
+    use_backend,
 )
 from pf_kernels.patch import patch_dit
 from pf_kernels.ltg import ltg_sample
@@ -39,6 +40,7 @@ __all__ = [
     "patch_euler",
     "set_backend",
     "get_backend",
+    "use_backend",
     "patch_dit",
     "ltg_sample",
 ]

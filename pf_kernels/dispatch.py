@@ -68,6 +68,17 @@ def get_backend() -> str:
     return _backend
 
 
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``set_backend(name)`` for a ``with`` block, the previous backend restored after it."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
 def interpreter_active() -> bool:
     """True when our kernels were built by the Triton interpreter (they run on CPU tensors)."""
     return HAS_TRITON and _triton_utils.INTERPRETED

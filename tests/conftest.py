@@ -63,10 +63,8 @@ def triton_backend():
     """Force ``pf_kernels`` onto its Triton kernels for one test (interpreter on the CPU)."""
     import pf_kernels
 
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend("triton")
-    yield
-    pf_kernels.set_backend(previous)
+    with pf_kernels.use_backend("triton"):
+        yield
 
 
 @pytest.fixture

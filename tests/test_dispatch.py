@@ -316,3 +316,19 @@ def test_a_batch_over_the_grid_limit_takes_the_torch_path_under_auto(restore_bac
     assert LAUNCHES["adaln_modulate_fwd"] == before
     ref = torch.nn.functional.layer_norm(x, (8,), eps=1e-6) * (1 + scale) + shift
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_use_backend_restores_the_previous_backend_even_after_an_error():
+    previous = pf_kernels.get_backend()
+    with pf_kernels.use_backend("torch"):
+        assert pf_kernels.get_backend() == "torch"
+    assert pf_kernels.get_backend() == previous
+    with pytest.raises(RuntimeError, match="boom"):
+        with pf_kernels.use_backend("triton"):
+            assert pf_kernels.get_backend() == "triton"
+            raise RuntimeError("boom")
+    assert pf_kernels.get_backend() == previous
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with pf_kernels.use_backend("cuda"):
+            pass
+    assert pf_kernels.get_backend() == previous
