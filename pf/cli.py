@@ -1,4 +1,4 @@
-"""The command-line parser of every ``key=value`` entry point (``pf.eval``, ``pf.data.encode``,
+"""The command-line parser of every ``key=value`` entry point (``pf.sample``, ``pf.eval``, ``pf.data.encode``,
 ``pf.eval.train_classifier``, the studies): hydra's override syntax, without hydra's run directories.
 
 ``parse(defaults, argv)`` merges ``a.b=1 c=[x,y]`` into a copy of ``defaults``; an unknown

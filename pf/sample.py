@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from pf import cli
+from pf.cli import UsageError
 from pf.data.names import class_names
 from pf.errors import debug, expected_errors, one_line
 from pf.pipeline import Pipeline, indexed_inputs, load_model
@@ -85,34 +87,16 @@ USAGE = "usage: python -m pf.sample ckpt=PATH [key=value ...]\nkeys (default):\n
 )
 
 
-class UsageError(ValueError):
-    pass
-
-
 #################################################################################
 #                                  Arguments                                    #
 #################################################################################
 
 
 def parse_args(argv: list[str]) -> dict:
-    """``key=value`` pairs over DEFAULTS; unknown keys and malformed values are errors."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if "=" not in arg:
-            raise UsageError(f"expected key=value, got {arg!r}\n{USAGE}")
-        key, value = arg.split("=", 1)
-        key = key.strip().lstrip("+-")
-        if key not in DEFAULTS:
-            raise UsageError(f"unknown key {key!r}; known keys: {', '.join(DEFAULTS)}")
-        if key in TEXT_KEYS:  # a prompt or a path as typed: prompt=7 is the text "7", not the number
-            cfg[key] = value
-            continue
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as err:
-            raise UsageError(f"{key}: cannot read value {value!r}: {err}") from err
-        cfg[key] = parsed
-    return validate(cfg)
+    """``key=value`` pairs over DEFAULTS, read by the one parser of every entry point
+    (:func:`pf.cli.parse`: unknown keys and values of the wrong type are errors; prompts and paths
+    as typed), then checked by :func:`validate`."""
+    return validate(OmegaConf.to_container(cli.parse(DEFAULTS, argv, verbatim=TEXT_KEYS)))
 
 
 def validate(cfg: dict) -> dict:

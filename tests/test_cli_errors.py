@@ -99,7 +99,7 @@ CASES = [
     (TRAIN + ["resume=/nonexistent/run"], r"resume=/nonexistent/run: no such checkpoint file or run directory"),
     # the other commands
     (["-m", "pf.sample", "ckpt=/nonexistent.pt"], r"checkpoint not found: /nonexistent\.pt"),
-    (["-m", "pf.sample", "ckpt=x.pt", "steps=abc"], r"steps must be a positive integer"),
+    (["-m", "pf.sample", "ckpt=x.pt", "steps=abc"], r"steps='abc': expected an integer"),
     (["-m", "pf.eval", "generated=/nonexistent"], r"generated=/nonexistent: no such file or folder"),
     (["-m", "pf.eval", "generated=x", "num_samples=abc"], r"num_samples='abc': expected an integer"),
     (["-m", "pf.export", "/nonexistent.pt"], r"checkpoint not found: /nonexistent\.pt"),

@@ -109,7 +109,7 @@ def test_viz_strip(ckpts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["stpes=3"], "unknown key 'stpes'"),
+    (["stpes=3"], "unknown option 'stpes'"),
     (["steps=0"], "steps must be a positive integer"),
     (["classes=[a]"], "classes must be a list"),
     (["sampler=heun"], "unknown sampler"),
