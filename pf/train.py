@@ -8,7 +8,9 @@ directory (``hydra.run.dir``) receives::
     metrics.jsonl                                     {"step", "loss", ...} per logged step
     config.yaml (and hydra's .hydra/)                 the resolved config
 
-``resume=<run dir or checkpoint>`` continues exactly; ``torchrun --nproc_per_node=N -m
+``resume=<run dir or checkpoint>`` continues exactly. A folder that already holds a run is
+refused without ``resume=``; ``overwrite=true`` moves that run into ``previous-<time>/`` and
+starts over. ``run.lock`` keeps a second process out while the run lives. ``torchrun --nproc_per_node=N -m
 pf.train`` trains with DDP (rank 0 writes). One step::
 
     cond = conditioning(labels)       class ids, or captions -> text tokens (pf.conditioning)
@@ -78,6 +80,7 @@ from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
 from pf.training.pictures import draw_samples, save_picture
+from pf.training.run_folder import RunFolderError, RunLock, prepare_run_folder
 from pf.training.schema import check_config, check_overrides, fill_family_defaults
 
 log = logging.getLogger("pf.train")
@@ -224,10 +227,37 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
+    lock = None
     try:
+        lock = _claim_run_folder(cfg, run_dir, d)
         return _train(cfg, tc, run_dir, device, d, autocast)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(d)
+
+
+def _claim_run_folder(cfg, run_dir: Path, d: Dist) -> RunLock | None:
+    """Rank 0 locks ``run_dir`` for the run's life and refuses (or, with ``overwrite``, moves
+    aside) a run already in it; every rank raises rank 0's refusal, so none waits for the others."""
+    lock, refusal = None, None
+    if d.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+            resume_ckpt = resolve_resume(cfg.resume) if cfg.resume else None
+            prepare_run_folder(run_dir, cfg.resume, bool(cfg.get("overwrite", False)), resume_ckpt)
+        except (ValueError, FileNotFoundError) as err:
+            if lock is not None:
+                lock.release()
+            refusal = err
+    if d.enabled:
+        box = [None if refusal is None else str(refusal)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and refusal is None:
+            raise RunFolderError(box[0])
+    if refusal is not None:
+        raise refusal
+    return lock
 
 
 def _data(cfg, d: Dist, device: torch.device, seed: int):

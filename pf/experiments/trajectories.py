@@ -21,7 +21,7 @@ from pf.train import train
 
 # Keys that change what a run logs or how often it writes, not what it computes.
 FREE_TRAINER_KEYS = ("max_steps", "progress", "log_every", "val_every", "ckpt_every", "keep_every", "sample_every")
-FREE_TOP_KEYS = ("resume", "sampler", "hydra")
+FREE_TOP_KEYS = ("resume", "overwrite", "sampler", "hydra")
 
 
 def trajectory_config(train_cfg) -> dict:
@@ -63,8 +63,9 @@ def ensure_trained(train_cfg, root: str | Path, steps: int, log=print) -> dict:
             if start > steps:
                 raise RuntimeError(f"{run_dir} went past step {steps} without keeping it (keep_every "
                                    f"{train_cfg.trainer.keep_every}); ask for a multiple of keep_every")
+            # no checkpoint yet: a segment killed before its first one left only metrics; start over
             cfg = OmegaConf.merge(train_cfg, {"trainer": {"max_steps": int(steps)},
-                                              "resume": str(last) if start > 0 else None})
+                                              "resume": str(last) if start > 0 else None, "overwrite": start == 0})
             write_json(run_dir / "trajectory.json", trajectory_config(train_cfg))
             log(f"training {run_dir.name}: steps {start} -> {steps}")
             t0 = time.perf_counter()

@@ -185,6 +185,7 @@ class TrainConfig:
     seed: int = _f(0, **_rng(0))
     device: str = _f("auto", **_choices("auto", "cpu", "cuda"))
     resume: typing.Optional[str] = None
+    overwrite: bool = False  # a run already in the folder moves to previous-<time>/ (pf.training.run_folder)
 
 
 #################################################################################

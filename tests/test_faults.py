@@ -1,0 +1,170 @@
+"""Faults a user's second command can cause, each guarded (issue 27's findings, numbered as there):
+a run folder re-used without ``resume=`` (1), two trainings in one folder (2), an export over its
+own input (5), a torn last line of ``metrics.jsonl`` (6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import pf.train as pf_train
+from child_env import child_env
+from pf.models.checkpoint import read_checkpoint_file
+from pf.training.run_folder import LOCK_NAME, RunFolderError, RunLock, held_run
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
+        "sampler.steps=2", "sampler.num_images=10", "trainer.val_every=100", "trainer.sample_every=100"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "pf" / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*FAST, *overrides])
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def train_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pf.train", *FAST, *args]
+
+
+# ------------------------------------------------------------ 1: a folder holding a run
+def test_a_folder_holding_a_run_is_refused_without_resume_and_moved_aside_with_overwrite(tmp_path):
+    """Finding 1: re-running pf.train into a run folder without resume= (or with resume= empty)
+    replaced last.pt, truncated metrics.jsonl and mixed old step files with new ones. Now it is
+    refused naming resume= and overwrite=true, and overwrite=true moves the old run aside whole."""
+    run = tmp_path / "run"
+    pf_train.train(make_cfg("trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.keep_every=2"), run)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    assert set(before) == {"last.pt", "step_000002.pt", "step_000004.pt"} and steps_logged(run) == [1, 2, 3, 4]
+    for resume in ([], ["resume="], ["resume=null"]):
+        with pytest.raises(RunFolderError, match=rf"{run} already holds a run \(checkpoints/last.pt, 2 step "
+                                                 rf"checkpoint\(s\), 1 sample picture\(s\), metrics.jsonl\): use resume={run} to continue "
+                                                 r"it, or overwrite=true to start over"):
+            pf_train.train(make_cfg("trainer.max_steps=1", *resume), run)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before  # nothing touched
+    assert steps_logged(run) == [1, 2, 3, 4] and not (run / LOCK_NAME).exists()
+
+    pf_train.train(make_cfg("trainer.max_steps=1", "trainer.keep_every=1", "overwrite=true"), run)
+    (old,) = run.glob("previous-*")
+    assert {p.name: p.read_bytes() for p in (old / "checkpoints").iterdir()} == before  # moved, not deleted
+    assert steps_logged(old) == [1, 2, 3, 4] and (old / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_000001.pt"]  # no old files
+    assert steps_logged(run) == [1] and read_checkpoint_file(run / "checkpoints" / "last.pt")["step"] == 1
+    # the old run still continues from where it was moved
+    pf_train.train(make_cfg("trainer.max_steps=5", f"resume={old}"), old)
+    assert steps_logged(old) == [1, 2, 3, 4, 5]
+
+
+def test_what_counts_as_a_run(tmp_path):
+    """Finding 1: hydra's own files (.hydra/, the job's log), an empty metrics.jsonl and a lock
+    are not a run, so the default command (a new runs/<date>/<time>/ hydra has just filled) trains."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "train.log").write_text("[2026-12-05 10:00:00] starting\n")
+    (run / "metrics.jsonl").write_text("")
+    assert held_run(run) == []
+    (run / "samples").mkdir()
+    (run / "samples" / "step_000010.png").write_bytes(b"png")
+    assert held_run(run) == ["1 sample picture(s)"]
+    with pytest.raises(RunFolderError, match=r"it has no checkpoints/last.pt to continue from: use overwrite=true"):
+        pf_train.train(make_cfg("trainer.max_steps=1"), run)
+    # resume= from another folder into one that holds a run, and resume= with overwrite=true, are refused too
+    (tmp_path / "other.pt").write_bytes(b"another run's checkpoint")
+    with pytest.raises(RunFolderError, match=r"holds another run .* than resume="):
+        pf_train.train(make_cfg("trainer.max_steps=1", f"resume={tmp_path / 'other.pt'}"), run)
+    with pytest.raises(RunFolderError, match=r"overwrite=true would move it aside: give one of the two"):
+        pf_train.train(make_cfg("trainer.max_steps=1", f"resume={run / 'samples' / 'step_000010.png'}",
+                                "overwrite=true"), run)
+
+
+def test_the_command_refuses_in_one_line(tmp_path):
+    """Finding 1: the README's ``hydra.run.dir=...`` commands, run twice, stop with one line and exit 2."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"a run's checkpoint")
+    proc = subprocess.run(train_cli("trainer.max_steps=1", f"hydra.run.dir={run}"), cwd=ROOT, capture_output=True,
+                          text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=300)
+    line = one_error_line(proc)
+    assert f"use resume={run} to continue it, or overwrite=true to start over" in line
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"a run's checkpoint"
+
+
+# --------------------------------------------------------------- 2: one process per folder
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_process_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    """Finding 2: two trainings in one folder both ran (metrics interleaved, step files from either).
+    A training holds run.lock for its life; a second process in the folder is refused in one line
+    naming the holder; after the holder is killed (-9) its stale lock is taken over with a warning."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_cli("trainer.max_steps=100000", "trainer.ckpt_every=5", f"hydra.run.dir={run}"),
+                             cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():  # training
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first training did not start"
+            time.sleep(0.5)
+        holder = json.loads((run / LOCK_NAME).read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        second = subprocess.run(train_cli("trainer.max_steps=1", f"resume={run}", f"hydra.run.dir={run}"), cwd=ROOT,
+                                env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        line = one_error_line(second)
+        assert f"{run} is in use by another training (pid {first.pid} on {socket.gethostname()} since " in line
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / LOCK_NAME).is_file()  # killed: the lock stays behind, stale
+    caplog.set_level("WARNING", logger="pf.train")
+    pf_train.train(make_cfg("trainer.max_steps=1", "overwrite=true"), run)
+    assert f"took over a stale lock (pid {first.pid} on {socket.gethostname()}" in caplog.text
+    assert not (run / LOCK_NAME).exists() and steps_logged(run) == [1]
+
+
+def test_stale_live_and_foreign_locks(tmp_path, caplog):
+    """Finding 2: a lock whose pid is dead on this host is stale (taken over, one warning); a live
+    holder, a holder on another host (its pid cannot be checked) and an unreadable lock are refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / LOCK_NAME
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "since": "then"}))
+    caplog.set_level("WARNING", logger="pf.train")
+    with RunLock(run) as held:
+        assert json.loads(lock.read_text())["pid"] == os.getpid() and held.held
+        with pytest.raises(RunFolderError, match=rf"in use by another training \(pid {os.getpid()} on "):
+            RunLock(run).acquire()  # a live holder (this very process)
+    assert "took over a stale lock" in caplog.text and not lock.exists()
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere", "since": "then"}))
+    with pytest.raises(RunFolderError, match=r"in use by another training \(pid \d+ on elsewhere since then"):
+        pf_train.train(make_cfg("trainer.max_steps=1"), run)
+    lock.write_text("{\"pid\": ")
+    with pytest.raises(RunFolderError, match=r"run.lock exists but is unreadable"):
+        RunLock(run).acquire()
+    assert lock.read_text() == "{\"pid\": "  # refused locks are left as they were
