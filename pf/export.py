@@ -5,12 +5,14 @@
 
 ``released`` writes SPEC section 2's file, ``{"state_dict", "config": {"target", "params"}}``,
 as the published PFT checkpoints are; ``safetensors`` writes the weights with the model
-config as JSON metadata. ``pf.models.load_checkpoint`` reads both.
+config as JSON metadata. ``pf.models.load_checkpoint`` reads both. The output never replaces
+the input, nor an existing file without ``--overwrite``, and is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pf.errors import run_command
@@ -36,15 +38,28 @@ def released_checkpoint(model) -> dict:
     return {"state_dict": state, "config": {"target": RELEASED_TARGETS[type(model).__name__], "params": params}}
 
 
-def export(src: str | Path, out: str | Path | None = None, fmt: str = "released", use_ema: bool = True) -> Path:
-    """Write ``src``'s (EMA) weights to ``out``; returns the path written."""
+def check_out(src: Path, out: Path, overwrite: bool) -> None:
+    """The export never replaces its input (a training checkpoint's optimizer, EMA and RNG state
+    would be lost to the EMA-only file), nor another existing file unless ``overwrite``."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name the file to write (e.g. {out / 'model.ckpt'})")
+    if out.exists() and (out.resolve() == src.resolve() or (src.exists() and os.path.samefile(out, src))):
+        raise ValueError(f"--out {out} is the checkpoint being exported: name another file")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists: name another file, or add --overwrite to replace it")
+
+
+def export(src: str | Path, out: str | Path | None = None, fmt: str = "released", use_ema: bool = True,
+           overwrite: bool = False) -> Path:
+    """Write ``src``'s (EMA) weights to ``out`` (atomically: the whole file or none); returns the path written."""
     if fmt not in ("released", "safetensors"):
         raise ValueError(f"--format must be 'released' or 'safetensors', got {fmt!r}")
     src = Path(src)
-    model = model_from_checkpoint_dict(read_checkpoint_file(src), use_ema=use_ema, source=str(src))
     if out is None:
         out = src.with_name(src.stem + ("_ema" if use_ema else "") + (".ckpt" if fmt == "released" else ".safetensors"))
     out = Path(out)
+    check_out(src, out, overwrite)
+    model = model_from_checkpoint_dict(read_checkpoint_file(src), use_ema=use_ema, source=str(src))
     if fmt == "released":
         save_checkpoint(released_checkpoint(model), out)
     else:
@@ -58,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="released", choices=["released", "safetensors"])
     parser.add_argument("--out", default=None, help="output file (default: next to the input)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the input)")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        print(f"wrote {export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema)}")
+        out = export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema, overwrite=args.overwrite)
+        print(f"wrote {out}")
 
     return run_command(run)
 

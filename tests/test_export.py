@@ -1,5 +1,8 @@
 """python -m pf.export: EMA weights in the released format or as safetensors."""
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -53,3 +56,54 @@ def test_export_errors(tmp_path, capsys):
     (tmp_path / "x.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_export_never_replaces_its_input_and_asks_before_replacing_a_file(tmp_path, capsys):
+    """Issue 27, finding 5: ``pf.export ckpt --out ckpt`` replaced the training checkpoint (optimizer,
+    EMA, RNG state) with the EMA-only export. The input is never replaced; another existing file
+    only with --overwrite; a folder as --out is refused; each in one line (exit 2)."""
+    model = tiny_model(dtype=torch.float32)
+    ckpt = tmp_path / "run" / "last.pt"
+    save_checkpoint(model_checkpoint(model, step=3, optimizer={"state": {}}), ckpt)
+    original = ckpt.read_bytes()
+    (tmp_path / "link.pt").hardlink_to(ckpt)  # a step file is a hard link to last.pt
+    for out in (ckpt, tmp_path / "run" / ".." / "run" / "last.pt", tmp_path / "link.pt"):
+        for extra in ([], ["--overwrite"], ["--format", "safetensors", "--overwrite"]):
+            assert export.main([str(ckpt), "--out", str(out), *extra]) == 2
+            assert "is the checkpoint being exported: name another file" in capsys.readouterr().err
+    assert ckpt.read_bytes() == original
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"someone's file")
+    assert export.main([str(ckpt), "--out", str(other)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {other} exists: name another file, or add --overwrite to replace it"
+    assert other.read_bytes() == b"someone's file"
+    assert export.main([str(ckpt), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+    assert export.main([str(ckpt), "--out", str(other), "--overwrite"]) == 0
+    assert type(load_checkpoint(other)) is type(model)
+    assert export.main([str(ckpt)]) == 0 and export.main([str(ckpt)]) == 2  # the default name, a second time
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["last.pt", "last_ema.ckpt"]  # no temp files
+
+
+@pytest.mark.parametrize("fmt", ["released", "safetensors"])
+def test_export_is_atomic(tmp_path, monkeypatch, fmt):
+    """Issue 27, finding 5: a write that fails half-way leaves the old output whole and no temp file."""
+    from pf.models import checkpoint
+
+    model = tiny_model(dtype=torch.float32)
+    save_checkpoint(model_checkpoint(model), tmp_path / "last.pt")
+    out = tmp_path / "model.out"
+    out.write_bytes(b"the previous export")
+
+    def torn(obj, f, *args, **kwargs):
+        path = f if isinstance(f, (str, os.PathLike)) else None
+        with open(path, "wb") if path else contextlib.nullcontext(f) as handle:
+            handle.write(b"half of a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn)
+    monkeypatch.setattr(checkpoint, "save_file", lambda state, path, metadata=None: torn(None, path))
+    with pytest.raises(OSError, match="No space left"):
+        export.export(tmp_path / "last.pt", out, fmt, overwrite=True)
+    assert out.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "model.out"]

@@ -165,9 +165,17 @@ def save_safetensors(model: torch.nn.Module, path: str | os.PathLike) -> None:
     meta = {"format": FORMAT, "model_class": type(model).__name__, "config": json.dumps(model.config())}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:  # as save_checkpoint: the whole file or the old one, no temp file left behind
+        save_file(state, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _read_safetensors(path: Path, map_location: Any) -> dict:
