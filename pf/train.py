@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -77,7 +76,7 @@ from pf.training.checkpointing import (
 )
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from pf.training.ema import EMA
-from pf.training.metrics import MetricsWriter, progress_bar
+from pf.training.metrics import MetricsWriter, progress_bar, read_records
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
 from pf.training.pictures import draw_samples, save_picture
 from pf.training.run_folder import RunFolderError, RunLock, prepare_run_folder
@@ -387,7 +386,7 @@ def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, 
 def _summary(run_dir: Path, step: int, first_loss, seconds: float, main: bool) -> dict:
     summary = {"steps": step, "first_loss": first_loss, "seconds": seconds, "run_dir": str(run_dir)}
     path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line] if main and path.is_file() else []
+    records = read_records(path)[0] if main and path.is_file() else []
     if records:
         summary["final_loss"] = records[-1]["loss"]
         summary["val_loss"] = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)

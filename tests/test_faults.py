@@ -168,3 +168,45 @@ def test_stale_live_and_foreign_locks(tmp_path, caplog):
     with pytest.raises(RunFolderError, match=r"run.lock exists but is unreadable"):
         RunLock(run).acquire()
     assert lock.read_text() == "{\"pid\": "  # refused locks are left as they were
+
+
+# ------------------------------------------------------------ 6: a torn line of metrics.jsonl
+def test_a_torn_last_metrics_line_is_dropped_on_resume_with_one_warning(tmp_path, caplog):
+    """Finding 6: a torn last line in metrics.jsonl (an append cut short by a full disk) blocked
+    resume= with 'error: Expecting ',' delimiter: line 1 column 25' naming no file. It is now
+    dropped with one warning naming the file, and the run continues."""
+    run = tmp_path / "run"
+    pf_train.train(make_cfg("trainer.max_steps=3", "trainer.ckpt_every=3"), run)
+    metrics = run / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 4, "loss": 0.25 "mse')  # the torn append
+    caplog.set_level("WARNING", logger="pf.train")
+    out = pf_train.train(make_cfg("trainer.max_steps=5", f"resume={run}"), run)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{metrics}: dropped 1 line(s) that are not whole records (line 4; a write cut short)"]
+    assert steps_logged(run) == [1, 2, 3, 4, 5] and metrics.read_text().startswith(whole)
+    assert out["summary"]["steps"] == 5 and out["summary"]["final_loss"] == json.loads(
+        metrics.read_text().splitlines()[-1])["loss"]
+
+
+def test_an_append_is_a_whole_line_or_nothing(tmp_path, monkeypatch):
+    """Finding 6: an append the disk cuts short is taken back, so the file holds whole records only."""
+    from pf.training import metrics as metrics_module
+
+    path = tmp_path / "metrics.jsonl"
+    writer = metrics_module.MetricsWriter(path)
+    writer.write({"step": 1, "loss": 0.5})
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics_module.os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        writer.write({"step": 2, "loss": 0.25})
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+    monkeypatch.setattr(metrics_module.os, "write", lambda fd, data: real_write(fd, data[:3]))  # a short write
+    with pytest.raises(OSError, match="wrote 3 of"):
+        writer.write({"step": 2, "loss": 0.25})
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'

@@ -3,27 +3,71 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+log = logging.getLogger("pf.train")
+
+
+def read_records(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a ``metrics.jsonl`` and the numbers of the lines that are not one (e.g. the
+    torn last line of an append cut short by a full disk)."""
+    lines, bad = _read_lines(path)
+    return [record for _, record in lines], bad
+
+
+def _read_lines(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    lines, bad = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            lines.append((line, record))
+        else:
+            bad.append(number)
+    return lines, bad
+
 
 class MetricsWriter:
-    """Appends JSON lines. On resume, records after the resumed step are dropped first, so
-    the file reads as one uninterrupted run."""
+    """Appends JSON lines, each whole or not at all. On resume, records after the resumed step
+    are dropped first, so the file reads as one uninterrupted run; a line that is not a record
+    (a torn append) is dropped with one warning naming the file."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            lines, bad = _read_lines(self.path)
+            if bad:
+                log.warning("%s: dropped %d line(s) that are not whole records (line %s; a write cut short)",
+                            self.path, len(bad), ", ".join(map(str, bad)))
+            kept = [line + "\n" for line, record in lines if record.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = (json.dumps(clean) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes")
+            except OSError:
+                os.ftruncate(fd, size)  # a torn line is taken back: the file stays whole records
+                raise
+        finally:
+            os.close(fd)
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
