@@ -210,3 +210,36 @@ def test_an_append_is_a_whole_line_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="wrote 3 of"):
         writer.write({"step": 2, "loss": 0.25})
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+# ------------------------------------------------------------------- 1 and 2 under DDP
+def _ddp_refused_worker(rank: int, world: int, port: int, cfg_yaml: str, out_dir: str) -> None:
+    from omegaconf import OmegaConf
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        pf_train.train(OmegaConf.create(cfg_yaml), Path(out_dir) / "run")
+        message = "trained"
+    except RunFolderError as err:
+        message = str(err)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(message)
+
+
+def test_every_rank_stops_on_rank_zeros_refusal(tmp_path):
+    """Findings 1 and 2 under DDP: rank 0 alone holds the lock and checks the folder; every rank
+    raises its refusal (none waits for the others), and the folder is left as it was."""
+    import torch.multiprocessing as mp
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"a run's checkpoint")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = OmegaConf.to_yaml(make_cfg("trainer.max_steps=1"))
+    mp.spawn(_ddp_refused_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
+    messages = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert len(messages) == 1 and f"{run} already holds a run (checkpoints/last.pt)" in messages.pop()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # no lock left behind
