@@ -161,8 +161,14 @@ def test_stale_live_and_foreign_locks(tmp_path, caplog):
         with pytest.raises(RunFolderError, match=rf"in use by another training \(pid {os.getpid()} on "):
             RunLock(run).acquire()  # a live holder (this very process)
     assert "took over a stale lock" in caplog.text and not lock.exists()
+    if Path("/proc/self/stat").is_file():  # a live pid that is another process now (reused): stale too
+        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": "1", "since": "boot"}))
+        with RunLock(run):
+            assert json.loads(lock.read_text())["start"] != "1"
+        assert f"(pid {os.getpid()} on {socket.gethostname()} since boot is no longer running)" in caplog.text
     lock.write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere", "since": "then"}))
-    with pytest.raises(RunFolderError, match=r"in use by another training \(pid \d+ on elsewhere since then"):
+    with pytest.raises(RunFolderError, match=r"in use by another training \(pid \d+ on elsewhere since then; .*if it "
+                                             r"is no longer running, delete the lock"):
         pf_train.train(make_cfg("trainer.max_steps=1"), run)
     lock.write_text("{\"pid\": ")
     with pytest.raises(RunFolderError, match=r"run.lock exists but is unreadable"):

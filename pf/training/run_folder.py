@@ -167,7 +167,10 @@ class RunLock:
                 raise RunFolderError(f"{self.path} exists but is unreadable: if no training uses {self.path.parent}, "
                                      f"delete the file and run again")
             who = f"pid {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
-            if holder.get("host") != self.me["host"] or _alive(holder["pid"], holder.get("start")):
+            if holder.get("host") != self.me["host"]:  # its pid cannot be checked from here
+                raise RunFolderError(f"{self.path.parent} is in use by another training ({who}; lock {self.path}): "
+                                     f"wait for it or pick another folder; if it is no longer running, delete the lock")
+            if _alive(holder["pid"], holder.get("start")):
                 raise RunFolderError(f"{self.path.parent} is in use by another training ({who}; lock {self.path}): "
                                      f"wait for it, or pick another folder")
             # stale: the holder died on this host. Rename it away (atomic: one taker wins), then create ours.
