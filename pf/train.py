@@ -79,7 +79,7 @@ from pf.training.ema import EMA
 from pf.training.metrics import MetricsWriter, progress_bar, read_records
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
 from pf.training.pictures import draw_samples, save_picture
-from pf.training.run_folder import RunFolderError, RunLock, prepare_run_folder
+from pf.training.run_folder import RunFolderError, RunLock, check_before_hydra, prepare_run_folder
 from pf.training.schema import check_config, check_overrides, fill_family_defaults
 
 log = logging.getLogger("pf.train")
@@ -537,5 +537,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # Group options and key names are checked before hydra composes (it would print its search
     # path or a trace summary); every expected error reads as one line (PF_DEBUG=1: traceback).
-    code = run_command(lambda: check_overrides(sys.argv[1:]))
+    code = run_command(lambda: check_overrides(sys.argv[1:]) or check_before_hydra(sys.argv[1:]))
     sys.exit(code or main())

@@ -75,7 +75,8 @@ def test_export_never_replaces_its_input_and_asks_before_replacing_a_file(tmp_pa
     other = tmp_path / "other.ckpt"
     other.write_bytes(b"someone's file")
     assert export.main([str(ckpt), "--out", str(other)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --out {other} exists: name another file, or add --overwrite to replace it"
+    assert capsys.readouterr().err.strip() == (f"error: --out {other} exists: name another file, or add --overwrite "
+                                               f"to replace it")
     assert other.read_bytes() == b"someone's file"
     assert export.main([str(ckpt), "--out", str(tmp_path)]) == 2
     assert f"--out {tmp_path} is a folder" in capsys.readouterr().err

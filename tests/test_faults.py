@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 import pf.train as pf_train
 from child_env import child_env
 from pf.models.checkpoint import read_checkpoint_file
-from pf.training.run_folder import LOCK_NAME, RunFolderError, RunLock, held_run
+from pf.training.run_folder import LOCK_NAME, RunFolderError, RunLock, check_before_hydra, held_run
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
@@ -58,8 +58,8 @@ def test_a_folder_holding_a_run_is_refused_without_resume_and_moved_aside_with_o
     assert set(before) == {"last.pt", "step_000002.pt", "step_000004.pt"} and steps_logged(run) == [1, 2, 3, 4]
     for resume in ([], ["resume="], ["resume=null"]):
         with pytest.raises(RunFolderError, match=rf"{run} already holds a run \(checkpoints/last.pt, 2 step "
-                                                 rf"checkpoint\(s\), 1 sample picture\(s\), metrics.jsonl\): use resume={run} to continue "
-                                                 r"it, or overwrite=true to start over"):
+                                                 r"checkpoint\(s\), 1 sample picture\(s\), metrics.jsonl\): "
+                                                 rf"use resume={run} to continue it, or overwrite=true to start over"):
             pf_train.train(make_cfg("trainer.max_steps=1", *resume), run)
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before  # nothing touched
     assert steps_logged(run) == [1, 2, 3, 4] and not (run / LOCK_NAME).exists()
@@ -99,15 +99,38 @@ def test_what_counts_as_a_run(tmp_path):
 
 
 def test_the_command_refuses_in_one_line(tmp_path):
-    """Finding 1: the README's ``hydra.run.dir=...`` commands, run twice, stop with one line and exit 2."""
+    """Finding 1: the README's ``hydra.run.dir=...`` commands, run twice, stop with one line and exit 2,
+    before hydra writes its own files into the run's folder."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(b"a run's checkpoint")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- the run's own overrides\n")
     proc = subprocess.run(train_cli("trainer.max_steps=1", f"hydra.run.dir={run}"), cwd=ROOT, capture_output=True,
                           text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=300)
     line = one_error_line(proc)
     assert f"use resume={run} to continue it, or overwrite=true to start over" in line
     assert (run / "checkpoints" / "last.pt").read_bytes() == b"a run's checkpoint"
+    # refused before hydra wrote its files there: the run's .hydra/ is its own, no log was added
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- the run's own overrides\n"
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints"]
+
+
+def test_the_check_before_hydra_reads_the_command_line_as_the_job_does(tmp_path):
+    """Findings 1 and 2: what the command line checks before hydra starts, and what it leaves to the job."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"ckpt")
+    for argv in ([f"hydra.run.dir={run}"], [f"hydra.run.dir='{run}'", "resume="],
+                 [f"hydra.run.dir={run}", "resume=null"], [f"hydra.run.dir={run}", "overwrite=false"]):
+        with pytest.raises(RunFolderError, match="already holds a run"):
+            check_before_hydra(argv)
+    for argv in ([f"hydra.run.dir={run}", f"resume={run}"], [f"hydra.run.dir={run}", "overwrite=true"],
+                 [f"hydra.run.dir={run}", "overwrite=True"], ["hydra.run.dir=runs/${now:%H-%M-%S}"], []):
+        check_before_hydra(argv)  # the job decides (resume, overwrite) or the folder is new
+    with RunLock(run):
+        with pytest.raises(RunFolderError, match=rf"in use by another training \(pid {os.getpid()} "):
+            check_before_hydra([f"hydra.run.dir={run}", f"resume={run}"])
 
 
 # --------------------------------------------------------------- 2: one process per folder
@@ -138,6 +161,7 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_stale_lock_is_taken
         line = one_error_line(second)
         assert f"{run} is in use by another training (pid {first.pid} on {socket.gethostname()} since " in line
         assert first.poll() is None  # the first run goes on
+        assert "trainer.max_steps=100000" in (run / ".hydra" / "overrides.yaml").read_text()  # its hydra files too
     finally:
         first.kill()
         first.wait()

@@ -60,7 +60,8 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def prepare_run_folder(run_dir: Path, resume: str | None, overwrite: bool, resume_ckpt: Path | None = None) -> Path | None:
+def prepare_run_folder(run_dir: Path, resume: str | None, overwrite: bool,
+                       resume_ckpt: Path | None = None) -> Path | None:
     """Refuse to train into a folder holding a run unless ``resume`` continues that run (its
     checkpoint lies in the folder) or ``overwrite`` moves it aside. Returns where it was moved."""
     run_dir = Path(run_dir)
@@ -124,6 +125,10 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def _who(holder: dict) -> str:
+    return f"pid {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+
+
 class RunLock:
     """``run_dir/run.lock`` held from :meth:`acquire` to :meth:`release` (use as a ``with`` block)."""
 
@@ -154,25 +159,33 @@ class RunLock:
         except (OSError, ValueError):
             return None
 
+    def check(self) -> dict | None:
+        """Refuse if another live process holds the lock; its (stale) holder, or None when free."""
+        holder = self._holder()
+        if holder == {}:
+            return None
+        if holder is None:
+            raise RunFolderError(f"{self.path} exists but is unreadable: if no training uses {self.path.parent}, "
+                                 f"delete the file and run again")
+        if holder.get("host") != self.me["host"]:  # its pid cannot be checked from here
+            raise RunFolderError(f"{self.path.parent} is in use by another training ({_who(holder)}; lock "
+                                 f"{self.path}): wait for it or pick another folder; if it is no longer running, "
+                                 f"delete the lock")
+        if _alive(holder["pid"], holder.get("start")):
+            raise RunFolderError(f"{self.path.parent} is in use by another training ({_who(holder)}; lock "
+                                 f"{self.path}): wait for it, or pick another folder")
+        return holder
+
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a lost race with another taker: look again
             if self._create():
                 self.held = True
                 return self
-            holder = self._holder()
-            if holder == {}:
-                continue  # released between our two looks
+            holder = self.check()
             if holder is None:
-                raise RunFolderError(f"{self.path} exists but is unreadable: if no training uses {self.path.parent}, "
-                                     f"delete the file and run again")
-            who = f"pid {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
-            if holder.get("host") != self.me["host"]:  # its pid cannot be checked from here
-                raise RunFolderError(f"{self.path.parent} is in use by another training ({who}; lock {self.path}): "
-                                     f"wait for it or pick another folder; if it is no longer running, delete the lock")
-            if _alive(holder["pid"], holder.get("start")):
-                raise RunFolderError(f"{self.path.parent} is in use by another training ({who}; lock {self.path}): "
-                                     f"wait for it, or pick another folder")
+                continue  # released between our two looks
+            who = _who(holder)
             # stale: the holder died on this host. Rename it away (atomic: one taker wins), then create ours.
             stale = self.path.with_name(f".{LOCK_NAME}.stale.{os.getpid()}.{time.time_ns()}")
             try:
@@ -201,3 +214,21 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_before_hydra(argv: list[str]) -> None:
+    """The command line's checks of an explicit ``hydra.run.dir``, before hydra writes its
+    ``.hydra/`` and log there: a folder in use, or holding a run that neither ``resume=`` nor
+    ``overwrite=true`` asks for, is refused with the job's own line (the job checks again, locked)."""
+    values = {}
+    for arg in argv:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if eq:
+            values[key] = value.strip().strip("'\"")
+    run_dir = values.get("hydra.run.dir")
+    if not run_dir or "${" in run_dir:
+        return
+    RunLock(Path(run_dir)).check()
+    resume = values.get("resume", "")
+    if values.get("overwrite", "false").lower() != "true" and resume.lower() in ("", "null", "none"):
+        prepare_run_folder(Path(run_dir), None, overwrite=False)
