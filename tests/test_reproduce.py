@@ -125,6 +125,7 @@ def test_reproduce_toy_end_to_end(tmp_path):
     import json
 
     from pf.experiments.records import config_key
+    from pf.models.checkpoint import read_checkpoint_file
 
     kept = sorted((Path(study["records_dir"]) / "weights").glob("*.pt"))
     assert len(kept) == 8  # every arm and training seed at the comparison's length
@@ -133,7 +134,9 @@ def test_reproduce_toy_end_to_end(tmp_path):
     key = curves.point_key(study, run.identity, "euler_pf", {}, 4, 1)
     point = Path(study["records_dir"]) / "points" / f"{config_key(key)}.json"
     before = json.loads(point.read_text())["result"]
-    assert before["weights"] == data["train"][("pf_ltg", 0)]["weights"]  # measured on that very model
+    trained = data["train"][("pf_ltg", 0)]
+    assert before["weights"] == trained["kept_weights"]  # measured on the weights kept with the records,
+    assert read_checkpoint_file(run.checkpoint())["exact_weights"] == trained["weights"]  # rounded from that model
     point.unlink()
     reproduce.main(cfg, argv=["toy=true"])
     after = json.loads(point.read_text())["result"]

@@ -163,9 +163,11 @@ def train_stage(study: dict, overrides: list[str], seed: int, steps: int) -> dic
     val = [r for r in upto if "val_loss" in r]
     model = load_checkpoint(out["checkpoint"], use_ema=True)
     trajectory = config_key(trajectory_config(cfg))
+    kept = {}
     if int(steps) == int(study["train"]["steps"]):
-        keep_weights(study, {"trajectory": trajectory, "steps": int(steps)}, out["checkpoint"])
-    return {**out, "trajectory": trajectory, "weights": weights_fingerprint(model),
+        path = keep_weights(study, {"trajectory": trajectory, "steps": int(steps)}, out["checkpoint"])
+        kept = {"kept_weights": weights_fingerprint(load_checkpoint(path, use_ema=True))}  # what its points name
+    return {**out, **kept, "trajectory": trajectory, "weights": weights_fingerprint(model),
             "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "first_loss": upto[0]["loss"] if upto else None, "final_loss": upto[-1]["loss"] if upto else None,
             "val_loss": val[-1]["val_loss"] if val else None,
