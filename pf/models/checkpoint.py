@@ -125,24 +125,34 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", use_e
     return model.eval()
 
 
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file in the same folder, fsync, then rename over ``path``.
+def write_atomically(path: str | os.PathLike, write) -> None:
+    """``write(tmp_path)`` into a temp file in ``path``'s folder, fsync, then rename over ``path``.
 
-    A kill at any moment leaves either the old file or the new one, never half of one.
+    A kill at any moment leaves either the old file or the new one, never half of one, and no
+    temp file is left behind by an error.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` written atomically (:func:`write_atomically`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    write_atomically(path, write)
 
 
 def model_checkpoint(model: PatchForcingDiT, ema_state: dict | None = None, **extra) -> dict:
@@ -164,18 +174,7 @@ def save_safetensors(model: torch.nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     meta = {"format": FORMAT, "model_class": type(model).__name__, "config": json.dumps(model.config())}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:  # as save_checkpoint: the whole file or the old one, no temp file left behind
-        save_file(state, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def _read_safetensors(path: Path, map_location: Any) -> dict:
