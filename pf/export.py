@@ -43,7 +43,7 @@ def check_out(src: Path, out: Path, overwrite: bool) -> None:
     would be lost to the EMA-only file), nor another existing file unless ``overwrite``."""
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: name the file to write (e.g. {out / 'model.ckpt'})")
-    if out.exists() and (out.resolve() == src.resolve() or (src.exists() and os.path.samefile(out, src))):
+    if out.exists() and src.exists() and os.path.samefile(out, src):  # the same path, or a hard link to it
         raise ValueError(f"--out {out} is the checkpoint being exported: name another file")
     if out.exists() and not overwrite:
         raise ValueError(f"--out {out} exists: name another file, or add --overwrite to replace it")
