@@ -386,7 +386,7 @@ def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, 
 def _summary(run_dir: Path, step: int, first_loss, seconds: float, main: bool) -> dict:
     summary = {"steps": step, "first_loss": first_loss, "seconds": seconds, "run_dir": str(run_dir)}
     path = run_dir / "metrics.jsonl"
-    records = read_records(path)[0] if main and path.is_file() else []
+    records = read_records(path) if main and path.is_file() else []
     if records:
         summary["final_loss"] = records[-1]["loss"]
         summary["val_loss"] = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)

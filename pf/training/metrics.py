@@ -10,17 +10,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pf.models.checkpoint import write_atomically
+
 log = logging.getLogger("pf.train")
 
 
-def read_records(path: Path) -> tuple[list[dict], list[int]]:
-    """The records of a ``metrics.jsonl`` and the numbers of the lines that are not one (e.g. the
-    torn last line of an append cut short by a full disk)."""
-    lines, bad = _read_lines(path)
-    return [record for _, record in lines], bad
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a line that is not one (e.g. the torn last line of an
+    append cut short by a full disk) is skipped."""
+    return [record for _, record in _read_lines(path)[0]]
 
 
 def _read_lines(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """Each record with its line as written, and the numbers of the lines that are not a record."""
     lines, bad = [], []
     for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
@@ -48,10 +50,8 @@ class MetricsWriter:
             if bad:
                 log.warning("%s: dropped %d line(s) that are not whole records (line %s; a write cut short)",
                             self.path, len(bad), ", ".join(map(str, bad)))
-            kept = [line + "\n" for line, record in lines if record.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            kept = "".join(line + "\n" for line, record in lines if record.get("step", 0) <= resume_step)
+            write_atomically(self.path, lambda tmp: Path(tmp).write_text(kept))
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
