@@ -1,7 +1,6 @@
 """Frozen image encoders the training objective aligns to (REPA), and this project's own small
 classifier network among them (``pf.encoders.classifier``; FID's feature extractor reads it too)."""
 
-from pf.encoders.classifier import SmallCNN, load_classifier
 from pf.encoders.image import (
     ClassifierEncoder,
     DINOv2Encoder,
@@ -14,8 +13,6 @@ from pf.encoders.image import (
 
 __all__ = [
     "ImageEncoder",
-    "SmallCNN",
-    "load_classifier",
     "ClassifierEncoder",
     "DINOv2Encoder",
     "TimmEncoder",
