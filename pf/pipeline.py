@@ -280,6 +280,7 @@ class Pipeline:
         ``rows`` (a slice), anywhere (they are moved to the device). ``progress``: the
         sampler's bar over its steps; ``on_batch(b)`` after each batch (a bar over pictures).
         """
+        uc_cond = self.null() if uc_cond is None else uc_cond  # the empty prompt encoded once, not per batch
         pictures, t0 = [], time.perf_counter()
         for start in range(0, count, batch_size):
             rows = slice(start, min(start + batch_size, count))

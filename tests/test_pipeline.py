@@ -152,6 +152,8 @@ def test_indexed_inputs_depend_on_the_seed_and_index_only():
         g = torch.Generator().manual_seed(3 * 1_000_003 + i)
         assert torch.equal(noise[row], torch.randn((1, 8, 8), generator=g))
         assert int(labels[row]) == int(torch.randint(10, (1,), generator=g))
+    every_noise, every_label = pipeline.indexed_inputs(range(6), (1, 8, 8), 10, 3, None)
+    assert torch.equal(noise, every_noise[[4, 2]]) and torch.equal(labels, every_label[[4, 2]])  # any subset, any order
     _, cycled = pipeline.indexed_inputs([0, 1, 2, 3], (1, 8, 8), 10, 3, [5, 6, 7])
     assert cycled.tolist() == [5, 6, 7, 5]
 
@@ -211,6 +213,10 @@ def test_a_text_checkpoint_draws_prompts_with_its_encoder(tmp_path, monkeypatch)
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     by_hand = samplers.EulerPF()(model, noise, 2, y=_fake_encoder(prompts), cfg_scale=2.0, uc_cond=_fake_encoder([""]))
     assert torch.equal(got, to_uint8(by_hand))
+    encoded = []
+    monkeypatch.setattr(pipe.text, "encoder", lambda ps: encoded.append(list(ps)) or _fake_encoder(ps))
+    pipe.generate(3, 1, prompts=prompts, cfg_scale=2.0, batch_size=1)
+    assert encoded == [prompts, [""]]  # the prompts and guidance's empty prompt once each, not once a batch
     with pytest.raises(ValueError, match="holds a text-to-image model: draw it with prompts"):
         pipe.generate(3, 2)
     save_checkpoint(model_checkpoint(model), tmp_path / "no_text.ckpt")
