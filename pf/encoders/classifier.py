@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pf.models.checkpoint import save_checkpoint
+
 FORMAT = "pf-classifier"
 DEFAULT_CACHE = Path(os.environ.get("PF_CACHE", Path.home() / ".cache" / "patch-forcing"))
 
@@ -140,11 +142,8 @@ def accuracy(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor) -> flo
 
 def save_classifier(path: str | os.PathLike, model: SmallCNN, info: dict, data: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": FORMAT, "config": model.config(), "state_dict": model.state_dict(), "info": info,
-                "data": data}, tmp)
-    os.replace(tmp, path)
+    save_checkpoint({"format": FORMAT, "config": model.config(), "state_dict": model.state_dict(), "info": info,
+                     "data": data}, path)
     return path
 
 
