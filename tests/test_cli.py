@@ -39,4 +39,5 @@ def test_run_gives_help_and_one_error_line(capsys):
     assert "the doc" in capsys.readouterr().out
     assert cli.run(lambda cfg: None, DEFAULTS, "doc", argv=["bogus=1"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown option 'bogus'")
-    assert cli.run(lambda cfg: cfg.steps * 0 + 0, DEFAULTS, "doc", argv=["steps=4"]) == 0
+    seen = []
+    assert cli.run(seen.append, DEFAULTS, "doc", argv=["steps=4"]) == 0 and seen[0].steps == 4  # main gets the parsed cfg
