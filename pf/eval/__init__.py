@@ -5,9 +5,10 @@ a sampler) with a reference set; ``python -m pf.eval.train_classifier`` trains t
 classifier whose features give a meaningful FID on the embedded digits.
 """
 
+from pf.autoencoder import to_uint8
 from pf.encoders.classifier import SmallCNN, default_classifier_path, load_classifier
 from pf.eval.classifier import register_classifier_extractor
-from pf.eval.inputs import ImageSet, InputError, load_folder, load_npz, save_folder, save_npz, to_uint8
+from pf.eval.inputs import ImageSet, InputError, load_folder, load_npz, save_folder, save_npz
 from pf.eval.metrics import MissingWeights, compute_metrics
 from pf.pipeline import generate
 

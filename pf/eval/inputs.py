@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pf.autoencoder import from_uint8, to_uint8  # noqa: F401 - the pictures' value range, named here too
+from pf.autoencoder import to_uint8
 from pf.data import build_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
