@@ -436,7 +436,8 @@ def _table_grads(op, grad_h, grad_x, x, gate, y, scale, index, table_stats, dx, 
     n_tables = 1 + (not is_rms) + residual
     block_m, block_d, d_tiles = table_tiles(n, d, 4 if residual else 2)
     n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, x.device)
-    parts = torch.zeros((n_tables, bsz, n_prog, table_k, d), dtype=torch.float32, device=x.device)
+    # No zero fill: the kernel writes every element (all TABLE_K rows of every program).
+    parts = torch.empty((n_tables, bsz, n_prog, table_k, d), dtype=torch.float32, device=x.device)
     if x.numel() > 0:
         count(f"{op}_table_grads")
         wrap(_norm_modulate_table_kernel)[(n_prog, bsz, d_tiles)](
@@ -452,6 +453,8 @@ def _table_grads(op, grad_h, grad_x, x, gate, y, scale, index, table_stats, dx, 
             IS_RMS_NORM=is_rms, HAS_RESIDUAL=residual, TABLE_K=table_k, BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=4,
         )  # fmt: skip
+    else:
+        parts.zero_()  # sums over no tokens
     return parts
 
 
