@@ -24,6 +24,7 @@ from pf_kernels.ops._utils import (
     index_args,
     last_dim_contiguous,
     mod_row_stride,
+    per_sample,
     reduce_programs,
     scatter_rows,
     table_sum,
@@ -166,7 +167,7 @@ def gated_residual_bwd(grad: Tensor, gate: Tensor, y: Tensor, index: Optional[Te
     indexed = index is not None
     k_rows = int(gate.shape[1]) if indexed else 0
     table_k = triton.next_power_of_2(k_rows) if indexed and k_rows <= MAX_TABLE_K else 0
-    reduce_gate = bool(not indexed and gate.shape[1] == 1 and n != 1)  # constexpr: a plain bool
+    reduce_gate = per_sample(gate, n, indexed)
     dy = empty_rows((bsz, n, d), y.dtype, y.device)
     block_m, block_d, d_tiles, num_warps = elementwise_tiles(n, d)
     if reduce_gate:
