@@ -14,9 +14,10 @@ CUDA = torch.cuda.is_available()
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_tflops(device: str) -> float:
-    """Throughput of a large square matmul: 8192^3 in bf16 on CUDA, 1024^3 fp32 on the CPU."""
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+def matmul_tflops(device: str, n: int | None = None) -> float:
+    """Throughput of a large square matmul: n^3 (default 8192) in bf16 on CUDA, fp32 (default
+    1024) on the CPU."""
+    n, dtype = (n or 8192, torch.bfloat16) if device == "cuda" else (n or 1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b, device=device)

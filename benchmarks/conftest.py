@@ -125,17 +125,20 @@ def record(device, copy_bandwidth):
     return _record
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
+def device_info() -> dict:
+    """torch and Triton versions, the GPU's name (None without one) and CUDA version."""
     import triton
 
-    machine_info["torch"] = torch.__version__
-    machine_info["triton"] = triton.__version__
+    info = {"torch": torch.__version__, "triton": triton.__version__, "gpu": None}
     if CUDA:
-        machine_info["gpu"] = torch.cuda.get_device_name()
-        machine_info["cuda"] = torch.version.cuda
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return info
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(device_info())
+    if CUDA:
         machine_info["copy_gb_per_s"] = round(_copy_bandwidth_cached("cuda"), 1)
-    else:
-        machine_info["gpu"] = None
 
 
 _machine_streamed = False  # whether this process has written its machine info yet

@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import pf_kernels  # noqa: E402
 import value_check as vc  # noqa: E402
-from conftest import measure_copy_bandwidth, time_ms  # noqa: E402
+from bench_hw_limits import matmul_tflops  # noqa: E402
+from conftest import device_info, measure_copy_bandwidth, time_ms  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 PHASES = ("limits", "ops", "train", "sampling", "compile")
@@ -88,7 +89,7 @@ class Rows:
         if ms is not None:
             row["extra_info"]["ms"] = round(ms, 5)
         if self.first:
-            row["machine"] = machine_info()
+            row["machine"] = device_info()
             self.first = False
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
@@ -114,15 +115,6 @@ def guarded(rows: Rows, what: str, check_group: str | None = None):
             rows.note(f"FAILED {text}")
         if CUDA:
             torch.cuda.empty_cache()
-
-
-def machine_info() -> dict:
-    import triton
-
-    info = {"torch": torch.__version__, "triton": triton.__version__, "gpu": None}
-    if CUDA:
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    return info
 
 
 def sync() -> None:
@@ -159,8 +151,6 @@ def matmul_peak(rows: Rows) -> float:
         with open(limits_path(rows)) as f:
             return float(json.load(f)["matmul_tflops"])
     except (OSError, KeyError, ValueError):
-        from bench_hw_limits import matmul_tflops
-
         return matmul_tflops("cuda" if CUDA else "cpu")
 
 
@@ -175,12 +165,10 @@ def phase_limits(rows: Rows) -> None:
     copy = measure_copy_bandwidth(device, nbytes=nbytes)
     rows.write("hardware limits", "copy", 2 * nbytes / copy / 1e6, gb_per_s=round(copy, 1), limit="copy",
                target="H100 about 3000 GB/s (KINDS.md), H200 about 4300")
-    n, dtype = (8192, torch.bfloat16) if CUDA else (256, torch.float32)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    ms = time_ms(lambda: a @ b, device=device)
-    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    rows.write("hardware limits", f"matmul {n}^3 {str(dtype)[6:]}", ms, tflops=round(tflops, 1), limit="matmul",
-               target="H100 about 790 TFLOP/s bf16 (KINDS.md)")
+    n = 8192 if CUDA else 256
+    tflops = matmul_tflops(device, n)
+    rows.write("hardware limits", f"matmul {n}^3 {'bfloat16' if CUDA else 'float32'}", 2 * n**3 / tflops / 1e9,
+               tflops=round(tflops, 1), limit="matmul", target="H100 about 790 TFLOP/s bf16 (KINDS.md)")
     with open(limits_path(rows), "w") as f:
         json.dump({"copy_gb_per_s": copy, "matmul_tflops": tflops, "device": device}, f)
 
@@ -249,14 +237,19 @@ def phase_ops(rows: Rows) -> None:
                 with guarded(rows, group, check_group=f"values {group}"):
                     case = vc.make_case(op, b, n, d, dtype, device)
                     results = vc.check(case)
-                    worst = max(results, key=lambda r: r.err / r.bound if r.bound else float("inf"))
-                    rows.write(f"values {group}", "check", check="ok" if all(r.ok for r in results) else "FAIL",
-                               worst=worst.name, err=float(f"{worst.err:.3g}"), torch_err=float(f"{worst.torch_err:.3g}"),
-                               bound=float(f"{worst.bound:.3g}"), failures=vc.failures(results))  # fmt: skip
+                    write_check(rows, f"values {group}", results, vc.failures(results))
                 with guarded(rows, f"timing {group}"):
                     time_case(rows, case, group, copy_gbps)
                     del case
         ltg_rows(rows)
+
+
+def write_check(rows: Rows, group: str, results: list[vc.Result], failures: str) -> None:
+    """A value row: ok / FAIL and the output or gradient nearest its bound (or past it)."""
+    worst = max(results, key=lambda r: r.err / r.bound if r.bound else float("inf"))
+    rows.write(group, "check", check="ok" if all(r.ok for r in results) else "FAIL", worst=worst.name,
+               err=float(f"{worst.err:.3g}"), torch_err=float(f"{worst.torch_err:.3g}"),
+               bound=float(f"{worst.bound:.3g}"), failures=failures)  # fmt: skip
 
 
 def ltg_rows(rows: Rows) -> None:
@@ -305,55 +298,15 @@ def _presets(toy: bool):
 
 
 def model_value_check(rows: Rows) -> None:
-    """The whole model's forward and backward with the fused ops against the torch path:
-    |fused bf16 - fp32| <= 2 |torch bf16 - fp32| + atol, for the output and every gradient
-    (the worst parameter reported), PF-XL/2 at batch 4 on the GPU."""
-    from pf.models import build_model
-
-    device = "cuda" if CUDA else "cpu"
+    """The whole model's forward and backward with the fused ops against the torch path
+    (``value_check.check_model``): the output and every gradient (the worst parameter
+    reported), PF-XL/2 at batch 4 in bf16 on the GPU."""
     preset, size, batch = ("Tiny/2", 8, 2) if rows.toy else ("PF-XL/2", 32, 4)
-    torch.manual_seed(0)
-    # eval(): no label dropout, so the three runs see the same labels (grads flow as in training)
-    with torch.device(device):
-        model = build_model(preset, input_size=size, in_channels=4, num_classes=1000).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(0, 0.02)  # AdaLN-Zero would make the fused ops trivial
-    x = torch.randn(batch, 4, size, size, device=device)
-    t = torch.rand(batch, (size // 2) ** 2, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
     low = torch.bfloat16 if CUDA else torch.float32
-
-    def run(backend: str, dtype):
-        model.zero_grad(set_to_none=True)
-        ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with pf_kernels.use_backend(backend), ctx:
-            out = model(x, t, y)
-        (out.float() * cot).sum().backward()
-        return out.detach().double(), {k: p.grad.detach().double() for k, p in model.named_parameters()
-                                        if p.grad is not None}  # fmt: skip
-
-    cot = torch.randn(batch, 4, size, size, device=device)
-    ref_out, ref_grads = run("torch", torch.float32)
-    low_out, low_grads = run("torch", low)
-    fused_out, fused_grads = run("auto", low)
-    atol = vc.ATOL.get(low, 1e-5)
-    worst, failing = None, []
-    for name in ["out", *ref_grads]:
-        r, lo, k = (ref_out, low_out, fused_out) if name == "out" else (ref_grads[name], low_grads[name], fused_grads[name])
-        err, terr = (k - r).abs().max().item(), (lo - r).abs().max().item()
-        bound = 2 * terr + atol * max(1.0, r.abs().max().item())
-        ratio = err / bound if bound else float("inf")
-        if worst is None or ratio > worst[0]:
-            worst = (ratio, name, err, terr, bound)
-        if not err <= bound:
-            failing.append(name)
-    _, name, err, terr, bound = worst
-    rows.write(f"values {preset} fwd+bwd b{batch} {str(low)[6:]} fused vs torch", "check",
-               check="ok" if not failing else "FAIL", worst=name, err=float(f"{err:.3g}"),
-               torch_err=float(f"{terr:.3g}"), bound=float(f"{bound:.3g}"),
-               failures=", ".join(failing[:10]) + (f" (+{len(failing) - 10})" if len(failing) > 10 else ""))
+    results = vc.check_model(preset, size, batch, low, "auto", "cuda" if CUDA else "cpu")
+    failing = [r.name for r in results if not r.ok]
+    write_check(rows, f"values {preset} fwd+bwd b{batch} {str(low)[6:]} fused vs torch", results,
+                ", ".join(failing[:10]) + (f" (+{len(failing) - 10})" if len(failing) > 10 else ""))
 
 
 def phase_train(rows: Rows) -> None:
@@ -447,7 +400,10 @@ def sampling_row(rows: Rows, model, preset: str, variant: str, batch: int, steps
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 4, size, size, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    with lease_setup(bs, model, variant, sampler) as runner, autocast(device):
+    # +graphs: the dedup+fused eager model captured whole (no torch.compile: the compiled
+    # model is the compile phase's), where bench_sampling's +graphs captures the compiled one.
+    setup = "dedup+fused" if variant == "+graphs" else variant
+    with bs.setup(model, setup, sampler) as runner, autocast(device):
         fn, counter = bs.sample_fn(model, runner, variant, sampler, x, y, steps)
         t0 = time.perf_counter()
         fn()
@@ -459,18 +415,6 @@ def sampling_row(rows: Rows, model, preset: str, variant: str, batch: int, steps
     rows.write(f"sampling {preset} dual_loop b{batch} cfg{bs.CFG} {steps} steps", variant, ms,
                images_per_s=round(batch / ms * 1e3, 2), nfe=counter.nfe, warmup_s=round(warm_s, 1),
                target=target)  # fmt: skip
-
-
-@contextlib.contextmanager
-def lease_setup(bs, model, variant: str, sampler):
-    """bench_sampling's variants, with ``+graphs`` the dedup+fused eager model captured whole
-    (no torch.compile: the compiled model is the compile phase's)."""
-    if variant != "+graphs":
-        with bs.setup(model, variant, sampler) as runner:
-            yield runner
-        return
-    with bs.setup(model, "dedup+fused", sampler) as runner:
-        yield runner
 
 
 def autocast(device: str):

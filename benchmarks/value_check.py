@@ -10,7 +10,8 @@ below, not the reference, which computes in fp32). A kernel passes when it is no
 PyTorch in the same precision, up to a small floor for outputs PyTorch gets exactly right.
 
 Used by ``benchmarks/lease.py`` (the GPU call's value rows, B*N = 65536) and
-``tests/test_gpu_real_shapes.py``. Stands alone (no pytest, no benchmark conftest).
+``tests/test_gpu_real_shapes.py``; ``check_model`` applies the same rule to a whole model's
+output and gradients, the fused ops against the torch path. Stands alone (no pytest, no benchmark conftest).
 
 A case is built by ``make_case(op, b, n, d, dtype, device)``: its leaf inputs, the fused op
 (``pf_kernels``' public API), the reference, the eager low-precision expression, and the
@@ -20,6 +21,7 @@ every output written once), for the bandwidth rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -230,14 +232,55 @@ def check(case: Case, backward: bool = True) -> list[Result]:
                                            [fused_inputs[k] for k in grads])) if backward else []  # fmt: skip
     names = [f"out[{i}]" if len(ref_out) > 1 else "out" for i in range(len(ref_out))] + [f"grad {k}" for k in grads]
     atol = ATOL[dtype if case.ref_dtype != torch.float64 else torch.float32]
-    results = []
-    for name, k, lo, r in zip(names, [*k_out, *k_grads], [*low_out, *low_grads], [*ref_out, *ref_grads]):
-        r = r.double()
-        err = (k.double() - r).abs().max().item() if r.numel() else 0.0
-        torch_err = (lo.double() - r).abs().max().item() if r.numel() else 0.0
-        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
-        results.append(Result(name, err, torch_err, 2 * torch_err + atol * scale))
-    return results
+    tensors = zip(names, [*k_out, *k_grads], [*low_out, *low_grads], [*ref_out, *ref_grads])
+    return [compare(name, k, lo, r, atol) for name, k, lo, r in tensors]
+
+
+def compare(name: str, kernel: torch.Tensor, lowprec: torch.Tensor, ref32: torch.Tensor, atol: float) -> Result:
+    """The rule for one tensor: ``kernel`` and ``lowprec`` (plain PyTorch in the same precision)
+    against ``ref32``, in fp64."""
+    if not ref32.numel():
+        return Result(name, 0.0, 0.0, atol)
+    r = ref32.double()
+    err = (kernel.double() - r).abs().max().item()
+    torch_err = (lowprec.double() - r).abs().max().item()
+    return Result(name, err, torch_err, 2 * torch_err + atol * max(1.0, r.abs().max().item()))
+
+
+def check_model(preset: str, size: int, batch: int, low: torch.dtype, backend: str, device,
+                seed: int = 0) -> list[Result]:
+    """The rule for a whole model's forward and backward: its output (``out``) and every
+    parameter's gradient with the kernels of ``backend`` under ``low`` autocast, against the
+    torch path in fp32, the torch path under the same autocast giving the torch error.
+    Per-patch times; AdaLN-Zero's zero weights drawn at random (zeros would make the fused
+    ops trivial); eval(): no label dropout, so the three runs see the same labels."""
+    from pf.models import build_model
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = build_model(preset, input_size=size, in_channels=4, num_classes=1000).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    x = torch.randn(batch, 4, size, size, device=device)
+    t = torch.rand(batch, (size // 2) ** 2, device=device)  # (B, N): one time per 2x2 patch
+    y = torch.randint(0, 1000, (batch,), device=device)
+    cot = torch.randn(batch, 4, size, size, device=device)
+
+    def run(backend: str, dtype: torch.dtype) -> dict:
+        model.zero_grad(set_to_none=True)
+        autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 \
+            else contextlib.nullcontext()  # fmt: skip
+        with pf_kernels.use_backend(backend), autocast:
+            out = model(x, t, y)
+        (out.float() * cot).sum().backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        return {"out": out.detach(), **grads}
+
+    ref32, eager, fused = run("torch", torch.float32), run("torch", low), run(backend, low)
+    missing = torch.tensor(float("nan"))  # a gradient the fused path did not give fails the rule
+    return [compare(name, fused.get(name, missing), eager[name], r, ATOL[low]) for name, r in ref32.items()]
 
 
 def failures(results: list[Result]) -> str:
