@@ -30,7 +30,7 @@ from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.records import config_key, directory_lock
 from pf.experiments.trajectories import ensure_trained, trajectory_config
 from pf.models import load_checkpoint
-from pf.models.checkpoint import read_checkpoint_file, save_checkpoint
+from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file, save_checkpoint
 from pf.sampling.graphs import compile_model
 from pf.training.objective import training_loss
 
@@ -119,19 +119,24 @@ def compact_state(state: dict) -> dict:
     return {k: v.to(KEPT_DTYPE) if v.is_floating_point() else v for k, v in state.items()}
 
 
+def kept_checkpoint(ckpt: dict, exact_weights: str) -> dict:
+    """``ckpt`` as kept with the records: its weights in :data:`KEPT_DTYPE`, naming the
+    fingerprint of the exact weights they were rounded from."""
+    kept = {**ckpt, "exact_weights": exact_weights, "kept_dtype": str(KEPT_DTYPE)}
+    for name in ("ema", "state_dict"):
+        if kept.get(name) is not None:
+            kept[name] = compact_state(kept[name])
+    return kept
+
+
 def compact_kept_file(path: str | Path) -> bool:
     """Rewrite a kept-weights file in :data:`KEPT_DTYPE` (atomically), recording the fingerprint
     of the exact weights it held; False when it is compact already."""
     ckpt = read_checkpoint_file(path)
     if ckpt.get("kept_dtype") == str(KEPT_DTYPE):
         return False
-    exact = load_checkpoint(path, use_ema=True)  # the model the stored points were measured on
-    ckpt["exact_weights"] = weights_fingerprint(exact)
-    ckpt["kept_dtype"] = str(KEPT_DTYPE)
-    for name in ("ema", "state_dict"):
-        if ckpt.get(name) is not None:
-            ckpt[name] = compact_state(ckpt[name])
-    save_checkpoint(ckpt, path)
+    exact = model_from_checkpoint_dict(ckpt, use_ema=True, source=str(path))  # what the stored points measured
+    save_checkpoint(kept_checkpoint(ckpt, weights_fingerprint(exact)), path)
     return True
 
 
@@ -143,12 +148,10 @@ def keep_weights(study: dict, identity: dict, checkpoint: str) -> Path:
     path = kept_weights_path(study, identity)
     if not path.is_file():
         ckpt = read_checkpoint_file(checkpoint)
-        slim = {k: ckpt[k] for k in ("format", "model_class", "config", "train_config", "step") if k in ckpt}
         name = "ema" if ckpt.get("ema") is not None else "state_dict"
-        slim[name] = compact_state(ckpt[name])
-        slim["exact_weights"] = weights_fingerprint(load_checkpoint(checkpoint, use_ema=True))
-        slim["kept_dtype"] = str(KEPT_DTYPE)
-        save_checkpoint(slim, path)
+        slim = {k: ckpt[k] for k in ("format", "model_class", "config", "train_config", "step", name) if k in ckpt}
+        exact = model_from_checkpoint_dict(ckpt, use_ema=True, source=checkpoint)
+        save_checkpoint(kept_checkpoint(slim, weights_fingerprint(exact)), path)
     return path
 
 
