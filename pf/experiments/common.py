@@ -267,18 +267,29 @@ def feature_classifier(study: dict) -> tuple[Path, dict]:
 def classifier_stage(study: dict) -> dict:
     """Stage: the feature classifier trained on the train split; accuracy on the test split."""
     path, info = feature_classifier(study)
+    test_accuracy, test_size = classifier_accuracy(study, path)
+    return {"path": str(path), "train_size": info["train_size"], "epochs": info["epochs"],
+            "test_accuracy": test_accuracy, "test_size": test_size, "seconds": info.get("seconds")}
+
+
+def classifier_accuracy(study: dict, path: Path) -> tuple[float, int]:
+    """The accuracy of the classifier in ``path`` on the whole test split, and that split's size."""
     model, _ = load_classifier(path)
     test, labels = load_dataset_images(data_config(study, "test"))
-    return {"path": str(path), "train_size": info["train_size"], "epochs": info["epochs"],
-            "test_accuracy": accuracy(model, from_uint8(test), labels), "test_size": int(test.shape[0]),
-            "seconds": info.get("seconds")}
+    return accuracy(model, from_uint8(test), labels), int(test.shape[0])
+
+
+def classifier_file(study: dict, prefix: str, settings: dict) -> Path:
+    """Where a classifier of the train split and these training ``settings`` lives in
+    ``out_dir`` (named by both: another data set or setting is another file)."""
+    data = OmegaConf.to_container(data_config(study, "train"), resolve=True)
+    data.pop("num_workers", None)
+    return Path(study["out_dir"]) / f"{prefix}_{config_key({'data': data, **settings})}.pt"
 
 
 def classifier_path(study: dict) -> Path:
-    """Where the classifier of this data and classifier config lives (decided by both)."""
-    data = OmegaConf.to_container(data_config(study, "train"), resolve=True)
-    data.pop("num_workers", None)
-    return Path(study["out_dir"]) / f"classifier_{config_key({'data': data, **study['classifier']})}.pt"
+    """Where the feature classifier of this data and classifier config lives."""
+    return classifier_file(study, "classifier", study["classifier"])
 
 
 _REFERENCE: dict = {}
@@ -300,6 +311,14 @@ def reference_images(study: dict) -> torch.Tensor:
 
 def load_test_labels(study: dict) -> torch.Tensor:
     return _test_split(study)[1]
+
+
+def held_out_batch(study: dict, count: int, noise_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a network is measured on away from sampling: the first ``count`` held-out test
+    images in [-1, 1] (M, C, H, W), their labels (M,) and fixed noise of their shape."""
+    x1 = from_uint8(reference_images(study)[:count])
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(noise_seed))
+    return x1, load_test_labels(study)[:count], x0
 
 
 def device_name(study: dict) -> str:

@@ -34,7 +34,7 @@ import torch
 import pf_kernels
 from pf import samplers
 from pf.experiments import command, comparison, plots
-from pf.experiments.common import TrainedRun, device_name, load_test_labels, reference_images, weights_fingerprint
+from pf.experiments.common import TrainedRun, device_name, held_out_batch, weights_fingerprint
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, stage_study
 from pf.experiments.curves import by_run, evaluate_point, sampler_params, steps_for_nfe, stored_point
 from pf.experiments.stages import Stage, stage_result
@@ -119,10 +119,7 @@ def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
     fc = study["findings"]
     run = TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
     model = load_checkpoint(run.checkpoint(), use_ema=True).eval()
-    images = reference_images(study)[:int(fc["images"])]
-    labels = load_test_labels(study)[:int(fc["images"])]
-    x1 = images.float() / 127.5 - 1.0  # (B, 1, S, S)
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1234))
+    x1, labels, x0 = held_out_batch(study, int(fc["images"]), noise_seed=1234)  # x1, x0: (B, 1, S, S)
     ps = model.patch_size
     n = (x1.shape[-1] // ps) ** 2
     out = {"arm": arm, "seed": seed, "images": int(x1.shape[0]), "weights": weights_fingerprint(model),

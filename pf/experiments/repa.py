@@ -25,19 +25,14 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from pf.autoencoder import from_uint8
 from pf.encoders import build_image_encoder
-from pf.encoders.classifier import accuracy, load_classifier
-from pf.eval.inputs import load_dataset_images
 from pf.eval.train_classifier import ensure_classifier
 from pf.experiments import command, comparison
-from pf.experiments.common import TrainedRun, data_config, load_test_labels, reference_images
+from pf.experiments.common import TrainedRun, classifier_accuracy, classifier_file, data_config, held_out_batch
 from pf.experiments.common import train_stage as train_arm  # this module's train_stage is the REPA study's
 from pf.experiments.comparison import ARMS, stage_study
 from pf.experiments.curves import by_run, realization_pairs, run_curve, stored_points
-from pf.experiments.records import config_key
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, mean_std, paired, stage_table, verdict
 from pf.flow import interpolate
@@ -65,9 +60,7 @@ DOC_COMMAND = "python -m pf.experiments.repa"
 
 
 def encoder_path(study: dict) -> Path:
-    data = OmegaConf.to_container(data_config(study, "train"), resolve=True)
-    data.pop("num_workers", None)
-    return Path(study["out_dir"]) / f"repa_encoder_{config_key({'data': data, **study['repa']['encoder']})}.pt"
+    return classifier_file(study, "repa_encoder", study["repa"]["encoder"])
 
 
 def repa_overrides(study: dict) -> list[str]:
@@ -94,10 +87,7 @@ def encoder_stage(study: dict) -> dict:
     ec = study["repa"]["encoder"]
     path, info = ensure_classifier(data_config(study, "train"), encoder_path(study), epochs=int(ec["epochs"]),
                                    width=int(ec["width"]), seed=int(ec["seed"]), test_frac=0.0, log=None)
-    model, _ = load_classifier(path)
-    test, labels = load_dataset_images(data_config(study, "test"))
-    return {"path": str(path), "test_accuracy": accuracy(model, from_uint8(test), labels),
-            "seconds": info.get("seconds")}
+    return {"path": str(path), "test_accuracy": classifier_accuracy(study, path)[0], "seconds": info.get("seconds")}
 
 
 def train_stage(study: dict, arm: str, seed: int) -> dict:
@@ -123,10 +113,7 @@ def alignment_stage(study: dict, seed: int) -> dict:
     trained = train_arm(study, repa_overrides(study), seed, study["train"]["steps"])
     model = load_checkpoint(trained["checkpoint"], use_ema=True).eval()
     term = Alignment(build_image_encoder("classifier", weights=str(encoder_path(study))), model.grid_size)
-    images = reference_images(study)[:int(rc["images"])]
-    labels = load_test_labels(study)[:int(rc["images"])]
-    x1 = images.float() / 127.5 - 1.0
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(4321))
+    x1, labels, x0 = held_out_batch(study, int(rc["images"]), noise_seed=4321)  # x1, x0: (B, C, S, S)
     n = model.grid_size**2
     out = []
     for s in rc["times"]:

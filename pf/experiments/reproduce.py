@@ -38,12 +38,11 @@ from pathlib import Path
 import torch
 
 from pf import timesteps
-from pf.autoencoder import from_uint8
 from pf.eval.inputs import load_dataset_images
 from pf.eval.metrics import compute_metrics
 from pf.experiments import command, comparison, plots
 from pf.experiments.common import (TrainedRun, compose_train_config, data_config, device_name, feature_classifier,
-                                   load_test_labels, reference_images, resolve_device)
+                                   held_out_batch, load_test_labels, reference_images, resolve_device)
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, euler_sampler, is_pf, stage_study
 from pf.experiments.curves import (evaluate_point, realization_pairs, run_curve, series, stored_point,
                                    stored_points)
@@ -118,9 +117,7 @@ def profile_stage(study: dict, arm: str, seed: int) -> dict:
     ec = study["eval"]
     run = TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
     model = run.model().model
-    x1 = from_uint8(reference_images(study)[: int(ec["profile_images"])])  # (M, C, H, W) in [-1, 1]
-    labels = load_test_labels(study)[: x1.shape[0]]
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1234))
+    x1, labels, x0 = held_out_batch(study, int(ec["profile_images"]), noise_seed=1234)  # x1, x0: (M, C, H, W)
     n = (x1.shape[-1] // model.patch_size) ** 2
     errors = []
     with torch.no_grad():
