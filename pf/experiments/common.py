@@ -17,18 +17,16 @@ import platform
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-import pf
 from pf.autoencoder import from_uint8
 from pf.encoders.classifier import accuracy, load_classifier
 from pf.eval.inputs import load_dataset_images
 from pf.eval.train_classifier import ensure_classifier
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.records import config_key, directory_lock
-from pf.experiments.trajectories import ensure_trained, trajectory_config
+from pf.experiments.trajectories import compose_train, ensure_trained, trajectory_config
 from pf.models import load_checkpoint
 from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file, save_checkpoint
 from pf.sampling.graphs import compile_model
@@ -65,9 +63,7 @@ def _compose(study: dict, overrides: list[str], seed: int):
         *overrides, *tc.get("overrides", []),
         f"sampler={euler_sampler(overrides)}", "sampler.steps=25", "sampler.cfg_scale=1.0",
     ]
-    config_dir = str(Path(pf.__file__).resolve().parent / "configs")
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return compose(config_name="config", overrides=args)
+    return compose_train(args)
 
 
 def resolve_device(study: dict) -> str:

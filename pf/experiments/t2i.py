@@ -19,10 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import pf
 from pf import samplers
 from pf.autoencoder import from_uint8
 from pf.data.captions import demo_prompts
@@ -32,7 +30,7 @@ from pf.experiments import command
 from pf.experiments.records import config_key
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, stage_table
-from pf.experiments.trajectories import ensure_trained
+from pf.experiments.trajectories import compose_train, ensure_trained
 from pf.models import load_checkpoint, num_params
 from pf.pipeline import Pipeline
 from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
@@ -70,8 +68,7 @@ def train_config(study: dict):
     overrides = ["experiment=t2i_demo", f"trainer.max_steps={int(tc['steps'])}", "trainer.progress=false",
                  f"trainer.ckpt_every={every}", f"trainer.keep_every={every}", f"trainer.val_every={every}",
                  f"trainer.sample_every={every}", *tc.get("overrides", [])]
-    with initialize_config_dir(config_dir=str(Path(pf.__file__).resolve().parent / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_train(overrides)
 
 
 def trained(study: dict) -> dict:
