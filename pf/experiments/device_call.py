@@ -40,6 +40,7 @@ from pf import cli
 from pf.experiments import command
 from pf.experiments.records import write_json
 from pf.experiments.stages import run_stages, stage_result
+from pf.models.checkpoint import write_atomically
 
 # What comes back from a call: at most 8 files of 16 MiB; the log and the summary take two.
 MAX_TARS = 6
@@ -256,11 +257,7 @@ def unpack(records: Path, tars: list[Path]) -> dict:
     if conflicts:
         return {"new": [], "same": same, "conflicts": conflicts}
     for rel in new:
-        dest = Path(records) / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(incoming[rel])
-        os.replace(tmp, dest)
+        write_atomically(Path(records) / rel, lambda tmp: Path(tmp).write_bytes(incoming[rel]))
     return {"new": new, "same": same, "conflicts": []}
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from pf.models.checkpoint import write_atomically
+
 
 def config_key(obj) -> str:
     """A short stable hash of a JSON-able object (dict keys sorted)."""
@@ -24,12 +26,9 @@ def config_key(obj) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write atomically (temp file, then rename): a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    """Write atomically (:func:`pf.models.checkpoint.write_atomically`): a reader never sees half a file."""
+    text = json.dumps(obj, indent=1, default=str)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def cached_result(out_dir: str | Path, kind: str, key_obj) -> dict | None:
