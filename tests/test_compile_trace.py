@@ -1,7 +1,7 @@
 """The compiled fused path, traced on the CPU as far as a CPU allows, so that the first GPU
 run does not discover a trace error.
 
-A child process (``TRITON_INTERPRET`` unset: the kernels are compiled-mode ``JITFunction``s, as
+One child process (``TRITON_INTERPRET`` unset: the kernels are compiled-mode ``JITFunction``s, as
 on a GPU, so ``wrap_triton`` takes them) builds the model on the ``meta`` device, turns it into
 fake CUDA tensors (``FakeTensorMode``: shapes, strides and a ``cuda`` device, no memory), and
 runs ``torch.compile(model, fullgraph=True)`` with backends that only record:
@@ -79,7 +79,8 @@ def trace(width: int, heads: int, mode: str) -> dict:
     # torch's mutation analysis of a wrapped kernel (it lowers the kernel to TTIR) logs its
     # failures as warnings of the torch._dynamo logger, then assumes every input mutated.
     log = logging.getLogger("torch._dynamo")
-    log.addHandler(Collect(level=logging.WARNING))
+    handler = Collect(level=logging.WARNING)
+    log.addHandler(handler)
     with torch.device("meta"):
         model = PatchForcingDiT(input_size=32, patch_size=2, in_channels=4, hidden_size=width, depth=2,
                                 num_heads=heads, num_classes=1000)  # fmt: skip
@@ -103,6 +104,7 @@ def trace(width: int, heads: int, mode: str) -> dict:
         else:
             with torch.no_grad():
                 out = compiled(x, t, y)
+    log.removeHandler(handler)  # the next trace of this process collects its own
 
     def targets(gm):
         return sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
@@ -114,19 +116,32 @@ def trace(width: int, heads: int, mode: str) -> dict:
             "ops_left_in_aot_graph": leftover, "warnings": warnings, "out": [list(out.shape), str(out.device)]}
 
 
-def _child(width, heads, mode) -> dict:
+TRACES = [(1152, 16, "per-token"), (1152, 16, "indexed"), (768, 12, "per-token"), (768, 12, "indexed"),
+          (1152, 16, "train")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict:
+    """Every trace of ``TRACES`` from one child process (torch and the model imported once):
+    ``{"width heads mode": report}``, a trace that raised reported by its traceback."""
     env = child_env(drop=("TRITON_INTERPRET",))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(width), str(heads), mode],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _report(reports: dict, width: int, heads: int, mode: str) -> dict:
+    report = reports[f"{width} {heads} {mode}"]
+    assert "error" not in report, report.get("error")
+    return report
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["per-token", "indexed"])
 @pytest.mark.parametrize("width,heads", [(1152, 16), (768, 12)], ids=["XL-width", "B-width"])
-def test_inference_traces_to_triton_launches(width, heads, mode):
-    report = _child(width, heads, mode)
+def test_inference_traces_to_triton_launches(reports, width, heads, mode):
+    report = _report(reports, width, heads, mode)
     assert report["graphs"] == 1  # fullgraph: one graph, no break
     assert report["out"] == [[4, 4, 32, 32], "cuda:0"]
     names = report["dynamo_ops"]
@@ -143,8 +158,8 @@ def test_inference_traces_to_triton_launches(width, heads, mode):
 
 
 @pytest.mark.slow
-def test_training_forward_traces_without_a_break():
-    report = _child(1152, 16, "train")
+def test_training_forward_traces_without_a_break(reports):
+    report = _report(reports, 1152, 16, "train")
     assert report["graphs"] == 1
     assert any("gated_residual_modulate" in n for n in report["dynamo_ops"]), report["dynamo_ops"]
 
@@ -161,4 +176,15 @@ if __name__ == "__main__":
     kernel_report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernel_report)
     driver.set_active(kernel_report._TargetDriver(GPUTarget("cuda", 90, 32)))  # no GPU to ask
-    print(json.dumps(trace(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])))
+    import traceback
+
+    import torch
+
+    results = {}
+    for width, heads, mode in TRACES:
+        torch._dynamo.reset()  # each trace from a fresh cache, as in a process of its own
+        try:
+            results[f"{width} {heads} {mode}"] = trace(width, heads, mode)
+        except Exception:  # noqa: BLE001 - one trace's failure is its test's, not the others'
+            results[f"{width} {heads} {mode}"] = {"error": traceback.format_exc()[-6000:]}
+    print(json.dumps(results))
