@@ -151,13 +151,9 @@ def test_follows_eager_type_promotion(backend):
     x = torch.randn(2, 3, 24, generator=gen).half().requires_grad_()
     y = torch.randn(2, 3, 24, generator=gen).half().requires_grad_()
     g = torch.randn(2, 1, 24, generator=gen, requires_grad=True)
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend(backend)
-    try:
+    with pf_kernels.use_backend(backend):
         out = pf_kernels.gated_residual(x, g, y)
         out.sum().backward()
-    finally:
-        pf_kernels.set_backend(previous)
     eager = x.detach() + g.detach() * y.detach()
     assert eager.dtype == torch.float32 and out.dtype == eager.dtype
     assert (x.grad.dtype, y.grad.dtype, g.grad.dtype) == (torch.float16, torch.float16, torch.float32)

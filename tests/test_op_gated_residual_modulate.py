@@ -105,15 +105,11 @@ def test_equals_the_two_ops_and_follows_eager_type_promotion(backend):
     y = torch.randn(2, 3, 40, generator=gen).half().requires_grad_()
     c = (0.5 * torch.randn(2, 1, 120, generator=gen)).requires_grad_()
     gate, shift, scale = c.chunk(3, dim=-1)
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend(backend)
-    try:
+    with pf_kernels.use_backend(backend):
         x_new, h = pf_kernels.gated_residual_modulate(x, gate, y, shift, scale)
         (x_new.sum() + h.square().sum()).backward()
         two = pf_kernels.gated_residual(x, gate, y)
         two_h = pf_kernels.adaln_modulate(two, shift, scale)
-    finally:
-        pf_kernels.set_backend(previous)
     assert x_new.dtype == h.dtype == torch.float32
     assert (x.grad.dtype, y.grad.dtype, c.grad.dtype) == (torch.float16, torch.float16, torch.float32)
     if backend == "torch":
@@ -275,9 +271,7 @@ def test_compile_fullgraph(backend, indexed):
     x, y = torch.randn(2, 7, 40, generator=gen), torch.randn(2, 7, 40, generator=gen)
     c = torch.randn(2, 3 if indexed else 7, 240, generator=gen)
     index = torch.randint(0, 3, (2, 7), generator=gen) if indexed else None
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend(backend)
-    try:
+    with pf_kernels.use_backend(backend):
         leaves = [t.clone().requires_grad_() for t in (x, c, y)]
         torch._dynamo.reset()
         with torch._functorch.config.patch(decompose_custom_triton_ops=False):
@@ -287,8 +281,6 @@ def test_compile_fullgraph(backend, indexed):
         eager = [t.clone().requires_grad_() for t in (x, c, y)]
         want = _seam(*eager, index)
         want.square().sum().backward()
-    finally:
-        pf_kernels.set_backend(previous)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(leaves, eager):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
@@ -397,13 +389,9 @@ def test_model_outputs_unchanged(backend, per_sample_t):
     x = torch.randn(2, 3, 8, 8, generator=gen)
     t = torch.rand(2, generator=gen) if per_sample_t else torch.rand(2, 16, generator=gen)
     y = torch.tensor([3, 10])
-    previous = pf_kernels.get_backend()
-    pf_kernels.set_backend(backend)
-    try:
+    with pf_kernels.use_backend(backend):
         fused = _run(lambda *a: torch.cat(model(*a, return_uncertainty=True), 1), model, x, t, y)
         plain = _run(lambda *a: unfused_forward(model, *a), model, x, t, y)
-    finally:
-        pf_kernels.set_backend(previous)
     assert fused[1].keys() == plain[1].keys()
     if backend == "torch":
         assert torch.equal(fused[0], plain[0])
@@ -490,7 +478,6 @@ def test_wide_rows(shape, form, device, dtype, triton_backend):
 def test_stored_statistics_equal_recomputed(d, triton_backend):
     """The forward's statistics of x_new are those the backward would recompute; without grads
     none are stored."""
-    import pf_kernels.ops.adaln_modulate as adaln
     import pf_kernels.ops.gated_residual_modulate as grm
 
     gen = torch.Generator().manual_seed(d)
