@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from pf.experiments.records import cached, config_key, directory_lock
 from pf.experiments.stages import Stage, run_stages
-from pf.experiments.trajectories import ensure_trained, trajectory_dir
+from pf.experiments.trajectories import ensure_trained, logged_records, trajectory_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "pf" / "configs"
 
@@ -155,6 +155,10 @@ def test_a_trajectory_resumed_in_pieces_is_the_uninterrupted_run(tmp_path):
     a2, b2 = _weights(Path(whole["run_dir"]) / "checkpoints" / "step_000002.pt"), _weights(part["checkpoint"])
     assert all(torch.equal(a2[k], b2[k]) for k in a2)
     assert more["train_seconds"] > 0 and json.loads((Path(more["run_dir"]) / "segments.json").read_text())[1]["from"] == 2
+    # a run's logged records stop at its steps (its trajectory went on); a torn last line is skipped
+    with open(Path(more["run_dir"]) / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    assert max(r["step"] for r in logged_records(part)) == 2 and max(r["step"] for r in logged_records(more)) == 4
     # asking again trains nothing
     mtime = Path(more["checkpoint"]).stat().st_mtime_ns
     ensure_trained(cfg, tmp_path / "b", 4, log=lambda *_: None)

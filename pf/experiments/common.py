@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import platform
 from pathlib import Path
@@ -26,7 +25,7 @@ from pf.eval.inputs import load_dataset_images
 from pf.eval.train_classifier import ensure_classifier
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.records import config_key, directory_lock
-from pf.experiments.trajectories import compose_train, ensure_trained, trajectory_config
+from pf.experiments.trajectories import compose_train, ensure_trained, logged_records, trajectory_config
 from pf.models import load_checkpoint
 from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file, save_checkpoint
 from pf.sampling.graphs import compile_model
@@ -156,9 +155,7 @@ def train_stage(study: dict, overrides: list[str], seed: int, steps: int) -> dic
     comparison's length keeps its EMA weights with the records (:func:`keep_weights`)."""
     cfg = compose_train_config(study, overrides, seed)
     out = ensure_trained(cfg, study["out_dir"], check_steps(study, steps))
-    records = [json.loads(line) for line in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    upto = [r for r in records if r["step"] <= steps]
+    upto = logged_records(out)
     val = [r for r in upto if "val_loss" in r]
     model = load_checkpoint(out["checkpoint"], use_ema=True)
     trajectory = config_key(trajectory_config(cfg))

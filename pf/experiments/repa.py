@@ -20,7 +20,6 @@ own features would reward the metric, not the images. Stages are cached and resu
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from pf.experiments.comparison import ARMS, stage_study
 from pf.experiments.curves import by_run, realization_pairs, run_curve, stored_points
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, mean_std, paired, stage_table, verdict
+from pf.experiments.trajectories import logged_records
 from pf.flow import interpolate
 from pf.models import load_checkpoint
 from pf.training.objective import Alignment
@@ -93,10 +93,8 @@ def encoder_stage(study: dict) -> dict:
 def train_stage(study: dict, arm: str, seed: int) -> dict:
     """Stage: one arm trained; its losses along training (repa_loss for the REPA arm)."""
     trained = train_arm(study, arm_overrides(study, arm), seed, study["train"]["steps"])
-    records = [json.loads(line) for line in (Path(trained["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    curve = [{k: r[k] for k in ("step", "loss", "mse", "repa_loss") if k in r} for r in records
-             if "loss" in r and r["step"] <= trained["steps"]]
+    curve = [{k: r[k] for k in ("step", "loss", "mse", "repa_loss") if k in r} for r in logged_records(trained)
+             if "loss" in r]
     return {**{k: v for k, v in trained.items() if k != "flops_per_step"}, "losses": curve}
 
 

@@ -14,7 +14,6 @@ run and images to ``out_dir``. ``toy=true`` is a minute-sized run (CI).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from pf.experiments import command
 from pf.experiments.records import config_key
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, stage_table
-from pf.experiments.trajectories import compose_train, ensure_trained
+from pf.experiments.trajectories import compose_train, ensure_trained, logged_records
 from pf.models import load_checkpoint, num_params
 from pf.pipeline import Pipeline
 from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
@@ -80,8 +79,7 @@ def trained(study: dict) -> dict:
 def train_stage(study: dict) -> dict:
     """Stage: the demo trained to ``train.steps``; its wall time and losses."""
     out = trained(study)
-    records = [json.loads(ln) for ln in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    upto = [r for r in records if r["step"] <= out["steps"]]
+    upto = logged_records(out)
     val = [r for r in upto if "val_loss" in r]
     return {**out, "first_loss": upto[0]["loss"], "final_loss": upto[-1]["loss"],
             "val_loss": val[-1]["val_loss"] if val else None, "params": _params(Path(out["checkpoint"]))}

@@ -20,6 +20,7 @@ import pf
 from pf.experiments.records import config_key, directory_lock, write_json
 from pf.models.checkpoint import read_checkpoint_file
 from pf.train import train
+from pf.training.metrics import read_records
 
 # Keys that change what a run logs or how often it writes, not what it computes.
 FREE_TRAINER_KEYS = ("max_steps", "progress", "log_every", "val_every", "ckpt_every", "keep_every", "sample_every")
@@ -87,3 +88,9 @@ def ensure_trained(train_cfg, root: str | Path, steps: int, log=print) -> dict:
     per_step = sum(s["seconds"] for s in segments) / covered if covered else float("nan")
     return {"checkpoint": str(target), "run_dir": str(run_dir), "steps": int(steps),
             "train_seconds": per_step * int(steps), "seconds_per_step": per_step}
+
+
+def logged_records(run: dict) -> list[dict]:
+    """The ``metrics.jsonl`` records of a run :func:`ensure_trained` returned, up to its steps
+    (a trajectory trained further holds the records of later steps too)."""
+    return [r for r in read_records(Path(run["run_dir"]) / "metrics.jsonl") if r["step"] <= run["steps"]]
