@@ -243,11 +243,6 @@ def write_report(study: dict, command_line: str) -> None:
     Path(study["page"]).write_text(render(study, command_line))
 
 
-def expand_toy(argv: list[str]) -> list[str]:
-    """``toy=true`` stands for this study's toy sizes."""
-    return command.expand_toy(argv, TOY)
-
-
 def main(cfg, argv: list[str] | None = None) -> None:
     command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page")
 
