@@ -243,7 +243,7 @@ phase_tests() {
     left=$((end - $(date +%s)))
     if ((left < 5)); then
       echo "tests: out of time before $f (and the files after it)"
-      "$py" benchmarks/lease.py junit /dev/null --out "$rows" --file "$f (not run: phase time up)" --rc 124 >/dev/null
+      "$py" benchmarks/lease_rows.py junit /dev/null --out "$rows" --file "$f (not run: phase time up)" --rc 124 >/dev/null
       break
     fi
     if [[ "$f" == *test_ltg_op.py ]] && [ "${PF_GPU_LTG:-}" = torch ]; then
@@ -255,7 +255,7 @@ phase_tests() {
       "$py" -m pytest "$f" -m gpu -q -rfE -p no:cacheprovider --junitxml="/tmp/pf-junit/$(basename "$f").xml" "${per_test[@]}"
     rc=$?
     ((rc == 0 || rc == 5)) || status=1 # 5: nothing selected (no gpu test in the file)
-    "$py" benchmarks/lease.py junit "/tmp/pf-junit/$(basename "$f").xml" --out "$rows" --file "$f" --rc "$rc" \
+    "$py" benchmarks/lease_rows.py junit "/tmp/pf-junit/$(basename "$f").xml" --out "$rows" --file "$f" --rc "$rc" \
       --took $(($(date +%s) - t0)) >/dev/null
   done
   return "$status"
