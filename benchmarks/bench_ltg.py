@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import QUICK, time_ms
+from conftest import QUICK, graph_ms, time_ms
 from pf import timesteps
 from pf_kernels import ltg_sample
 
@@ -79,8 +79,6 @@ def test_ltg_sample(benchmark, device, shape, impl):
     try:
         out = benchmark(_synced(fn, device))
         if device == "cuda":
-            from lease import graph_ms
-
             benchmark.extra_info.update(ms=round(graph_ms(fn), 5), ms_host=round(time_ms(fn, device="cuda"), 5))
     finally:
         torch.set_num_threads(threads)

@@ -5,7 +5,8 @@
   bytes per second of ``dst.copy_(src)`` on 512 MiB), once per session: the practical
   limit a memory-bound kernel is compared against.
 - ``time_ms(fn)``: median milliseconds of ``fn``; CUDA events via
-  ``triton.testing.do_bench`` on a GPU (it flushes L2 between runs), wall clock on the CPU.
+  ``triton.testing.do_bench`` on a GPU (it flushes L2 between runs), wall clock on the CPU;
+  ``graph_ms(fn)``: one call replayed from a CUDA graph (microsecond kernels).
 - ``record(benchmark, fn, bytes_moved, **info)``: times ``fn`` into the pytest-benchmark
   table and puts ms, GB/s and the fraction of ``copy_bandwidth`` in ``extra_info``.
 - The GPU's name, torch/triton/CUDA versions and the copy bandwidth go into the machine
@@ -73,6 +74,18 @@ def time_ms(fn, device: str | None = None, warmup: int = 25, rep: int = 100) -> 
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def graph_ms(fn) -> float:
+    """Median ms of one call replayed from a CUDA graph (``do_bench_cudagraph``: a call of a few
+    microseconds is not timed by wall clock); CUDA events if the capture fails."""
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    except Exception as err:  # noqa: BLE001 - a capture failure is a finding, not a crash
+        print(f"  CUDA graph timing failed ({type(err).__name__}: {err}); events instead", flush=True)
+        return time_ms(fn, device="cuda")
 
 
 def _synced(fn, device: str):

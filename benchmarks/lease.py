@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import pf_kernels  # noqa: E402
 import value_check as vc  # noqa: E402
 from bench_hw_limits import matmul_tflops  # noqa: E402
-from conftest import measure_copy_bandwidth, time_ms  # noqa: E402
+from conftest import graph_ms, measure_copy_bandwidth, time_ms  # noqa: E402
 from lease_rows import Rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -232,16 +232,6 @@ def ltg_rows(rows: Rows) -> None:
                 graph = graph_ms(fn) if CUDA else host
                 rows.write(f"ltg {device} {batch}x{n}", impl, graph, ms_host=round(host, 5),
                            target=">= 5x the composite on a GPU" if impl == "op" else "")
-
-
-def graph_ms(fn) -> float:
-    import triton.testing
-
-    try:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
-    except Exception as err:  # noqa: BLE001 - a capture failure is a finding, not a crash
-        print(f"  CUDA graph timing failed ({type(err).__name__}: {err}); events instead", flush=True)
-        return time_ms(fn, device="cuda")
 
 
 #################################################################################
