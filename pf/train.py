@@ -270,7 +270,9 @@ def _data(cfg, d: Dist, device: torch.device, seed: int):
                                                      f"{cfg.model.name}) needs data=" + ", ".join(CAPTION_DATA)))
     dataset = (build_caption_dataset(cfg.data, seed=seed) if captioned
                else build_dataset(cfg.data, seed=seed, pixels=bool(cfg.trainer.repa.enabled)))
-    sizes = {"num_classes": cfg.model.num_classes if cfg.model.num_classes is not None else dataset.num_classes,
+    # a caption folder or shard stream has no classes (captioned digits keep theirs)
+    sizes = {"num_classes": cfg.model.num_classes if cfg.model.num_classes is not None
+             else getattr(dataset, "num_classes", None),
              "input_size": cfg.model.input_size if cfg.model.input_size is not None else dataset.image_size,
              "in_channels": cfg.model.in_channels if cfg.model.in_channels is not None else dataset.channels}
     if captioned:

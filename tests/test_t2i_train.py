@@ -5,6 +5,8 @@ pictures, checkpoints that know their encoder, and ``pf.sample prompt=...``."""
 from __future__ import annotations
 
 import json
+import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +181,51 @@ def test_the_recognition_experiment_end_to_end(tmp_path):
     # a rerun computes nothing: every stage is read back
     t2i.main(cli.parse(t2i.DEFAULTS, argv), argv=["toy=true"])
     assert (tmp_path / "t2i.md").read_text().split("## Stages")[0] == page.split("## Stages")[0]
+
+
+def _captioned_files(root: Path, n: int = 6) -> tuple[Path, Path]:
+    """A caption folder (images + captions.jsonl) and one webdataset shard of the same pictures."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folder, shard = root / "folder", root / "shards" / "000000.tar"
+    folder.mkdir(parents=True)
+    shard.parent.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    with tarfile.open(shard, "w") as tar:
+        for i in range(n):
+            pixels = torch.randint(0, 256, (8, 8, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+            lines.append(json.dumps({"file": f"{i}.png", "caption": f"picture number {i}"}))
+            for name, data in ((f"s{i:03d}.png", (folder / f"{i}.png").read_bytes()),
+                               (f"s{i:03d}.txt", f"picture number {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder, shard
+
+
+def test_caption_folder_and_shards_train(tmp_path):
+    # issue 27, finding 3: both crashed with "'CaptionFolder' object has no attribute 'num_classes'",
+    # the README's text-to-image torchrun command (data=caption_shards) included
+    folder, shard = _captioned_files(tmp_path)
+    small = ["trainer.max_steps=1", "trainer.batch_size=2", "data.image_size=8", "data.num_workers=0",
+             "sampler.num_images=1", "sampler.steps=1"]
+    out = pf_train.train(make_cfg(*small, "data=caption_folder", f"data.path={folder}", "data.val_size=2"),
+                         tmp_path / "folder_run")
+    assert out["summary"]["steps"] == 1 and math.isfinite(out["summary"]["final_loss"])
+
+    # the README's command, its model, encoder and path swapped for toy ones
+    readme = (ROOT / "README.md").read_text()
+    line = next(ln for ln in readme.replace("\\\n", " ").splitlines() if "data=caption_shards" in ln and "torchrun" in ln)
+    overrides = [a for a in shlex.split(line)[3:] if "=" in a and not a.startswith("--")]
+    swapped = {"model": "model=t2i-tiny", "text.name": "text.name=minilm", "text.path": "text.path=null",
+               "data.path": f"data.path={shard}", "hydra.run.dir": None}
+    overrides = [swapped.get(a.split("=")[0], a) for a in overrides]
+    assert "data=caption_shards" in overrides
+    out = pf_train.train(make_cfg(*small, *[a for a in overrides if a]), tmp_path / "shard_run")
+    assert out["summary"]["steps"] == 1 and math.isfinite(out["summary"]["final_loss"])
