@@ -30,7 +30,6 @@ project's classifier of the same data, trained once and cached).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -76,11 +75,15 @@ from pf.training.checkpointing import (
 )
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from pf.training.ema import EMA
+from pf.training.lr_schedule import build_scheduler
+from pf.training.memory import checkpoint_blocks
 from pf.training.metrics import MetricsWriter, progress_bar, read_records
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
 from pf.training.pictures import draw_samples, save_picture
+from pf.training.precision import Precision
 from pf.training.run_folder import RunFolderError, RunLock, check_before_hydra, prepare_run_folder
 from pf.training.schema import check_config, check_overrides, fill_family_defaults
+from pf.training.step import TrainStep
 
 log = logging.getLogger("pf.train")
 
@@ -129,13 +132,6 @@ def _timestep_sampler(tc: DictConfig, per_token: bool, seed: int):
     if cls is not None and "seed" in inspect.signature(cls.__init__).parameters:
         params["seed"] = seed  # the compiled LTG sampler keys its Philox stream by seed
     return pf_timesteps.make(name, **params)
-
-
-def _lr_lambda(warmup: int):
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-    return factor
 
 
 def _gather_rng(state: dict, d: Dist) -> list[dict]:
@@ -221,15 +217,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if tc.tf32:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
             torch.backends.cudnn.conv.fp32_precision = "tf32"
-    use_bf16 = device.type == "cuda" and tc.precision == "bf16"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
+    precision = Precision(tc.precision, device)  # autocast, and fp16's loss scaling
     lock = None
     try:
         lock = _claim_run_folder(cfg, run_dir, d)
-        return _train(cfg, tc, run_dir, device, d, autocast)
+        return _train(cfg, tc, run_dir, device, d, precision)
     finally:
         if lock is not None:
             lock.release()
@@ -335,6 +327,7 @@ def _resume(cfg, d: Dist, device, state: dict, generators: dict, timestep_sample
     state["ema"].load_state_dict(ckpt["ema"], ckpt.get("ema_updates", ckpt["step"]))
     state["optimizer"].load_state_dict(ckpt["optimizer"])
     state["scheduler"].load_state_dict(ckpt["scheduler"])
+    state["precision"].load_state_dict(ckpt.get("precision", {}))
     if len(ckpt["rng"]) == d.world_size:
         restore_rng_state(ckpt["rng"][d.rank], generators, timestep_sampler, device)
     else:
@@ -345,13 +338,17 @@ def _resume(cfg, d: Dist, device, state: dict, generators: dict, timestep_sample
     return int(ckpt["step"])
 
 
-def _wrap(model, tc, d: Dist, device) -> _Forward:
-    train_model = model
+def _wrap(model, tc, d: Dist, device):
+    """The forward the step calls, and the context that skips the gradient sync (None: one process)."""
+    if tc.activation_checkpointing:
+        checkpoint_blocks(model)
+    train_model, skip_sync = model, None
     if d.enabled:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        skip_sync = train_model.no_sync
     if tc.compile:
         train_model = torch.compile(train_model)
-    return _Forward(train_model, model)
+    return _Forward(train_model, model), skip_sync
 
 
 class _Pictures:
@@ -375,11 +372,12 @@ class _Pictures:
                  self.uc_cond)
 
 
-def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, timestep_sampler, last_ckpt) -> None:
+def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, timestep_sampler, last_ckpt,
+                may_skip: bool = False) -> None:
     if not (0.0 <= t_lo and t_hi <= 1.0):
         raise ValueError(f"the timestep sampler {timestep_sampler} drew patch times in [{t_lo}, {t_hi}] at step "
                          f"{step + 1}; times must be finite and lie in [0, 1]")
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+    if not (math.isfinite(loss) and (math.isfinite(gnorm) or may_skip)):  # fp16: an overflow skips the step
         where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
         raise NonFiniteLoss(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                             f"(loss={loss}, grad_norm={gnorm}) at step {step + 1}; stopped before the update, {where}")
@@ -395,7 +393,8 @@ def _summary(run_dir: Path, step: int, first_loss, seconds: float, main: bool) -
     return summary
 
 
-def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> dict:
+def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Precision) -> dict:
+    autocast = precision.autocast
     seed = int(cfg.seed)
     per_token = tc.kind == "pf"
     encoder = _repa_encoder(cfg, d, device) if tc.repa.enabled else None  # REPA: the frozen encoder
@@ -411,15 +410,17 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
                                   betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps))
+    scheduler = build_scheduler(optimizer, tc)
     timestep_sampler = _timestep_sampler(tc, per_token, _stream_seed(seed, d.rank, 2))
     # this rank's random streams: global (class dropout), noise, timesteps
     torch.manual_seed(_stream_seed(seed, d.rank, 0))
     generators = {"noise": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 1)),
                   "timesteps": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 2))}
-    state = {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
+    state = {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler, "precision": precision}
     step = _resume(cfg, d, device, state, generators, timestep_sampler) if cfg.resume else 0
-    forward = _wrap(model, tc, d, device)
+    forward, skip_sync = _wrap(model, tc, d, device)
+    train_step = TrainStep(forward, objective, model.parameters(), optimizer, precision, tc.grad_accum, tc.grad_clip,
+                           skip_sync)
 
     # ---- fixed inputs for validation and pictures
     fixed = torch.Generator().manual_seed(seed + 12345)
@@ -458,16 +459,14 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
                              generator=generators["timesteps"])  # (B, N) per patch, (B, 1) per sample
         t = t if per_token else t[:, 0]
         x0 = torch.randn(x1.shape, generator=generators["noise"], device=device)
-        with autocast():
-            out = objective(forward, FlowBatch(x1, conditioning(labels, device), t, x0, pixels=pixels))
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        out = train_step.accumulate(FlowBatch(x1, conditioning(labels, device), t, x0, pixels=pixels))
+        grad_norm = train_step.clip()
         stats = mean_over_ranks(torch.stack([out[n].detach().float() for n in names[:-1]] + [grad_norm.float()]), d)
         # this rank's time range rides along with the one host read of the step
         values = torch.cat([stats, torch.stack([t.min(), t.max()]).float()]).tolist()
-        _check_step(step, values[0], values[-3], values[-2], values[-1], timestep_sampler, last_ckpt)
-        optimizer.step()
+        _check_step(step, values[0], values[-3], values[-2], values[-1], timestep_sampler, last_ckpt,
+                    precision.may_skip)
+        train_step.apply(math.isfinite(values[-3]))
         scheduler.step()
         ema.update(model)
         step += 1
@@ -480,9 +479,10 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
         val_step = val is not None and (step % tc.val_every == 0 or final)
         if step % tc.log_every == 0 or final or val_step:
             elapsed = time.perf_counter() - t_window
-            mean = [sum(col) / len(window) for col in zip(*window)]
+            mean = [sum(col) / len(window) for col in zip(*window)]  # an fp16-skipped step's inf norm: inf
             record = {"step": step, **dict(zip(names, mean)), "lr": scheduler.get_last_lr()[0],
-                      "img_per_s": window_images / max(elapsed, 1e-9), "epoch": batches.epoch_of(step - 1)}
+                      "img_per_s": window_images / max(elapsed, 1e-9), "epoch": batches.epoch_of(step - 1),
+                      **precision.stats()}
             bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['img_per_s']:.0f}")
             window, window_images = [], 0
         if d.is_main and val_step:
@@ -497,6 +497,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, autocast) -> d
             if d.is_main:
                 ckpt = training_checkpoint(model, ema, optimizer, scheduler, step, rng,
                                            OmegaConf.to_container(cfg, resolve=True))
+                ckpt["precision"] = precision.state_dict()  # fp16: the loss scale and skipped count
                 last_ckpt = write_checkpoint(ckpt, ckpt_dir, step, keep=keep)
         if record:
             t_window = time.perf_counter()  # time spent on pictures and checkpoints is not training speed

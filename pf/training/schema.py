@@ -112,12 +112,17 @@ class TrainerConfig:
     weight_decay: float = _f(0.0, **_rng(0.0))
     betas: typing.List[float] = _f((0.9, 0.999), **_rng(0.0, 1.0, hi_open=True), length=2)
     warmup_steps: int = _f(1000, **_rng(0))
+    lr_schedule: str = _f("constant", **_choices("constant", "cosine", "wsd"))
+    min_lr: float = _f(0.0, **_rng(0.0))
+    decay_fraction: float = _f(0.2, **_rng(0.0, 1.0, lo_open=True))
+    grad_accum: int = _f(1, **_rng(1))
     grad_clip: float = _f(1.0, **_rng(0.0, lo_open=True))
     ema_decay: float = _f(0.9999, **_rng(0.0, 1.0, hi_open=True))
     ema_warmup: bool = False
-    precision: str = _f("bf16", **_choices("bf16", "fp32"))
+    precision: str = _f("bf16", **_choices("bf16", "fp16", "fp32"))
     tf32: bool = True
     compile: bool = False
+    activation_checkpointing: bool = False
     log_every: int = _f(100, **_rng(1))
     val_every: int = _f(5000, **_rng(1))
     ckpt_every: int = _f(5000, **_rng(1))

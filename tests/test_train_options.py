@@ -1,0 +1,210 @@
+"""The trainer's options for runs at scale (issue 28): learning-rate schedules, gradient
+accumulation, fp16 loss scaling, activation checkpointing; each against an independent
+expectation (closed forms, the big batch's gradient, the plain backward) and resumed exactly.
+
+PF-Tiny/2 on the embedded digits, a few steps; the gradient checks use float64 parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import pf.train as pf_train
+from pf.models.checkpoint import read_checkpoint_file
+from pf.models.presets import build_model
+from pf.training.lr_schedule import build_scheduler
+from pf.training.memory import checkpoint_blocks
+from pf.training.objective import FlowBatch, flow_objective
+from pf.training.precision import Precision
+from pf.training.step import TrainStep
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
+        "sampler.steps=2", "sampler.num_images=10", "trainer.val_every=100", "trainer.sample_every=100"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "pf" / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=[*FAST, *overrides])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+# ------------------------------------------------------------------- schedules
+def _lrs(schedule: str, steps: int = 10, **keys) -> list[float]:
+    tc = OmegaConf.create({"lr_schedule": schedule, "lr": 2.0, "min_lr": 0.2, "warmup_steps": 2, "max_steps": steps,
+                           "decay_fraction": 0.2, **keys})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr)
+    sched, lrs = build_scheduler(opt, tc), []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])  # the lr optimizer step s uses
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_lr_schedules_follow_their_closed_forms():
+    # warm-up 2 steps: lr * (s + 1) / 2, then (lr 2, min_lr 0.2, 10 steps)
+    assert _lrs("constant") == pytest.approx([1.0] + [2.0] * 9)
+    cosine = [1.0, 2.0] + [0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert _lrs("cosine") == pytest.approx(cosine)
+    assert _lrs("cosine")[6] == pytest.approx(1.1)  # half-way through the decay: (2 + 0.2) / 2
+    # wsd: decay over the last round(0.2 * 10) = 2 steps, linearly, ending at min_lr on the last step
+    assert _lrs("wsd") == pytest.approx([1.0] + [2.0] * 7 + [1.1, 0.2])
+    assert _lrs("wsd", decay_fraction=0.5) == pytest.approx([1.0, 2.0, 2.0, 2.0, 2.0, 1.64, 1.28, 0.92, 0.56, 0.2])
+
+
+# -------------------------------------------------------- accumulation, checkpointing
+def _tiny64(dropout: float = 0.1):
+    torch.manual_seed(0)
+    model = build_model("Tiny/2", per_token=True, input_size=16, in_channels=1, num_classes=10,
+                        class_dropout_prob=dropout, predict_uncertainty=True).double()
+    with torch.no_grad():  # AdaLN-Zero starts with zero gates: give every path a gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def _batch(b: int = 8) -> FlowBatch:
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.rand(b, 1, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+    return FlowBatch(x1, torch.randint(0, 10, (b,), generator=g), torch.rand(b, 64, generator=g, dtype=torch.float64),
+                     torch.randn(x1.shape, generator=g, dtype=torch.float64))
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class _CountingSync:
+    """Stands in for DDP's no_sync: counts the backward passes run inside it."""
+
+    def __init__(self):
+        self.entered = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.entered += 1
+        yield
+
+
+def test_accumulated_step_equals_the_big_batch_step():
+    big, acc = _tiny64(), _tiny64()
+    objective = flow_objective(big, 0.01)
+    # the independent expectation: one plain backward of the 8-row batch
+    torch.manual_seed(5)  # class dropout draws from the global generator
+    objective(big, _batch())["loss"].backward()
+    expected = _grads(big)
+
+    sync = _CountingSync()
+    opt = torch.optim.AdamW(acc.parameters(), lr=1e-3)
+    step = TrainStep(acc, objective, acc.parameters(), opt, Precision("fp32", torch.device("cpu")), grad_accum=4,
+                     grad_clip=1e9, skip_sync=sync)
+    torch.manual_seed(5)
+    out = step.accumulate(_batch())
+    assert sync.entered == 3  # no gradient sync on the first three micro-batches, sync on the last
+    got = _grads(acc)
+    assert got.keys() == expected.keys() and len(got) > 50
+    for name in expected:  # float64 parameters; the loss terms are computed in float32 (objective.py)
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-9, msg=name)
+    torch.manual_seed(5)
+    assert out["loss"].item() == pytest.approx(objective(big, _batch())["loss"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"trainer.batch_size=8 does not split into trainer.grad_accum=3"):
+        TrainStep(acc, objective, acc.parameters(), opt, Precision("fp32", torch.device("cpu")), 3, 1.0).accumulate(
+            _batch())
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_recomputes():
+    plain, ckpt = _tiny64(), _tiny64()
+    assert checkpoint_blocks(ckpt) == len(ckpt.blocks)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())  # names unchanged: checkpoints interchangeable
+    calls = []
+    ckpt.blocks[0].attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    objective = flow_objective(plain, 0.01)
+    for model in (plain, ckpt):
+        torch.manual_seed(5)
+        objective(model, _batch())["loss"].backward()
+    assert len(calls) == 2  # the forward, and its replay in the backward
+    expected, got = _grads(plain), _grads(ckpt)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------------ fp16
+def test_fp16_overflow_skips_the_step_and_keeps_the_weights_finite(tmp_path, monkeypatch):
+    from pf.training.objective import Objective
+
+    real_loss, calls, updates = Objective.__call__, [], []
+
+    def overflowing(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # step 2: finite loss, but its scaled gradients overflow
+            out["loss"] = out["loss"] * 1e34
+        return out
+
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(Objective, "__call__", overflowing)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1) or real_step(self, *a, **k))
+    out = pf_train.train(make_cfg("trainer.precision=fp16", "trainer.max_steps=3", "trainer.ckpt_every=3"), tmp_path)
+    recs = records(tmp_path)
+    assert [r["skipped_steps"] for r in recs] == [0, 1, 1]
+    assert [r["loss_scale"] for r in recs] == [65536.0, 32768.0, 32768.0]  # halved by the overflow
+    assert recs[1]["grad_norm"] is None  # logged as not finite
+    assert len(updates) == 2  # the overflowing step never reached the optimizer
+    assert all(torch.isfinite(p).all() for p in out["model"].parameters())
+    ckpt = read_checkpoint_file(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["precision"]["skipped"] == 1 and ckpt["precision"]["scaler"]["scale"] == 32768.0
+
+
+# --------------------------------------------------------------- exact resume
+class _Killed(Exception):
+    pass
+
+
+def _train_until(cfg, run_dir: Path, stop: int, monkeypatch) -> None:
+    """Train as ``cfg`` says, killed right after the checkpoint of step ``stop`` is written (the
+    schedule still spans max_steps, as in a run cut short)."""
+    real = pf_train.write_checkpoint
+
+    def write_then_die(ckpt, ckpt_dir, step, keep):
+        path = real(ckpt, ckpt_dir, step, keep)
+        if step == stop:
+            raise _Killed
+        return path
+
+    with monkeypatch.context() as m:
+        m.setattr(pf_train, "write_checkpoint", write_then_die)
+        with pytest.raises(_Killed):
+            pf_train.train(cfg, run_dir)
+
+
+def test_options_resume_exactly(tmp_path, monkeypatch):
+    """cosine + grad_accum + fp16 + checkpointing: 4 steps at once equal 2 steps, a kill and a resume."""
+    opts = ["trainer.lr_schedule=cosine", "trainer.min_lr=1e-4", "trainer.warmup_steps=1", "trainer.grad_accum=2",
+            "trainer.precision=fp16", "trainer.activation_checkpointing=true", "trainer.ckpt_every=2",
+            "trainer.max_steps=4"]
+    full = pf_train.train(make_cfg(*opts), tmp_path / "full")
+    first = tmp_path / "first"
+    _train_until(make_cfg(*opts), first, 2, monkeypatch)
+    resumed = pf_train.train(make_cfg(*opts, f"resume={first}"), first)
+    want = [(r["step"], r["loss"], r["lr"], r["loss_scale"]) for r in records(tmp_path / "full")]
+    assert [(r["step"], r["loss"], r["lr"], r["loss_scale"]) for r in records(first)] == want
+    assert want[-1][2] < want[1][2]  # the cosine decays
+    for a, b in zip(full["model"].state_dict().values(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
+        assert torch.equal(a, b)
