@@ -4,7 +4,9 @@ Public API (SPEC.md section 8): ``adaln_modulate``, ``gated_residual``,
 ``timestep_embedding``, ``patch_euler``, ``ltg_sample``; ``ada_rms_norm`` (the AdaRMSNorm of
 section 11); the indexed forms ``adaln_modulate_indexed`` / ``gated_residual_indexed`` /
 ``ada_rms_norm_indexed`` (deduplicated conditioning); ``gated_residual_modulate`` (and its
-``_indexed`` form): a residual update fused with the next LayerNorm + modulation;
+``_indexed`` form): a residual update fused with the next LayerNorm + modulation; the general
+forms ``norm_modulate`` / ``residual`` / ``residual_norm_modulate`` (affine LayerNorm or RMSNorm,
+optional shift and gate, output dtype: diffusers' blocks); ``patch_diffusers(transformer)``;
 ``set_backend`` / ``get_backend`` / ``use_backend`` (``PF_KERNELS_BACKEND=auto|triton|torch``) and
 ``patch_dit(model)``, the drop-in for DiT/SiT-style models.
 """
@@ -19,7 +21,10 @@ from pf_kernels.dispatch import (
     gated_residual_modulate,
     gated_residual_modulate_indexed,
     get_backend,
+    norm_modulate,
     patch_euler,
+    residual,
+    residual_norm_modulate,
     set_backend,
     timestep_embedding,
     use_backend,
@@ -36,6 +41,9 @@ __all__ = [
     "gated_residual_indexed",
     "gated_residual_modulate",
     "gated_residual_modulate_indexed",
+    "norm_modulate",
+    "residual",
+    "residual_norm_modulate",
     "timestep_embedding",
     "patch_euler",
     "set_backend",

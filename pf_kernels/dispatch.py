@@ -27,7 +27,11 @@ from pf_kernels.reference import (
     gated_residual_modulate_indexed_ref,
     gated_residual_modulate_ref,
     gated_residual_ref,
+    norm_modulate_dtype,
+    norm_modulate_ref,
     patch_euler_ref,
+    residual_norm_modulate_ref,
+    residual_ref,
     timestep_embedding_ref,
 )
 
@@ -37,6 +41,7 @@ try:  # Triton may be missing (CPU-only installs); the reference path then serve
     from pf_kernels.ops.adaln_modulate import adaln_modulate_triton
     from pf_kernels.ops.gated_residual import gated_residual_triton
     from pf_kernels.ops.gated_residual_modulate import gated_residual_modulate_triton
+    from pf_kernels.ops.modulate_options import norm_modulate_triton, residual_norm_modulate_triton
     from pf_kernels.ops.patch_euler import patch_euler_triton
     from pf_kernels.ops.timestep_embedding import timestep_embedding_triton
 
@@ -358,3 +363,125 @@ def patch_euler(
         with _launch_on(x):
             return patch_euler_triton(x, v, dt, p, v_other=v_other, mask=mask, out=out)
     return patch_euler_ref(x, v, dt, p, v_other=v_other, mask=mask, out=out)
+
+
+#################################################################################
+#        General forms: optional shift/gate, affine norms, RMS + shift, dtype     #
+#################################################################################
+
+
+def _check_vector(op: str, d: int, **vectors: torch.Tensor | None) -> None:
+    for name, t in vectors.items():
+        if t is not None and tuple(t.shape) != (d,):
+            raise ValueError(f"{op}: {name} must be a ({d},) tensor (the norm's affine parameter), got {tuple(t.shape)}")
+
+
+def _fold_affine(x, weight, bias, shift, scale):
+    """(shift', scale') with ``norm(x) * (1 + scale') + shift' == (norm(x) * weight + bias) * (1 + scale)
+    + shift``: scale' = weight * (1 + scale) - 1, shift' = bias * (1 + scale) + shift, in fp32.
+
+    The kernels then read one modulation pair whatever the norm's affine parameters. For a
+    per-sample modulation (B, 1, D) this costs O(B * D), nothing beside the (B, N, D) rows; the
+    grads of weight and bias flow through these few torch ops. Without a scale, scale' is
+    ``weight - 1`` broadcast to (B, 1, D) (stride 0, no copy). A half-precision scale or shift
+    is read in fp32 here, as the kernels would."""
+    bsz, d = x.shape[0], x.shape[-1]
+    if weight is None and bias is None:
+        if scale is None:  # a plain norm (+ shift): scale' = 0
+            scale = x.new_zeros((1, 1, d), dtype=torch.float32).expand(bsz, 1, d)
+        return shift, scale
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    one_plus = None if scale is None else 1.0 + scale.to(acc)  # (B, N|1, D)
+    w = None if weight is None else weight.to(acc)
+    if w is None:
+        new_scale = scale if scale is not None else x.new_zeros((1, 1, d), dtype=acc).expand(bsz, 1, d)
+    elif one_plus is None:
+        new_scale = (w - 1.0).expand(bsz, 1, d)
+    else:
+        new_scale = w * one_plus - 1.0
+    if bias is not None:
+        b = bias.to(acc)
+        b = b.expand(bsz, 1, d) if one_plus is None else b * one_plus
+        shift = b if shift is None else b + shift.to(acc)
+    return shift, new_scale
+
+
+def _check_general(op, x, **mods):
+    _check_rows(op, x, **{k: t for k, t in mods.items() if t is not None})
+    _check_floating(op, x=x, **{k: t for k, t in mods.items() if t is not None})
+
+
+def norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, *,
+    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, rms: bool = False, eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``(norm(x) * weight + bias) * (1 + scale) + shift`` in one pass over x.
+
+    norm: LayerNorm, or RMSNorm ``x * rsqrt(mean(x^2) + eps)`` with ``rms`` (a shift is allowed:
+    LTX-Video's). x (B, N, D); shift, scale (B, N, D) or (B, 1, D) (strided views fine), each
+    optional; weight, bias (D,) an affine norm's parameters, optional. Out in ``out_dtype``, by
+    default the promoted dtype of x and the tensors given (eager's); statistics in fp32.
+    """
+    _check_general("norm_modulate", x, shift=shift, scale=scale)
+    _check_vector("norm_modulate", x.shape[-1], weight=weight, bias=bias)
+    _same_device("norm_modulate", x=x, shift=shift, scale=scale, weight=weight, bias=bias)
+    out = out_dtype or norm_modulate_dtype(x, shift, scale, weight, bias)
+    if _rows_use_triton(x, shift, scale, weight, bias) and out != torch.float64:
+        fshift, fscale = _fold_affine(x, weight, bias, shift, scale)
+        with _launch_on(x):
+            return norm_modulate_triton(x, fshift, fscale, bool(rms), float(eps), out)
+    return norm_modulate_ref(x, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps, out_dtype=out)
+
+
+def residual(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, *,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x + gate * y``, or ``x + y`` without gate, computed in fp32 and returned in ``out_dtype``
+    (default: eager's promoted dtype). With a gate this is ``gated_residual``'s kernel writing
+    ``out_dtype`` directly; without one a single torch add (already one pass)."""
+    if gate is None:
+        if y.shape != x.shape:
+            raise ValueError(f"residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+        if out_dtype is None or out_dtype == torch.promote_types(x.dtype, y.dtype):
+            return x + y
+        return residual_ref(x, None, y, out_dtype)
+    if out_dtype is None:
+        return gated_residual(x, gate, y)
+    _check_rows("residual", x, gate=gate, y=y)
+    if y.shape != x.shape:
+        raise ValueError(f"residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    _same_device("residual", x=x, gate=gate, y=y)
+    if _rows_use_triton(x, gate, y) and out_dtype != torch.float64:
+        with _launch_on(x):
+            return gated_residual_triton(x, gate, y, None, out_dtype)
+    return residual_ref(x, gate, y, out_dtype)
+
+
+def residual_norm_modulate(
+    x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None, *, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    rms: bool = False, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_new = x + gate * y`` (``x + y`` without gate), then ``h = norm_modulate(x_new, ...)``
+    in one pass; returns (x_new, h). Both in ``out_dtype`` when given (Wan's bf16 stream with fp32
+    modulations), else x_new in eager's promoted dtype and h in x_new's. The norm reads x_new as
+    stored (rounded to its dtype), as the unfused code does.
+    """
+    _check_general("residual_norm_modulate", x, gate=gate, y=y, shift=shift, scale=scale)
+    if y.shape != x.shape:
+        raise ValueError(f"residual_norm_modulate: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    _check_vector("residual_norm_modulate", x.shape[-1], weight=weight, bias=bias)
+    _same_device("residual_norm_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale, weight=weight, bias=bias)
+    if out_dtype is None:
+        out_dtype = gated_residual_dtype_of(x, gate, y)
+    if _rows_use_triton(x, gate, y, shift, scale, weight, bias) and out_dtype != torch.float64:
+        fshift, fscale = _fold_affine(x, weight, bias, shift, scale)
+        with _launch_on(x):
+            return residual_norm_modulate_triton(x, gate, y, fshift, fscale, bool(rms), float(eps), out_dtype)
+    return residual_norm_modulate_ref(x, gate, y, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps,
+                                      out_dtype=out_dtype)
+
+
+def gated_residual_dtype_of(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor) -> torch.dtype:
+    """Eager's dtype of ``x + gate * y`` (``x + y`` without gate)."""
+    return norm_modulate_dtype(x, gate, y)

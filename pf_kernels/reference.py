@@ -169,3 +169,66 @@ def ada_rms_norm_indexed_ref(
 ) -> torch.Tensor:
     """``ada_rms_norm`` with a (B, K, D) scale table and a per-token row index (B, N)."""
     return ada_rms_norm_ref(x, _gather_rows(scale_table, index), eps)
+
+
+#################################################################################
+#          The general forms (other codebases' blocks: diffusers' models)        #
+#################################################################################
+
+
+def norm_modulate_dtype(x: torch.Tensor, *others: torch.Tensor | None) -> torch.dtype:
+    """Eager's dtype of ``norm(x) * (1 + scale) + shift`` (with an affine norm's weight and bias)."""
+    out = x.dtype
+    for t in others:
+        if t is not None:
+            out = torch.promote_types(out, t.dtype)
+    return out
+
+
+def norm_modulate_ref(
+    x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, *,
+    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, rms: bool = False, eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``(norm(x) * weight + bias) * (1 + scale) + shift``, each of weight (D,), bias (D,), scale and
+    shift ((B, N, D) or (B, 1, D)) optional; norm LayerNorm, or RMSNorm (``rms``) ``x * rsqrt(mean(x^2)
+    + eps)``. Computed in fp32 (float64 for float64 x); returned in ``out_dtype``, by default the
+    promoted dtype of x and the tensors given."""
+    out = out_dtype or norm_modulate_dtype(x, shift, scale, weight, bias)
+    acc = _acc_dtype(out if out == torch.float64 else x.dtype)
+    xa = x.to(acc)
+    if rms:
+        h = xa * torch.rsqrt(xa.square().mean(-1, keepdim=True) + eps)  # (B, N, D)
+    else:
+        h = F.layer_norm(xa, (x.shape[-1],), eps=eps)
+    if weight is not None:
+        h = h * weight.to(acc)
+    if bias is not None:
+        h = h + bias.to(acc)
+    if scale is not None:
+        h = h * (1.0 + scale.to(acc))
+    if shift is not None:
+        h = h + shift.to(acc)
+    return h.to(out)
+
+
+def residual_ref(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x + gate * y`` (``x + y`` without gate), computed in fp32 and returned in ``out_dtype``
+    (default: eager's promoted dtype)."""
+    out = out_dtype or (gated_residual_dtype(x, gate, y) if gate is not None else torch.promote_types(x.dtype, y.dtype))
+    acc = _acc_dtype(out)
+    ya = y.to(acc) if gate is None else gate.to(acc) * y.to(acc)
+    return (x.to(acc) + ya).to(out)
+
+
+def residual_norm_modulate_ref(
+    x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None, *, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    rms: bool = False, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_new = residual_ref(x, gate, y)`` then ``h = norm_modulate_ref(x_new, ...)``, both in
+    ``out_dtype`` (default: x_new in eager's promoted dtype, h in x_new's)."""
+    x_new = residual_ref(x, gate, y, out_dtype)
+    return x_new, norm_modulate_ref(x_new, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps,
+                                    out_dtype=out_dtype or x_new.dtype)

@@ -136,11 +136,13 @@ def _gated_residual_bwd_kernel(
 #################################################################################
 
 
-def gated_residual_fwd(x, gate, y, index) -> torch.Tensor:
-    """x, y (B, N, D); gate (B, N|1, D) or (B, K, D) with index (B, N). Returns (B, N, D)."""
+def gated_residual_fwd(x, gate, y, index, dtype=None) -> torch.Tensor:
+    """x, y (B, N, D); gate (B, N|1, D) or (B, K, D) with index (B, N). Returns (B, N, D) in
+    ``dtype``, by default eager's type promotion (computed in fp32 either way: Wan's
+    ``(x.float() + y * gate).type_as(x)`` is ``dtype=x.dtype``)."""
     x, gate, y = last_dim_contiguous(x), last_dim_contiguous(gate), last_dim_contiguous(y)
     bsz, n, d = x.shape
-    out = empty_rows((bsz, n, d), gated_residual_dtype(x, gate, y), x.device)  # eager's type promotion
+    out = empty_rows((bsz, n, d), dtype or gated_residual_dtype(x, gate, y), x.device)
     if out.numel() == 0:
         return out
     indexed = index is not None
@@ -246,8 +248,19 @@ register("gated_residual_indexed", _indexed, _out_fake, backward=_backward,
 register("gated_residual_backward", gated_residual_bwd, _bwd_fake)
 
 
-def gated_residual_triton(x, gate, y, index) -> torch.Tensor:
-    """The op for the dispatcher: the plain or the indexed form."""
+def _to(x: Tensor, gate: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    return gated_residual_fwd(x, gate, y, None, dtype)
+
+
+# The plain form with its output in a chosen dtype (the same backward: grads in the inputs' dtypes).
+register("gated_residual_to", _to, lambda x, gate, y, dtype: empty_rows(x.shape, dtype, x.device),
+         backward=_backward, save=lambda x, gate, y, dtype, out: (gate, y, None, x.dtype))
+
+
+def gated_residual_triton(x, gate, y, index, dtype=None) -> torch.Tensor:
+    """The op for the dispatcher: the plain or the indexed form (or the plain one in ``dtype``)."""
+    if dtype is not None:
+        return torch.ops.pf_kernels.gated_residual_to(x, gate, y, dtype)
     if index is None:
         return torch.ops.pf_kernels.gated_residual(x, gate, y)
     return torch.ops.pf_kernels.gated_residual_indexed(x, gate, y, index)

@@ -1,9 +1,12 @@
 """The normalise-then-modulate kernel family: LayerNorm/RMSNorm rows times ``1 + scale`` (+ shift).
 
-One forward, one backward and one table-grad kernel serve three ops through constexpr flags:
+One forward, one backward and one table-grad kernel serve these ops through constexpr flags:
   adaln_modulate           h = LN(x) * (1 + scale) + shift                       (the default)
   ada_rms_norm             h = x * rsqrt(mean(x^2) + eps) * (1 + scale)          IS_RMS_NORM
   gated_residual_modulate  x_new = x + gate * y,  h = LN(x_new) * (1 + scale) + shift   HAS_RESIDUAL
+  norm_modulate / residual_norm_modulate (``modulate_options``): the general forms, RMSNorm with
+      a shift (HAS_SHIFT with IS_RMS_NORM), the ungated residual x_new = x + y (HAS_RESIDUAL
+      without HAS_GATE) and outputs in a chosen dtype.
 One read of each input and one write of each output instead of eager PyTorch's chain of passes.
 Statistics and ``1 + scale`` are fp32 (in bf16 the sum would round away most of scale's bits).
 With HAS_RESIDUAL the norm reads x_new as stored (rounded to its dtype), so h is exactly
@@ -76,9 +79,9 @@ from pf_kernels.ops.rows import (
 @triton.jit
 def _norm_modulate_fwd_kernel(
     X, stride_xb, stride_xn,  # (B, N, D) the norm's input; with HAS_RESIDUAL the stream x
-    GATE, stride_gb, stride_gn,  # HAS_RESIDUAL: (B, N, D) | (B, 1, D) with stride_gn = 0 | (B, K, D) table
+    GATE, stride_gb, stride_gn,  # HAS_GATE: (B, N, D) | (B, 1, D) with stride_gn = 0 | (B, K, D) table
     Y, stride_yb, stride_yn,  # HAS_RESIDUAL: (B, N, D) the sub-block's output
-    SHIFT, stride_hb, stride_hn,  # LayerNorm: same forms as GATE
+    SHIFT, stride_hb, stride_hn,  # HAS_SHIFT: same forms as GATE
     SCALE, stride_sb, stride_sn,  # same forms as GATE
     INDEX, stride_ib, stride_in,  # (B, N) int64 table rows (HAS_INDEX only)
     XN, H, stride_ob, stride_on,  # (B, N, D) each, contiguous: x_new (HAS_RESIDUAL only) and h
@@ -88,6 +91,8 @@ def _norm_modulate_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     STORE_STATS: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,  # + shift (LayerNorm always; RMSNorm with shift, LTX's)
+    HAS_GATE: tl.constexpr,  # HAS_RESIDUAL: x + gate * y, else the ungated x + y
     STATS_ONLY: tl.constexpr,  # the LayerNorm statistics alone (``ln_stats``): no h
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -106,9 +111,11 @@ def _norm_modulate_fwd_kernel(
     for t in tl.static_range(NUM_TILES):
         cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
         xf = load_tile(x_rows, cols, mask)
-        if HAS_RESIDUAL:  # x_new = x + gate * y, stored in its dtype; the norm reads that value
-            gate = load_tile(GATE + b * stride_gb + mrows * stride_gn, cols, mask)
-            xn = (xf + gate * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask)).to(XN.dtype.element_ty)
+        if HAS_RESIDUAL:  # x_new = x + gate * y (or x + y), stored in its dtype; the norm reads that value
+            yf = load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask)
+            if HAS_GATE:
+                yf = load_tile(GATE + b * stride_gb + mrows * stride_gn, cols, mask) * yf
+            xn = (xf + yf).to(XN.dtype.element_ty)
             tl.store(XN + out_rows[:, None] + cols[None, :], xn, mask=mask)
             xf = xn.to(tl.float32)
         mean, m2 = add_row_moments(mean, m2, xf, mask, t, D, BLOCK_D, NUM_TILES, IS_RMS_NORM)
@@ -121,10 +128,10 @@ def _norm_modulate_fwd_kernel(
             cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
             if NUM_TILES > 1:  # one tile: the row is still in registers
                 xf = load_tile(XN + out_rows if HAS_RESIDUAL else x_rows, cols, mask)
-            # h = xhat * (1 + scale) + shift, xhat = (x - mean) * rstd (RMSNorm: mean 0, no shift)
+            # h = xhat * (1 + scale) + shift, xhat = (x - mean) * rstd (RMSNorm: mean 0; shift if HAS_SHIFT)
             h = (xf - mean[:, None]) * rstd[:, None] * (1.0 + load_tile(SCALE + b * stride_sb + mrows * stride_sn,
                                                                         cols, mask))
-            if not IS_RMS_NORM:
+            if HAS_SHIFT:
                 h += load_tile(SHIFT + b * stride_hb + mrows * stride_hn, cols, mask)
             store_tile(H + out_rows, cols, h, mask, H)
     if STORE_STATS:
@@ -165,6 +172,7 @@ def _norm_modulate_bwd_kernel(
     REDUCE_SHIFT: tl.constexpr,
     REDUCE_SCALE: tl.constexpr,
     TABLE: tl.constexpr,
+    HAS_GATE: tl.constexpr,  # HAS_RESIDUAL: dy = g * gate and dgate = g * y, else dy = g
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_TILES: tl.constexpr,
@@ -223,12 +231,15 @@ def _norm_modulate_bwd_kernel(
                 g = norm_input_grad(wdy, xhat, c1, c2, rstd, IS_RMS_NORM)
                 if HAS_RESIDUAL:  # g: the stream's whole grad, the norm's plus the one that flows on
                     g += load_tile(DXN + b * stride_dnb + rows * stride_dnn, cols, mask)
-                    gate = load_mod(GATE + b * stride_gb, GATE + b * stride_gb + mrows * stride_gn, cols, mask, D,
-                                    REDUCE_GATE)
-                    store_tile(DY + out_rows, cols, g * gate, mask, DY)
-                    dgate = tl.where(mask, g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask), 0.0)
-                    acc_dgate = sum_or_store(acc_dgate, dgate, t, TILES_P2, REDUCE_GATE,
-                                             DGATE + b * stride_dgb + rows * stride_dgn, cols, mask, DGATE)
+                    if HAS_GATE:
+                        gate = load_mod(GATE + b * stride_gb, GATE + b * stride_gb + mrows * stride_gn, cols, mask,
+                                        D, REDUCE_GATE)
+                        store_tile(DY + out_rows, cols, g * gate, mask, DY)
+                        dgate = tl.where(mask, g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask), 0.0)
+                        acc_dgate = sum_or_store(acc_dgate, dgate, t, TILES_P2, REDUCE_GATE,
+                                                 DGATE + b * stride_dgb + rows * stride_dgn, cols, mask, DGATE)
+                    else:
+                        store_tile(DY + out_rows, cols, g, mask, DY)
                 store_tile(DX + out_rows, cols, g, mask, DX)
                 acc_dscale = sum_or_store(acc_dscale, gh * xhat, t, TILES_P2, REDUCE_SCALE,
                                           DSCALE + b * stride_dsb + rows * stride_dsn, cols, mask, DSCALE)
@@ -257,6 +268,8 @@ def _norm_modulate_table_kernel(
     N, D, ROWS_PER_PROG,
     IS_RMS_NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     TABLE_K: tl.constexpr,  # the tables' rows, padded to a power of two
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -284,19 +297,22 @@ def _norm_modulate_table_kernel(
         out_rows = b * stride_db + rows * stride_dn
         if HAS_RESIDUAL:  # g: the stream's whole grad, the norm's plus the one that flows on
             g += load_tile(DXN + b * stride_dnb + rows * stride_dnn, cols, mask)
-            store_tile(DY + out_rows, cols, g * load_tile(GATE + b * stride_gb + trows * stride_gn, cols, mask), mask,
-                       DY)
-            dgate = tl.where(mask, g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask), 0.0)
-            acc_gate = add_table_rows(acc_gate, dgate, mrows, TABLE_K)
+            if HAS_GATE:
+                store_tile(DY + out_rows, cols, g * load_tile(GATE + b * stride_gb + trows * stride_gn, cols, mask),
+                           mask, DY)
+                dgate = tl.where(mask, g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask), 0.0)
+                acc_gate = add_table_rows(acc_gate, dgate, mrows, TABLE_K)
+            else:
+                store_tile(DY + out_rows, cols, g, mask, DY)
         store_tile(DX + out_rows, cols, g, mask, DX)
-        if not IS_RMS_NORM:
+        if HAS_SHIFT:
             acc_shift = add_table_rows(acc_shift, gh, mrows, TABLE_K)
         # dscale = grad_h * xhat (RMSNorm: (grad_h * x) * rstd, the rounding its table grad always had)
         acc_scale = add_table_rows(acc_scale, gh * xf * rstd[:, None] if IS_RMS_NORM else gh * xhat, mrows, TABLE_K)
     store_table_part(DSCALE, acc_scale, b, pid, stride_pb, stride_pp, stride_pk, cols, col_ok, TABLE_K)
-    if not IS_RMS_NORM:
+    if HAS_SHIFT:
         store_table_part(DSHIFT, acc_shift, b, pid, stride_pb, stride_pp, stride_pk, cols, col_ok, TABLE_K)
-    if HAS_RESIDUAL:
+    if HAS_GATE:
         store_table_part(DGATE, acc_gate, b, pid, stride_pb, stride_pp, stride_pk, cols, col_ok, TABLE_K)
 
 
@@ -311,12 +327,14 @@ def _rows_arg(t, indexed: bool):
 
 
 def norm_modulate_fwd(op: str, x, scale, index, eps: float, dtype, *, shift=None, gate=None, y=None,
-                      store_stats=False, stats_only=False):
-    """Returns (x_new, h, stats). x (B, N, D); scale, and shift (LayerNorm, i.e. given) and gate
-    (with y: HAS_RESIDUAL), each (B, N|1, D), or (B, K, D) tables with index (B, N). h (and
+                      store_stats=False, stats_only=False, rms=None):
+    """Returns (x_new, h, stats). x (B, N, D); scale, shift and gate (with y: HAS_RESIDUAL; no gate:
+    the ungated x + y), each (B, N|1, D), or (B, K, D) tables with index (B, N). ``rms``: RMSNorm
+    instead of LayerNorm (default: when there is no shift; an RMSNorm may have one). h (and
     x_new, else h itself) (B, N, D) in ``dtype``; stats (B, N, 2) fp32 mean and rstd of each row
     when ``store_stats`` (else None). ``op`` names the launches in ``LAUNCHES``."""
-    is_rms, residual, indexed = shift is None, gate is not None, index is not None
+    is_rms = shift is None if rms is None else bool(rms)
+    residual, indexed, has_shift, has_gate = y is not None, index is not None, shift is not None, gate is not None
     x, scale = last_dim_contiguous(x), last_dim_contiguous(scale)
     shift, gate, y = (x if t is None else last_dim_contiguous(t) for t in (shift, gate, y))
     bsz, n, d = x.shape
@@ -338,7 +356,7 @@ def norm_modulate_fwd(op: str, x, scale, index, eps: float, dtype, *, shift=None
         h if stats is None else stats,
         n, d, eps,
         IS_RMS_NORM=is_rms, HAS_RESIDUAL=residual, HAS_INDEX=indexed, STORE_STATS=store_stats,
-        STATS_ONLY=stats_only, BLOCK_M=block_m, BLOCK_D=block_d, NUM_TILES=n_tiles, num_warps=num_warps,
+        STATS_ONLY=stats_only, HAS_SHIFT=has_shift, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_D=block_d, NUM_TILES=n_tiles, num_warps=num_warps,
     )  # fmt: skip
     return x_new, h, stats
 
@@ -350,7 +368,7 @@ def ln_stats(x, eps: float) -> torch.Tensor:
 
 
 def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, *, shift=None, gate=None, y=None,
-                      grad_x=None, vec_bytes: int = 16):
+                      grad_x=None, vec_bytes: int = 16, rms=None):
     """Returns (dx, dgate, dy, dshift, dscale) of ``norm_modulate_fwd``'s op (None for the inputs
     it does not have); x is the norm's input (x_new with a gate). dx in x's dtype.
 
@@ -359,9 +377,11 @@ def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, 
     Indexed: the (B, K, D) grads of the tables, summed in the table kernel without atomics for
     K <= MAX_TABLE_K, by a scatter of per-token grads above. ``stats``: the LayerNorm forward's
     (B, N, 2) mean and rstd, or None to compute them first (``ln_stats``). ``vec_bytes``: bytes
-    a thread moves per tensor and tile (``row_tiles``).
+    a thread moves per tensor and tile (``row_tiles``). ``rms``, and y without gate: as in
+    ``norm_modulate_fwd``.
     """
-    is_rms, residual, indexed = shift is None, gate is not None, index is not None
+    is_rms = shift is None if rms is None else bool(rms)
+    residual, indexed, has_gate = y is not None, index is not None, gate is not None
     mods = (gate, shift, scale)  # None where the op has none
     grad_h, x, scale = last_dim_contiguous(grad_h), last_dim_contiguous(x), last_dim_contiguous(scale)
     bsz, n, d = x.shape
@@ -405,7 +425,7 @@ def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, 
             dx if stats is None else stats, table_stats,
             n, d, eps, rows_per_prog,
             IS_RMS_NORM=is_rms, HAS_RESIDUAL=residual, HAS_INDEX=indexed, REDUCE_GATE=reduce[0],
-            REDUCE_SHIFT=reduce[1], REDUCE_SCALE=reduce[2], TABLE=table, BLOCK_M=block_m, BLOCK_D=block_d,
+            REDUCE_SHIFT=reduce[1], REDUCE_SCALE=reduce[2], TABLE=table, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_D=block_d,
             NUM_TILES=n_tiles, TILES_P2=triton.next_power_of_2(n_tiles), num_warps=num_warps,
         )  # fmt: skip
     else:
@@ -413,9 +433,9 @@ def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, 
             if r:
                 buf.zero_()  # a sum over no tokens
     if table:  # parts (tables, B, P, TABLE_K, D): scale's, shift's, gate's
-        parts = _table_grads(op, grad_h, gx_arg, x, gate_arg, y_arg, scale, index, table_stats, dx, dy, k_rows,
-                             is_rms, residual)
-        grads = [None if t is None else table_sum(parts[i], k_rows, t.dtype) for t, i in zip(mods, (2, 1, 0))]
+        parts, slots = _table_grads(op, grad_h, gx_arg, x, gate_arg, y_arg, scale, index, table_stats, dx, dy,
+                                    k_rows, is_rms, residual, shift is not None, has_gate)
+        grads = [None if t is None else table_sum(parts[slots[i]], k_rows, t.dtype) for i, t in enumerate(mods)]
     elif indexed:  # a wide table: the per-token grads scattered into it (atomics on a GPU)
         grads = [None if t is None else scatter_rows(buf, index, k_rows, t.dtype)
                  for t, buf in zip(mods, (bufs[0], grad_h, bufs[2]))]
@@ -428,12 +448,15 @@ def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, 
     return dx, dgate, dy if residual else None, dshift, dscale
 
 
-def _table_grads(op, grad_h, grad_x, x, gate, y, scale, index, table_stats, dx, dy, k_rows: int, is_rms, residual):
-    """Writes dx (and dy); returns the tables' grads as (tables, B, P, TABLE_K, D) fp32 program
-    partials (scale's, then shift's, then gate's, those the op has), for ``table_sum``."""
+def _table_grads(op, grad_h, grad_x, x, gate, y, scale, index, table_stats, dx, dy, k_rows: int, is_rms, residual,
+                 has_shift, has_gate):
+    """Writes dx (and dy); returns (parts, slots): the tables' grads as (tables, B, P, TABLE_K, D)
+    fp32 program partials (scale's, then shift's, then gate's, those the op has), for
+    ``table_sum``, and the slot in parts of gate's, shift's and scale's (0 where absent)."""
     bsz, n, d = x.shape
     table_k = triton.next_power_of_2(k_rows)
-    n_tables = 1 + (not is_rms) + residual
+    n_tables = 1 + has_shift + has_gate
+    slots = (1 + has_shift if has_gate else 0, 1 if has_shift else 0, 0)  # gate, shift, scale
     block_m, block_d, d_tiles = table_tiles(n, d, 4 if residual else 2)
     n_prog, rows_per_prog = reduce_programs(n, bsz * d_tiles, block_m, x.device)
     # No zero fill: the kernel writes every element (all TABLE_K rows of every program).
@@ -448,14 +471,15 @@ def _table_grads(op, grad_h, grad_x, x, gate, y, scale, index, table_stats, dx, 
             index, index.stride(0), index.stride(1),
             table_stats,
             dx, dy, dx.stride(0), dx.stride(1),
-            *(parts[min(i, n_tables - 1)] for i in range(3)), parts.stride(1), parts.stride(2), parts.stride(3),
+            parts[slots[2]], parts[slots[1]], parts[slots[0]], parts.stride(1), parts.stride(2), parts.stride(3),
             n, d, rows_per_prog,
-            IS_RMS_NORM=is_rms, HAS_RESIDUAL=residual, TABLE_K=table_k, BLOCK_M=block_m, BLOCK_D=block_d,
+            IS_RMS_NORM=is_rms, HAS_RESIDUAL=residual, HAS_SHIFT=has_shift, HAS_GATE=has_gate, TABLE_K=table_k,
+            BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=4,
         )  # fmt: skip
     else:
         parts.zero_()  # sums over no tokens
-    return parts
+    return parts, slots
 
 
 def norm_modulate_bwd_fake(x, scale, index, *, shift=None, gate=None, y=None):
@@ -477,7 +501,7 @@ def norm_modulate_bwd_fake(x, scale, index, *, shift=None, gate=None, y=None):
 
 def shift_grad(dshift, grad_h, shift, index):
     """The grad of shift from the backward's: a per-token one (returned empty) is grad_h itself."""
-    if index is None and dshift.numel() == 0 and shift.numel() > 0:
+    if shift is not None and index is None and dshift.numel() == 0 and shift.numel() > 0:
         dshift = grad_h.to(shift.dtype)
         if dshift.shape != shift.shape:  # N == 1 or empty: the same numbers in shift's shape
             dshift = dshift.reshape(shift.shape)
