@@ -250,3 +250,76 @@ def test_pixels_ride_with_their_latents_and_train_repa(chain, tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     assert all("repa_loss" in r for r in records if "loss" in r)
+
+
+def _partial_copy(chain, tmp_path: Path) -> Path:
+    """The chain's set as a kill left it: shards 0 and 2 finished, shard 1 not, no manifest."""
+    import shutil
+
+    out = tmp_path / "latents"
+    shutil.copytree(chain["out"], out)
+    (out / "manifest.json").unlink()
+    for p in out.glob("shard_00001.*"):
+        p.unlink()
+    return out
+
+
+def _args(chain, out, *extra):
+    return cli.parse(DEFAULTS, [f"images={chain['images']}", f"out={out}", f"vae={chain['vae']}", "image_size=32",
+                                "batch=5", "shard_size=10", "num_workers=0", "progress=false", "device=cpu", *extra])
+
+
+@pytest.mark.parametrize("change,key", [
+    ("shard_size=7", "shard_size"),    # issue 27, finding 4: 300 images became 270, silently
+    ("image_size=16", "image_size"),   # finding 4: 16x16 and 8x8 latents mixed under one manifest
+    ("dtype=float32", "dtype"),
+    ("keep_std=false", "keep_std"),
+    ("pixels=true", "pixels"),
+    ("vae=/elsewhere/vae", "vae"),
+])
+def test_a_rerun_with_other_settings_is_refused_naming_the_key(chain, tmp_path, change, key):
+    out = _partial_copy(chain, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(DataError, match=rf"out={out} holds a partial encode made with {key}=.*, this run asks "
+                                        rf"{key}=.*: rerun with the same settings to continue it"):
+        encode(_args(chain, out, change))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
+
+
+def test_a_set_changes_only_through_its_own_settings(chain, tmp_path):
+    import shutil
+
+    # shards without recorded settings (another tool's, or hand-made) are not continued
+    out = _partial_copy(chain, tmp_path / "a")
+    (out / "encode.json").unlink()
+    with pytest.raises(DataError, match=r"holds latent shards whose settings were not recorded"):
+        encode(_args(chain, out))
+    # images added to the input since: a finished shard no longer matches its slice of the input
+    images = tmp_path / "images"
+    shutil.copytree(chain["images"], images)
+    out = _partial_copy(chain, tmp_path / "b")
+    settings = json.loads((out / "encode.json").read_text())
+    (out / "encode.json").write_text(json.dumps({**settings, "images": str(images.resolve())}))
+    shutil.copy(images / "cat" / "0.png", images / "cat" / "00.png")
+    with pytest.raises(DataError, match=r"shard_00000.json was made from 10 images, sha1 \w+, but images=.* now gives"):
+        encode(_args(chain, out, f"images={images}"))
+    # a shard whose arrays are not what its record says (mixed by hand or another encode) stops the manifest
+    out = _partial_copy(chain, tmp_path / "c")
+    np.save(out / "shard_00002.mean.npy", np.zeros((5, 2, 4, 2, 2), np.float16))
+    with pytest.raises(DataError, match=r"shard_00002.mean.npy holds \(5, 2, 4, 2, 2\), expected \(5, 2, 4, 4, 4\)"):
+        encode(_args(chain, out))
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("name", ["/etc/shard_00000", "../latents/shard_00000", "sub/shard_00000", "..", ""])
+def test_manifest_shard_names_stay_in_the_set(chain, tmp_path, name):
+    # issue 27, finding 9: an absolute shard name loaded another folder's shards
+    import shutil
+
+    out = tmp_path / "latents"
+    shutil.copytree(chain["out"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = name
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"shard name .* is not a file name inside"):
+        LatentShards(out)

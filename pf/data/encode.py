@@ -18,7 +18,11 @@ also keeps the cropped images (uint8, the unmirrored one: the loader mirrors it 
 latent), which training with REPA needs (``trainer.repa.enabled=true``).
 
 A shard is written atomically and is never encoded twice: run the same command again after a
-kill and it continues. Under ``torchrun`` rank ``r`` encodes shards ``r, r + W, ...``.
+kill and it continues. The settings that shape the shards (``images``, ``vae``, ``image_size``,
+``shard_size``, ``dtype``, ``keep_std``, ``pixels``) are recorded in ``encode.json`` before the
+first shard; a rerun with other settings is refused naming the key, so a set never mixes two
+encodes. The manifest is built from what the shards on disk hold (their shapes checked against
+their records). Under ``torchrun`` rank ``r`` encodes shards ``r, r + W, ...``.
 Unreadable images are skipped and counted (per shard and in the manifest). Then:
 
     python -m pf.train model=pf-b2 data=latents data.path=/data/in256_latents
@@ -26,6 +30,7 @@ Unreadable images are skipped and counted (per shard and in the manifest). Then:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -42,6 +47,7 @@ from tqdm.auto import tqdm
 from pf.autoencoder import load_vae
 from pf.data.base import DataError
 from pf.data.latent_shards import FORMAT, MANIFEST, shard_name
+from pf.models.checkpoint import write_atomically
 from pf import cli
 
 DEFAULTS = {
@@ -59,6 +65,8 @@ DEFAULTS = {
     "num_workers": 4,      # image-decoding processes
     "progress": True,
 }
+SETTINGS = "encode.json"  # the settings a partial set was made with, written before its first shard
+FLIPS = 2  # each image is stored with its mirror
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG"}
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -163,6 +171,14 @@ def plan(images: str, shard_size: int) -> dict:
     return {"kind": "folder", "units": units, "class_names": classes}
 
 
+def unit_source(unit: dict) -> str:
+    """What a shard was made from: its tar, or a fingerprint of its (image, label) list."""
+    if "tar" in unit:
+        return str(unit["tar"])
+    listing = "\n".join(f"{path}\t{label}" for path, label in unit["items"])
+    return f"{len(unit['items'])} images, sha1 {hashlib.sha1(listing.encode()).hexdigest()[:16]}"
+
+
 def _unit_items(unit: dict) -> list:
     if "items" in unit:
         return unit["items"]
@@ -182,10 +198,92 @@ def _unit_items(unit: dict) -> list:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    write_atomically(path, write)
+
+
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=indent)))
+
+
+#################################################################################
+#                          One encode per set: its settings                     #
+#################################################################################
+
+
+def settings_of(cfg, kind: str) -> dict:
+    """What shapes the shards, by the command's key names (``flips`` is fixed by this version)."""
+    images = str(cfg.images)
+    if "{" not in images:
+        images = str(Path(images).expanduser().resolve())
+    return {"images": images, "vae": str(Path(str(cfg.vae)).expanduser().resolve()),
+            "image_size": int(cfg.image_size), "shard_size": int(cfg.shard_size) if kind == "folder" else None,
+            "dtype": str(cfg.dtype), "keep_std": bool(cfg.keep_std), "pixels": bool(cfg.pixels), "flips": FLIPS}
+
+
+def claim_settings(out: Path, settings: dict) -> None:
+    """Record ``settings`` in ``out/encode.json``, or check them against the ones recorded there:
+    a partial set continues only with the settings it was started with (every rank checks)."""
+    path = out / SETTINGS
+    if not path.is_file():
+        if any(out.glob("shard_*.json")) or (out / MANIFEST).is_file():
+            raise DataError(f"out={out} holds latent shards whose settings were not recorded ({SETTINGS} is "
+                            f"missing), so this encode cannot tell whether they match: choose another out= folder")
+        tmp = out / f".{SETTINGS}.{os.getpid()}.tmp"
+        try:
+            _write_json(tmp, settings)
+            os.link(tmp, path)  # exclusive: under torchrun one rank records, the others compare
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError as err:
+        raise DataError(f"{path} is not valid JSON ({err}): choose another out= folder") from None
+    for key, value in settings.items():
+        if recorded.get(key) != value:
+            raise DataError(f"out={out} holds a partial encode made with {key}={recorded.get(key)!r}, this run asks "
+                            f"{key}={value!r}: rerun with the same settings to continue it, or choose another out= "
+                            f"folder")
+
+
+def manifest_shards(out: Path, count: int, settings: dict) -> list[dict]:
+    """The records of shards ``0..count-1``, each checked against the arrays it names: the
+    manifest is built from what is on disk, never from what this run meant to write."""
+    records = []
+    dtype = np.dtype(settings["dtype"])
+    latent_shape = None
+    for i in range(count):
+        rec = json.loads((out / f"{shard_name(i)}.json").read_text())
+        records.append(rec)
+        if not rec["count"]:
+            continue
+        base = out / rec["name"]
+        files = {"mean": None, "labels": (rec["count"],)}
+        if settings["keep_std"]:
+            files["std"] = None
+        if settings["pixels"]:
+            files["pixels"] = (rec["count"], 3, settings["image_size"], settings["image_size"])
+        for kind, want in files.items():
+            path = base.with_name(f"{base.name}.{kind}.npy")
+            if not path.is_file():
+                raise DataError(f"{path} is missing though {rec['name']}.json records {rec['count']} images: delete "
+                                f"{rec['name']}.json and run the encode again to redo that shard")
+            arr = np.load(path, mmap_mode="r")
+            if kind in ("mean", "std"):
+                want = (rec["count"], FLIPS, *(latent_shape or arr.shape[2:]))
+                latent_shape = latent_shape or tuple(arr.shape[2:])
+                if arr.dtype != dtype:
+                    want = f"{want} {dtype}"
+            got = tuple(arr.shape) if not isinstance(want, str) else f"{tuple(arr.shape)} {arr.dtype}"
+            if got != want:
+                raise DataError(f"{path} holds {got}, expected {want} from {rec['name']}.json and the set's other "
+                                f"shards: delete {rec['name']}.json and run the encode again to redo that shard")
+    return records
 
 
 @torch.no_grad()
@@ -220,10 +318,8 @@ def encode_unit(vae, unit: dict, index: int, out: Path, cfg, device, bar=None) -
         if cfg.pixels:
             _atomic_save(base.with_name(base.name + ".pixels.npy"), np.concatenate(pixels))
     record = {"name": shard_name(index), "count": int(sum(len(m) for m in means)), "skipped": int(skipped),
-              "source": unit.get("tar") or f"items {index}"}
-    tmp = base.with_name(f".{base.name}.json.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, base.with_name(base.name + ".json"))  # last: the shard is complete
+              "source": unit_source(unit)}
+    _write_json(base.with_name(base.name + ".json"), record)  # last: the shard is complete
     return record
 
 
@@ -249,10 +345,22 @@ def encode(cfg) -> dict:
     device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     work = plan(cfg.images, int(cfg.shard_size))
     out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"out={out} is a file, not a folder for the latent set")
     out.mkdir(parents=True, exist_ok=True)
+    settings = settings_of(cfg, work["kind"])
+    claim_settings(out, settings)
     vae = load_vae(cfg.vae, device)
     mine = [i for i in range(len(work["units"])) if i % world == rank]
     todo = [i for i in mine if not (out / f"{shard_name(i)}.json").is_file()]
+    for i in sorted(set(mine) - set(todo)):  # a finished shard must still be what this run would write
+        source = json.loads((out / f"{shard_name(i)}.json").read_text()).get("source")
+        if source != unit_source(work["units"][i]):
+            raise DataError(f"{out / shard_name(i)}.json was made from {source}, but images={cfg.images} now gives "
+                            f"{unit_source(work['units'][i])} for it (images added or removed?): choose another out= "
+                            f"folder")
+    if todo and rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # the set reads as unfinished until its manifest is rewritten
     if rank == 0 and len(todo) < len(mine):
         print(f"{len(mine) - len(todo)} of {len(mine)} shards already encoded in {out}; continuing")
     total = sum(len(work["units"][i]["items"]) for i in todo) if work["kind"] == "folder" else None
@@ -266,7 +374,7 @@ def encode(cfg) -> dict:
         dist.barrier()
     manifest = None
     if rank == 0:
-        records = [json.loads((out / f"{shard_name(i)}.json").read_text()) for i in range(len(work["units"]))]
+        records = manifest_shards(out, len(work["units"]), settings)
         labels = [np.load(out / f"{r['name']}.labels.npy") for r in records if r["count"]]
         if not labels:
             raise DataError(f"no image in {cfg.images} could be read ({sum(r['skipped'] for r in records)} skipped)")
@@ -277,15 +385,14 @@ def encode(cfg) -> dict:
             "autoencoder": {"path": str(Path(cfg.vae).expanduser().resolve()), "class": type(vae).__name__,
                             "latent_channels": int(first.shape[2]), "scaling_factor": float(scaling)},
             "image_size": int(cfg.image_size), "latent_shape": [int(s) for s in first.shape[2:]],
-            "scale_factor": float(scaling), "dtype": cfg.dtype, "std": bool(cfg.keep_std), "flips": 2,
+            "scale_factor": float(scaling), "dtype": cfg.dtype, "std": bool(cfg.keep_std), "flips": FLIPS,
+            "shard_size": settings["shard_size"],
             "pixels": bool(cfg.pixels),
             "num_images": int(sum(r["count"] for r in records)), "skipped": int(sum(r["skipped"] for r in records)),
             "num_classes": len(work["class_names"]) if work["class_names"] else int(max(int(x.max()) for x in labels)) + 1,
             "class_names": work["class_names"], "input": str(cfg.images), "shards": records,
         }
-        tmp = out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out / MANIFEST)
+        _write_json(out / MANIFEST, manifest, indent=1)  # last, from the checked shards
         print(f"wrote {out / MANIFEST}: {manifest['num_images']} images ({manifest['skipped']} unreadable, skipped) "
               f"in {len(records)} shards, latents {manifest['latent_shape']} x 2 flips, "
               f"{time.perf_counter() - t0:.0f} s")

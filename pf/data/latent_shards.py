@@ -52,6 +52,16 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def _confined_name(name, root: Path) -> str:
+    """A shard name from a manifest: a plain file name inside the set's folder (an absolute
+    name or one with ``..`` or a separator would read another folder's shards)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or Path(name).is_absolute():
+        raise DataError(f"{root / MANIFEST}: shard name {name!r} is not a file name inside {root} (a manifest names "
+                        f"only its own folder's shards)")
+    return name
+
+
 def is_latent_set(path) -> bool:
     return path is not None and (Path(str(path)).expanduser() / MANIFEST).is_file()
 
@@ -84,7 +94,7 @@ class LatentShards(Dataset):
         for shard in self.manifest["shards"]:
             if shard["count"] == 0:
                 continue
-            base = self.root / shard["name"]
+            base = self.root / _confined_name(shard.get("name"), self.root)
             mean = self._map(base.with_name(base.name + ".mean.npy"))
             self.means.append(mean)
             if sample_posterior:
