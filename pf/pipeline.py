@@ -242,7 +242,7 @@ class Pipeline:
             if self.graphs is not None:
                 return self._sample_graphed(noise, cond, steps, cfg_scale, guidance_interval,
                                             batch_size or noise.shape[0])
-            static = self.base.sync_free(self.sampler.max_distinct_times) if self.static else contextlib.nullcontext()
+            static = self.base.sync_free(self.sampler.distinct_times(steps)) if self.static else contextlib.nullcontext()
             with static:
                 out = self.sampler(self.model, noise, steps, y=cond, cfg_scale=cfg_scale,
                                    guidance_interval=guidance_interval, uc_cond=uc_cond, progress=progress)

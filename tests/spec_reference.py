@@ -1,4 +1,4 @@
-"""An independent float64 implementation of SPEC.md sections 2, 4, 5 and 6, for the tests.
+"""An independent float64 implementation of SPEC.md sections 2, 4, 5, 6 and 12, for the tests.
 
 Written from the SPEC text with plain tensor arithmetic: it shares no code with ``pf`` or
 ``pf_kernels`` (no modules, no LayerNorm/SDPA/GELU calls, explicit pixel loops where the
@@ -169,8 +169,9 @@ class RefSampler:
         vc, lc = model_forward(self.sd, self.cfg, x, t, self.y)
         return vu + self.s * (vc - vu), lu + self.s * (lc - lu), vc
 
-    def certain(self, logvar, p_frac):
-        """(B, 1, H, W) float mask of certain pixels."""
+    def certain(self, logvar, p_frac, kept=None):
+        """(B, 1, H, W) float mask of certain pixels. ``kept`` (B, 1, H, W) float, 1 on kept
+        patches (inpainting): the quantile is over the other pixels, kept ones never certain."""
         b, _, h, w = logvar.shape
         p = self.p
         u = torch.exp(logvar)
@@ -178,8 +179,10 @@ class RefSampler:
         u_px = pm.expand(b, h // p, p, w // p, p).reshape(b, 1, h, w)
         mask = torch.zeros_like(u_px)
         for i in range(b):
-            thr = np.quantile(u_px[i].reshape(-1).numpy().astype(np.float64), p_frac)  # linear
-            mask[i] = (u_px[i] < thr).to(f64)
+            free = np.ones(h * w, dtype=bool) if kept is None else kept[i].reshape(-1).numpy() == 0
+            values = u_px[i].reshape(-1).numpy().astype(np.float64)
+            thr = np.quantile(values[free], p_frac)  # linear
+            mask[i] = torch.from_numpy((values < thr) & free).reshape(1, h, w).to(f64)
         return mask
 
     def schedule(self, k_steps):
@@ -195,35 +198,71 @@ class RefSampler:
             x = x + dt[k] * v
         return x
 
-    def dual_loop(self, x, k_steps, p_frac=0.4, n_inner=4):
+    def dual_loop(self, x, k_steps, p_frac=0.4, n_inner=4, kept=None, x_cond=None):
+        """``kept`` (B, 1, H, W) float 1 on kept patches, which start at ``x_cond``, sit at
+        t = 1 and never move (section 12's inpainting with an adaptive sampler)."""
         s, dt = self.schedule(k_steps)
         s32 = torch.linspace(0, 1, k_steps + 1, dtype=torch.float32)
+        gen = torch.ones((x.shape[0], 1, *x.shape[2:]), dtype=f64) if kept is None else 1 - kept
+        if kept is not None:
+            x = kept * x_cond + gen * x
         for k in range(k_steps):
             self.step(s32[k])
-            grid = torch.full((x.shape[0], 1, *x.shape[2:]), s[k], dtype=f64)
+            grid = gen * s[k] + (1 - gen)
             v, lv, _ = self.guided(x, grid)
-            cert = self.certain(lv, p_frac)
-            x = x + cert * dt[k] * v + (1 - cert) * (dt[k] / n_inner) * v
-            grid = cert * s[k + 1] + (1 - cert) * (grid + dt[k] / n_inner)
+            cert = self.certain(lv, p_frac, kept)
+            x = x + gen * (cert * dt[k] * v + (1 - cert) * (dt[k] / n_inner) * v)
+            grid = (1 - gen) + gen * (cert * s[k + 1] + (1 - cert) * (grid + dt[k] / n_inner))
             for _ in range(n_inner - 1):
                 v, _, _ = self.guided(x, grid)
-                x = x + (1 - cert) * (dt[k] / n_inner) * v
-                grid = grid + (1 - cert) * (dt[k] / n_inner)
+                x = x + gen * (1 - cert) * (dt[k] / n_inner) * v
+                grid = grid + gen * (1 - cert) * (dt[k] / n_inner)
         return x
 
-    def look_ahead(self, x, k_steps, p_frac=0.4, ratio=1.4):
+    def look_ahead(self, x, k_steps, p_frac=0.4, ratio=1.4, kept=None, x_cond=None):
+        """``kept``, ``x_cond``: as :meth:`dual_loop`."""
         s, dt = self.schedule(k_steps)
         s32 = torch.linspace(0, 1, k_steps + 1, dtype=torch.float32)
+        gen = torch.ones((x.shape[0], 1, *x.shape[2:]), dtype=f64) if kept is None else 1 - kept
+        if kept is not None:
+            x = kept * x_cond + gen * x
         for k in range(k_steps):
             self.step(s32[k])
-            grid = torch.full((x.shape[0], 1, *x.shape[2:]), s[k], dtype=f64)
+            grid = gen * s[k] + (1 - gen)
             v, lv, vc = self.guided(x, grid)
             if s32[k] <= torch.tensor(0.05, dtype=torch.float32):
-                x = x + dt[k] * vc
+                x = x + gen * dt[k] * vc
                 continue
             d = min(s[k] * ratio, 1.0) - s[k]
-            cert = self.certain(lv, p_frac)
+            cert = self.certain(lv, p_frac, kept)
             x_ctx = x + d * vc * cert
             v_ctx, _, _ = self.guided(x_ctx, grid + d * cert)
-            x = x + dt[k] * (v * cert + v_ctx * (1 - cert))
+            x = x + gen * dt[k] * (v * cert + v_ctx * (1 - cert))
+        return x
+
+    # ------------------------------------------------------------------- section 12
+    def _pixels(self, times, h, w):
+        """(B, N) patch times -> (B, 1, H, W): each patch's time on its p x p pixels, by loops."""
+        b, p = times.shape[0], self.p
+        gw = w // p
+        out = torch.zeros(b, 1, h, w, dtype=f64)
+        for i in range(h // p):
+            for j in range(gw):
+                out[:, 0, i * p:(i + 1) * p, j * p:(j + 1) * p] = times[:, i * gw + j, None, None]
+        return out
+
+    def scheduled(self, x, table, x_cond=None):
+        """Section 12: ``table`` the float32 (K+1, N) or (B, K+1, N) schedule, x the noise."""
+        b, _, h, w = x.shape
+        sched = table.to(torch.float32)
+        sched = sched[None].expand(b, -1, -1) if sched.dim() == 2 else sched  # (B, K+1, N)
+        st = sched.to(f64)
+        if bool((st[:, 0] != 0).any()):
+            s0 = self._pixels(st[:, 0], h, w)
+            x = s0 * x_cond + (1 - s0) * x
+        for k in range(st.shape[1] - 1):
+            self.step(sched[:, k].min())  # the step's earliest time decides its guidance
+            v, _, _ = self.guided(x, self._pixels(st[:, k], h, w))
+            dt = (sched[:, k + 1] - sched[:, k]).to(f64)  # the float32 schedule's steps, as section 6's dt_k
+            x = x + self._pixels(dt, h, w) * v
         return x

@@ -8,8 +8,9 @@ from pf.samplers.base import Sampler, certain_patches, outer_schedule
 from pf.samplers.dual_loop import DualLoop
 from pf.samplers.euler import Euler, EulerPF
 from pf.samplers.look_ahead import LookAhead
+from pf.samplers.scheduled import Scheduled
 
-SAMPLERS = {cls.name: cls for cls in (Euler, EulerPF, DualLoop, LookAhead)}
+SAMPLERS = {cls.name: cls for cls in (Euler, EulerPF, DualLoop, LookAhead, Scheduled)}
 
 
 def make(name: str, **params) -> Sampler:
@@ -20,4 +21,4 @@ def make(name: str, **params) -> Sampler:
     return SAMPLERS[key](**params)
 
 
-__all__ = ["Sampler", "Euler", "EulerPF", "DualLoop", "LookAhead", "make", "certain_patches", "outer_schedule", "SAMPLERS"]
+__all__ = ["Sampler", "Euler", "EulerPF", "DualLoop", "LookAhead", "Scheduled", "make", "certain_patches", "outer_schedule", "SAMPLERS"]

@@ -14,7 +14,8 @@ class DualLoop(Sampler):
     ``p``-quantile of predicted variance take ``dt``; the rest take ``dt/n_inner``, then
     ``n_inner - 1`` more calls (per-patch times: certain at ``s_{k+1}``, uncertain at their
     running time) each move only the uncertain patches by ``dt/n_inner``.
-    ``n_inner`` NFE per outer step; every patch reaches ``s_{k+1}``."""
+    ``n_inner`` NFE per outer step; every patch reaches ``s_{k+1}``. Kept patches (``keep``)
+    stay at t = 1 and the quantile orders the generated ones only."""
 
     name = "dual_loop"
     max_distinct_times = 2  # certain patches at one time, uncertain at another
@@ -38,10 +39,13 @@ class DualLoop(Sampler):
             h = dt / self.n_inner
             t = self.patch_times(model, x, s[k])  # (B, N)
             g = self.call(model, x, t, y, with_logvar=True)
-            certain = self._select(g.logvar, ps, self.p)  # (B, N) bool
+            certain = self._select(g.logvar, ps, self.p, self._keep)  # (B, N) bool, of the generated patches
             step = torch.full(t.shape, h, dtype=x.dtype, device=x.device).masked_fill(certain, dt)  # (B, N)
-            x = pf_kernels.patch_euler(x, g.v, step, ps)
             t = torch.where(certain, s[k + 1], t + h)
+            if self._keep is not None:  # kept patches count as certain, stay at t = 1 and never move
+                certain = certain | self._keep
+                step, t = step.masked_fill(self._keep, 0.0), t.masked_fill(self._keep, 1.0)
+            x = pf_kernels.patch_euler(x, g.v, step, ps)
             uncertain = ~certain
             small = torch.full(t.shape, h, dtype=x.dtype, device=x.device)
             for _ in range(self.n_inner - 1):

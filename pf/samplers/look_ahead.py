@@ -15,7 +15,9 @@ class LookAhead(Sampler):
     """At ``s_k`` one guided call gives ``v``, ``v_c`` and the difficulty map. While
     ``s_k <= 0.05``: ``x += dt * v_c``. Otherwise certain patches jump to
     ``t_ctx = min(s_k * ratio, 1)`` along ``v_c``; a second guided call on that context
-    gives ``v_ctx``; ``x += dt * (v on certain, v_ctx on uncertain)``. 2 NFE per step."""
+    gives ``v_ctx``; ``x += dt * (v on certain, v_ctx on uncertain)``. 2 NFE per step.
+    Kept patches (``keep``) stay at t = 1 as context and never move; the quantile orders the
+    generated ones only."""
 
     name = "look_ahead"
     max_distinct_times = 2  # certain patches at one time, uncertain at another
@@ -43,14 +45,14 @@ class LookAhead(Sampler):
             t = self.patch_times(model, x, s[k])  # (B, N)
             g = self.call(model, x, t, y, with_logvar=True)
             if self._warmup(schedule[k]):
-                x = x + dt * g.v_cond
+                x = self.euler_step(x, g.v_cond, dt)
                 continue
             d = min(s[k] * self.context_t_ratio, 1.0) - s[k]
-            certain = self._select(g.logvar, ps, self.p)  # (B, N) bool
+            certain = self._select(g.logvar, ps, self.p, self._keep)  # (B, N) bool, never a kept patch
             x_ctx = pf_kernels.patch_euler(x, g.v_cond, torch.full_like(t, d, dtype=x.dtype), ps, mask=certain)
             t_ctx = torch.where(certain, t + d, t)
             v_ctx = self.call(model, x_ctx, t_ctx, y, with_logvar=False).v
-            x = pf_kernels.patch_euler(x, g.v, torch.full_like(t, dt, dtype=x.dtype), ps, v_other=v_ctx, mask=certain)
+            x = pf_kernels.patch_euler(x, g.v, self.patch_steps(t, x, dt), ps, v_other=v_ctx, mask=certain)
         return x
 
     def expected_nfe(self, num_steps: int) -> int:
