@@ -64,8 +64,30 @@ class _Evil:
 def test_pickled_code_is_not_run(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"state_dict": {}, "config": _Evil()}, f)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match=r"not a readable checkpoint \(read without running pickled code\): \S") as err:
         load_checkpoint(tmp_path / "evil.pt")
+    _no_unsafe_advice(str(err.value))
+
+
+def _no_unsafe_advice(message: str) -> None:
+    assert "weights_only=False" not in message and "Re-running" not in message and "weights_only` set" not in message
+    assert "\n" not in message.strip() and not message.rstrip().endswith(":"), message
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_unreadable_files_get_a_complete_safe_message(tmp_path):
+    # issue 27, finding 10: torch's "Re-running with weights_only=False will likely succeed" was
+    # passed on for random bytes and payloads (dangerous for a hostile file); an empty file's
+    # message ended at a bare colon
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"config": _Evil()}, tmp_path / "payload.pt")
+    for name, reason in (("random.pt", r"not a readable checkpoint \(read without running pickled code\): \S"),
+                         ("empty.pt", r"empty.pt is empty \(0 bytes\), not a checkpoint$"),
+                         ("payload.pt", r"not a readable checkpoint .*: .*GLOBAL posix\.system")):
+        with pytest.raises(ValueError, match=reason) as err:
+            load_checkpoint(tmp_path / name)
+        _no_unsafe_advice(str(err.value))
 
 
 def test_own_format_round_trip_prefers_ema(tmp_path):

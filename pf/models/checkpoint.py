@@ -67,14 +67,32 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, map_location)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
         with torch.serialization.safe_globals(_omegaconf_safe_globals()):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle errors, zip errors, disallowed globals
-        raise ValueError(f"{path} is not a readable checkpoint (loaded with weights_only=True): {err}") from err
+        raise ValueError(f"{path} is not a readable checkpoint (read without running pickled code): "
+                         f"{_load_reason(err)}") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a checkpoint: expected a dict, got {type(obj).__name__}")
     return obj
+
+
+# torch's weights-only refusal wraps its reason in advice to load with weights_only=False,
+# which would run whatever the file holds: never repeated to the user.
+_ADVICE = ("weights only load failed", "weights_only", "please file an issue", "check the documentation",
+           "arbitrary code execution", "trusted source")
+
+
+def _load_reason(err: Exception) -> str:
+    """The reason ``torch.load`` gave, without its advice (one line, never empty)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    kept = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines
+            if not any(a in ln.lower() for a in _ADVICE)]
+    reason = "; ".join(k for k in kept if k)
+    return reason or f"{type(err).__name__} while reading it"
 
 
 def _to_plain(config: Any) -> dict:
