@@ -84,6 +84,7 @@ from pf.training.precision import Precision
 from pf.training.run_folder import RunFolderError, RunLock, check_before_hydra, prepare_run_folder
 from pf.training.schema import check_config, check_overrides, fill_family_defaults
 from pf.training.step import TrainStep
+from pf.training.warm_start import warm_start
 
 log = logging.getLogger("pf.train")
 
@@ -406,6 +407,8 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
     model = _build_network(cfg, per_token, sizes["input_size"], sizes["in_channels"], sizes["num_classes"],
                            encoder.z_dim if encoder is not None else None,
                            getattr(conditioning.encoder, "dim", None) if conditioning.kind == "text" else None).to(device)
+    if cfg.init_from and not cfg.resume:  # a resumed run has its weights in its checkpoint
+        warm_start(model, cfg.init_from, cfg.init_from_ema)
     objective = _objective(tc, model, encoder)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
@@ -444,6 +447,18 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
                  " + ".join(f"{t.weight:g}*{t.name}" for t in objective.terms), device)
 
     last_ckpt = ckpt_dir / "last.pt" if (ckpt_dir / "last.pt").is_file() else None
+
+    def save(step: int, keep: bool) -> None:
+        nonlocal last_ckpt
+        rng = _gather_rng(rng_state(generators, timestep_sampler, device), d)
+        if d.is_main:
+            ckpt = training_checkpoint(model, ema, optimizer, scheduler, step, rng,
+                                       OmegaConf.to_container(cfg, resolve=True))
+            ckpt["precision"] = precision.state_dict()  # fp16: the loss scale and skipped count
+            last_ckpt = write_checkpoint(ckpt, ckpt_dir, step, keep=keep)
+
+    if tc.max_steps == 0:  # an init-only run: its starting weights (e.g. init_from's) as a checkpoint
+        save(0, keep=True)
     names = ["loss", *objective.names, "grad_norm"]
     first_loss, window, window_images, record = None, [], 0, {}
     bar = progress_bar(tc.max_steps, step, enabled=d.is_main and tc.progress)
@@ -493,12 +508,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
             pictures.draw(run_dir / "samples" / f"step_{step:06d}.png", step, ema.model, autocast)
         keep = step % tc.keep_every == 0 or final
         if step % tc.ckpt_every == 0 or keep:
-            rng = _gather_rng(rng_state(generators, timestep_sampler, device), d)
-            if d.is_main:
-                ckpt = training_checkpoint(model, ema, optimizer, scheduler, step, rng,
-                                           OmegaConf.to_container(cfg, resolve=True))
-                ckpt["precision"] = precision.state_dict()  # fp16: the loss scale and skipped count
-                last_ckpt = write_checkpoint(ckpt, ckpt_dir, step, keep=keep)
+            save(step, keep)
         if record:
             t_window = time.perf_counter()  # time spent on pictures and checkpoints is not training speed
         record = {}

@@ -208,3 +208,63 @@ def test_options_resume_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     for a, b in zip(full["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ init_from
+def _source(num_classes: int = 10, hidden: int | None = None):
+    """A PF-Tiny/2-shaped model with weights of its own (not any run's initialisation)."""
+    from pf.models.dit import PatchForcingDiT
+
+    torch.manual_seed(3)
+    base = build_model("Tiny/2", per_token=True, input_size=16, in_channels=1, num_classes=num_classes,
+                       class_dropout_prob=0.1, predict_uncertainty=True)
+    if hidden is not None:
+        base = PatchForcingDiT(**{**base.config(), "hidden_size": hidden})
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return base
+
+
+def test_init_only_run_samples_like_its_source(tmp_path):
+    import numpy as np
+
+    from pf import sample
+    from pf.export import released_checkpoint
+    from pf.models.checkpoint import save_checkpoint
+
+    src = tmp_path / "pft-tiny.ckpt"  # the released file format
+    save_checkpoint(released_checkpoint(_source()), src)
+    pf_train.train(make_cfg(f"init_from={src}", "trainer.max_steps=0"), tmp_path / "run")
+    run_ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert read_checkpoint_file(run_ckpt)["step"] == 0
+    pictures = []
+    for ckpt in (src, run_ckpt):
+        args = sample.parse_args([f"ckpt={ckpt}", "steps=3", "n=4", "seed=1", "classes=[1,2,3,4]", "progress=false"])
+        pictures.append(sample.draw(sample.build_pipeline(args, torch.device("cpu")), args, list(range(4))))
+    assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
+
+
+def test_init_from_names_what_it_could_not_load(tmp_path, caplog):
+    from pf.models.checkpoint import model_checkpoint, save_checkpoint
+
+    five = _source(num_classes=5)
+    state = {**five.state_dict(), "extra_head.weight": torch.zeros(3)}
+    ckpt = model_checkpoint(five, {k: v + 1 for k, v in five.state_dict().items()})  # a run's: raw and EMA
+    ckpt["state_dict"] = state
+    save_checkpoint(ckpt, tmp_path / "five.pt")
+    with caplog.at_level("WARNING", logger="pf.train"):
+        out = pf_train.train(make_cfg(f"init_from={tmp_path / 'five.pt'}", "init_from_ema=false",
+                                      "trainer.max_steps=0"), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("label table y_embedder.embedding_table.weight is re-initialised (source 6 rows, this model 11" in m
+               for m in lines), lines
+    assert any("extra_head.weight" in m for m in lines), lines
+    model = out["model"]
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, five.blocks[1].mlp.fc1.weight)  # raw, not the EMA (+1)
+    assert model.y_embedder.embedding_table.weight.shape[0] == 11
+    wide = tmp_path / "wide.pt"
+    save_checkpoint(model_checkpoint(_source(hidden=96)), wide)
+    with pytest.raises(ValueError, match=r"init_from=.*wide.pt: tensor shapes differ .*pos_embed \(1, 64, 96\) vs "
+                                         r"\(1, 64, "):
+        pf_train.train(make_cfg(f"init_from={wide}", "trainer.max_steps=0"), tmp_path / "run2")

@@ -106,7 +106,7 @@ class TrainerConfig:
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     nll_weight: float = _f(0.01, **_rng(0.0))
-    max_steps: int = _f(400000, **_rng(1))
+    max_steps: int = _f(400000, **_rng(0))  # 0: an init-only run (the starting weights as checkpoint)
     batch_size: int = _f(64, **_rng(1))
     lr: float = _f(1e-4, **_rng(0.0, lo_open=True))
     weight_decay: float = _f(0.0, **_rng(0.0))
@@ -190,6 +190,8 @@ class TrainConfig:
     seed: int = _f(0, **_rng(0))
     device: str = _f("auto", **_choices("auto", "cpu", "cuda"))
     resume: typing.Optional[str] = None
+    init_from: typing.Optional[str] = None  # a new run from these weights (pf.training.warm_start)
+    init_from_ema: bool = True
     overwrite: bool = False  # a run already in the folder moves to previous-<time>/ (pf.training.run_folder)
 
 
