@@ -32,7 +32,7 @@ from pf import conditioning, samplers
 from pf.autoencoder import LATENT_SCALE, Decoder, to_uint8, training_autoencoder
 from pf.conditioning import TextConditioning
 from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file
-from pf.samplers import Euler, Sampler
+from pf.samplers import Sampler
 from pf.sampling.graphs import GraphedSampler, compile_model
 from pf.text import encoder_from_config
 
@@ -47,19 +47,21 @@ def unwrap(model):
 def check_compatible(model, sampler: Sampler, source: str = "the model") -> None:
     """One line naming the model's class and the sampler when the sampler cannot run the model.
 
-    ``euler`` moves one time per sample: it is for global-time models (the SiT baseline,
-    ``per_token = False``, REPA's too); every other sampler moves one time per patch and needs
-    a Patch Forcing model; ``dual_loop`` and ``look_ahead`` also read the difficulty head.
+    ``euler``, ``heun`` and ``sde`` move one time per sample (``sampler.global_time``): they are
+    for global-time models (the SiT baseline, ``per_token = False``, REPA's too); every other
+    sampler moves one time per patch and needs a Patch Forcing model; ``dual_loop`` and
+    ``look_ahead`` also read the difficulty head.
     """
     base = unwrap(model)
     held = f"{source} holds {type(base).__name__}"
     name = type(sampler).__name__
     per_patch = bool(getattr(base, "per_token", True))
-    if isinstance(sampler, Euler) and per_patch:
-        raise ValueError(f"Euler is for global-time models; {held}, a per-patch-time model "
+    if sampler.global_time and per_patch:
+        raise ValueError(f"{name} is for global-time models; {held}, a per-patch-time model "
                          "(use sampler=euler_pf, dual_loop or look_ahead)")
-    if not isinstance(sampler, Euler) and not per_patch:
-        raise ValueError(f"{name} needs a per-patch-time model; {held}, a global-time model (use sampler=euler)")
+    if not sampler.global_time and not per_patch:
+        raise ValueError(f"{name} needs a per-patch-time model; {held}, a global-time model "
+                         "(use sampler=euler, heun or sde)")
     if sampler.needs_uncertainty and not getattr(base, "predict_uncertainty", False):
         raise ValueError(f"{name} needs a model with a difficulty head (predict_uncertainty); {held} without one")
 
@@ -201,6 +203,8 @@ class Pipeline:
             raise ValueError("CUDA graphs are not available for text-to-image models yet (compile is)")
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
+        if not getattr(self.sampler, "graph_safe", True):
+            raise ValueError(f"{type(self.sampler).__name__} cannot run as a CUDA graph (graphs=true); sample eagerly")
         self.graphs = {}
         return self
 

@@ -358,9 +358,9 @@ class _Pictures:
     def __init__(self, cfg, model, conditioning, per_token: bool, fixed: torch.Generator, device):
         sc = self.sc = cfg.sampler
         self.sampler = pf_samplers.make(sc.name, **sc.params)
-        if not per_token and sc.name != "euler":
-            log.warning("sampler=%s needs per-patch times; the fm baseline draws its pictures with sampler=euler",
-                        sc.name)
+        if not per_token and not self.sampler.global_time:
+            log.warning("sampler=%s needs per-patch times; the fm baseline draws its pictures with sampler=euler "
+                        "(or heun / sde)", sc.name)
             self.sampler = pf_samplers.make("euler")
         shape = (sc.num_images, model.in_channels, model.input_size, model.input_size)
         self.noise = torch.randn(shape, generator=fixed).to(device)

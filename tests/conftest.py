@@ -39,6 +39,7 @@ SAME_ON_EVERY_STACK = {
     "test_sample_cli.py": "pf.sample's files and arguments",
     "test_samplers.py": "sampler arithmetic (the networks they call: test_models)",
     "test_scheduled.py": "per-patch schedules and kept patches: sampler arithmetic (the networks: test_models)",
+    "test_sit_samplers.py": "Heun / SDE arithmetic and their command plumbing (the networks: test_models)",
     "test_stages.py": "stage keys and caching of the studies",
     "test_study_framework.py": "the study framework: stages, caching, curves, reports",
     "test_t2i_sampling.py": "text conditions through the samplers (the network: test_t2i_model)",

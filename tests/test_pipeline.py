@@ -35,7 +35,7 @@ MODELS = {
 }
 # what each sampler needs, written out here (not read from the samplers)
 SAMPLERS = {"euler": ("global", False), "euler_pf": ("per-patch", False), "dual_loop": ("per-patch", True),
-            "look_ahead": ("per-patch", True)}
+            "look_ahead": ("per-patch", True), "heun": ("global", False), "sde": ("global", False)}
 
 
 @pytest.mark.parametrize("model_name,sampler_name", list(itertools.product(MODELS, SAMPLERS)))
@@ -64,7 +64,7 @@ def test_the_message_names_the_class_and_the_sampler():
     with pytest.raises(ValueError) as err:
         check_compatible(REPAGlobalTimeDiT(**TINY, **REPA), samplers.EulerPF(), "runs/sit/last.pt")
     assert str(err.value) == ("EulerPF needs a per-patch-time model; runs/sit/last.pt holds REPAGlobalTimeDiT, "
-                              "a global-time model (use sampler=euler)")
+                              "a global-time model (use sampler=euler, heun or sde)")
 
 
 def test_the_check_sees_through_torch_compile():
@@ -78,8 +78,8 @@ def test_the_pipeline_builds_a_sampler_by_name(tmp_path):
     save_checkpoint(model_checkpoint(tiny_model(dtype=torch.float32)), path)
     pipe = Pipeline.from_checkpoint(path, "look_ahead", sampler_params={"p": 0.3, "context_t_ratio": 1.2})
     assert type(pipe.sampler).__name__ == "LookAhead" and (pipe.sampler.p, pipe.sampler.context_t_ratio) == (0.3, 1.2)
-    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
-        Pipeline.from_checkpoint(path, "heun")
+    with pytest.raises(ValueError, match="unknown sampler 'rk45'"):
+        Pipeline.from_checkpoint(path, "rk45")
     with pytest.raises(ValueError, match="are for a sampler given by name"):
         pipeline.make_sampler(samplers.LookAhead(), {"p": 0.3})
 
@@ -265,7 +265,7 @@ def test_pf_sample_draws_through_the_pipeline(ckpts, tmp_path, draws, capsys):
     assert sample.main([f"ckpt={ckpts['sit']}", "sampler=look_ahead", f"out={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: LookAhead needs a per-patch-time model; {ckpts['sit']} holds REPAGlobalTimeDiT, "
-                   "a global-time model (use sampler=euler)")
+                   "a global-time model (use sampler=euler, heun or sde)")
 
 
 def test_pf_eval_draws_through_the_pipeline(ckpts, draws):

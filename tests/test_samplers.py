@@ -111,7 +111,7 @@ def test_look_ahead_context_times():
 @pytest.mark.parametrize("factory,match", [
     (lambda: DualLoop(p=0.0), r"\(0, 1\)"), (lambda: DualLoop(p=1.5), r"\(0, 1\)"),
     (lambda: LookAhead(p=-0.1), r"\(0, 1\)"), (lambda: DualLoop(n_inner=0), "n_inner"),
-    (lambda: samplers.make("heun"), "unknown sampler"),
+    (lambda: samplers.make("rk45"), "unknown sampler"),
 ])
 def test_bad_sampler_arguments(factory, match):
     with pytest.raises(ValueError, match=match):

@@ -168,6 +168,7 @@ class Sampler:
 
     name = "sampler"
     needs_uncertainty = False
+    global_time = False  # True: one time per sample, t (B,), for global-time models (the SiT baseline)
     # The most distinct patch times a sample has in one model call (None: not per patch).
     # ``model.sync_free(distinct_times=...)`` takes it for graph capture and compile.
     max_distinct_times: int | None = None
@@ -236,6 +237,11 @@ class Sampler:
 
     def run(self, model, x, schedule, y, steps) -> torch.Tensor:
         raise NotImplementedError
+
+    def refuse_keep(self) -> None:
+        """For samplers that do not inpaint: one line when ``keep`` was given."""
+        if self._keep is not None:
+            raise ValueError(f"{type(self).__name__} does not inpaint (keep=...); use euler or euler_pf")
 
     def at_step(self, k: int) -> None:
         """Start outer step ``k``: its model calls are guided or not (SPEC section 10)."""

@@ -17,6 +17,7 @@ class Euler(Sampler):
     ``replacement_seed`` at the start of every call; after the last step it is ``x_cond``."""
 
     name = "euler"
+    global_time = True
 
     def __init__(self, replacement_seed: int = 0):
         super().__init__()
