@@ -77,13 +77,15 @@ from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shu
 from pf.training.ema import EMA
 from pf.training.lr_schedule import build_scheduler
 from pf.training.memory import checkpoint_blocks
-from pf.training.metrics import MetricsWriter, progress_bar, read_records
+from pf.training.loggers import RunLog
+from pf.training.metrics import progress_bar, read_records
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
 from pf.training.pictures import draw_samples, save_picture
 from pf.training.precision import Precision
 from pf.training.run_folder import RunFolderError, RunLock, check_before_hydra, prepare_run_folder
 from pf.training.schema import check_config, check_overrides, fill_family_defaults
 from pf.training.step import TrainStep
+from pf.training.throughput import Throughput
 from pf.training.warm_start import warm_start
 
 log = logging.getLogger("pf.train")
@@ -368,9 +370,9 @@ class _Pictures:
         self.conds, self.names = conditioning.for_pictures(wanted, sc.num_images, device)
         self.uc_cond = conditioning.null(device)
 
-    def draw(self, path: Path, step: int, ema_model, autocast) -> None:
-        _picture(path, step, ema_model, self.sampler, self.noise, self.conds, self.sc, autocast, self.names,
-                 self.uc_cond)
+    def draw(self, path: Path, step: int, ema_model, autocast):
+        return _picture(path, step, ema_model, self.sampler, self.noise, self.conds, self.sc, autocast, self.names,
+                        self.uc_cond)
 
 
 def _check_step(step: int, loss: float, gnorm: float, t_lo: float, t_hi: float, timestep_sampler, last_ckpt,
@@ -434,13 +436,13 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
     pictures = _Pictures(cfg, model, conditioning, per_token, fixed, device)
 
     # ---- run directory (rank 0)
-    ckpt_dir, metrics = run_dir / "checkpoints", None
+    ckpt_dir, run_log = run_dir / "checkpoints", None
+    throughput = Throughput(model, device, tc.precision, d.world_size)
     if d.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=step if cfg.resume else None)
-        if not cfg.resume:
-            (run_dir / "metrics.jsonl").write_text("")
+        run_log = RunLog(tc.log, run_dir, step if cfg.resume else None, OmegaConf.to_container(cfg, resolve=True),
+                         nrow=cfg.sampler.nrow)  # metrics.jsonl, TensorBoard, wandb
         log.info("%s %s: %.2fM parameters, %s training examples (%s per rank), batch %d x %d rank(s), %s, "
                  "objective %s, device %s", "PF" if per_token else "SiT", cfg.model.name, num_params(model) / 1e6,
                  _count(train_set), batches.per_rank, tc.batch_size, d.world_size, timestep_sampler,
@@ -496,16 +498,17 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
             elapsed = time.perf_counter() - t_window
             mean = [sum(col) / len(window) for col in zip(*window)]  # an fp16-skipped step's inf norm: inf
             record = {"step": step, **dict(zip(names, mean)), "lr": scheduler.get_last_lr()[0],
-                      "img_per_s": window_images / max(elapsed, 1e-9), "epoch": batches.epoch_of(step - 1),
+                      **throughput.rates(window_images / max(elapsed, 1e-9)), "epoch": batches.epoch_of(step - 1),
                       **precision.stats()}
             bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['img_per_s']:.0f}")
             window, window_images = [], 0
         if d.is_main and val_step:
             record.update({"step": step, **_validate(ema.model, *val, tc.batch_size, autocast)})
         if d.is_main and record:
-            metrics.write(record)
+            run_log.write(record)
         if d.is_main and (step % tc.sample_every == 0 or final):
-            pictures.draw(run_dir / "samples" / f"step_{step:06d}.png", step, ema.model, autocast)
+            run_log.pictures(step, *pictures.draw(run_dir / "samples" / f"step_{step:06d}.png", step, ema.model,
+                                                  autocast))
         keep = step % tc.keep_every == 0 or final
         if step % tc.ckpt_every == 0 or keep:
             save(step, keep)
@@ -513,6 +516,8 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
             t_window = time.perf_counter()  # time spent on pictures and checkpoints is not training speed
         record = {}
     bar.close()
+    if run_log is not None:
+        run_log.close()
 
     summary = _summary(run_dir, step, first_loss, time.perf_counter() - t_start, d.is_main)
     if d.is_main:
@@ -530,6 +535,7 @@ def _picture(path: Path, step: int, ema_model, sampler, noise, conds, sc, autoca
                  title=f"EMA samples at step {step}: {sampler.name}, {sc.steps} steps, cfg {sc.cfg_scale:g}"
                        + (f" on [{gi[0]:g}, {gi[1]:g}]" if gi else ""),
                  map_title=f"difficulty exp(logvar) at t={sc.map_time}")
+    return samples, difficulty
 
 
 def _count(dataset) -> str:

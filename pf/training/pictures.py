@@ -53,7 +53,7 @@ def draw_samples(model, sampler, noise: torch.Tensor, labels, steps: int, cfg_sc
     return x.float(), difficulty
 
 
-def _to_rgb(x: torch.Tensor) -> np.ndarray:
+def images_rgb(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) -> (B, H, W, 3) uint8. 1 or 3 channels are images in [-1, 1]; other
     channel counts (latents) show their first three channels, min-max scaled per image."""
     x = x.detach().float().cpu()
@@ -69,7 +69,7 @@ def _to_rgb(x: torch.Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def _heat(u: torch.Tensor) -> np.ndarray:
+def heat_rgb(u: torch.Tensor) -> np.ndarray:
     """(B, 1, H, W) nonnegative -> (B, H, W, 3) uint8, normalised per image."""
     u = u.detach().float().cpu()[:, 0]
     lo = u.amin(dim=(1, 2), keepdim=True)
@@ -84,9 +84,9 @@ def save_picture(path: Path, samples: torch.Tensor, difficulty: torch.Tensor | N
                  title: str = "", map_title: str = "", labels: list[str] | None = None) -> None:
     """Write the samples grid, and the difficulty grid beside it when there is one, as a PNG
     (each image upscaled to at least 64 pixels, ``labels`` under the images, titles on top)."""
-    panels = [tile_grid(_to_rgb(samples), nrow, labels=labels, caption=title)]
+    panels = [tile_grid(images_rgb(samples), nrow, labels=labels, caption=title)]
     if difficulty is not None:
-        panels.append(tile_grid(_heat(difficulty), nrow, labels=labels, caption=map_title))
+        panels.append(tile_grid(heat_rgb(difficulty), nrow, labels=labels, caption=map_title))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(side_by_side(panels)).save(tmp, format="PNG")

@@ -129,6 +129,7 @@ class TrainerConfig:
     keep_every: int = _f(50000, **_rng(1))
     sample_every: int = _f(10000, **_rng(1))
     progress: bool = True
+    log: str = "jsonl"  # comma-separated targets of pf.training.loggers: jsonl (always), tensorboard, wandb
 
 
 @dataclass
@@ -293,6 +294,7 @@ def check_config(cfg) -> None:
                               else dict(cfg)).items() if k != "hydra"}
     _check(node, TrainConfig, "")
     _check_family(node)
+    parse_log_targets(node["trainer"]["log"])
     sc = node["sampler"]
     try:
         samplers.make(sc["name"], **sc["params"])
@@ -303,6 +305,19 @@ def check_config(cfg) -> None:
         timesteps.make(node["trainer"]["timesteps"]["name"], **ts)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"trainer.timesteps={node['trainer']['timesteps']!r}: {err}") from None
+
+
+LOG_TARGETS = ("jsonl", "tensorboard", "wandb")
+
+
+def parse_log_targets(value) -> list[str]:
+    """``trainer.log``: ``"jsonl,tensorboard"`` (or a list) -> ``["jsonl", "tensorboard"]``, jsonl always first."""
+    names = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    bad = [n for n in names if n not in LOG_TARGETS]
+    if bad:
+        raise ConfigError(f"trainer.log={value!r}: unknown target {bad[0]!r}; expected names from "
+                          f"{', '.join(LOG_TARGETS)}, comma-separated")
+    return ["jsonl", *dict.fromkeys(n for n in names if n != "jsonl")]
 
 
 # SPEC section 11: the text-to-image model trains with LTG at loc 0.5 (the class model keeps LTG's 0.7).
