@@ -30,6 +30,7 @@ from pf_kernels.dispatch import (
     use_backend,
 )
 from pf_kernels.patch import patch_dit
+from pf_kernels.diffusers_patch import patch_diffusers, unpatch_diffusers
 from pf_kernels.ltg import ltg_sample
 
 __all__ = [
@@ -50,5 +51,7 @@ __all__ = [
     "get_backend",
     "use_backend",
     "patch_dit",
+    "patch_diffusers",
+    "unpatch_diffusers",
     "ltg_sample",
 ]

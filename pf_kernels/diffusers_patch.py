@@ -1,0 +1,462 @@
+"""Drop-in for diffusers' DiT-family transformers: rebind instance forwards to the fused ops.
+
+``patch_diffusers(transformer)`` finds modules by their exact diffusers class:
+  norm modules  ``AdaLayerNormZero``, ``AdaLayerNormZeroSingle``, ``AdaLayerNormContinuous``
+                (chunks in the order scale, shift), ``SD35AdaLayerNormZeroX`` (one norm, two
+                modulations), ``CogVideoXLayerNormZero`` (an affine LayerNorm over both streams):
+                LN/RMS + modulation in one ``norm_modulate`` pass;
+  blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
+                (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
+                ``FluxSingleTransformerBlock``: each residual update fused with the next norm and
+                modulation (``residual_norm_modulate``), the last one a single ``residual`` pass.
+Each module keeps its class (diffusers matches blocks by class name: ``compile_repeated_blocks``,
+``_no_split_modules``, its cache hooks' block registry); only the instance's ``forward`` changes.
+The fused block forwards call ``self.attn``/``self.attn1``/``self.ff``... through the modules,
+with the attention kwargs (``cross_attention_kwargs``, ``joint_attention_kwargs``: IP-adapter
+inputs, LoRA scales), chunked feed-forward and fp16 clipping passed through as the block does,
+so attention processors, LoRA layers and attention backends keep working.
+
+A module is patched only when the fused forward reproduces its own on a copy with random
+weights (every parameter redrawn: zero-initialised gates would hide a wrong term) and a small
+random probe; the others are left as they are and listed in the report with the reason.
+
+Order with diffusers' and accelerate's hooks (``enable_cache``, group offloading, layerwise
+casting, CPU offload): they wrap the forward they find when they register, so patch first. A
+transformer that already carries such hooks is refused with a ValueError saying so.
+``unpatch_diffusers`` restores the forwards; where a hook wrapped the patched forward later, the
+hook stays and the patched forward is switched off underneath it (it then runs the module's own).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+
+import torch
+import torch.nn as nn
+
+from pf_kernels.dispatch import norm_modulate, residual, residual_norm_modulate
+from pf_kernels.patch import PatchReport
+
+_MARK = "_pf_kernels_diffusers_forward"  # the FusedForward a patched module carries
+
+
+#################################################################################
+#                                Norm helpers                                   #
+#################################################################################
+
+
+def _norm_spec(norm: nn.Module):
+    """(rms, weight, bias, eps) of a LayerNorm / FP32LayerNorm / diffusers RMSNorm over the last
+    dim, or None for anything else (another norm, or one with several dims)."""
+    from diffusers.models.normalization import FP32LayerNorm, RMSNorm  # optional dependency
+
+    if type(norm) in (nn.LayerNorm, FP32LayerNorm) and len(norm.normalized_shape) == 1:
+        return False, norm.weight, norm.bias, norm.eps
+    if type(norm) is RMSNorm and len(norm.dim) == 1:
+        return True, norm.weight, norm.bias, norm.eps
+    return None
+
+
+def _mod(norm: nn.Module, x: torch.Tensor, shift, scale) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in one pass; shift, scale (B, 1, D) or None."""
+    rms, weight, bias, eps = _norm_spec(norm)
+    return norm_modulate(x, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps)
+
+
+def _res_mod(norm: nn.Module, x, gate, y, shift=None, scale=None):
+    """``x_new = x + gate * y`` (``x + y`` without gate), ``h = norm(x_new) * (1 + scale) + shift``."""
+    rms, weight, bias, eps = _norm_spec(norm)
+    return residual_norm_modulate(x, gate, y, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps)
+
+
+#################################################################################
+#                           Fused norm-module forwards                          #
+#################################################################################
+
+
+def _ada_layer_norm_zero(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    emb = self.linear(self.silu(emb))  # (B, 6D)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    return _mod(self.norm, x, shift_msa[:, None], scale_msa[:, None]), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _ada_layer_norm_zero_single(self, x, emb=None):
+    shift_msa, scale_msa, gate_msa = self.linear(self.silu(emb)).chunk(3, dim=1)  # (B, D) each
+    return _mod(self.norm, x, shift_msa[:, None], scale_msa[:, None]), gate_msa
+
+
+def _ada_layer_norm_continuous(self, x, conditioning_embedding):
+    emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)  # scale first: this class's order
+    return _mod(self.norm, x, shift[:, None, :], scale[:, None, :])
+
+
+def _sd35_ada_layer_norm_zero_x(self, hidden_states, emb=None):
+    emb = self.linear(self.silu(emb))  # (B, 9D)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = emb.chunk(
+        9, dim=1)
+    h = _mod(self.norm, hidden_states, shift_msa[:, None], scale_msa[:, None])
+    h2 = _mod(self.norm, hidden_states, shift_msa2[:, None], scale_msa2[:, None])
+    return h, gate_msa, shift_mlp, scale_mlp, gate_mlp, h2, gate_msa2
+
+
+def _cogvideox_layer_norm_zero(self, hidden_states, encoder_hidden_states, temb):
+    shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb)).chunk(6, dim=1)
+    hidden_states = _mod(self.norm, hidden_states, shift[:, None, :], scale[:, None, :])
+    encoder_hidden_states = _mod(self.norm, encoder_hidden_states, enc_shift[:, None, :], enc_scale[:, None, :])
+    return hidden_states, encoder_hidden_states, gate[:, None, :], enc_gate[:, None, :]
+
+
+#################################################################################
+#                              Fused block forwards                             #
+#################################################################################
+
+
+def _basic_block(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+    """BasicTransformerBlock, ``ada_norm_zero`` (DiT) or ``ada_norm_single`` (PixArt), no
+    positional embedding: the seams attention -> (cross-attention ->) feed-forward fused."""
+    kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs is not None else {}
+    if hidden_states.dim() != 3 or kwargs.get("gligen") is not None or kwargs.get("scale") is not None:
+        # GLIGEN's fuser, a deprecated scale (it warns), a 4-D stream: the block's own forward
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    kwargs.pop("gligen", None)
+    x = hidden_states  # (B, N, D)
+    if self.norm_type == "ada_norm_zero":
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, class_labels, hidden_dtype=x.dtype)
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = (t[:, None] for t in (gate_msa, shift_mlp, scale_mlp, gate_mlp))
+        norm_ff = self.norm3
+    else:  # ada_norm_single: (B, 1, D) rows of scale_shift_table + t
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
+        h = _mod(self.norm1, x, shift_msa, scale_msa)
+        norm_ff = self.norm2
+    attn = self.attn1(h, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                      attention_mask=attention_mask, **kwargs)
+    if self.attn2 is not None:
+        if self.norm_type == "ada_norm_zero":
+            x, h = _res_mod(self.norm2, x, gate_msa, attn)
+        else:  # PixArt's cross-attention reads the raw stream
+            x = h = residual(x, gate_msa, attn)
+        attn = self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                          **kwargs)
+        x, h = _res_mod(norm_ff, x, None, attn, shift_mlp, scale_mlp)
+    else:
+        x, h = _res_mod(norm_ff, x, gate_msa, attn, shift_mlp, scale_mlp)
+    if self._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward  # optional dependency
+
+        ff = _chunked_feed_forward(self.ff, h, self._chunk_dim, self._chunk_size)
+    else:
+        ff = self.ff(h)
+    return residual(x, gate_mlp, ff)
+
+
+def _flux_double_block(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                       joint_attention_kwargs=None):
+    h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+    hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
+    outputs = self.attn(hidden_states=h, encoder_hidden_states=hc, image_rotary_emb=image_rotary_emb,
+                        **(joint_attention_kwargs or {}))
+    attn, context_attn = outputs[0], outputs[1]
+    # image stream: residual + norm2 + modulation in one pass, then the MLP's residual
+    x, h = _res_mod(self.norm2, hidden_states, gate_msa[:, None], attn, shift_mlp[:, None], scale_mlp[:, None])
+    x = residual(x, gate_mlp[:, None], self.ff(h))
+    if len(outputs) == 3:  # IP-adapter output
+        x = x + outputs[2]
+    c, hc = _res_mod(self.norm2_context, encoder_hidden_states, c_gate_msa[:, None], context_attn,
+                     c_shift_mlp[:, None], c_scale_mlp[:, None])
+    c = residual(c, c_gate_mlp[:, None], self.ff_context(hc))
+    if c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)
+    return c, x
+
+
+def _flux_single_block(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                       joint_attention_kwargs=None):
+    text_seq_len = encoder_hidden_states.shape[1]
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, T + N, D)
+    h, gate = self.norm(x, emb=temb)
+    mlp = self.act_mlp(self.proj_mlp(h))
+    attn = self.attn(hidden_states=h, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    x = residual(x, gate[:, None], self.proj_out(torch.cat([attn, mlp], dim=2)))
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x[:, :text_seq_len], x[:, text_seq_len:]
+
+
+#################################################################################
+#                Nomination: which class, its structure, its probe              #
+#################################################################################
+
+PROBE_B, PROBE_N, PROBE_T = 2, 3, 4  # batch, image tokens, text tokens (unequal: no broadcast passes by chance)
+
+
+def _needs_norms(module, *names):
+    for name in names:
+        norm = getattr(module, name, None)
+        if norm is None or _norm_spec(norm) is None:
+            return f"{name} is {type(norm).__name__}, not a LayerNorm/RMSNorm over the last dim"
+    return None
+
+
+def _rand(gen, *shape):
+    return torch.randn(shape, generator=gen)
+
+
+def _probe_ada_zero(m, gen):
+    d = m.linear.out_features // 6
+    if m.emb is not None:
+        n_cls = m.emb.class_embedder.num_classes
+        return (_rand(gen, PROBE_B, PROBE_N, d),), dict(timestep=torch.tensor([3.0, 700.0]),
+                                                         class_labels=torch.tensor([0, n_cls - 1]),
+                                                         hidden_dtype=torch.float32)
+    return (_rand(gen, PROBE_B, PROBE_N, d),), dict(emb=_rand(gen, PROBE_B, m.linear.in_features))
+
+
+def _probe_single(m, gen):
+    d = m.linear.out_features // 3
+    return (_rand(gen, PROBE_B, PROBE_N, d),), dict(emb=_rand(gen, PROBE_B, m.linear.in_features))
+
+
+def _probe_continuous(m, gen):
+    d = m.linear.out_features // 2
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, m.linear.in_features)), {}
+
+
+def _probe_sd35(m, gen):
+    d = m.linear.out_features // 9
+    return (_rand(gen, PROBE_B, PROBE_N, d),), dict(emb=_rand(gen, PROBE_B, m.linear.in_features))
+
+
+def _probe_cogvideox(m, gen):
+    d = m.linear.out_features // 6
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, d),
+            _rand(gen, PROBE_B, m.linear.in_features)), {}
+
+
+def _probe_basic(m, gen):
+    d = m.dim
+    kwargs = {}
+    if m.norm_type == "ada_norm_zero":
+        n_cls = m.norm1.emb.class_embedder.num_classes if m.norm1.emb is not None else 1
+        kwargs.update(timestep=torch.tensor([3, 700]), class_labels=torch.tensor([0, n_cls - 1]))
+    else:
+        kwargs.update(timestep=_rand(gen, PROBE_B, 6 * d))
+    cross = m.attn2 if m.attn2 is not None else (m.attn1 if m.only_cross_attention else None)
+    if cross is not None:
+        kwargs["encoder_hidden_states"] = _rand(gen, PROBE_B, PROBE_T, cross.to_k.in_features)
+    return (_rand(gen, PROBE_B, PROBE_N, d),), kwargs
+
+
+def _probe_flux(m, gen):
+    norm = m.norm1 if hasattr(m, "norm1") else m.norm
+    d = norm.linear.in_features
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, d), _rand(gen, PROBE_B, d)), {}
+
+
+def _check_basic(m):
+    if m.norm_type not in ("ada_norm_zero", "ada_norm_single"):
+        return f"norm_type {m.norm_type!r} (only ada_norm_zero and ada_norm_single are fused)"
+    if m.pos_embed is not None:
+        return "it has a positional embedding between its norms"
+    if m.norm_type == "ada_norm_zero":
+        return _needs_norms(m, "norm3", *(("norm2",) if m.attn2 is not None else ()))
+    return _needs_norms(m, "norm1", "norm2")
+
+
+def _specs():
+    """{diffusers class: (kind, fused forward, structure check, probe inputs)}, for the classes
+    this diffusers release has (imported here: diffusers is optional)."""
+    def norm(*names):
+        return lambda m: _needs_norms(m, *names)
+
+    table = [
+        ("normalization", "AdaLayerNormZero", "norm", _ada_layer_norm_zero, norm("norm"), _probe_ada_zero),
+        ("normalization", "AdaLayerNormZeroSingle", "norm", _ada_layer_norm_zero_single, norm("norm"), _probe_single),
+        ("normalization", "AdaLayerNormContinuous", "norm", _ada_layer_norm_continuous, norm("norm"),
+         _probe_continuous),
+        ("normalization", "SD35AdaLayerNormZeroX", "norm", _sd35_ada_layer_norm_zero_x, norm("norm"), _probe_sd35),
+        ("normalization", "CogVideoXLayerNormZero", "norm", _cogvideox_layer_norm_zero, norm("norm"),
+         _probe_cogvideox),
+        ("attention", "BasicTransformerBlock", "block", _basic_block, _check_basic, _probe_basic),
+        ("transformers.transformer_flux", "FluxTransformerBlock", "block", _flux_double_block,
+         norm("norm2", "norm2_context"), _probe_flux),
+        ("transformers.transformer_flux", "FluxSingleTransformerBlock", "block", _flux_single_block,
+         lambda m: None, _probe_flux),
+    ]
+    specs = {}
+    for module_name, class_name, *spec in table:
+        try:
+            cls = getattr(importlib.import_module(f"diffusers.models.{module_name}"), class_name)
+        except (ImportError, AttributeError):  # a diffusers release without it: nothing of that class to patch
+            continue
+        specs[cls] = tuple(spec)
+    return specs
+
+
+FUSED = {  # name -> function, so a pickled FusedForward refers to functions by name
+    f.__name__: f for f in (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _ada_layer_norm_continuous,
+                            _sd35_ada_layer_norm_zero_x, _cogvideox_layer_norm_zero, _basic_block,
+                            _flux_double_block, _flux_single_block)
+}
+
+
+class FusedForward:
+    """The patched ``forward`` of one module (picklable). ``active`` False: the module's own
+    forward (what ``unpatch_diffusers`` leaves under a hook registered after the patch)."""
+
+    def __init__(self, module: nn.Module, fused: str):
+        self.module, self.fused, self.active = module, fused, True
+
+    def __call__(self, *args, **kwargs):
+        if self.active:
+            return FUSED[self.fused](self.module, *args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+#################################################################################
+#                                 Probe and patch                               #
+#################################################################################
+
+
+def _outputs(value):
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+@torch.no_grad()
+def _judge(module: nn.Module, fused, probe_inputs) -> str | None:
+    """None when ``fused`` reproduces the module's own forward on a random-weight copy in fp32."""
+    probe = copy.deepcopy(module).eval().float()
+    gen = torch.Generator().manual_seed(0)
+    for prm in probe.parameters():  # every parameter redrawn: zero-init gates would hide errors
+        prm.copy_(0.5 * torch.randn(prm.shape, generator=gen))
+    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+    args, kwargs = probe_inputs(probe, gen)
+    args = [a.to(device) if torch.is_tensor(a) else a for a in args]
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    try:
+        want = _outputs(type(probe).forward(probe, *args, **kwargs))
+    except Exception as err:  # noqa: BLE001 - a probe its forward does not take: say so, patch nothing
+        return f"the probe input does not suit its forward ({type(err).__name__}: {err})"
+    try:
+        got = _outputs(fused(probe, *args, **kwargs))
+    except Exception as err:  # noqa: BLE001 - e.g. a submodule called with other arguments
+        return f"the fused forward cannot run it ({type(err).__name__}: {err})"
+    if len(got) != len(want):
+        return f"its forward returns {len(want)} values, the fused one {len(got)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        if not (torch.is_tensor(w) and torch.is_tensor(g)) or w.shape != g.shape:
+            return f"output {i}: {getattr(w, 'shape', w)} against the fused {getattr(g, 'shape', g)}"
+        diff = (w.float() - g.float()).abs().max().item() if w.numel() else 0.0
+        if not diff <= 1e-4 * max(w.float().abs().max().item() if w.numel() else 0.0, 1.0):
+            return f"output {i} differs by {diff:.3g} on a random probe (its forward computes something else)"
+    return None
+
+
+def _hooked(transformer: nn.Module) -> str | None:
+    """The first module carrying diffusers' or accelerate's hooks (they wrap ``forward``)."""
+    for name, m in transformer.named_modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None and getattr(registry, "hooks", None):
+            return f"{name or type(m).__name__} has diffusers hooks ({', '.join(registry.hooks)})"
+        if hasattr(m, "_hf_hook"):
+            return f"{name or type(m).__name__} has an accelerate hook ({type(m._hf_hook).__name__})"
+    return None
+
+
+def _bypassed_hooks(module: nn.Module) -> str | None:
+    """Forward hooks on a norm the fused path does not call would no longer fire."""
+    for name, sub in module.named_children():
+        if _norm_spec(sub) is not None and (sub._forward_hooks or sub._forward_pre_hooks):
+            return f"{name} has forward hooks, which the fused path (it never calls {name}) would not fire"
+    return None
+
+
+class DiffusersPatchReport(PatchReport):
+    """An int (how many modules were patched), ``patched``: (name, class) pairs, ``skipped``:
+    (name, reason) pairs."""
+
+    patched: list
+
+    def __new__(cls, patched: list, skipped: list):
+        report = super().__new__(cls, len(patched), skipped)
+        report.patched = list(patched)
+        return report
+
+    def by_class(self) -> dict:
+        counts: dict = {}
+        for _, cls_name in self.patched:
+            counts[cls_name] = counts.get(cls_name, 0) + 1
+        return counts
+
+    def __str__(self) -> str:
+        text = f"patched {int(self)} module(s)"
+        if self.patched:
+            text += " (" + ", ".join(f"{n} x {c}" for c, n in self.by_class().items()) + ")"
+        if self.skipped:
+            text += f", skipped {len(self.skipped)}: " + "; ".join(f"{n} ({why})" for n, why in self.skipped)
+        return text
+
+    __repr__ = __str__
+
+
+def patch_diffusers(transformer: nn.Module, *, verbose: bool = True) -> DiffusersPatchReport:
+    """Rebind the forward of every supported diffusers norm module and block in ``transformer``
+    whose own forward the fused one reproduces (probed on a random-weight copy). Returns a
+    report (an int: how many; ``.patched``, ``.skipped`` with reasons, each skip also warned
+    about when ``verbose``). Patch before enabling diffusers' caches, group offloading,
+    layerwise casting or CPU offload: a transformer that carries their hooks is refused.
+    Patching twice is harmless (patched modules are skipped)."""
+    hooked = _hooked(transformer)
+    if hooked is not None:
+        raise ValueError(f"pf_kernels.patch_diffusers: {hooked}; call patch_diffusers(transformer) before "
+                         "enable_cache, group offloading, layerwise casting or CPU offload (they wrap the forward "
+                         "they find), or on a freshly loaded transformer")
+    specs = _specs()
+    patched, skipped = [], []
+    # Norm modules first: a block's probe then runs through its patched norms.
+    modules = sorted(transformer.named_modules(), key=lambda nm: specs.get(type(nm[1]), ("z",))[0] != "norm")
+    for name, module in modules:
+        spec = specs.get(type(module))
+        if spec is None or hasattr(module, _MARK):
+            continue
+        kind, fused, check, probe_inputs = spec
+        label = name or type(module).__name__
+        reason = check(module) or _bypassed_hooks(module)
+        if reason is None and "forward" in module.__dict__:
+            reason = "its forward is replaced on the instance (a wrapper the fused path would drop)"
+        reason = reason or _judge(module, fused, probe_inputs)
+        if reason is not None:
+            skipped.append((label, reason))
+            if verbose:
+                warnings.warn(f"pf_kernels.patch_diffusers: left {label} ({type(module).__name__}) as it is: {reason}",
+                              stacklevel=2)
+            continue
+        forward = FusedForward(module, fused.__name__)
+        module.forward = forward  # an instance attribute: the class and its other instances are untouched
+        setattr(module, _MARK, forward)
+        patched.append((label, type(module).__name__))
+    return DiffusersPatchReport(patched, skipped)
+
+
+def unpatch_diffusers(transformer: nn.Module) -> int:
+    """Undo ``patch_diffusers``; returns how many modules were restored. A patched forward that a
+    hook has wrapped since (registered after the patch) is switched off in place, so the hook
+    stays and runs the module's own forward; otherwise the instance forward is removed."""
+    restored = 0
+    for module in transformer.modules():
+        forward = module.__dict__.get(_MARK)
+        if forward is None:
+            continue
+        forward.active = False
+        if module.__dict__.get("forward") is forward:
+            del module.forward
+        delattr(module, _MARK)
+        restored += 1
+    return restored
