@@ -301,3 +301,59 @@ def test_unknown_log_target_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match=r"trainer.log='jsonl,tensorbord': unknown target 'tensorbord'"):
         pf_train.train(make_cfg('trainer.log="jsonl,tensorbord"', "trainer.max_steps=1"), tmp_path)
+
+
+# ---------------------------------------------------------------- data=custom
+FACTORY = '''
+import torch
+from torch.utils.data import Dataset
+
+
+class Blobs(Dataset):
+    def __init__(self, n=64, size=16, scale=1.0, keys=("image", "label"), num_classes=3):
+        g = torch.Generator().manual_seed(0)
+        self.images = (torch.rand(n, 1, size, size, generator=g) * 2 - 1) * scale
+        self.labels = torch.arange(n) % 3
+        self.keys, self.num_classes = keys, num_classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return dict(zip(self.keys, (self.images[i], int(self.labels[i]))))
+
+
+def make(**kwargs):
+    return Blobs(**kwargs)
+'''
+
+
+def test_custom_data_trains_from_a_factory(tmp_path, monkeypatch):
+    (tmp_path / "my_blobs.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = pf_train.train(make_cfg("data=custom", "data.target=my_blobs:make", "+data.params.n=48",
+                                  "trainer.max_steps=2", "trainer.ckpt_every=2"), tmp_path / "run")
+    assert out["model"].num_classes == 3 and out["model"].in_channels == 1  # sizes from the first item
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+
+
+@pytest.mark.parametrize("target, params, message", [
+    ("my_blobs", {}, r"data.target='my_blobs': expected 'package.module:factory'"),
+    ("no_such_module_xyz:make", {}, r"cannot import no_such_module_xyz"),
+    ("my_blobs:missing", {}, r"my_blobs has no callable 'missing'"),
+    ("my_blobs:make", {"scale": 127.5}, r"images must lie in \[-1, 1\], the first holds values in .*x / 127.5 - 1"),
+    ("my_blobs:make", {"keys": ("img", "label")}, r"items must be dicts with 'image' and 'label', the first is "
+                                                  r"\['img', 'label'\]"),
+    ("my_blobs:make", {"num_classes": 0}, r"'label' must be an int class id in \[0, -1\], the first is 0"),
+    ("my_blobs:make", {"n": 0}, r"the dataset is empty"),
+    ("my_blobs:make", {"size": 0}, r"'image' must be a non-empty square \(C, H, W\) tensor, the first is \(1, 0, 0\)"),
+    ("my_blobs:make", {"bogus": 1}, r"the factory raised TypeError"),
+])
+def test_custom_data_errors_name_what_is_wrong(tmp_path, monkeypatch, target, params, message):
+    from pf.data import CustomData, DataError
+
+    (tmp_path / "my_blobs.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DataError, match=message) as err:
+        CustomData(target, params)
+    assert "\n" not in str(err.value)

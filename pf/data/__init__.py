@@ -20,6 +20,7 @@ from pf.data.captions import (
     demo_prompts,
     load_captioned,
 )
+from pf.data.custom import CustomData
 from pf.data.digits import load_digits_dataset
 from pf.data.folder import ImageFolder
 from pf.data.latent_shards import LatentShards, is_latent_set
@@ -54,14 +55,17 @@ def build_dataset(data_cfg, seed: int = 0, pixels: bool = False) -> TensorImages
     if name == "latents" and pixels:
         raise DataError("a single file of latents carries no pixels, which trainer.repa needs: make a latent set "
                         "with `python -m pf.data.encode images=... out=... vae=... pixels=true`")
+    if name == "custom":
+        return CustomData(data_cfg.get("target"), dict(data_cfg.get("params") or {}), data_cfg.num_classes)
     if name == "latents":
         return load_latents(data_cfg.path, labels_path=data_cfg.labels_path, scale_factor=data_cfg.scale_factor,
                             num_classes=data_cfg.num_classes)
-    raise DataError(f"unknown dataset {name!r}; choose data=digits, fashion_mnist, mnist_format, folder or latents")
+    raise DataError(f"unknown dataset {name!r}; choose data=digits, fashion_mnist, mnist_format, folder, latents or custom")
 
 
 __all__ = [
     "CaptionFolder",
+    "CustomData",
     "CaptionShards",
     "CaptionedClasses",
     "build_caption_dataset",

@@ -42,6 +42,10 @@ def dataset_labels(dataset) -> torch.Tensor:
     return torch.as_tensor(dataset.labels, dtype=torch.long)
 
 
+def _knows_labels(dataset) -> bool:
+    return _knows_labels(dataset.dataset) if isinstance(dataset, Subset) else hasattr(dataset, "labels")
+
+
 def check_against_model(dataset, *, num_classes: int, channels: int, image_size: int) -> None:
     """Stop before training when the data and the model disagree."""
     src = getattr(dataset, "source", "the dataset")
@@ -52,8 +56,8 @@ def check_against_model(dataset, *, num_classes: int, channels: int, image_size:
             f"{src} has {dataset.num_classes} classes but the model is built for num_classes={num_classes}; "
             f"set model.num_classes={dataset.num_classes} (or data.num_classes) to match the data"
         )
-    labels = dataset_labels(dataset)
-    lo, hi = int(labels.min()), int(labels.max())
+    labels = dataset_labels(dataset) if _knows_labels(dataset) else None  # data=custom may not: the model checks
+    lo, hi = (int(labels.min()), int(labels.max())) if labels is not None else (0, 0)
     if lo < 0 or hi >= num_classes:
         raise DataError(f"{src}: labels lie in [{lo}, {hi}], outside [0, {num_classes - 1}] for num_classes={num_classes}")
     if dataset.channels != channels:

@@ -61,7 +61,7 @@ def _model_names():
 
 
 def _data_names():
-    return ("digits", "fashion_mnist", "mnist_format", "folder", "latents", *CAPTION_DATA)
+    return ("digits", "fashion_mnist", "mnist_format", "folder", "latents", "custom", *CAPTION_DATA)
 
 
 @dataclass
@@ -163,6 +163,9 @@ class DataConfig:
     sample_posterior: bool = _f(False, may_be_absent=True)
     # data=caption_shards only
     shuffle: int = _f(1000, may_be_absent=True, **_rng(0))
+    # data=custom only: the factory (package.module:callable) and its keyword arguments
+    target: typing.Optional[str] = _f(None, may_be_absent=True)
+    params: dict = field(default_factory=dict, metadata={"may_be_absent": True})
 
 
 def _text_encoder_names():
