@@ -7,7 +7,8 @@
                 LN/RMS + modulation in one ``norm_modulate`` pass;
   blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
                 (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
-                ``FluxSingleTransformerBlock``: each residual update fused with the next norm and
+                ``FluxSingleTransformerBlock``, ``WanTransformerBlock`` (its bf16 stream kept while
+                it modulates in fp32): each residual update fused with the next norm and
                 modulation (``residual_norm_modulate``), the last one a single ``residual`` pass.
 Each module keeps its class (diffusers matches blocks by class name: ``compile_repeated_blocks``,
 ``_no_split_modules``, its cache hooks' block registry); only the instance's ``forward`` changes.
@@ -190,6 +191,28 @@ def _flux_single_block(self, hidden_states, encoder_hidden_states, temb, image_r
     return x[:, :text_seq_len], x[:, text_seq_len:]
 
 
+def _wan_block(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    """WanTransformerBlock: the stream keeps its dtype (bf16) while modulations and residual
+    updates are fp32 (``out_dtype``); the ungated cross-attention residual and norm3 fused."""
+    if temb.ndim == 4:  # (B, N, 6, D): Wan 2.2 TI2V's per-token modulation, (B, N, D) strided rows
+        mods = [t.squeeze(2) for t in (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
+    else:  # (B, 6, D): (B, 1, D) each
+        mods = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
+    dtype = hidden_states.dtype
+    h = norm_modulate(hidden_states, shift_msa, scale_msa, eps=self.norm1.eps, out_dtype=dtype)
+    attn = self.attn1(h, None, None, rotary_emb)
+    if isinstance(self.norm2, nn.Identity):
+        x = h = residual(hidden_states, gate_msa, attn, out_dtype=dtype)
+    else:  # cross_attn_norm: an affine fp32 LayerNorm without modulation
+        rms, weight, bias, eps = _norm_spec(self.norm2)
+        x, h = residual_norm_modulate(hidden_states, gate_msa, attn, weight=weight, bias=bias, rms=rms, eps=eps,
+                                      out_dtype=dtype)
+    attn = self.attn2(h, encoder_hidden_states, None, None)
+    x, h = residual_norm_modulate(x, None, attn, c_shift_msa, c_scale_msa, eps=self.norm3.eps, out_dtype=dtype)
+    return residual(x, c_gate_msa, self.ffn(h), out_dtype=dtype)
+
+
 #################################################################################
 #                Nomination: which class, its structure, its probe              #
 #################################################################################
@@ -260,6 +283,19 @@ def _probe_flux(m, gen):
     return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, d), _rand(gen, PROBE_B, d)), {}
 
 
+def _probe_wan(m, gen):
+    d = m.scale_shift_table.shape[-1]
+    cross = m.attn2.to_k.in_features
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, cross), _rand(gen, PROBE_B, 6, d),
+            None), {}
+
+
+def _check_wan(m):
+    if not isinstance(m.norm2, nn.Identity):
+        return _needs_norms(m, "norm1", "norm2", "norm3")
+    return _needs_norms(m, "norm1", "norm3")
+
+
 def _check_basic(m):
     if m.norm_type not in ("ada_norm_zero", "ada_norm_single"):
         return f"norm_type {m.norm_type!r} (only ada_norm_zero and ada_norm_single are fused)"
@@ -289,6 +325,7 @@ def _specs():
          norm("norm2", "norm2_context"), _probe_flux),
         ("transformers.transformer_flux", "FluxSingleTransformerBlock", "block", _flux_single_block,
          lambda m: None, _probe_flux),
+        ("transformers.transformer_wan", "WanTransformerBlock", "block", _wan_block, _check_wan, _probe_wan),
     ]
     specs = {}
     for module_name, class_name, *spec in table:
@@ -303,7 +340,7 @@ def _specs():
 FUSED = {  # name -> function, so a pickled FusedForward refers to functions by name
     f.__name__: f for f in (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _ada_layer_norm_continuous,
                             _sd35_ada_layer_norm_zero_x, _cogvideox_layer_norm_zero, _basic_block,
-                            _flux_double_block, _flux_single_block)
+                            _flux_double_block, _flux_single_block, _wan_block)
 }
 
 

@@ -78,7 +78,17 @@ def sd3():
     return model, inputs, {"SD35AdaLayerNormZeroX": 1, "AdaLayerNormZero": 2, "AdaLayerNormContinuous": 2}
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "flux": flux, "sd3": sd3}
+def wan():
+    model = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                            num_layers=2, cross_attn_norm=True, rope_max_seq_len=32)
+    gen = torch.Generator().manual_seed(5)
+    inputs = dict(hidden_states=torch.randn(B, 4, 2, 4, 4, generator=gen), timestep=torch.tensor([3, 801]),
+                  encoder_hidden_states=torch.randn(B, 5, 16, generator=gen))
+    return model, inputs, {"WanTransformerBlock": 2}
+
+
+FAMILIES = {"dit": dit, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan}
 
 
 def run(model, inputs, backend):
@@ -265,3 +275,23 @@ def test_unpatch_restores_the_class_forward_and_patching_twice_is_harmless():
     assert int(first) == 4 and int(patch_diffusers(model)) == 0
     assert unpatch_diffusers(model) == 4
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_wan_keeps_its_bf16_stream():
+    """bf16 Wan (the torch path: the interpreter has no bf16): every block returns bf16 as
+    diffusers' own does, and the output is within a few bf16 ulps of the unpatched model's."""
+    model, inputs, _ = wan()
+    randomise(model)
+    model = model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        want = model(**inputs).sample
+    patch_diffusers(model)
+    dtypes = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with torch.no_grad(), pf_kernels.use_backend("torch"):
+        got = model(**inputs).sample
+    assert dtypes == [torch.bfloat16, torch.bfloat16] and got.dtype == torch.bfloat16
+    ulp = 2.0**-7
+    torch.testing.assert_close(got.float(), want.float(), atol=4 * ulp * want.float().abs().max().item(), rtol=4 * ulp)
