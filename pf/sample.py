@@ -23,6 +23,7 @@ This module reads the command line and writes the files; loading and drawing are
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -37,7 +38,8 @@ from tqdm.auto import tqdm
 from pf import cli
 from pf.cli import UsageError
 from pf.data.names import class_names
-from pf.errors import debug, expected_errors, one_line
+from pf.errors import debug, is_expected, one_line
+from pf.models.checkpoint import check_writable
 from pf.pipeline import Pipeline, indexed_inputs, load_model
 from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
 from pf.sampling.viz import StepRecorder, viz_strip
@@ -111,8 +113,8 @@ def validate(cfg: dict) -> dict:
     if cfg["vae_scale"] is None:
         cfg["vae_scale"] = 0.0  # resolved from the checkpoint's manifest (or 0.18215) by the pipeline
     for key in ("cfg", "p", "ratio", "vae_scale"):
-        if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool):
-            raise UsageError(f"{key} must be a number, got {cfg[key]!r}")
+        if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or not math.isfinite(cfg[key]):
+            raise UsageError(f"{key} must be a finite number, got {cfg[key]!r}")
         cfg[key] = float(cfg[key])
     for key in ("fid", "viz", "graphs", "compile", "progress"):
         if not isinstance(cfg[key], bool):
@@ -150,7 +152,11 @@ def read_prompts(cfg: dict) -> list[str] | None:
     path = Path(str(cfg["prompts"])).expanduser()
     if not path.is_file():
         raise UsageError(f"prompts={path}: no such file (one prompt a line)")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise UsageError(f"prompts={path} is not a UTF-8 text file (byte {err.start} cannot be read): give a text "
+                         f"file with one prompt a line") from None
     prompts = [ln for ln in lines if ln]
     if not prompts:
         raise UsageError(f"prompts={path}: the file holds no prompt (one a line)")
@@ -374,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         cfg["progress"] = cfg["progress"] and rank == 0  # one set of progress bars
         try:
+            check_writable(cfg["out"])  # before the model is drawn from: a read-only folder or a file in the way
             pipe = build_pipeline(cfg, device)
             if cfg["fid"]:
                 write_fid_dump(pipe, cfg, rank, world)
@@ -384,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if world > 1:
                 dist.destroy_process_group()
-    except expected_errors() as err:
-        if debug():
+    except Exception as err:
+        if debug() or not is_expected(err):
             raise
         print(one_line(err), file=sys.stderr)
         return 2

@@ -62,7 +62,7 @@ from pf.data.names import class_names
 from pf.encoders import build_image_encoder
 from pf.errors import NonFiniteLoss, run_command  # pf.train.NonFiniteLoss stays a name
 from pf.eval.train_classifier import ensure_classifier
-from pf.models.checkpoint import load_state_dict_checked
+from pf.models.checkpoint import check_writable, load_state_dict_checked
 from pf.models.presets import build_model, build_t2i, num_params
 from pf.text import CachedTextEncoder, encoder_from_config
 from pf.training.checkpointing import (
@@ -83,7 +83,7 @@ from pf.training.objective import Alignment, FlowBatch, Objective, flow_objectiv
 from pf.training.pictures import draw_samples, save_picture
 from pf.training.precision import Precision
 from pf.training.run_folder import RunFolderError, RunLock, check_before_hydra, prepare_run_folder
-from pf.training.schema import check_config, check_overrides, fill_family_defaults
+from pf.training.schema import check_config, compose_config, fill_family_defaults
 from pf.training.step import TrainStep
 from pf.training.throughput import Throughput
 from pf.training.warm_start import warm_start
@@ -119,7 +119,7 @@ def _pick_device(name: str, d_local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available (use device=cpu)")
+        raise ValueError("device=cuda but no CUDA device is available (use device=cpu)")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name, d_local_rank) if name == "cuda" else torch.device("cpu")
@@ -545,6 +545,14 @@ def _count(dataset) -> str:
         return "streamed"
 
 
+def _check_command_line(argv: list[str]) -> None:
+    """What hydra would report with a trace, checked first: the keys, hydra's own parse and
+    compose of the config, the run folder (in use, holding a run) and whether it can be written."""
+    cfg = compose_config(argv, with_hydra=True)
+    check_before_hydra(argv)
+    check_writable(cfg.hydra.run.dir, create=False)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     # Inside hydra's app: an expected error is our one line (hydra would print a trace summary).
@@ -556,5 +564,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # Group options and key names are checked before hydra composes (it would print its search
     # path or a trace summary); every expected error reads as one line (PF_DEBUG=1: traceback).
-    code = run_command(lambda: check_overrides(sys.argv[1:]) or check_before_hydra(sys.argv[1:]))
+    code = run_command(lambda: _check_command_line(sys.argv[1:]))
     sys.exit(code or main())

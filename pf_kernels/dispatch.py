@@ -14,6 +14,7 @@ traces it without graph breaks (and guards on the backend value).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -182,6 +183,19 @@ def _check_indexed(op: str, x: torch.Tensor, index: torch.Tensor, **tables: torc
             raise ValueError(f"{op}: index values must lie in [0, {k}), got [{int(index.min())}, {int(index.max())}]")
 
 
+def _check_data(op: str, eps: float | None = None, **tensors: torch.Tensor | None) -> None:
+    """Floating-point data and, for a norm, a finite ``eps >= 0``: checked here on the host, as a
+    kernel would compute with an integer tensor's bits or a negative eps (a NaN row) silently."""
+    _check_floating(op, **{k: t for k, t in tensors.items() if t is not None})
+    if eps is not None:
+        try:
+            ok = not isinstance(eps, (bool, str)) and 0 <= float(eps) < math.inf  # False for NaN
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+
+
 def _check_floating(op: str, **tensors: torch.Tensor) -> None:
     """Floating-point data (an integer x would be normalised in its own dtype by eager code,
     and read as floats by a kernel)."""
@@ -199,6 +213,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     """``LN(x) * (1 + scale) + shift``; x (B, N, D), shift/scale (B, N, D) or (B, 1, D)."""
     _check_rows("adaln_modulate", x, shift=shift, scale=scale)
     _same_device("adaln_modulate", x=x, shift=shift, scale=scale)
+    _check_data("adaln_modulate", eps, x=x, shift=shift, scale=scale)
     if _rows_use_triton(x, shift, scale):
         with _launch_on(x):
             return adaln_modulate_triton(x, shift, scale, None, float(eps))
@@ -211,6 +226,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     if y.shape != x.shape:
         raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     _same_device("gated_residual", x=x, gate=gate, y=y)
+    _check_data("gated_residual", x=x, gate=gate, y=y)
     if _rows_use_triton(x, gate, y):
         with _launch_on(x):
             return gated_residual_triton(x, gate, y, None)
@@ -228,6 +244,7 @@ def adaln_modulate_indexed(
     """
     _same_device("adaln_modulate_indexed", x=x, shift=shift, scale=scale, index=index)
     _check_indexed("adaln_modulate_indexed", x, index, shift=shift, scale=scale)
+    _check_data("adaln_modulate_indexed", eps, x=x, shift=shift, scale=scale)
     index = index.to(torch.int64)
     if _rows_use_triton(x, shift, scale, index):
         with _launch_on(x):
@@ -239,6 +256,7 @@ def gated_residual_indexed(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     """``x[b, n] + gate[b, index[b, n]] * y[b, n]``; gate a (B, K, D) table, index (B, N)."""
     _same_device("gated_residual_indexed", x=x, gate=gate, y=y, index=index)
     _check_indexed("gated_residual_indexed", x, index, gate=gate)
+    _check_data("gated_residual_indexed", x=x, gate=gate, y=y)
     if y.shape != x.shape:
         raise ValueError(f"gated_residual_indexed: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     index = index.to(torch.int64)
@@ -261,6 +279,7 @@ def gated_residual_modulate(
     if y.shape != x.shape:
         raise ValueError(f"gated_residual_modulate: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     _same_device("gated_residual_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale)
+    _check_data("gated_residual_modulate", eps, x=x, gate=gate, y=y, shift=shift, scale=scale)
     if _rows_use_triton(x, gate, y, shift, scale):
         with _launch_on(x):
             return gated_residual_modulate_triton(x, gate, y, shift, scale, None, float(eps))
@@ -274,6 +293,7 @@ def gated_residual_modulate_indexed(
     """``gated_residual_modulate`` with (B, K, D) gate/shift/scale tables read through index (B, N)."""
     _same_device("gated_residual_modulate_indexed", x=x, gate=gate, y=y, shift=shift, scale=scale, index=index)
     _check_indexed("gated_residual_modulate_indexed", x, index, gate=gate, shift=shift, scale=scale)
+    _check_data("gated_residual_modulate_indexed", eps, x=x, gate=gate, y=y, shift=shift, scale=scale)
     if y.shape != x.shape:
         raise ValueError(
             f"gated_residual_modulate_indexed: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
@@ -291,6 +311,7 @@ def ada_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> tor
     """
     _check_rows("ada_rms_norm", x, scale=scale)
     _check_floating("ada_rms_norm", x=x, scale=scale)
+    _check_data("ada_rms_norm", eps)
     _same_device("ada_rms_norm", x=x, scale=scale)
     if _rows_use_triton(x, scale):
         with _launch_on(x):
@@ -310,6 +331,7 @@ def ada_rms_norm_indexed(
     _same_device("ada_rms_norm_indexed", x=x, scale_table=scale_table, index=index)
     _check_indexed("ada_rms_norm_indexed", x, index, scale_table=scale_table)
     _check_floating("ada_rms_norm_indexed", x=x, scale_table=scale_table)
+    _check_data("ada_rms_norm_indexed", eps)
     index = index.to(torch.int64)
     if _rows_use_triton(x, scale_table, index):
         with _launch_on(x):
@@ -354,6 +376,7 @@ def patch_euler(
         if t is not None and t.shape != (b, n):
             raise ValueError(f"patch_euler: {name} must have shape ({b}, {n}) (one per patch), got {tuple(t.shape)}")
     _same_device("patch_euler", x=x, v=v, dt=dt, v_other=v_other, mask=mask, out=out)
+    _check_data("patch_euler", x=x, v=v, dt=dt, v_other=v_other, out=out)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask != 0
     needs_grad = torch.is_grad_enabled() and any(
@@ -424,6 +447,7 @@ def norm_modulate(
     default the promoted dtype of x and the tensors given (eager's); statistics in fp32.
     """
     _check_general("norm_modulate", x, shift=shift, scale=scale)
+    _check_data("norm_modulate", eps, weight=weight, bias=bias)
     _check_vector("norm_modulate", x.shape[-1], weight=weight, bias=bias)
     _same_device("norm_modulate", x=x, shift=shift, scale=scale, weight=weight, bias=bias)
     out = out_dtype or norm_modulate_dtype(x, shift, scale, weight, bias)
@@ -468,6 +492,7 @@ def residual_norm_modulate(
     stored (rounded to its dtype), as the unfused code does.
     """
     _check_general("residual_norm_modulate", x, gate=gate, y=y, shift=shift, scale=scale)
+    _check_data("residual_norm_modulate", eps, weight=weight, bias=bias)
     if y.shape != x.shape:
         raise ValueError(f"residual_norm_modulate: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     _check_vector("residual_norm_modulate", x.shape[-1], weight=weight, bias=bias)

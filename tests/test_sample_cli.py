@@ -114,7 +114,7 @@ def test_viz_strip(ckpts, tmp_path, capsys):
     (["classes=[a]"], "classes must be a list"),
     (["sampler=heun"], "unknown sampler"),
     (["sampler=euler"], "global-time"),
-    (["graphs=true"], "need a CUDA device") if not torch.cuda.is_available() else (["cfg=x"], "must be a number"),
+    (["graphs=true"], "need a CUDA device") if not torch.cuda.is_available() else (["cfg=x"], "must be a finite number"),
     (["classes=[11]"], "outside"),
     (["guidance_interval=[0.8,0.2]"], "guidance_interval must be [lo,hi]"),
     (["guidance_interval=0.5"], "guidance_interval must be [lo,hi]"),

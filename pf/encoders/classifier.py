@@ -12,6 +12,7 @@ config and its accuracy on a held-out test split.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -95,6 +96,23 @@ def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> t
     return padded[..., max_shift + dy:max_shift + dy + s, max_shift + dx:max_shift + dx + s]
 
 
+def check_training(epochs, batch_size, lr, test_frac) -> None:
+    """One line for settings that would train nothing (epochs < 1) or on nothing (test_frac
+    outside (0, 1) holds out every image or none to measure)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(epochs) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r}: expected an integer >= 1 (0 would save an untrained classifier)")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr={lr!r}: expected a finite number > 0")
+    if isinstance(test_frac, bool) or not isinstance(test_frac, (int, float)) or not 0 < test_frac < 1:
+        raise ValueError(f"test_frac={test_frac!r}: expected a number in (0, 1), the share of images held out "
+                         f"to measure the accuracy")
+
+
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int = 40,
                      batch_size: int = 64, lr: float = 3e-3, width: int = 32, test_frac: float = 0.2,
                      seed: int = 0, log=print) -> tuple[SmallCNN, dict]:
@@ -102,11 +120,14 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
 
     Returns the model (eval mode) and ``{"test_accuracy", "train_size", "test_size", "epochs", "seconds"}``.
     """
+    check_training(epochs, batch_size, lr, test_frac)
     g = torch.Generator().manual_seed(seed)
     m = images.shape[0]
     perm = torch.randperm(m, generator=g)
     n_test = max(1, int(round(m * test_frac))) if test_frac > 0 else 0
     test_idx, train_idx = perm[:n_test], perm[n_test:]
+    if len(train_idx) == 0:
+        raise ValueError(f"{m} image(s) with test_frac={test_frac} leave none to train on")
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], images.shape[-1], num_classes, width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)

@@ -27,6 +27,7 @@ from pf import cli
 from pf.eval import inputs
 from pf.eval.metrics import compute_metrics
 from pf.eval.train_classifier import DEFAULTS as CLASSIFIER_DEFAULTS
+from pf.models.checkpoint import check_writable, read_checkpoint_file
 from pf.pipeline import Pipeline
 
 DEFAULTS = {
@@ -76,6 +77,12 @@ def load_images(source: str, cfg, role: str):
 def draw_from_checkpoint(path: Path, cfg):
     """``num_samples`` pictures of a checkpoint's model (``pf.pipeline``), balanced classes, and a note on how."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device} but no CUDA device is available (use device=cpu)")
+    if path.suffix != ".safetensors" and read_checkpoint_file(path, mmap=True).get("model_class") == "PatchForcingT2I":
+        raise ValueError(f"generated={path} is a text-to-image checkpoint: pf.eval draws class-conditional models "
+                         f"(measure a text model with python -m pf.experiments.t2i, or draw with pf.sample and "
+                         f"give pf.eval the folder)")
     pipe = Pipeline.from_checkpoint(path, cfg.sampler.name, sampler_params=cfg.sampler.params, device=device,
                                     use_ema=cfg.use_ema, vae=cfg.vae)
     images, info = pipe.generate(cfg.num_samples, cfg.sampler.steps, seed=cfg.seed, cfg_scale=cfg.sampler.cfg_scale,
@@ -92,6 +99,17 @@ def evaluate(cfg) -> dict:
     unknown = set(cfg.metrics) - {"fid", "kid", "prc"}
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from fid, kid, prc")
+    for key in ("num_samples", "batch_size", "kid_subset_size", "kid_subsets"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]!r}: expected an integer >= 1")
+    # before any drawing: where the results go must take them
+    if cfg.out:
+        if Path(str(cfg.out)).is_dir():
+            raise ValueError(f"out={cfg.out} is a folder: name the JSON file to write (e.g. {cfg.out}/eval.json)")
+        check_writable(Path(str(cfg.out)).parent)
+    if cfg.save_samples:
+        save = Path(str(cfg.save_samples))
+        check_writable(save.parent if save.suffix == ".npz" else save)
     gen, gen_info = load_images(str(cfg.generated), cfg, "generated")
     ref, ref_info = load_images(str(cfg.reference), cfg, "reference")
     if cfg.save_samples:

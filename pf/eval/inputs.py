@@ -83,6 +83,17 @@ def save_npz(path: str | os.PathLike, images: torch.Tensor) -> None:
     np.savez(path, arr_0=images.permute(0, 2, 3, 1).numpy())
 
 
+def _read_image(path: Path):
+    """The decoded image, or one line naming the file that is not one (truncated, corrupt)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for a broken file
+        raise InputError(f"{path} is not a readable image ({' '.join(str(err).split()) or type(err).__name__}): "
+                         f"remove or replace it") from err
+
+
 def load_folder(path: str | os.PathLike) -> torch.Tensor:
     """Every image in a folder (sorted by name), all of one size -> (M, C, H, W) uint8.
 
@@ -91,7 +102,7 @@ def load_folder(path: str | os.PathLike) -> torch.Tensor:
     files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise InputError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images in this folder")
-    pics = [Image.open(p) for p in files]
+    pics = [_read_image(p) for p in files]
     mode = "L" if all(p.mode in ("L", "1", "I;16", "I") for p in pics) else "RGB"
     arrays = [np.asarray(p.convert(mode)) for p in pics]
     sizes = {a.shape[:2] for a in arrays}

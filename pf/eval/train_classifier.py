@@ -20,8 +20,10 @@ import torch
 
 from pf import cli
 from pf.autoencoder import from_uint8
-from pf.encoders.classifier import default_classifier_path, load_classifier, save_classifier, train_classifier
+from pf.encoders.classifier import (check_training, default_classifier_path, load_classifier, save_classifier,
+                                   train_classifier)
 from pf.eval.inputs import load_dataset_images
+from pf.models.checkpoint import check_writable
 
 DEFAULTS = {
     "data": {"name": "digits", "path": None, "labels_path": None, "split": "train", "image_size": 16, "channels": 1,
@@ -47,6 +49,8 @@ def ensure_classifier(data_cfg, out=None, *, epochs: int = 40, batch_size: int =
         if log:
             log(f"classifier: {path} (cached; test accuracy {info.get('test_accuracy', float('nan')):.4f})")
         return path, info
+    check_training(epochs, batch_size, lr, test_frac)
+    check_writable(path.parent)  # before training: the weights must have a place to go
     images, labels = load_dataset_images(data_cfg)
     num_classes = int(labels.max()) + 1 if data_cfg.get("num_classes") is None else int(data_cfg.num_classes)
     torch.manual_seed(seed)

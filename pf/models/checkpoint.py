@@ -20,6 +20,7 @@ OmegaConf container classes are allow-listed, so a released config can be read.
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import tempfile
@@ -57,8 +58,9 @@ def _omegaconf_safe_globals() -> list:
     return allowed
 
 
-def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
     """``torch.load`` with ``weights_only=True`` and a clear error for what is not a checkpoint.
+    ``mmap``: map the tensors instead of reading them (a look at the config costs no memory).
 
     A ``.safetensors`` file (written by ``python -m pf.export``) is read with safetensors.
     """
@@ -71,7 +73,7 @@ def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         raise ValueError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
         with torch.serialization.safe_globals(_omegaconf_safe_globals()):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
     except Exception as err:  # pickle errors, zip errors, disallowed globals
         raise ValueError(f"{path} is not a readable checkpoint (read without running pickled code): "
                          f"{_load_reason(err)}") from err
@@ -117,7 +119,10 @@ def model_from_checkpoint_dict(ckpt: dict, *, use_ema: bool = True, strict: bool
         cls_name, params = str(config.get("target", "PatchForcingDiT")).rsplit(".", 1)[-1], _to_plain(config["params"])
     if cls_name not in MODEL_CLASSES:
         raise ValueError(f"{source}: unknown model class {cls_name!r}; known: {sorted(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[cls_name](**params)
+    try:
+        model = MODEL_CLASSES[cls_name](**params)
+    except TypeError as err:  # a parameter this version's class does not take
+        raise ValueError(f"{source}: its config does not fit {cls_name} ({err})") from err
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt.get("state_dict", ckpt.get("ema"))
     load_state_dict_checked(model, state, strict=strict, source=source)
     return model
@@ -150,18 +155,65 @@ def write_atomically(path: str | os.PathLike, write) -> None:
     temp file is left behind by an error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the file the user asked for, not the temp file
+        raise OSError(err.errno, err.strerror, str(path)) from err
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and _disk_full(tmp, err)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full:  # torch.save and np.save report a full disk without errno or file name
+            raise OSError(errno.ENOSPC, "no space left on the device (nothing written)", str(path)) from err
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
+
+
+def _disk_full(tmp: str, err: Exception) -> bool:
+    """Whether a failed write ran out of space: the error says so, or a probe write of 64 KiB
+    into the temp file fails with ENOSPC (called only after a write failed)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        with open(tmp, "ab") as f:
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe:
+        return probe.errno in (errno.ENOSPC, errno.EDQUOT)
+    return False
+
+
+def check_writable(folder: str | os.PathLike, create: bool = True) -> Path:
+    """Prove a file can be made in ``folder`` (a read-only mount refuses even root), before a
+    command spends time on work it could not save. ``create``: make the folder now; otherwise
+    its nearest existing parent is probed and nothing is created."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder (a file is in the way)", str(folder))
+    probe_in = folder
+    if not create:
+        while not probe_in.exists() and probe_in != probe_in.parent:
+            probe_in = probe_in.parent
+        if not probe_in.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder (a file is in the way)", str(probe_in))
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=probe_in)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write here ({err.strerror})", str(folder)) from err
+    os.close(fd)
+    os.remove(probe)
+    return folder
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:

@@ -19,6 +19,8 @@ def outer_schedule(timesteps: int | Sequence[float] | torch.Tensor) -> torch.Ten
 
     ``timesteps`` is the number of outer steps K, or the times themselves (increasing).
     """
+    if isinstance(timesteps, bool):  # True is an int to Python, not a step count
+        raise ValueError(f"timesteps must be a number of steps or a sequence of times, got {timesteps!r}")
     if isinstance(timesteps, int):
         if timesteps < 1:
             raise ValueError(f"need at least one sampling step, got {timesteps}")
@@ -100,6 +102,17 @@ def check_x_cond(x_cond, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x_cond must be a clean image of x's shape {tuple(x.shape)}, got "
                          f"{tuple(getattr(x_cond, 'shape', ())) or type(x_cond).__name__}")
     return x_cond.to(device=x.device, dtype=x.dtype)
+
+
+def check_cfg_scale(cfg_scale) -> float:
+    """The guidance scale as a finite float (NaN or inf would saturate every pixel)."""
+    try:
+        value = float(cfg_scale) if not isinstance(cfg_scale, (bool, str)) else math.nan
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+    return value
 
 
 def guided_steps(schedule: torch.Tensor, cfg_scale: float, interval) -> list[bool]:
@@ -192,6 +205,7 @@ class Sampler:
         t = 1 and never move; the others are generated (docs/per_patch_schedules.md)."""
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor of noise, got {getattr(x, 'shape', type(x))}")
+        check_cfg_scale(cfg_scale)
         if y is None and getattr(model, "cond_kind", "class") == "text":
             raise ValueError("a text-to-image model needs y: the prompts' encoding (a pf.conditioning.TextCond)")
         if y is None:

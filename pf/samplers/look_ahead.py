@@ -3,6 +3,8 @@ the uncertain ones (SPEC.md section 6)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import pf_kernels
@@ -26,8 +28,8 @@ class LookAhead(Sampler):
     def __init__(self, p: float = 0.4, context_t_ratio: float = 1.4, selection: str = "uncertainty",
                  selection_seed: int = 0):
         super().__init__()
-        if not context_t_ratio >= 1.0:
-            raise ValueError(f"context_t_ratio must be >= 1, got {context_t_ratio}")
+        if not 1.0 <= context_t_ratio < math.inf:
+            raise ValueError(f"context_t_ratio must be a finite number >= 1, got {context_t_ratio}")
         self.p, self.context_t_ratio = check_fraction(p), float(context_t_ratio)
         self.selection = selection
         self._select = PatchSelection(selection, selection_seed)

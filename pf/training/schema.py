@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from pf import samplers, timesteps
@@ -386,3 +388,16 @@ def check_overrides(argv: list[str]) -> None:
             where, known = bad
             raise ConfigError(f"unknown config key {key}" + (f" ({where} takes: {', '.join(known)})" if known else
                                                                f" ({where} is not a group of keys)"))
+
+
+def compose_config(overrides: list[str], *, with_hydra: bool = False) -> DictConfig:
+    """``pf.train``'s config for ``overrides``: keys checked first (:func:`check_overrides`), then
+    hydra's compose, whose own parse and compose errors become one :class:`ConfigError` line."""
+    check_overrides(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+    except HydraException as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        override = getattr(err, "override", None)
+        raise ConfigError(f"{override}: {text}" if override else text) from err
