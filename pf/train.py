@@ -75,6 +75,7 @@ from pf.training.checkpointing import (
 )
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from pf.training.ema import EMA
+from pf.training.fid import InLoopFID
 from pf.training.lr_schedule import build_scheduler
 from pf.training.memory import checkpoint_blocks
 from pf.training.loggers import RunLog
@@ -434,6 +435,13 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
         x1_val, y_val = _stack(val_set, len(val_set))
         val = (x1_val.to(device), conditioning.fixed(y_val, device), torch.randn(x1_val.shape, generator=fixed).to(device))
     pictures = _Pictures(cfg, model, conditioning, per_token, fixed, device)
+    fid = None
+    if tc.fid_every and d.is_main:  # rank 0 draws and scores
+        if conditioning.kind != "class":
+            raise ValueError("trainer.fid_every is for class-conditional models; a text model's FID needs prompts: "
+                             "evaluate its checkpoints with pf.eval")
+        fid = InLoopFID(tc, cfg.sampler, cfg.data, _stack(dataset, tc.fid_reference)[0], sizes["num_classes"],
+                        pictures.sampler, pictures.uc_cond, device, seed)
 
     # ---- run directory (rank 0)
     ckpt_dir, run_log = run_dir / "checkpoints", None
@@ -504,6 +512,8 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
             window, window_images = [], 0
         if d.is_main and val_step:
             record.update({"step": step, **_validate(ema.model, *val, tc.batch_size, autocast)})
+        if fid is not None and (step % tc.fid_every == 0 or final):
+            record.update({"step": step, **fid(ema.model, autocast)})
         if d.is_main and record:
             run_log.write(record)
         if d.is_main and (step % tc.sample_every == 0 or final):

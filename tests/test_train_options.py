@@ -357,3 +357,30 @@ def test_custom_data_errors_name_what_is_wrong(tmp_path, monkeypatch, target, pa
     with pytest.raises(DataError, match=message) as err:
         CustomData(target, params)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ in-loop FID
+def test_in_loop_fid_is_logged_and_sees_the_difference(tmp_path, monkeypatch):
+    pytest.importorskip("torch_fidelity")
+    from pf.autoencoder import to_uint8
+    from pf.encoders.classifier import SmallCNN, save_classifier
+    from pf.training import fid as fid_module
+
+    clf = tmp_path / "clf.pt"
+    torch.manual_seed(0)
+    save_classifier(clf, SmallCNN(1, 16, 10, width=4), {"test_accuracy": 0.1}, data="digits")
+    probes = []
+    real_init = fid_module.InLoopFID.__init__
+    monkeypatch.setattr(fid_module.InLoopFID, "__init__",
+                        lambda self, *a, **k: probes.append(self) or real_init(self, *a, **k))
+    pf_train.train(make_cfg("trainer.fid_every=2", "trainer.fid_samples=20", "trainer.fid_reference=200",
+                            f"trainer.fid_weights={clf}", "trainer.max_steps=3", "trainer.ckpt_every=100"), tmp_path / "run")
+    recs = records(tmp_path / "run")
+    assert [r["step"] for r in recs if "fid" in r] == [2, 3]  # every 2 steps and the last
+    assert all(r["fid"] > 0 and math.isfinite(r["kid"]) for r in recs if "fid" in r)
+    probe = probes[0]
+    ref = probe.reference  # uint8 training images
+    assert ref.shape == (200, 1, 16, 16) and ref.dtype == torch.uint8
+    same = probe.score(ref[:100])  # half of the reference against the whole: near 0
+    noise = probe.score(to_uint8(torch.rand(100, 1, 16, 16) * 2 - 1))
+    assert same["fid"] < 0.2 * noise["fid"] and same["kid"] < noise["kid"]

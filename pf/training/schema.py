@@ -131,6 +131,10 @@ class TrainerConfig:
     keep_every: int = _f(50000, **_rng(1))
     sample_every: int = _f(10000, **_rng(1))
     progress: bool = True
+    fid_every: int = _f(0, **_rng(0))  # 0: off
+    fid_samples: int = _f(1000, **_rng(2))
+    fid_reference: int = _f(10000, **_rng(2))
+    fid_weights: typing.Optional[str] = None
     log: str = "jsonl"  # comma-separated targets of pf.training.loggers: jsonl (always), tensorboard, wandb
 
 
