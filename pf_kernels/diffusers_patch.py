@@ -7,7 +7,7 @@
                 LN/RMS + modulation in one ``norm_modulate`` pass;
   blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
                 (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
-                ``FluxSingleTransformerBlock``, ``WanTransformerBlock`` (its bf16 stream kept while
+                ``FluxSingleTransformerBlock``, SD3's ``JointTransformerBlock``, ``WanTransformerBlock`` (its bf16 stream kept while
                 it modulates in fp32): each residual update fused with the next norm and
                 modulation (``residual_norm_modulate``), the last one a single ``residual`` pass.
 Each module keeps its class (diffusers matches blocks by class name: ``compile_repeated_blocks``,
@@ -149,13 +149,42 @@ def _basic_block(self, hidden_states, attention_mask=None, encoder_hidden_states
         x, h = _res_mod(norm_ff, x, None, attn, shift_mlp, scale_mlp)
     else:
         x, h = _res_mod(norm_ff, x, gate_msa, attn, shift_mlp, scale_mlp)
-    if self._chunk_size is not None:
+    return residual(x, gate_mlp, _feed_forward(self, self.ff, h))
+
+
+def _feed_forward(block, ff, h):
+    """``ff(h)``, in chunks when the block was set to (``set_chunk_feed_forward``)."""
+    if block._chunk_size is not None:
         from diffusers.models.attention import _chunked_feed_forward  # optional dependency
 
-        ff = _chunked_feed_forward(self.ff, h, self._chunk_dim, self._chunk_size)
+        return _chunked_feed_forward(ff, h, block._chunk_dim, block._chunk_size)
+    return ff(h)
+
+
+def _joint_block(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+    """SD3's JointTransformerBlock (SD3.5's dual attention, the last block's context_pre_only)."""
+    kwargs = joint_attention_kwargs or {}
+    if self.use_dual_attention:
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp, h2, gate_msa2 = self.norm1(hidden_states, emb=temb)
     else:
-        ff = self.ff(h)
-    return residual(x, gate_mlp, ff)
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+    if self.context_pre_only:
+        hc = self.norm1_context(encoder_hidden_states, temb)
+    else:
+        hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
+    attn, context_attn = self.attn(hidden_states=h, encoder_hidden_states=hc, **kwargs)
+    if self.use_dual_attention:
+        x = residual(hidden_states, gate_msa[:, None], attn)
+        attn = self.attn2(hidden_states=h2, **kwargs)
+        x, h = _res_mod(self.norm2, x, gate_msa2[:, None], attn, shift_mlp[:, None], scale_mlp[:, None])
+    else:
+        x, h = _res_mod(self.norm2, hidden_states, gate_msa[:, None], attn, shift_mlp[:, None], scale_mlp[:, None])
+    x = residual(x, gate_mlp[:, None], _feed_forward(self, self.ff, h))
+    if self.context_pre_only:
+        return None, x
+    c, hc = _res_mod(self.norm2_context, encoder_hidden_states, c_gate_msa[:, None], context_attn,
+                     c_shift_mlp[:, None], c_scale_mlp[:, None])
+    return residual(c, c_gate_mlp[:, None], _feed_forward(self, self.ff_context, hc)), x
 
 
 def _flux_double_block(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -290,6 +319,10 @@ def _probe_wan(m, gen):
             None), {}
 
 
+def _check_joint(m):
+    return _needs_norms(m, "norm2", *(() if m.context_pre_only else ("norm2_context",)))
+
+
 def _check_wan(m):
     if not isinstance(m.norm2, nn.Identity):
         return _needs_norms(m, "norm1", "norm2", "norm3")
@@ -325,6 +358,7 @@ def _specs():
          norm("norm2", "norm2_context"), _probe_flux),
         ("transformers.transformer_flux", "FluxSingleTransformerBlock", "block", _flux_single_block,
          lambda m: None, _probe_flux),
+        ("attention", "JointTransformerBlock", "block", _joint_block, _check_joint, _probe_flux),
         ("transformers.transformer_wan", "WanTransformerBlock", "block", _wan_block, _check_wan, _probe_wan),
     ]
     specs = {}
@@ -340,7 +374,7 @@ def _specs():
 FUSED = {  # name -> function, so a pickled FusedForward refers to functions by name
     f.__name__: f for f in (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _ada_layer_norm_continuous,
                             _sd35_ada_layer_norm_zero_x, _cogvideox_layer_norm_zero, _basic_block,
-                            _flux_double_block, _flux_single_block, _wan_block)
+                            _flux_double_block, _flux_single_block, _wan_block, _joint_block)
 }
 
 
@@ -388,6 +422,8 @@ def _judge(module: nn.Module, fused, probe_inputs) -> str | None:
     if len(got) != len(want):
         return f"its forward returns {len(want)} values, the fused one {len(got)}"
     for i, (w, g) in enumerate(zip(want, got)):
+        if w is None and g is None:  # e.g. the context stream of SD3's last block
+            continue
         if not (torch.is_tensor(w) and torch.is_tensor(g)) or w.shape != g.shape:
             return f"output {i}: {getattr(w, 'shape', w)} against the fused {getattr(g, 'shape', g)}"
         diff = (w.float() - g.float()).abs().max().item() if w.numel() else 0.0

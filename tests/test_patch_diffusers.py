@@ -75,7 +75,8 @@ def sd3():
                   pooled_projections=torch.randn(B, 12, generator=gen), timestep=torch.tensor([3.0, 801.0]))
     # block 0: SD3.5's dual attention (SD35AdaLayerNormZeroX); block 1 is the last (its context
     # stream ends in AdaLayerNormContinuous); the model's own norm_out another
-    return model, inputs, {"SD35AdaLayerNormZeroX": 1, "AdaLayerNormZero": 2, "AdaLayerNormContinuous": 2}
+    return model, inputs, {"SD35AdaLayerNormZeroX": 1, "AdaLayerNormZero": 2, "AdaLayerNormContinuous": 2,
+                           "JointTransformerBlock": 2}
 
 
 def wan():
@@ -204,7 +205,7 @@ def test_pickling_keeps_the_patch():
         torch.testing.assert_close(loaded(**inputs).sample, model(**inputs).sample)
 
 
-@pytest.mark.parametrize("family", ["flux", "dit"])
+@pytest.mark.parametrize("family", ["flux", "dit", "sd3", "wan"])
 def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family):
     """compile_repeated_blocks(fullgraph=True) over the patched blocks (the torch path on the
     CPU: compile cannot run interpreted kernels): no graph break, the same output."""
@@ -213,7 +214,7 @@ def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family):
     with torch.no_grad():
         want = model(**inputs).sample
     patch_diffusers(model)
-    model._repeated_blocks = model._repeated_blocks or ["BasicTransformerBlock"]
+    model._repeated_blocks = model._repeated_blocks or ["BasicTransformerBlock", "JointTransformerBlock"]
     torch._dynamo.reset()
     model.compile_repeated_blocks(fullgraph=True, backend="eager")
     with pf_kernels.use_backend("torch"), torch.no_grad():
