@@ -7,6 +7,8 @@
     python -m pf.sample ckpt=... viz=true ...      # also a strip over the sampling steps
     python -m pf.sample ckpt=t2i.pt prompt="a handwritten seven" n=10   # a text-to-image model
     python -m pf.sample ckpt=t2i.pt prompts=prompts.txt n=30            # one prompt a line, cycled
+    python -m pf.sample ckpt=... inpaint=item.png mask_box=[8,0,16,16]  # complete a picture (pf.inpaint):
+        # mask=MASK.png (white = generate) | mask_box=[x0,y0,x1,y1] | outpaint=left:8; n completions
 
 Arguments are ``key=value`` (values read as YAML: ``true``, ``4.0``, ``[1,2]``); run with
 ``help`` for the list. Sample ``i`` (of the grid or the dump) always gets the same noise and
@@ -35,11 +37,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from pf import cli
+from pf import cli, conditioning
+from pf.autoencoder import to_uint8
 from pf.cli import UsageError
 from pf.data.names import class_names
 from pf.errors import debug, is_expected, one_line
 from pf.models.checkpoint import check_writable
+from pf.inpaint import LatentEncoder, box_mask, inpaint, load_mask, load_picture, outpaint
 from pf.pipeline import Pipeline, indexed_inputs, load_model
 from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
 from pf.sampling.viz import StepRecorder, viz_strip
@@ -73,9 +77,13 @@ DEFAULTS = {
     "n_inner": 4,  # dual_loop
     "ratio": 1.4,  # look_ahead: context_t_ratio
     "progress": True,
+    "inpaint": None,  # a picture to complete (pf.inpaint); with one of mask / mask_box / outpaint
+    "mask": None,  # inpaint: a mask picture, white = generate
+    "mask_box": None,  # inpaint: [x0,y0,x1,y1] in pixels, the box to generate
+    "outpaint": None,  # inpaint: side:pixels (left:8): move the picture over, generate the new strip
 }
 
-TEXT_KEYS = ("prompt", "prompts", "text_path")  # read as typed, not as YAML
+TEXT_KEYS = ("prompt", "prompts", "text_path", "inpaint", "mask", "outpaint")  # read as typed, not as YAML
 
 
 def _show(value) -> str:
@@ -105,8 +113,11 @@ def validate(cfg: dict) -> dict:
     if not cfg["ckpt"]:
         raise UsageError(f"ckpt=PATH is required\n{USAGE}")
     cfg["ckpt"], cfg["out"] = str(cfg["ckpt"]), str(cfg["out"])
+    check_inpaint_keys(cfg)
     if cfg["cfg"] is None:
-        cfg["cfg"] = 1.0 if cfg["fid"] is True else 4.0
+        unlabelled_inpaint = cfg["inpaint"] is not None and cfg["classes"] is None and cfg["prompt"] is None \
+            and cfg["prompts"] is None
+        cfg["cfg"] = 1.0 if cfg["fid"] is True or unlabelled_inpaint else 4.0
     for key in ("steps", "n", "seed", "batch", "num", "n_inner", "viz_cols"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "seed" else 1):
             raise UsageError(f"{key} must be a positive integer, got {cfg[key]!r}")
@@ -137,6 +148,21 @@ def validate(cfg: dict) -> dict:
     cfg["prompt_list"] = read_prompts(cfg)
     cfg["compile_mode"] = str(cfg["compile_mode"])
     return cfg
+
+
+def check_inpaint_keys(cfg: dict) -> None:
+    """``inpaint=PICTURE`` goes with exactly one of mask / mask_box / outpaint, and not with fid."""
+    given = [k for k in ("mask", "mask_box", "outpaint") if cfg[k] is not None]
+    if cfg["inpaint"] is None:
+        if given:
+            raise UsageError(f"{given[0]}= describes what to generate in a picture: give inpaint=PICTURE with it")
+        return
+    if len(given) != 1:
+        raise UsageError("inpaint=PICTURE needs one of mask=MASK.png (white = generate), mask_box=[x0,y0,x1,y1] "
+                         f"or outpaint=side:pixels; got {', '.join(given) or 'none'}")
+    if cfg["fid"] is True or cfg["graphs"] is True:
+        raise UsageError("inpaint= draws a grid of completions: not with fid=true or graphs=true")
+    cfg["inpaint"] = str(cfg["inpaint"])
 
 
 def read_prompts(cfg: dict) -> list[str] | None:
@@ -291,6 +317,64 @@ def write_viz(pipe: Pipeline, cfg: dict) -> Path:
     return path
 
 
+def inpaint_inputs(pipe: Pipeline, cfg: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The picture to complete (1, C, H, W) in [-1, 1] (moved over for ``outpaint``), its
+    generate-mask (1, 1, H, W) and the encode/decode pair of a latent model."""
+    latent = pipe.decode is not None and pipe.decode.latent
+    factor = 2 ** (len(pipe.decode.vae.config.block_out_channels) - 1) if latent else 1
+    size, channels = pipe.base.input_size * factor, 3 if latent else pipe.base.in_channels
+    image = load_picture(cfg["inpaint"], channels, size)
+    if cfg["outpaint"] is not None:
+        image, mask = outpaint(image, cfg["outpaint"])
+    elif cfg["mask_box"] is not None:
+        mask = box_mask(size, cfg["mask_box"])
+    else:
+        mask = load_mask(cfg["mask"], size)
+    coders = {"encode": LatentEncoder(pipe.decode.vae, pipe.decode.scale), "decode": pipe.decode} if latent else {}
+    return image, mask, coders
+
+
+def write_inpaint(pipe: Pipeline, cfg: dict) -> Path:
+    """``n`` completions of the picture (sample ``i``'s noise from ``seed`` and ``i``; classes
+    cycled, default the null class), in a grid after the input and its masked form; with
+    ``viz=true`` also the strip of completion 0 (the patch-times row shows the kept patches at 1)."""
+    image, mask, coders = inpaint_inputs(pipe, cfg)
+    indices = list(range(cfg["n"]))
+    noise, cond = inputs_of(pipe, cfg, indices)
+    if pipe.text is None and cfg["classes"] is None:
+        cond = torch.full_like(cond, pipe.base.num_classes)  # no class given: the null class
+    done, t0 = [], time.perf_counter()
+    for start in tqdm(range(0, len(indices), cfg["batch"]), desc="batches", disable=not cfg["progress"]):
+        rows = slice(start, min(start + cfg["batch"], len(indices)))
+        b = rows.stop - rows.start
+        with pipe.autocast():
+            out = inpaint(pipe.model, image.expand(b, -1, -1, -1), mask, pipe.sampler, steps=cfg["steps"],
+                          y=conditioning.to(conditioning.rows(cond, rows), pipe.device), cfg_scale=cfg["cfg"],
+                          guidance_interval=cfg["guidance_interval"], uc_cond=pipe.null(), noise=noise[rows],
+                          progress=cfg["progress"], **coders)
+        done.append(to_uint8(out.images))
+    seconds = time.perf_counter() - t0
+    masked = torch.where(out.kept_pixels[:1].cpu(), image, torch.zeros_like(image))  # generated region grey
+    tiles = rgb_nhwc(torch.cat([to_uint8(image), to_uint8(masked), *done]))
+    labels = ["input", "kept"] + [f"seed {cfg['seed']}/{i}" for i in indices]
+    grid = tile_grid(tiles, min(len(tiles), 10), labels=labels,
+                     caption=f"inpainting ({out.keep[0].sum().item()} of {out.keep.shape[1]} patches kept): {caption(cfg)}")
+    path = save_png(grid, Path(cfg["out"]) / f"inpaint-{_tag(cfg)}.png")
+    print(f"NFE {out.nfe} per completion; {cfg['n']} completions in {seconds:.1f}s on {pipe.device}")
+    print(f"wrote {path} (first tiles: the input and its kept patches; grey = generated region)")
+    if cfg["viz"]:
+        recorder = StepRecorder(pipe.base, batch=1)
+        with pipe.autocast():
+            inpaint(recorder, image, mask, pipe.sampler, steps=cfg["steps"], y=conditioning.to(
+                conditioning.rows(cond, slice(0, 1)), pipe.device), cfg_scale=cfg["cfg"],
+                guidance_interval=cfg["guidance_interval"], uc_cond=pipe.null(), noise=noise[:1], **coders)
+        strip = viz_strip(recorder.frames, pipe.decode, pipe.base.patch_size, max_cols=cfg["viz_cols"],
+                          caption=f"inpainting: {caption(cfg)} (patch t: kept patches stay white, t = 1)")
+        viz = save_png(strip, Path(cfg["out"]) / f"inpaint-{_tag(cfg)}-viz.png")
+        print(f"wrote {viz} (rows: image, difficulty, patch times; {len(recorder.frames)} model calls)")
+    return path
+
+
 def write_fid_dump(pipe: Pipeline, cfg: dict, rank: int, world: int) -> Path | None:
     """Each rank samples indices ``rank::world`` into a part file; rank 0 checks that the
     parts cover every index once and writes ``arr_0`` (num, H, W, 3) uint8 in index order."""
@@ -382,11 +466,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_writable(cfg["out"])  # before the model is drawn from: a read-only folder or a file in the way
             pipe = build_pipeline(cfg, device)
-            if cfg["fid"]:
+            if cfg["inpaint"] is not None:
+                write_inpaint(pipe, cfg)
+            elif cfg["fid"]:
                 write_fid_dump(pipe, cfg, rank, world)
             else:
                 write_grid(pipe, cfg)
-            if cfg["viz"] and rank == 0:
+            if cfg["viz"] and rank == 0 and cfg["inpaint"] is None:
                 write_viz(pipe, cfg)
         finally:
             if world > 1:

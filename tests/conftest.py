@@ -33,6 +33,7 @@ SAME_ON_EVERY_STACK = {
     "test_findings.py": "the study's statements over stored records",
     "test_flow.py": "the probability path: tensor arithmetic",
     "test_gpu_study.py": "the study's device-call plumbing (plans, deadlines, returned files), rehearsed",
+    "test_inpaint.py": "inpainting masks, files and kept patches through the samplers (the networks: test_models)",
     "test_layers.py": "the import map, read from the source",
     "test_mnist_format.py": "IDX file parsing",
     "test_repa_study.py": "the REPA study's stages and report",

@@ -25,7 +25,7 @@ LAYERS = [
     ("core", ["pf.models", "pf.data", "pf.text", "pf.encoders", "pf.conditioning", "pf.timesteps", "pf.flow",
               "pf.training.objective"]),
     ("sampling", ["pf.samplers", "pf.guidance", "pf.autoencoder"]),
-    ("assembly", ["pf.training", "pf.pipeline", "pf.sampling", "pf.eval"]),
+    ("assembly", ["pf.training", "pf.pipeline", "pf.inpaint", "pf.sampling", "pf.eval"]),
     ("commands", ["pf.train", "pf.sample", "pf.export", "pf.data.encode", "pf.eval.__main__"]),
     ("experiments", ["pf.experiments"]),
 ]
