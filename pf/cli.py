@@ -44,6 +44,12 @@ def parse(defaults: dict, argv: list[str], free: tuple[str, ...] = (), verbatim:
             as_typed[key] = value
         else:
             items.append(arg)
+    for item in items:  # a value YAML cannot read (``x=[1``) raises yaml's own error, not a ValueError
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as err:
+            why = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise UsageError(f"{item}: the value does not parse ({why})") from None
     cfg = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.from_dotlist(items))
     for key, value in as_typed.items():
         OmegaConf.update(cfg, key, value, merge=False)

@@ -559,8 +559,8 @@ def _check_command_line(argv: list[str]) -> None:
     """What hydra would report with a trace, checked first: the keys, hydra's own parse and
     compose of the config, the run folder (in use, holding a run) and whether it can be written."""
     cfg = compose_config(argv, with_hydra=True)
-    check_before_hydra(argv)
     check_writable(cfg.hydra.run.dir, create=False)
+    check_before_hydra(argv)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

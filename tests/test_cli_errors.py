@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +111,9 @@ CASES = [
     (["-m", "pf.data.encode", "images=/nonexistent", "out=/tmp/pf-cli-errors-lat", "vae=/nope"],
      r"images=/nonexistent: no such folder"),
     (["-m", "pf.data.encode", "images=/tmp", "out=/tmp/pf-cli-errors-lat"], r"set vae=<local diffusers AutoencoderKL"),
+    # issue 27, finding 7 through the real entry points: hydra's own parse error, a study's compose
+    (TRAIN + ["trainer.lr=[1,"], r"trainer\.lr=\[1,: .*no viable alternative"),
+    (["-m", "pf.experiments.reproduce", "data=nope"], r"data=nope: unknown option; choose one of .*digits"),
 ]
 
 
@@ -165,3 +170,161 @@ def test_command_line_keys_are_checked_before_composing():
         check_overrides(["trainer.lr.x=1"])
     with pytest.raises(ConfigError, match=r"data=imagenet: unknown option"):
         check_overrides(["data=imagenet"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The error contract of every entry point, called in-process (its main with this argv, stderr
+# captured): exactly one ``error:`` line and exit code 2 for each bad input, and with PF_DEBUG=1
+# the exception itself (its traceback). Issue 27, finding 7's list is here, each by its entry point.
+
+def read_only_folder(root: Path) -> Path | None:
+    """A folder no process may write: a read-only tmpfs (root ignores permission bits), else a
+    0o555 folder for a normal user; None where neither can be made (those cases are skipped)."""
+    folder = root / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return folder
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
+    return folder if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from model_helpers import tiny_model
+    from pf.models.checkpoint import model_checkpoint, save_checkpoint
+
+    root = tmp_path_factory.mktemp("bad")
+    ckpt = root / "tiny.pt"
+    save_checkpoint(model_checkpoint(tiny_model(dtype=torch.float32)), ckpt)
+    unknown = model_checkpoint(tiny_model(dtype=torch.float32))
+    unknown["config"]["bogus_param"] = 3  # a config from another version
+    save_checkpoint(unknown, root / "unknown_param.pt")
+    save_checkpoint({"format": "patch-forcing", "model_class": "PatchForcingT2I", "config": {}, "state_dict": {}},
+                    root / "t2i.pt")
+    (root / "random.pt").write_bytes(bytes(range(256)) * 8)
+    (root / "empty.pt").write_bytes(b"")
+    (root / "prompts.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "a_file").write_text("not a folder")
+    pictures = root / "pictures"
+    pictures.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(pictures / f"{i}.png")
+    (pictures / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")
+    (root / "classes" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "classes" / "a" / "0.png")
+    ro = read_only_folder(root)
+    yield {"root": root, "ckpt": ckpt, "ro": ro}
+    if ro is not None and os.geteuid() == 0:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def _entry(name: str):
+    """The callable behind ``python -m NAME``: argv -> exit code."""
+    import importlib
+
+    from pf import cli
+    from pf.errors import run_command
+
+    if name in ("pf.sample", "pf.export"):
+        return importlib.import_module(name).main
+    if name == "pf.train":  # hydra's app itself runs in a child (CASES above); its command-line checks here
+        import pf.train
+
+        return lambda argv: run_command(lambda: pf.train._check_command_line(argv))
+    module = importlib.import_module("pf.eval.__main__" if name == "pf.eval" else name)
+    if name.startswith("pf.experiments."):
+        from pf.experiments.command import expand_toy
+
+        return lambda argv: cli.run(module.main, module.DEFAULTS, module.__doc__, free=getattr(module, "FREE", ()),
+                                    argv=expand_toy(argv, list(module.TOY)))
+    free = ("sampler.params",) if name == "pf.eval" else ()
+    return lambda argv: cli.run(module.main, module.DEFAULTS, module.__doc__, free=free, argv=argv)
+
+
+NO_GPU = "no CUDA device is available"
+RO = r"(read-only|Read-only file system|cannot write here)"
+# (entry point, argv with {root}/{ckpt}/{ro} filled in, the line's pattern); {ro} cases need a read-only folder
+CONTRACT = [
+    # pf.train: hydra's own parse error, a run folder that cannot be written or is a file
+    ("pf.train", ["trainer.lr=[1,"], r"trainer.lr=\[1,: .*no viable alternative"),
+    ("pf.train", ["hydra.run.dir={root}/a_file"], r"a_file: not a folder"),
+    ("pf.train", ["hydra.run.dir={ro}/run"], RO),
+    # pf.sample
+    ("pf.sample", ["ckpt={ckpt}", "out={ro}/samples"], RO),
+    ("pf.sample", ["ckpt={ckpt}", "out={root}/a_file"], r"a_file: not a folder"),
+    ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "device=cuda"], NO_GPU),
+    ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "prompts={root}/prompts.bin"], r"prompts=.* is not a UTF-8 text file"),
+    ("pf.sample", ["ckpt={root}/unknown_param.pt", "out={root}/s"], r"unknown_param.pt: its config does not fit "
+                                                                    r"PatchForcingDiT .*bogus_param"),
+    ("pf.sample", ["ckpt={root}/random.pt", "out={root}/s"], r"random.pt is not a readable checkpoint"),
+    ("pf.sample", ["ckpt={root}/empty.pt", "out={root}/s"], r"empty.pt is empty \(0 bytes\), not a checkpoint$"),
+    ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "cfg=.inf"], r"cfg must be a finite number, got inf"),
+    ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "steps=True"], r"steps=True: expected an integer"),
+    ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "n=-5"], r"n must be a positive integer, got -5"),
+    # pf.export
+    ("pf.export", ["{ckpt}", "--out", "{root}"], r"--out .* is a folder: name the file to write"),
+    ("pf.export", ["{ckpt}", "--out", "{ckpt}"], r"--out .* is the checkpoint being exported"),
+    ("pf.export", ["{ckpt}", "--out", "{ro}/x.pt"], RO),
+    ("pf.export", ["{root}/random.pt"], r"random.pt is not a readable checkpoint"),
+    # pf.eval
+    ("pf.eval", ["generated={root}/t2i.pt"], r"is a text-to-image checkpoint: pf.eval draws class-conditional"),
+    ("pf.eval", ["generated={root}/pictures"], r"3.png is not a readable image"),
+    ("pf.eval", ["generated={ckpt}", "num_samples=-5"], r"num_samples=-5: expected an integer >= 1"),
+    ("pf.eval", ["generated={ckpt}", "device=cuda"], NO_GPU),
+    ("pf.eval", ["generated={root}/pictures", "out={ro}/eval.json"], RO),
+    ("pf.eval", ["generated={root}/pictures", "out={root}"], r"out=.* is a folder: name the JSON file"),
+    # pf.eval.train_classifier: refused before any training
+    ("pf.eval.train_classifier", ["out={ro}/c.pt"], RO),
+    ("pf.eval.train_classifier", ["out={root}"], r"out=.* is a folder: name the classifier file"),
+    ("pf.eval.train_classifier", ["out={root}/c.pt", "test_frac=1.5"], r"test_frac=1.5: expected a number in \(0, 1\)"),
+    ("pf.eval.train_classifier", ["out={root}/c.pt", "epochs=0"], r"epochs=0: expected an integer >= 1"),
+    # pf.data.encode
+    ("pf.data.encode", ["images={root}/classes", "out={root}/a_file", "vae=/nope"], r"out=.*a_file is a file"),
+    ("pf.data.encode", ["images={root}/classes", "out={ro}/latents", "vae=/nope"], RO),
+    ("pf.data.encode", ["images={root}/classes", "out={root}/lat", "vae=/nope", "device=cuda"], NO_GPU),
+    ("pf.data.encode", ["images={root}/classes", "out={root}/lat", "vae=/nope", "dtype=int8"], r"dtype must be"),
+    # the studies
+    ("pf.experiments.reproduce", ["data=nope"], r"data=nope: unknown option; choose one of .*digits"),
+    ("pf.experiments.reproduce", ["train.steps=abc"], r"train\.steps='abc': expected an integer"),
+    ("pf.experiments.findings", ["bogus=1"], r"unknown option 'bogus'"),
+    ("pf.experiments.repa", ["bogus"], r"expected key=value, got 'bogus'"),
+    ("pf.experiments.t2i", ["train.steps=[1"], r"train\.steps"),
+]
+
+
+def _fill(args: list[str], files: dict) -> list[str]:
+    return [a.format(root=files["root"], ckpt=files["ckpt"], ro=files["ro"]) for a in args]
+
+
+def test_every_entry_point_keeps_the_error_contract(bad_files, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("PF_DEBUG", raising=False)
+    ran = set()
+    for name, args, pattern in CONTRACT:
+        if ("{ro}" in " ".join(args) and bad_files["ro"] is None) or (pattern == NO_GPU and torch.cuda.is_available()):
+            continue
+        argv = _fill(args, bad_files)
+        code = _entry(name)(argv)
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, argv, code, err[-1500:])
+        assert re.search(pattern, lines[0]), (name, argv, lines[0])
+        ran.add(name)
+    assert ran >= {"pf.train", "pf.sample", "pf.export", "pf.eval", "pf.eval.train_classifier", "pf.data.encode",
+                   "pf.experiments.reproduce", "pf.experiments.findings", "pf.experiments.repa", "pf.experiments.t2i"}
+    assert not (bad_files["root"] / "c.pt").exists()  # nothing trained for a refused classifier
+
+    # PF_DEBUG=1: the same inputs raise, so the interpreter prints their traceback
+    monkeypatch.setenv("PF_DEBUG", "1")
+    for name, args, _ in CONTRACT[::4]:
+        if "{ro}" in " ".join(args) and bad_files["ro"] is None:
+            continue
+        with pytest.raises(Exception):
+            _entry(name)(_fill(args, bad_files))
+    capsys.readouterr()

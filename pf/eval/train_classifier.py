@@ -50,6 +50,8 @@ def ensure_classifier(data_cfg, out=None, *, epochs: int = 40, batch_size: int =
             log(f"classifier: {path} (cached; test accuracy {info.get('test_accuracy', float('nan')):.4f})")
         return path, info
     check_training(epochs, batch_size, lr, test_frac)
+    if path.is_dir():
+        raise ValueError(f"out={path} is a folder: name the classifier file to write (e.g. {path / 'classifier.pt'})")
     check_writable(path.parent)  # before training: the weights must have a place to go
     images, labels = load_dataset_images(data_cfg)
     num_classes = int(labels.max()) + 1 if data_cfg.get("num_classes") is None else int(data_cfg.num_classes)
