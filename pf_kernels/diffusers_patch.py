@@ -7,7 +7,8 @@
                 LN/RMS + modulation in one ``norm_modulate`` pass;
   blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
                 (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
-                ``FluxSingleTransformerBlock``, SD3's ``JointTransformerBlock``, ``WanTransformerBlock`` (its bf16 stream kept while
+                ``FluxSingleTransformerBlock``, SD3's ``JointTransformerBlock``, ``WanTransformerBlock``
+                and ``LTXVideoTransformerBlock`` (RMSNorm with a shift, per-token modulation) (its bf16 stream kept while
                 it modulates in fp32): each residual update fused with the next norm and
                 modulation (``residual_norm_modulate``), the last one a single ``residual`` pass.
 Each module keeps its class (diffusers matches blocks by class name: ``compile_repeated_blocks``,
@@ -242,6 +243,22 @@ def _wan_block(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
     return residual(x, c_gate_msa, self.ffn(h), out_dtype=dtype)
 
 
+def _ltx_block(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, encoder_attention_mask=None):
+    """LTX-Video: RMSNorm with shift, modulation per sample or per token (temb (B, 1|N, 6D));
+    the ungated cross-attention residual fused with norm2 and the MLP's modulation."""
+    n_ada = self.scale_shift_table.shape[0]
+    ada = self.scale_shift_table[None, None].to(temb.device) + temb.reshape(hidden_states.size(0), temb.size(1),
+                                                                              n_ada, -1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.unbind(dim=2)  # (B, 1|N, D) views
+    h = _mod(self.norm1, hidden_states, shift_msa, scale_msa)
+    attn = self.attn1(hidden_states=h, encoder_hidden_states=None, image_rotary_emb=image_rotary_emb)
+    x = residual(hidden_states, gate_msa, attn)
+    attn = self.attn2(x, encoder_hidden_states=encoder_hidden_states, image_rotary_emb=None,
+                      attention_mask=encoder_attention_mask)
+    x, h = _res_mod(self.norm2, x, None, attn, shift_mlp, scale_mlp)
+    return residual(x, gate_mlp, self.ff(h))
+
+
 #################################################################################
 #                Nomination: which class, its structure, its probe              #
 #################################################################################
@@ -319,6 +336,18 @@ def _probe_wan(m, gen):
             None), {}
 
 
+def _probe_ltx(m, gen):
+    d = m.scale_shift_table.shape[-1]
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, m.attn2.to_k.in_features),
+            _rand(gen, PROBE_B, PROBE_N, 6 * d)), {}  # per-token modulation
+
+
+def _check_ltx(m):
+    if m.scale_shift_table.shape[0] != 6:
+        return f"scale_shift_table has {m.scale_shift_table.shape[0]} rows, not 6"
+    return _needs_norms(m, "norm1", "norm2")
+
+
 def _check_joint(m):
     return _needs_norms(m, "norm2", *(() if m.context_pre_only else ("norm2_context",)))
 
@@ -359,6 +388,7 @@ def _specs():
         ("transformers.transformer_flux", "FluxSingleTransformerBlock", "block", _flux_single_block,
          lambda m: None, _probe_flux),
         ("attention", "JointTransformerBlock", "block", _joint_block, _check_joint, _probe_flux),
+        ("transformers.transformer_ltx", "LTXVideoTransformerBlock", "block", _ltx_block, _check_ltx, _probe_ltx),
         ("transformers.transformer_wan", "WanTransformerBlock", "block", _wan_block, _check_wan, _probe_wan),
     ]
     specs = {}
@@ -374,7 +404,7 @@ def _specs():
 FUSED = {  # name -> function, so a pickled FusedForward refers to functions by name
     f.__name__: f for f in (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _ada_layer_norm_continuous,
                             _sd35_ada_layer_norm_zero_x, _cogvideox_layer_norm_zero, _basic_block,
-                            _flux_double_block, _flux_single_block, _wan_block, _joint_block)
+                            _flux_double_block, _flux_single_block, _wan_block, _joint_block, _ltx_block)
 }
 
 

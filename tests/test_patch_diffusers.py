@@ -89,14 +89,39 @@ def wan():
     return model, inputs, {"WanTransformerBlock": 2}
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan}
+def ltx():
+    model = diffusers.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                                 attention_head_dim=12, cross_attention_dim=24, num_layers=2,
+                                                 caption_channels=16)
+    gen = torch.Generator().manual_seed(6)
+    n = 6
+    inputs = dict(hidden_states=torch.randn(B, n, 8, generator=gen),
+                  encoder_hidden_states=torch.randn(B, 5, 16, generator=gen),
+                  timestep=(1000 * torch.rand(B, n, generator=gen)).round(),  # per token: (B, N, 6D) modulation
+                  encoder_attention_mask=torch.ones(B, 5), num_frames=1, height=2, width=3)
+    return model, inputs, {"LTXVideoTransformerBlock": 2}
+
+
+def cogvideox():
+    model = diffusers.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                                  out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=1,
+                                                  sample_width=4, sample_height=4, sample_frames=1, patch_size=2,
+                                                  max_text_seq_length=5)
+    gen = torch.Generator().manual_seed(7)
+    inputs = dict(hidden_states=torch.randn(B, 1, 4, 4, 4, generator=gen),
+                  encoder_hidden_states=torch.randn(B, 5, 16, generator=gen), timestep=torch.tensor([3, 801]))
+    return model, inputs, {"CogVideoXLayerNormZero": 2}  # affine LayerNorms over both streams
+
+
+FAMILIES = {"dit": dit, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
 
 
 def run(model, inputs, backend):
     """(output, input grads, parameter grads) of a fixed random projection of the output."""
     model.zero_grad(set_to_none=True)
     leaves = {k: v.clone().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep"
-              and not k.endswith("_ids") else v for k, v in inputs.items()}
+              and not k.endswith(("_ids", "_mask")) else v for k, v in inputs.items()}
+    # (no grads for ids and masks: a mask enters as a -1e4 bias, its grads (~1e4) agree to ~1e-7 relative only)
     with pf_kernels.use_backend(backend):
         out = model(**leaves).sample
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
