@@ -11,7 +11,7 @@ directory (``hydra.run.dir``) receives::
 ``resume=<run dir or checkpoint>`` continues exactly. A folder that already holds a run is
 refused without ``resume=``; ``overwrite=true`` moves that run into ``previous-<time>/`` and
 starts over. ``run.lock`` keeps a second process out while the run lives. ``torchrun --nproc_per_node=N -m
-pf.train`` trains with DDP (rank 0 writes). One step::
+pf.train`` trains with DDP, or FSDP2 with ``trainer.strategy=fsdp`` (rank 0 writes). One step::
 
     cond = conditioning(labels)       class ids, or captions -> text tokens (pf.conditioning)
     t  ~ timestep sampler             (B, N) per patch (pf) or (B,) per sample (fm)
@@ -49,7 +49,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from pf import conditioning as conds
 from pf import samplers as pf_samplers
@@ -62,7 +61,7 @@ from pf.data.names import class_names
 from pf.encoders import build_image_encoder
 from pf.errors import NonFiniteLoss, run_command  # pf.train.NonFiniteLoss stays a name
 from pf.eval.train_classifier import ensure_classifier
-from pf.models.checkpoint import check_writable, load_state_dict_checked
+from pf.models.checkpoint import check_writable
 from pf.models.presets import build_model, build_t2i, num_params
 from pf.text import CachedTextEncoder, encoder_from_config
 from pf.training.checkpointing import (
@@ -70,14 +69,11 @@ from pf.training.checkpointing import (
     resolve_resume,
     restore_rng_state,
     rng_state,
-    training_checkpoint,
     write_checkpoint,
 )
 from pf.training.distributed import Dist, init_distributed, mean_over_ranks, shutdown
-from pf.training.ema import EMA
 from pf.training.fid import InLoopFID
 from pf.training.lr_schedule import build_scheduler
-from pf.training.memory import checkpoint_blocks
 from pf.training.loggers import RunLog
 from pf.training.metrics import progress_bar, read_records
 from pf.training.objective import Alignment, FlowBatch, Objective, flow_objective, validation_loss
@@ -86,24 +82,11 @@ from pf.training.precision import Precision
 from pf.training.run_folder import RunFolderError, RunLock, check_before_hydra, prepare_run_folder
 from pf.training.schema import check_config, compose_config, fill_family_defaults
 from pf.training.step import TrainStep
+from pf.training.strategy import Strategy
 from pf.training.throughput import Throughput
 from pf.training.warm_start import warm_start
 
 log = logging.getLogger("pf.train")
-
-
-class _Forward:
-    """Calls the (DDP-wrapped and/or compiled) model; attributes come from the plain module,
-    so the objective can read ``patch_size`` and ``predict_uncertainty``."""
-
-    def __init__(self, call, module):
-        self._call, self._module = call, module
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
 
 
 #################################################################################
@@ -323,13 +306,12 @@ def _objective(tc, model, encoder):
     return Objective(terms)
 
 
-def _resume(cfg, d: Dist, device, state: dict, generators: dict, timestep_sampler) -> int:
+def _resume(cfg, d: Dist, device, state: dict, generators: dict, timestep_sampler, strategy: Strategy) -> int:
     """Load ``cfg.resume`` into the model, EMA, optimizer, scheduler and random streams; its step."""
     path = resolve_resume(cfg.resume)
     ckpt = load_training_checkpoint(path)
-    load_state_dict_checked(state["model"], ckpt["state_dict"], source=str(path))
+    strategy.load(state["model"], state["optimizer"], ckpt["state_dict"], ckpt["optimizer"], source=str(path))
     state["ema"].load_state_dict(ckpt["ema"], ckpt.get("ema_updates", ckpt["step"]))
-    state["optimizer"].load_state_dict(ckpt["optimizer"])
     state["scheduler"].load_state_dict(ckpt["scheduler"])
     state["precision"].load_state_dict(ckpt.get("precision", {}))
     if len(ckpt["rng"]) == d.world_size:
@@ -340,19 +322,6 @@ def _resume(cfg, d: Dist, device, state: dict, generators: dict, timestep_sample
     if d.is_main:
         log.info("resumed from %s at step %d", path, int(ckpt["step"]))
     return int(ckpt["step"])
-
-
-def _wrap(model, tc, d: Dist, device):
-    """The forward the step calls, and the context that skips the gradient sync (None: one process)."""
-    if tc.activation_checkpointing:
-        checkpoint_blocks(model)
-    train_model, skip_sync = model, None
-    if d.enabled:
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        skip_sync = train_model.no_sync
-    if tc.compile:
-        train_model = torch.compile(train_model)
-    return _Forward(train_model, model), skip_sync
 
 
 class _Pictures:
@@ -412,8 +381,10 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
                            getattr(conditioning.encoder, "dim", None) if conditioning.kind == "text" else None).to(device)
     if cfg.init_from and not cfg.resume:  # a resumed run has its weights in its checkpoint
         warm_start(model, cfg.init_from, cfg.init_from_ema)
+    strategy = Strategy(tc.strategy, d, device, tc.precision)  # ddp | fsdp (sharded before the optimizer exists)
+    model = strategy.shard(model, tc.activation_checkpointing)
     objective = _objective(tc, model, encoder)
-    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    ema = strategy.ema(model, tc.ema_decay, tc.ema_warmup)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
                                   betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc)
@@ -423,8 +394,8 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
     generators = {"noise": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 1)),
                   "timesteps": torch.Generator(device).manual_seed(_stream_seed(seed, d.rank, 2))}
     state = {"model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler, "precision": precision}
-    step = _resume(cfg, d, device, state, generators, timestep_sampler) if cfg.resume else 0
-    forward, skip_sync = _wrap(model, tc, d, device)
+    step = _resume(cfg, d, device, state, generators, timestep_sampler, strategy) if cfg.resume else 0
+    forward, skip_sync = strategy.wrap(model, tc.compile)
     train_step = TrainStep(forward, objective, model.parameters(), optimizer, precision, tc.grad_accum, tc.grad_clip,
                            skip_sync)
 
@@ -461,9 +432,8 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
     def save(step: int, keep: bool) -> None:
         nonlocal last_ckpt
         rng = _gather_rng(rng_state(generators, timestep_sampler, device), d)
+        ckpt = strategy.checkpoint(model, ema, optimizer, scheduler, step, rng, OmegaConf.to_container(cfg, resolve=True))
         if d.is_main:
-            ckpt = training_checkpoint(model, ema, optimizer, scheduler, step, rng,
-                                       OmegaConf.to_container(cfg, resolve=True))
             ckpt["precision"] = precision.state_dict()  # fp16: the loss scale and skipped count
             last_ckpt = write_checkpoint(ckpt, ckpt_dir, step, keep=keep)
 
@@ -510,14 +480,17 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
                       **precision.stats()}
             bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{record['img_per_s']:.0f}")
             window, window_images = [], 0
+        fid_step = bool(tc.fid_every) and (step % tc.fid_every == 0 or final)
+        picture_step = step % tc.sample_every == 0 or final
+        ema_model = ema.whole() if val_step or fid_step or picture_step else None  # fsdp: every rank gathers
         if d.is_main and val_step:
-            record.update({"step": step, **_validate(ema.model, *val, tc.batch_size, autocast)})
-        if fid is not None and (step % tc.fid_every == 0 or final):
-            record.update({"step": step, **fid(ema.model, autocast)})
+            record.update({"step": step, **_validate(ema_model, *val, tc.batch_size, autocast)})
+        if fid is not None and fid_step:
+            record.update({"step": step, **fid(ema_model, autocast)})
         if d.is_main and record:
             run_log.write(record)
-        if d.is_main and (step % tc.sample_every == 0 or final):
-            run_log.pictures(step, *pictures.draw(run_dir / "samples" / f"step_{step:06d}.png", step, ema.model,
+        if d.is_main and picture_step:
+            run_log.pictures(step, *pictures.draw(run_dir / "samples" / f"step_{step:06d}.png", step, ema_model,
                                                   autocast))
         keep = step % tc.keep_every == 0 or final
         if step % tc.ckpt_every == 0 or keep:
@@ -532,7 +505,7 @@ def _train(cfg, tc, run_dir: Path, device: torch.device, d: Dist, precision: Pre
     summary = _summary(run_dir, step, first_loss, time.perf_counter() - t_start, d.is_main)
     if d.is_main:
         log.info("done: %s", summary)
-    return {"model": model, "ema": ema.model, "summary": summary}
+    return {"model": model, "ema": ema.whole(), "summary": summary}  # fsdp: the EMA on rank 0 only
 
 
 def _picture(path: Path, step: int, ema_model, sampler, noise, conds, sc, autocast, names: list[str],

@@ -46,6 +46,8 @@ SAME_ON_EVERY_STACK = {
     "test_study_framework.py": "the study framework: stages, caching, curves, reports",
     "test_t2i_sampling.py": "text conditions through the samplers (the network: test_t2i_model)",
     "test_tree_size.py": "the size of the tracked files",
+    "test_train_options.py": "the trainer's options (schedules, accumulation, loss scaling, logging, data, warm "
+                             "starts): plain torch ops and files (FSDP, which differs: test_train_fsdp)",
 }
 
 

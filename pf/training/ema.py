@@ -34,6 +34,10 @@ class EMA:
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
         self.updates += 1
 
+    def whole(self) -> nn.Module:
+        """The averaged model, whole (a sharded EMA gathers it: pf.training.strategy)."""
+        return self.model
+
     def state_dict(self) -> dict:
         return self.model.state_dict()
 

@@ -125,6 +125,7 @@ class TrainerConfig:
     tf32: bool = True
     compile: bool = False
     activation_checkpointing: bool = False
+    strategy: str = _f("ddp", **_choices("ddp", "fsdp"))
     log_every: int = _f(100, **_rng(1))
     val_every: int = _f(5000, **_rng(1))
     ckpt_every: int = _f(5000, **_rng(1))

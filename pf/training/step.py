@@ -75,7 +75,8 @@ class TrainStep:
     def clip(self) -> torch.Tensor:
         """The gradient norm in true units (fp16: unscaled first), then clipped."""
         self.precision.unscale(self.optimizer)
-        return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
 
     def apply(self, finite: bool) -> bool:
         """The optimizer update; False when fp16 loss scaling skipped it (overflowed gradients)."""
