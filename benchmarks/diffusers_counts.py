@@ -92,6 +92,7 @@ def cases():
     import diffusers
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from diffusers.models.transformers.transformer_ltx import LTXVideoTransformerBlock
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
     gen = torch.Generator().manual_seed(0)
@@ -115,9 +116,17 @@ def cases():
     flux_single = FluxSingleTransformerBlock(d, 2, d // 2)
     yield "Flux single (FluxSingleTransformerBlock)", flux_single, (rand(b, n, d), rand(b, t, d), rand(b, d)), {}, \
         b * n * d
+    ltx = LTXVideoTransformerBlock(d, 2, d // 2, cross_attention_dim=d)
+    yield "LTX-Video (LTXVideoTransformerBlock, per-token modulation)", ltx, (rand(b, n, d), rand(b, t, d),
+                                                                             rand(b, n, 6 * d)), {}, b * n * d
     wan = WanTransformerBlock(d, 2 * d, 2, cross_attn_norm=True)
-    yield "Wan (WanTransformerBlock, cross_attn_norm)", wan, (rand(b, n, d), rand(b, t, d), rand(b, 6, d), None), \
+    yield "Wan (WanTransformerBlock, cross_attn_norm), fp32", wan, (rand(b, n, d), rand(b, t, d), rand(b, 6, d), None), \
         {}, b * n * d
+    # Wan keeps a half-precision stream and modulates in fp32: its casts are kernels and passes
+    # too (fp16 here: the interpreter has no bf16; a bf16 stream runs the same code)
+    half = copy.deepcopy(wan).half()
+    yield "Wan (WanTransformerBlock, cross_attn_norm), fp16 stream", half, (
+        rand(b, n, d).half(), rand(b, t, d).half(), rand(b, 6, d).half(), None), {}, b * n * d
 
 
 def main(argv=None):
