@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 # whose results every supported release defines alike. Each says why. A file not listed here
 # (a new one included) is in the compatibility pass.
 SAME_ON_EVERY_STACK = {
+    "test_adm_eval.py": "ADM's metric arithmetic and pf.eval plumbing (torch-fidelity's Inception, not our models)",
     "test_bad_values.py": "host-side value checks before any kernel or sampler step runs",
     "test_captions.py": "caption text, templates and shard reading",
     "test_cli.py": "the key=value parser of the entry points",

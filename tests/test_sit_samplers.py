@@ -192,6 +192,27 @@ def test_pf_sample_heun_and_sde(sit_ckpt, tmp_path):
         with np.load(out / "sde-steps3-cfg1-seed0-3.npz") as f:
             dumps.append(f["arr_0"])
     assert dumps[0].shape == (3, 8, 8, 3) and np.array_equal(dumps[0], dumps[1])
+    assert _read_like_adm(out / "sde-steps3-cfg1-seed0-3.npz").shape == (3, 8, 8, 3)
+
+
+def _read_like_adm(path):
+    """The way ADM's evaluator opens a sample batch: the zip member ``arr_0.npy`` read as a
+    stream (``read_magic``, a 1.0 / 2.0 header, C order, uint8, NHWC with 3 channels)."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as z:
+        assert "arr_0.npy" in z.namelist()
+        with z.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, fortran_order, dtype = read_header(f)
+            assert not fortran_order and dtype == np.uint8 and len(shape) == 4 and shape[-1] == 3
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+    assert data.size == np.prod(shape)
+    return data.reshape(shape)
 
 
 def test_pf_eval_draws_with_heun_and_sde(sit_ckpt):

@@ -63,7 +63,8 @@ ARMS = {
     "pf_logit_normal": {"label": "PF (one logit-normal t per sample)",
                         "overrides": ["trainer=pf", "trainer.timesteps.name=logit_normal"]},
 }
-SAMPLER_LABELS = {"euler": "Euler", "euler_pf": "Euler", "dual_loop": "dual-loop", "look_ahead": "look-ahead"}
+SAMPLER_LABELS = {"euler": "Euler", "euler_pf": "Euler", "dual_loop": "dual-loop", "look_ahead": "look-ahead",
+                  "heun": "Heun", "sde": "SDE"}  # heun, sde: the SiT baseline's own samplers (SPEC 13)
 
 
 def is_pf(arm_overrides: list[str]) -> bool:
