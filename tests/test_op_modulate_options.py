@@ -203,14 +203,29 @@ def test_opcheck(op):
 def _block_seam(x, c, y):
     gate, shift, scale = c.chunk(3, dim=-1)
     x_new, h = pf_kernels.residual_norm_modulate(x, None, y, shift, scale, rms=True)
+    x_new = pf_kernels.residual(x_new, gate, h, out_dtype=torch.float32)
     return pf_kernels.norm_modulate(x_new, shift, None, weight=scale[0, 0], rms=False) * h.sigmoid()
 
 
-def test_compile_fullgraph_torch_path():
-    """torch.compile(fullgraph=True) traces the general forms (the torch path on the CPU)."""
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interp)])
+def test_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces the general forms, forward and backward: the torch
+    path on the CPU, or the Triton route as opaque custom-op nodes under the interpreter (as
+    test_op_gated_residual_modulate.test_compile_fullgraph), against the eager torch path."""
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(2, 4, 24, generator=gen), torch.randn(2, 4, 24, generator=gen)
     c = torch.randn(2, 1, 72, generator=gen)
-    torch._dynamo.reset()
-    got = torch.compile(_block_seam, fullgraph=True, backend="eager")(x, c, y)
-    torch.testing.assert_close(got, _block_seam(x, c, y))
+    with pf_kernels.use_backend(backend):
+        leaves = [t.clone().requires_grad_() for t in (x, c, y)]
+        torch._dynamo.reset()
+        with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+            got = torch.compile(_block_seam, fullgraph=True, backend="aot_eager")(*leaves)
+            got.square().sum().backward()
+        torch._dynamo.reset()
+    with pf_kernels.use_backend("torch"):
+        eager = [t.clone().requires_grad_() for t in (x, c, y)]
+        want = _block_seam(*eager)
+        want.square().sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)

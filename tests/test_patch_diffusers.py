@@ -230,10 +230,12 @@ def test_pickling_keeps_the_patch():
         torch.testing.assert_close(loaded(**inputs).sample, model(**inputs).sample)
 
 
-@pytest.mark.parametrize("family", ["flux", "dit", "sd3", "wan"])
-def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family):
-    """compile_repeated_blocks(fullgraph=True) over the patched blocks (the torch path on the
-    CPU: compile cannot run interpreted kernels): no graph break, the same output."""
+@pytest.mark.parametrize("family,backend", [("flux", "torch"), ("dit", "torch"), ("sd3", "torch"), ("wan", "torch"),
+                                            pytest.param("flux", "triton", marks=needs_interp)])
+def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family, backend):
+    """compile_repeated_blocks(fullgraph=True) over the patched blocks: no graph break, the same
+    output; through the torch path, and through the Triton route, whose ops stay opaque
+    custom-op nodes under the interpreter (compile cannot run interpreted kernels itself)."""
     model, inputs, _ = FAMILIES[family]()
     randomise(model)
     with torch.no_grad():
@@ -241,11 +243,20 @@ def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family):
     patch_diffusers(model)
     model._repeated_blocks = model._repeated_blocks or ["BasicTransformerBlock", "JointTransformerBlock"]
     torch._dynamo.reset()
-    model.compile_repeated_blocks(fullgraph=True, backend="eager")
-    with pf_kernels.use_backend("torch"), torch.no_grad():
+    model.compile_repeated_blocks(fullgraph=True, backend="eager" if backend == "torch" else "aot_eager")
+    with pf_kernels.use_backend(backend), torch.no_grad(), \
+            torch._functorch.config.patch(decompose_custom_triton_ops=False):
         got = model(**inputs).sample
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_accelerate_hooks_are_refused():
+    """CPU offload (accelerate's hooks, ``_hf_hook`` on a module) before the patch: refused."""
+    model, _, _ = dit()
+    model.transformer_blocks[0]._hf_hook = object()  # what accelerate's add_hook_to_module leaves
+    with pytest.raises(ValueError, match="accelerate hook.*patch_diffusers\\(transformer\\) before"):
+        patch_diffusers(model)
 
 
 def _first_block_cache(model):
