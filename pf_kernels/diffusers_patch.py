@@ -3,7 +3,8 @@
 ``patch_diffusers(transformer)`` finds modules by their exact diffusers class:
   norm modules  ``AdaLayerNormZero``, ``AdaLayerNormZeroSingle``, ``AdaLayerNormContinuous``
                 (chunks in the order scale, shift), ``SD35AdaLayerNormZeroX`` (one norm, two
-                modulations), ``CogVideoXLayerNormZero`` (an affine LayerNorm over both streams):
+                modulations), ``CogVideoXLayerNormZero`` (an affine LayerNorm over both streams),
+                ``LuminaRMSNormZero`` / ``MochiRMSNormZero`` (RMSNorm, scale only):
                 LN/RMS + modulation in one ``norm_modulate`` pass;
   blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
                 (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
@@ -111,6 +112,19 @@ def _cogvideox_layer_norm_zero(self, hidden_states, encoder_hidden_states, temb)
     hidden_states = _mod(self.norm, hidden_states, shift[:, None, :], scale[:, None, :])
     encoder_hidden_states = _mod(self.norm, encoder_hidden_states, enc_shift[:, None, :], enc_scale[:, None, :])
     return hidden_states, encoder_hidden_states, gate[:, None, :], enc_gate[:, None, :]
+
+
+def _lumina_rms_norm_zero(self, x, emb=None):
+    scale_msa, gate_msa, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(4, dim=1)
+    return _mod(self.norm, x, None, scale_msa[:, None]), gate_msa, scale_mlp, gate_mlp
+
+
+def _mochi_rms_norm_zero(self, hidden_states, emb):
+    scale_msa, gate_msa, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(4, dim=1)
+    rms, weight, bias, eps = _norm_spec(self.norm)  # computed in fp32, returned in the stream's dtype
+    h = norm_modulate(hidden_states, None, scale_msa[:, None], weight=weight, bias=bias, rms=rms, eps=eps,
+                      out_dtype=hidden_states.dtype)
+    return h, gate_msa, scale_mlp, gate_mlp
 
 
 #################################################################################
@@ -303,6 +317,11 @@ def _probe_sd35(m, gen):
     return (_rand(gen, PROBE_B, PROBE_N, d),), dict(emb=_rand(gen, PROBE_B, m.linear.in_features))
 
 
+def _probe_scale_only(m, gen):
+    d = m.linear.out_features // 4
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, m.linear.in_features)), {}
+
+
 def _probe_cogvideox(m, gen):
     d = m.linear.out_features // 6
     return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, d),
@@ -382,6 +401,9 @@ def _specs():
         ("normalization", "SD35AdaLayerNormZeroX", "norm", _sd35_ada_layer_norm_zero_x, norm("norm"), _probe_sd35),
         ("normalization", "CogVideoXLayerNormZero", "norm", _cogvideox_layer_norm_zero, norm("norm"),
          _probe_cogvideox),
+        ("normalization", "LuminaRMSNormZero", "norm", _lumina_rms_norm_zero, norm("norm"), _probe_scale_only),
+        ("transformers.transformer_mochi", "MochiRMSNormZero", "norm", _mochi_rms_norm_zero, norm("norm"),
+         _probe_scale_only),
         ("attention", "BasicTransformerBlock", "block", _basic_block, _check_basic, _probe_basic),
         ("transformers.transformer_flux", "FluxTransformerBlock", "block", _flux_double_block,
          norm("norm2", "norm2_context"), _probe_flux),
@@ -404,7 +426,8 @@ def _specs():
 FUSED = {  # name -> function, so a pickled FusedForward refers to functions by name
     f.__name__: f for f in (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _ada_layer_norm_continuous,
                             _sd35_ada_layer_norm_zero_x, _cogvideox_layer_norm_zero, _basic_block,
-                            _flux_double_block, _flux_single_block, _wan_block, _joint_block, _ltx_block)
+                            _flux_double_block, _flux_single_block, _wan_block, _joint_block, _ltx_block,
+                            _lumina_rms_norm_zero, _mochi_rms_norm_zero)
 }
 
 

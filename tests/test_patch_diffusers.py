@@ -332,3 +332,51 @@ def test_wan_keeps_its_bf16_stream():
     assert dtypes == [torch.bfloat16, torch.bfloat16] and got.dtype == torch.bfloat16
     ulp = 2.0**-7
     torch.testing.assert_close(got.float(), want.float(), atol=4 * ulp * want.float().abs().max().item(), rtol=4 * ulp)
+
+
+def _norm_modules():
+    from diffusers.models import normalization as nz
+    from diffusers.models.transformers.transformer_mochi import MochiRMSNormZero
+
+    gen = torch.Generator().manual_seed(11)
+    d, n = 40, 5  # D not a power of two
+    x = torch.randn(B, n, d, generator=gen)
+    return {
+        "AdaLayerNormZero": (nz.AdaLayerNormZero(d), (x,), dict(emb=torch.randn(B, d, generator=gen))),
+        "AdaLayerNormContinuous-rms-affine": (nz.AdaLayerNormContinuous(d, 12, True, 1e-5, True, "rms_norm"),
+                                              (x, torch.randn(B, 12, generator=gen)), {}),
+        "AdaLayerNormContinuous-ln-affine": (nz.AdaLayerNormContinuous(d, 12, True, 1e-5, True),
+                                             (x, torch.randn(B, 12, generator=gen)), {}),
+        "SD35AdaLayerNormZeroX": (nz.SD35AdaLayerNormZeroX(d), (x,), dict(emb=torch.randn(B, d, generator=gen))),
+        "LuminaRMSNormZero": (nz.LuminaRMSNormZero(d, 1e-5, True), (x,), dict(emb=torch.randn(B, d, generator=gen))),
+        "MochiRMSNormZero": (MochiRMSNormZero(12, 4 * d), (x,), dict(emb=torch.randn(B, 12, generator=gen))),
+    }
+
+
+@needs_interp
+@pytest.mark.parametrize("name", ["AdaLayerNormContinuous-rms-affine", "AdaLayerNormContinuous-ln-affine",
+                                  "SD35AdaLayerNormZeroX", "LuminaRMSNormZero", "MochiRMSNormZero"])
+def test_norm_modules_alone(name, triton_backend):
+    """Each norm module with random (affine) weights, D = 40: outputs, input and parameter
+    grads the same patched (kernels) as its own forward."""
+    module, args, kwargs = _norm_modules()[name]
+    randomise(module, seed=3)
+    patched = copy.deepcopy(module)
+    assert int(patch_diffusers(patched)) == 1
+
+    def grads(m, backend):
+        m.zero_grad(set_to_none=True)
+        x = args[0].clone().requires_grad_()
+        with pf_kernels.use_backend(backend):
+            outs = m(x, *args[1:], **kwargs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs], x.grad, [p.grad for p in m.parameters()]
+
+    want, got = grads(module, "torch"), grads(patched, "triton")
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
