@@ -9,6 +9,7 @@ one-line error policy of :mod:`pf.errors`. (``python -m pf.train`` parses with h
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,15 @@ from pf.errors import run_command
 
 class UsageError(ValueError):
     """A bad command line (unknown key, not ``key=value``)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the flag-style commands (``pf.export``, the device calls) whose bad command
+    line is a :class:`UsageError` (one line under :func:`pf.errors.run_command`), not argparse's
+    usage block and exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (python {self.prog.removeprefix('python ')} --help lists the options)")
 
 
 def _leaf_keys(cfg: dict, prefix: str = "") -> list[str]:

@@ -11,10 +11,10 @@ the input, nor an existing file without ``--overwrite``, and is written atomical
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
+from pf import cli
 from pf.errors import run_command
 from pf.models.checkpoint import RELEASED_TARGETS, read_checkpoint_file, model_from_checkpoint_dict, save_checkpoint, save_safetensors
 
@@ -68,15 +68,14 @@ def export(src: str | Path, out: str | Path | None = None, fmt: str = "released"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pf.export", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m pf.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a training checkpoint (or any file load_checkpoint reads)")
     parser.add_argument("--format", default="released", choices=["released", "safetensors"])
     parser.add_argument("--out", default=None, help="output file (default: next to the input)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the input)")
-    args = parser.parse_args(argv)
-
     def run() -> None:
+        args = parser.parse_args(argv)
         out = export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema, overwrite=args.overwrite)
         print(f"wrote {out}")
 

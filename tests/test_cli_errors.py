@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from child_env import ROOT, child_env
+from mounts import read_only_folder, unmount
 from pf.training.schema import ConfigError, check_config, check_overrides, group_options
 
 CONFIG_DIR = Path(ROOT) / "pf" / "configs"
@@ -114,6 +115,8 @@ CASES = [
     # issue 27, finding 7 through the real entry points: hydra's own parse error, a study's compose
     (TRAIN + ["trainer.lr=[1,"], r"trainer\.lr=\[1,: .*no viable alternative"),
     (["-m", "pf.experiments.reproduce", "data=nope"], r"data=nope: unknown option; choose one of .*digits"),
+    *([(TRAIN + ["device=cuda"], r"device=cuda but no CUDA device is available")] if not torch.cuda.is_available()
+      else []),
 ]
 
 
@@ -177,18 +180,6 @@ def test_command_line_keys_are_checked_before_composing():
 # captured): exactly one ``error:`` line and exit code 2 for each bad input, and with PF_DEBUG=1
 # the exception itself (its traceback). Issue 27, finding 7's list is here, each by its entry point.
 
-def read_only_folder(root: Path) -> Path | None:
-    """A folder no process may write: a read-only tmpfs (root ignores permission bits), else a
-    0o555 folder for a normal user; None where neither can be made (those cases are skipped)."""
-    folder = root / "read-only"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        return folder
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
-    return folder if done.returncode == 0 else None
-
-
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
     import numpy as np
@@ -217,10 +208,10 @@ def bad_files(tmp_path_factory):
     (pictures / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")
     (root / "classes" / "a").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "classes" / "a" / "0.png")
-    ro = read_only_folder(root)
+    ro = read_only_folder(root / "read-only")
     yield {"root": root, "ckpt": ckpt, "ro": ro}
-    if ro is not None and os.geteuid() == 0:
-        subprocess.run(["umount", str(ro)], check=False)
+    if ro is not None:
+        unmount(ro)
 
 
 def _entry(name: str):
@@ -230,7 +221,7 @@ def _entry(name: str):
     from pf import cli
     from pf.errors import run_command
 
-    if name in ("pf.sample", "pf.export"):
+    if name in ("pf.sample", "pf.export", "pf.experiments.device_call"):
         return importlib.import_module(name).main
     if name == "pf.train":  # hydra's app itself runs in a child (CASES above); its command-line checks here
         import pf.train
@@ -258,7 +249,8 @@ CONTRACT = [
     ("pf.sample", ["ckpt={ckpt}", "out={ro}/samples"], RO),
     ("pf.sample", ["ckpt={ckpt}", "out={root}/a_file"], r"a_file: not a folder"),
     ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "device=cuda"], NO_GPU),
-    ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "prompts={root}/prompts.bin"], r"prompts=.* is not a UTF-8 text file"),
+    ("pf.sample", ["ckpt={ckpt}", "out={root}/s", "prompts={root}/prompts.bin"],
+     r"prompts=.* is not a UTF-8 text file"),
     ("pf.sample", ["ckpt={root}/unknown_param.pt", "out={root}/s"], r"unknown_param.pt: its config does not fit "
                                                                     r"PatchForcingDiT .*bogus_param"),
     ("pf.sample", ["ckpt={root}/random.pt", "out={root}/s"], r"random.pt is not a readable checkpoint"),
@@ -271,6 +263,8 @@ CONTRACT = [
     ("pf.export", ["{ckpt}", "--out", "{ckpt}"], r"--out .* is the checkpoint being exported"),
     ("pf.export", ["{ckpt}", "--out", "{ro}/x.pt"], RO),
     ("pf.export", ["{root}/random.pt"], r"random.pt is not a readable checkpoint"),
+    ("pf.export", ["{ckpt}", "--format", "onnx"], r"argument --format: invalid choice: 'onnx'.*--help lists"),
+    ("pf.export", [], r"the following arguments are required: checkpoint"),
     # pf.eval
     ("pf.eval", ["generated={root}/t2i.pt"], r"is a text-to-image checkpoint: pf.eval draws class-conditional"),
     ("pf.eval", ["generated={root}/pictures"], r"3.png is not a readable image"),
@@ -294,6 +288,8 @@ CONTRACT = [
     ("pf.experiments.findings", ["bogus=1"], r"unknown option 'bogus'"),
     ("pf.experiments.repa", ["bogus"], r"expected key=value, got 'bogus'"),
     ("pf.experiments.t2i", ["train.steps=[1"], r"train\.steps"),
+    ("pf.experiments.device_call", ["plan"], r"the following arguments are required: study"),
+    ("pf.experiments.device_call", ["snapshot", "a", "b", "c"], r"unexpected arguments: \['c'\]"),
 ]
 
 
@@ -302,8 +298,6 @@ def _fill(args: list[str], files: dict) -> list[str]:
 
 
 def test_every_entry_point_keeps_the_error_contract(bad_files, capsys, monkeypatch):
-    import torch
-
     monkeypatch.delenv("PF_DEBUG", raising=False)
     ran = set()
     for name, args, pattern in CONTRACT:
@@ -317,7 +311,8 @@ def test_every_entry_point_keeps_the_error_contract(bad_files, capsys, monkeypat
         assert re.search(pattern, lines[0]), (name, argv, lines[0])
         ran.add(name)
     assert ran >= {"pf.train", "pf.sample", "pf.export", "pf.eval", "pf.eval.train_classifier", "pf.data.encode",
-                   "pf.experiments.reproduce", "pf.experiments.findings", "pf.experiments.repa", "pf.experiments.t2i"}
+                   "pf.experiments.reproduce", "pf.experiments.findings", "pf.experiments.repa", "pf.experiments.t2i",
+                   "pf.experiments.device_call"}
     assert not (bad_files["root"] / "c.pt").exists()  # nothing trained for a refused classifier
 
     # PF_DEBUG=1: the same inputs raise, so the interpreter prints their traceback

@@ -7,6 +7,7 @@ decoding samples with the manifest's autoencoder."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -323,3 +324,70 @@ def test_manifest_shard_names_stay_in_the_set(chain, tmp_path, name):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"shard name .* is not a file name inside"):
         LatentShards(out)
+
+
+# ------------------------------------------------------------------ faults (issue 27; see also test_faults.py)
+def _same_set(out: Path, reference: Path) -> None:
+    """``out`` holds the reference set's shards byte for byte and a manifest that counts the same."""
+    names = sorted(p.name for p in reference.glob("shard_*"))
+    assert sorted(p.name for p in out.glob("shard_*")) == names
+    for name in names:
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(out / name), np.load(reference / name)), name
+    got, want = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+    assert [(s["name"], s["count"]) for s in got["shards"]] == [(s["name"], s["count"]) for s in want["shards"]]
+    assert got["num_images"] == want["num_images"] and got["latent_shape"] == want["latent_shape"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_encoding_onto_a_full_disk_stops_in_one_line_and_continues_when_there_is_room(chain, tmp_path, capsys):
+    """Finding 7: a disk filling up during encoding was a traceback and left a stale .tmp."""
+    from mounts import mount_tmpfs, unmount
+
+    import pf.data.encode as encode_command
+
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "24k"):  # the settings and the first shard fit, not the rest
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = disk / "latents"
+        argv = [f"images={chain['images']}", f"out={out}", f"vae={chain['vae']}", "image_size=32", "batch=5",
+                "shard_size=10", "num_workers=0", "progress=false", "device=cpu"]
+        assert cli.run(encode_command.main, DEFAULTS, "", argv=argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and re.fullmatch(rf"error: {out}/shard_0000\d\.\w+\.(npy|json): No space left on "
+                                                r"device( \(nothing written\))?", lines[0]), lines
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no stale temp file
+        assert not (out / "manifest.json").exists() and not (out / "shard_00002.json").exists()
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)  # room again: it continues
+        assert cli.run(encode_command.main, DEFAULTS, "", argv=argv) == 0
+        _same_set(out, chain["out"])
+    finally:
+        unmount(disk)
+
+
+def test_a_kill_9_during_encoding_continues_to_the_uninterrupted_set(chain, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "latents"
+    args = [f"images={chain['images']}", f"out={out}", f"vae={chain['vae']}", "image_size=32", "batch=5",
+            "shard_size=10", "num_workers=0", "progress=false", "device=cpu"]
+    # a forked child has the modules imported already (a fresh interpreter spends ~5 s importing)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            torch.set_num_threads(1)
+            encode(cli.parse(DEFAULTS, args))
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 60
+    while not (out / "shard_00000.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)  # mid-way: shard 0 finished, shard 1 being encoded or written
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and (out / "shard_00000.json").exists(), "not killed half-way"
+    assert not (out / "manifest.json").exists()
+    encode(cli.parse(DEFAULTS, args))
+    _same_set(out, chain["out"])

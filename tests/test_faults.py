@@ -1,10 +1,14 @@
 """Faults a user's second command can cause, each guarded (issue 27's findings, numbered as there):
 a run folder re-used without ``resume=`` (1), two trainings in one folder (2), an export over its
-own input (5), a torn last line of ``metrics.jsonl`` (6)."""
+own input (5), a torn last line of ``metrics.jsonl`` (6), a disk filling up during training (7),
+and a study killed (-9) inside a stage. Elsewhere: the encode's faults (a rerun with other
+settings, a full disk, kill -9) in test_encode.py; read-only output folders on every write path
+and every command's one-line errors in test_cli_errors.py; silent nonsense in test_bad_values.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -17,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 import pf.train as pf_train
 from child_env import child_env
+from pf.errors import is_expected, one_line
 from pf.models.checkpoint import read_checkpoint_file
 from pf.training.run_folder import LOCK_NAME, RunFolderError, RunLock, check_before_hydra, held_run
 
@@ -233,13 +238,15 @@ def test_an_append_is_a_whole_line_or_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(metrics_module.os, "write", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as err:
         writer.write({"step": 2, "loss": 0.25})
+    assert one_line(err.value) == f"error: {path}: No space left on device"  # one line naming the file
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
     monkeypatch.setattr(metrics_module.os, "write", lambda fd, data: real_write(fd, data[:3]))  # a short write
-    with pytest.raises(OSError, match="wrote 3 of"):
+    with pytest.raises(OSError, match=r"wrote 3 of .* bytes \(no space left on the device\?\)") as err:
         writer.write({"step": 2, "loss": 0.25})
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+    assert one_line(err.value).startswith(f"error: {path}: wrote 3 of") and is_expected(err.value)
 
 
 # ------------------------------------------------------------------- 1 and 2 under DDP
@@ -273,3 +280,151 @@ def test_every_rank_stops_on_rank_zeros_refusal(tmp_path):
     messages = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
     assert len(messages) == 1 and f"{run} already holds a run (checkpoints/last.pt)" in messages.pop()
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]  # no lock left behind
+
+
+# ------------------------------------------------------------------- 7: a full disk
+def _no_temp_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp"))
+
+
+def test_training_on_a_full_disk_stops_in_one_line_with_nothing_half_written(tmp_path, capsys):
+    """Finding 7: a disk filling up during training was a traceback. Now the checkpoint write
+    that runs out of space is one line naming the file, and no temp or partial file is left."""
+    from mounts import small_disk
+
+    from pf.errors import run_command
+
+    with small_disk(tmp_path / "disk", "1m") as disk:  # the metrics and config fit, a checkpoint (~20 MB) not
+        if disk is None:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        run = disk / "run"
+        code = run_command(lambda: pf_train.train(make_cfg("trainer.max_steps=1", "data.val_size=0"), run))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, lines
+        assert re.fullmatch(rf"error: {run}/checkpoints/(last|step_000001)\.pt: No space left on device "
+                            r"\(nothing written\)", lines[0]), lines
+        assert _no_temp_files(disk) == [] and not list((run / "checkpoints").glob("*.pt"))
+        assert steps_logged(run) == [1] and not (run / LOCK_NAME).exists()  # whole records; the lock released
+
+
+def test_a_checkpoint_write_cut_by_a_full_disk_leaves_the_previous_file(tmp_path, monkeypatch):
+    """Finding 7 where no tmpfs can be mounted: the write itself reports ENOSPC (as np.save and
+    Python's file writes do); the previous last.pt stays, no temp file is left."""
+    import errno
+
+    import torch
+
+    from pf.training.checkpointing import write_checkpoint
+
+    ckpt_dir = tmp_path / "checkpoints"
+    write_checkpoint({"step": 1}, ckpt_dir, 1, keep=True)
+    before = (ckpt_dir / "last.pt").read_bytes()
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as err:
+        write_checkpoint({"step": 2}, ckpt_dir, 2, keep=True)
+    assert one_line(err.value) == f"error: {ckpt_dir / 'last.pt'}: No space left on device (nothing written)"
+    assert (ckpt_dir / "last.pt").read_bytes() == before and _no_temp_files(tmp_path) == []
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.pt", "step_000001.pt"]
+
+
+# ------------------------------------------------------------------- kill -9 during a study's stages
+def toy_stage(log: str, name: str) -> dict:
+    """A study stage: records that it ran (which process) and returns its name."""
+    with open(log, "a") as f:
+        f.write(f"{name} {os.getpid()}\n")
+    return {"name": name}
+
+
+def toy_pieces(out: str, log: str, n: int) -> dict:
+    """A stage made of cached pieces (as the studies' evaluations are), each a little slow."""
+    from pf.experiments.records import cached
+
+    def piece(i: int) -> dict:
+        time.sleep(0.15)
+        with open(log, "a") as f:
+            f.write(f"piece{i} {os.getpid()}\n")
+        return {"value": i * i}
+
+    return {"sum": sum(cached(out, "pieces", {"i": i}, lambda i=i: piece(i))["value"] for i in range(n))}
+
+
+def _toy_study(root: Path) -> list:
+    from pf.experiments.stages import Stage
+
+    root.mkdir(parents=True, exist_ok=True)
+    log = str(root / "calls.txt")
+    return [Stage("first", f"{__name__}:toy_stage", {"log": log, "name": "first"}),
+            Stage("pieces", f"{__name__}:toy_pieces", {"out": str(root / "cache"), "log": log, "n": 5},
+                  deps=("first",)),
+            Stage("last", f"{__name__}:toy_stage", {"log": log, "name": "last"}, deps=("pieces",))]
+
+
+def test_a_kill_9_during_a_study_stage_continues_to_the_uninterrupted_result(tmp_path):
+    """A study killed (-9) inside a stage restarts there: finished stages and pieces are read
+    back, not recomputed, no half-written record is left, and the records equal a run that was
+    never interrupted."""
+    import signal
+
+    from pf.experiments.stages import run_stages
+
+    quiet = lambda *_: None  # noqa: E731
+    ref = tmp_path / "ref"
+    want = run_stages(_toy_study(ref), ref / "records", log=quiet)
+    run = tmp_path / "run"
+    pid = os.fork()
+    if pid == 0:  # the study, killed below (a fork: no interpreter start-up to wait for)
+        try:
+            run_stages(_toy_study(run), run / "records", log=quiet)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while len(list((run / "cache" / "pieces").glob("*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    killed_calls = (run / "calls.txt").read_text().split()[::2]
+    assert killed_calls[0] == "first" and "last" not in killed_calls  # killed inside "pieces"
+
+    got = run_stages(_toy_study(run), run / "records", log=quiet)
+    assert {k: v["result"] for k, v in got.items()} == {k: v["result"] for k, v in want.items()}
+    calls = (run / "calls.txt").read_text().split()[::2]
+    assert calls.count("first") == 1 and all(calls.count(f"piece{i}") == 1 for i in range(5)), calls
+    assert _no_temp_files(run) == [] and len(list((run / "records" / "stages").glob("*.json"))) == 3
+
+
+def test_a_kill_9_during_training_then_resume_is_the_uninterrupted_run(tmp_path):
+    """kill -9 mid-run (after its first checkpoint), then resume=: the same weights, EMA and
+    metrics as a run never interrupted; the dead process's lock is taken over."""
+    import signal
+
+    import torch
+
+    steps = ["trainer.max_steps=4", "trainer.ckpt_every=2", "data.val_size=0"]
+    whole = pf_train.train(make_cfg(*steps), tmp_path / "whole")
+    run = tmp_path / "killed"
+    pid = os.fork()
+    if pid == 0:  # the training, killed below (a fork: no interpreter start-up to wait for)
+        try:
+            pf_train.train(make_cfg(*steps), run)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and (run / LOCK_NAME).exists()  # killed with its lock held
+    resumed = pf_train.train(make_cfg(*steps, f"resume={run}"), run)
+    for a, b in zip(whole["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(whole["model"].state_dict().values(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    logged = [[(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+              for d in (run, tmp_path / "whole")]
+    assert logged[0] == logged[1] and _no_temp_files(run) == []

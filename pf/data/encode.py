@@ -350,6 +350,9 @@ def encode(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(cfg, work["kind"])
     claim_settings(out, settings)
+    if world == 1:  # temp files of a killed run (a kill -9 cleans nothing up); under torchrun a rank may be writing
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     vae = load_vae(cfg.vae, device)
     mine = [i for i in range(len(work["units"])) if i % world == rank]
     todo = [i for i in mine if not (out / f"{shard_name(i)}.json").is_file()]

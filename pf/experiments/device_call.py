@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from pf import cli
+from pf.errors import run_command
 from pf.experiments import command
 from pf.experiments.records import write_json
 from pf.experiments.stages import run_stages, stage_result
@@ -267,8 +268,13 @@ def unpack(records: Path, tars: list[Path]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pf.experiments.device_call", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command; a bad command line or expected error is one line, exit 2 (pf.errors)."""
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    p = cli.ArgumentParser(prog="python -m pf.experiments.device_call", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("plan")
     a.add_argument("study")

@@ -171,7 +171,7 @@ def write_atomically(path: str | os.PathLike, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         if full:  # torch.save and np.save report a full disk without errno or file name
-            raise OSError(errno.ENOSPC, "no space left on the device (nothing written)", str(path)) from err
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (nothing written)", str(path)) from err
         if isinstance(err, OSError) and err.errno is not None and err.filename is None:
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise

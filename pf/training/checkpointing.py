@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from pf.models.checkpoint import model_checkpoint, read_checkpoint_file, save_checkpoint
+from pf.models.checkpoint import model_checkpoint, read_checkpoint_file, save_checkpoint, write_atomically
 
 
 def resolve_resume(path: str | os.PathLike) -> Path:
@@ -82,15 +81,16 @@ def write_checkpoint(ckpt: dict, ckpt_dir: Path, step: int, keep: bool) -> Path:
     save_checkpoint(ckpt, last)
     if keep:
         target = ckpt_dir / f"step_{step:06d}.pt"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=ckpt_dir)
-        os.close(fd)
-        os.remove(tmp)
-        try:
-            os.link(last, tmp)
-        except OSError:
-            shutil.copyfile(last, tmp)
-        os.replace(tmp, target)
+        write_atomically(target, lambda tmp: _link_or_copy(last, tmp))  # no temp file left by a full disk
     return last
+
+
+def _link_or_copy(src: Path, tmp: str) -> None:
+    os.remove(tmp)  # write_atomically's empty temp file: the link takes its name
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
 
 
 def load_training_checkpoint(path: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -61,10 +62,13 @@ class MetricsWriter:
             size = os.fstat(fd).st_size
             try:
                 written = os.write(fd, line)
-                if written != len(line):
-                    raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes")
-            except OSError:
+                if written != len(line):  # a regular file takes a short write only when the disk is full
+                    raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes (no space left on the "
+                                                f"device?); the line was taken back", str(self.path))
+            except OSError as err:
                 os.ftruncate(fd, size)  # a torn line is taken back: the file stays whole records
+                if err.filename is None:  # os.write names no file: the one-line error should
+                    raise OSError(err.errno, err.strerror, str(self.path)) from err
                 raise
         finally:
             os.close(fd)
