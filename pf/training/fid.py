@@ -26,7 +26,8 @@ class InLoopFID:
         if reference.shape[1] not in (1, 3):
             raise ValueError(f"trainer.fid_every works on pixel data (1 or 3 channels); this run trains on "
                              f"{reference.shape[1]}-channel latents: evaluate checkpoints with pf.eval instead")
-        self.weights = tc.fid_weights or ensure_classifier(data_cfg, log=None)[0]
+        with torch.random.fork_rng(devices=[]):  # training the classifier must not move the run's random streams
+            self.weights = tc.fid_weights or ensure_classifier(data_cfg, log=None)[0]
         self.reference = to_uint8(reference.cpu())
         self.data = (str(data_cfg.name), int(reference.shape[-1]))
         n = int(tc.fid_samples)
