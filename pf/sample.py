@@ -51,7 +51,7 @@ from pf.sampling.viz import StepRecorder, viz_strip
 DEFAULTS = {
     "ckpt": None,  # released PFT file or one of this project's checkpoints (required)
     "sampler": "look_ahead",  # euler_pf | dual_loop | look_ahead (euler, heun or sde for global-time models)
-    "steps": 100,  # outer steps
+    "steps": 100,  # outer steps (sde: grid points M, one model call each)
     "guidance_interval": None,  # [lo, hi]: guide only the outer steps with lo <= s_k <= hi (SPEC section 10)
     "cfg": None,  # guidance scale; default 4.0 for pictures, 1.0 (no guidance, the published FID setting) with fid=true
     "classes": None,  # labels, cycled over the samples; default: random per sample

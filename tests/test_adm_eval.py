@@ -204,3 +204,13 @@ def test_guidance_sweep_table_and_plot(inception_file, tmp_path, capsys):
     assert "sweep.cfg needs at least one" in capsys.readouterr().err
     assert cli.run(main, DEFAULTS, "doc", argv=argv) == 2  # never over an earlier sweep
     assert "already holds a sweep" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_inception_features_on_the_gpu_match_the_cpu(inception_file):
+    from pf.eval.inception import InceptionFeatures
+
+    x = torch.from_numpy(_images(4, 3)).permute(0, 3, 1, 2).contiguous()
+    cpu, gpu = InceptionFeatures(inception_file)(x), InceptionFeatures(inception_file, device="cuda")(x)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)

@@ -101,7 +101,8 @@ class SDE(Sampler):
         if self._generator is not None:
             g = self._generator
             return lambda: torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device)
-        gens = [torch.Generator().manual_seed(self.stream_seed(row)) for row in x]
+        rows = x.detach().float().cpu()  # one copy to the host for the whole batch
+        gens = [torch.Generator().manual_seed(self.stream_seed(row)) for row in rows]
         return lambda: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
 
     def stream_seed(self, row: torch.Tensor) -> int:
