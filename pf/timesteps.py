@@ -108,6 +108,32 @@ class LTG(TimestepSampler):
         return t
 
 
+class LTGMarginal(TimestepSampler):
+    """One time per sample, drawn from LTG's per-patch marginal, shared by all patches.
+
+    The control for "what patch heterogeneity adds": the same time density as LTG (every patch
+    of an LTG sample has the same marginal; one patch of it is one draw) with equal times for
+    all patches of a sample. ``t = below_max(sigmoid(loc + scale*n0), n, u, std)`` with one
+    ``n``, ``u`` per sample, expanded to (B, N). Draws with torch's RNG from ``generator``.
+    """
+
+    name = "ltg_marginal"
+
+    def __init__(self, loc: float = 0.7, scale: float = 1.0, std: float = 0.6):
+        for k, v in (("loc", loc), ("scale", scale), ("std", std)):
+            _check_finite(k, v)
+        if std <= 0:
+            raise ValueError(f"LTG std must be > 0, got {std}")
+        self.loc, self.scale, self.std = float(loc), float(scale), float(std)
+
+    def sample(self, batch, num_patches, device, generator):
+        n0 = _randn((batch,), device, generator)
+        n = _randn((batch, 1), device, generator)
+        u = _rand((batch, 1), device, generator)
+        t = ltg_from_noise(n0, n, u, self.loc, self.scale, self.std)  # (B, 1): one patch of an LTG draw
+        return t.expand(batch, num_patches).contiguous()
+
+
 class TruncatedGaussian(LTG):
     """LTG with ``tbar ~ U(0, 1)`` instead of the logit-normal (ablation)."""
 
@@ -210,12 +236,12 @@ class SRM(TimestepSampler):
 
 
 SAMPLERS: dict[str, type[TimestepSampler]] = {
-    cls.name: cls for cls in (LTG, Uniform, LogitNormal, Independent, Gaussian, TruncatedGaussian, SRM)
+    cls.name: cls for cls in (LTG, LTGMarginal, Uniform, LogitNormal, Independent, Gaussian, TruncatedGaussian, SRM)
 }
 
 
 def make(name: str, **params) -> TimestepSampler:
-    """Build a timestep sampler by name: ``ltg`` (default of the method), ``uniform``,
+    """Build a timestep sampler by name: ``ltg`` (default of the method), ``ltg_marginal``, ``uniform``,
     ``logit_normal``, ``independent``, ``gaussian``, ``truncated_gaussian``, ``srm``."""
     key = name.lower().replace("-", "_")
     if key not in SAMPLERS:

@@ -77,3 +77,34 @@ def test_bad_timestep_sampler_arguments(name, params, err):
         timesteps.make(name, **params)
     with pytest.raises(ValueError):
         timesteps.make("uniform")(-1, 4)
+
+
+def _ltg_marginal_cdf(x: np.ndarray, loc=0.7, scale=1.0, std=0.6) -> np.ndarray:
+    """P(t <= x) of one patch of LTG, from SPEC section 4's definition, in float64: averaged
+    over tbar = sigmoid(loc + scale z) (z on a fine grid, normal weights); given tbar, with
+    sd = min(tbar/2, std) and p = P(tbar - |n| sd < 0) = 2(1 - Phi(tbar/sd)):
+    P(t <= x | tbar) = 2(1 - Phi((tbar - x)/sd)) - p + p x / tbar for x < tbar, else 1."""
+    from scipy.stats import norm
+    z = np.linspace(-8, 8, 8001)
+    w = norm.pdf(z)
+    w /= w.sum()
+    tbar = 1 / (1 + np.exp(-(loc + scale * z)))[:, None]  # (Z, 1)
+    sd = np.minimum(tbar / 2, std)
+    p = 2 * (1 - norm.cdf(tbar / sd))
+    xs = x[None, :]
+    below = 2 * (1 - norm.cdf((tbar - xs) / sd)) - p + p * xs / tbar
+    return (w[:, None] * np.where(xs < tbar, below, 1.0)).sum(0)
+
+
+@pytest.mark.parametrize("loc", [0.7, 2.0863])
+def test_ltg_marginal_draws_one_time_from_ltgs_per_patch_law(loc):
+    pytest.importorskip("scipy")
+    t = timesteps.make("ltg_marginal", loc=loc)(100_000, 5, generator=torch.Generator().manual_seed(0))
+    assert (t == t[:, :1]).all()  # one time per sample, shared by its patches
+    one = np.sort(t[:, 0].double().numpy())
+    grid = np.linspace(0.01, 0.99, 99)
+    empirical = np.searchsorted(one, grid, side="right") / len(one)
+    assert np.abs(empirical - _ltg_marginal_cdf(grid, loc=loc)).max() < 0.006
+    # the same law as the patches of LTG itself (its compiled sampler, pooled over patches)
+    patches = timesteps.make("ltg", loc=loc, seed=5)(4000, 16).flatten().numpy()
+    assert _ks(one[::10], patches) < 0.03

@@ -12,6 +12,7 @@ config and its accuracy on a held-out test split.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -21,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pf.models.checkpoint import save_checkpoint
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pf.models.checkpoint import save_checkpoint, write_atomically
 
 FORMAT = "pf-classifier"
 DEFAULT_CACHE = Path(os.environ.get("PF_CACHE", Path.home() / ".cache" / "patch-forcing"))
@@ -168,14 +172,39 @@ def save_classifier(path: str | os.PathLike, model: SmallCNN, info: dict, data: 
     return path
 
 
+def save_classifier_safetensors(path: str | os.PathLike, model: SmallCNN, info: dict, data: str) -> Path:
+    """The classifier as a safetensors file (float32 weights; config, info and data in its
+    metadata as JSON): a few hundred kB that a repository can keep, read by :func:`load_classifier`."""
+    path = Path(path)
+    meta = {"format": FORMAT, "config": json.dumps(model.config()), "info": json.dumps(info, default=str),
+            "data": data}
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return path
+
+
+def _read_safetensors(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a pf classifier file (written by save_classifier_safetensors)")
+    return {"format": FORMAT, "config": json.loads(meta["config"]), "state_dict": state,
+            "info": json.loads(meta.get("info", "{}")), "data": meta.get("data")}
+
+
 def load_classifier(path: str | os.PathLike) -> tuple[SmallCNN, dict]:
-    """The classifier in ``path`` (eval mode) and its file's ``info`` (test accuracy, ...)."""
+    """The classifier in ``path`` (eval mode; a ``.pt`` checkpoint or a ``.safetensors`` file)
+    and its file's ``info`` (test accuracy, ...)."""
     path = Path(path)
     if not path.is_file():
         raise ClassifierMissing(
             f"classifier weights not found: {path}. Train them once with `python -m pf.eval.train_classifier "
             f"out={path}` (or set feature_extractor_weights_path=<file> to a trained one)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        ckpt = _read_safetensors(path)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pf classifier file (written by python -m pf.eval.train_classifier)")
     model = SmallCNN(**ckpt["config"])

@@ -9,7 +9,7 @@ from pf.experiments.summary import mean_std
 
 # One colour per arm in every figure that shows the comparison's arms.
 ARM_COLORS = {"sit_uniform": "tab:gray", "sit_logit_normal": "tab:brown", "pf_ltg": "tab:blue",
-              "pf_logit_normal": "tab:green"}
+              "pf_logit_normal": "tab:green", "pf_ltg_shifted": "tab:purple", "pf_ltg_marginal": "tab:olive"}
 
 
 def pyplot():

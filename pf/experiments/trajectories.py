@@ -1,7 +1,8 @@
 """Training runs as trajectories: the checkpoint of a config at a step count, trained or resumed.
 
-With a constant learning rate after warm-up nothing a run computes depends on
-``trainer.max_steps``, so the checkpoint of step S of a longer run is the run of S steps. A
+With a constant learning rate after warm-up (or a decay over a fixed ``trainer.decay_steps``)
+nothing a run computes depends on ``trainer.max_steps``, so the checkpoint of step S of a
+longer run is the run of S steps. A
 trajectory is keyed by its whole resolved config except the step count and the logging
 intervals, lives in ``<root>/train/<key>``, keeps ``step_XXXXXX.pt`` every ``keep_every``
 steps, and a request for more steps resumes it exactly (one process at a time).
@@ -36,8 +37,14 @@ def trajectory_config(train_cfg) -> dict:
     cfg = OmegaConf.to_container(train_cfg, resolve=True)
     for key in FREE_TOP_KEYS:
         cfg.pop(key, None)
+    tr = cfg["trainer"]
+    if tr.get("lr_schedule", "constant") == "constant":  # as before the schedules: older runs keep their key
+        for key in ("lr_schedule", "lr_min", "decay_steps"):
+            tr.pop(key, None)
+    elif tr.get("decay_steps") is None:  # a decay over max_steps: the horizon decides the run, not the stop
+        tr["decay_steps"] = tr["max_steps"]
     for key in FREE_TRAINER_KEYS:
-        cfg["trainer"].pop(key, None)
+        tr.pop(key, None)
     cfg["data"].pop("num_workers", None)
     # Options that are off compute nothing: runs from before them keep their key.
     if not cfg["trainer"].get("repa", {}).get("enabled", False):

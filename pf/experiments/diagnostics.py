@@ -1,0 +1,269 @@
+"""Diagnostics on the first study's kept weights (no training): ``python -m pf.experiments.diagnostics``.
+
+The models of :mod:`pf.experiments.reproduce` (3000 steps, constant learning rate; their EMA
+weights kept in ``results/study/weights``) measured again in the committed feature spaces of
+:mod:`pf.experiments.evidence`, every point naming both classifiers and the weights:
+
+1. *near the data end*: Euler at K = 25 and 100 beside the same path cut at t = 0.9 and
+   finished in one step (:func:`pf.experiments.evidence.cut_grid`), for PF (LTG) and SiT
+   (uniform t): if PF's deficit comes from its network's error near t = 1, where more Euler
+   steps query it, the cut removes most of the deficit and most of the loss from K = 25 to 100;
+2. *the adaptive samplers under both protocols*: dual-loop and look-ahead on PF (LTG) at the
+   K of matched NFE (25 and 100) and at the paper's protocol (K = 100 outer steps for every
+   sampler), with uncertainty selection (the method) and random selection beside it;
+3. *the first report re-measured*: every Euler point of its curves (K = 10, 25, 50, 100) in
+   the committed feature spaces, for the linked page of the first report.
+
+A run whose kept weights are gone is dropped (listed), never retrained: a retrained run is
+another model. Stages are cached and resumable; ``report_only=true`` rewrites the page.
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from pf import samplers
+from pf.experiments import command, comparison, evidence
+from pf.experiments.common import TrainedRun, kept_weights_path
+from pf.experiments.comparison import ARMS, euler_sampler
+from pf.experiments.curves import steps_for_nfe
+from pf.experiments.stages import Stage, run_stages, stage_result
+
+DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
+DEFAULTS.update({
+    "records_dir": "results/study",          # where the first study's kept weights are (read only)
+    "points_dir": "results/diagnostics",     # this study's records
+    "page": "docs/diagnostics.md",
+    "classifiers": list(evidence.DEFAULTS["classifiers"]),
+    "near": {"arms": ["pf_ltg", "sit_uniform"], "seeds": [0, 1], "steps": [25, 100], "cut": 0.9,
+             "sample_seeds": [0]},
+    "adaptive": {"seed": 0, "samplers": ["dual_loop", "look_ahead"], "rules": ["uncertainty", "random"],
+                 "nfe": [25, 100], "paper_steps": 100, "sample_seeds": [0]},
+    "remeasure": {"arms": ["pf_ltg", "sit_uniform", "pf_logit_normal", "sit_logit_normal"], "seeds": [0, 1],
+                  "steps": [10, 25, 50, 100], "sample_seeds": [0, 1, 2]},
+})
+DEFAULTS["eval"]["nfe"] = [10, 25, 50, 100]
+TOY = [*comparison.TOY, "points_dir=runs/toy/diagnostics", "page=runs/toy/diagnostics.md", "near.steps=[2,4]",
+       "near.seeds=[0]", "adaptive.nfe=[4]", "adaptive.paper_steps=2", "remeasure.steps=[2]",
+       "remeasure.seeds=[0]", "remeasure.arms=[pf_ltg]", "remeasure.sample_seeds=[0]"]
+FREE = comparison.FREE
+DOC_COMMAND = "python -m pf.experiments.diagnostics"
+VIEW = ("out_dir", "records_dir", "device", "data", "data_overrides", "image_size", "model", "train", "eval",
+        "classifiers", "points_dir")
+
+
+def view(study: dict) -> dict:
+    """What a stage sees (its key): the first study's settings, the classifiers and the records."""
+    return {k: copy.deepcopy(study[k]) for k in VIEW}
+
+
+def kept_run(study: dict, arm: str, seed: int) -> TrainedRun | None:
+    """The first study's run of ``arm`` and ``seed`` on its kept weights, or None when they are gone."""
+    run = TrainedRun(study, ARMS[arm]["overrides"], seed, int(study["train"]["steps"]))
+    return run if kept_weights_path(study, run.identity).is_file() else None
+
+
+def _points(study: dict, arm: str, seed: int, specs: list[dict]) -> dict:
+    run = kept_run(study, arm, seed)
+    if run is None:
+        return {"points": [], "gone": f"{arm} seed {seed}"}
+    out = []
+    for sp in specs:
+        p = evidence.evaluate(study, run, sp["sampler"], sp["steps"], sp["sample_seed"], params=sp.get("params"),
+                              cut=sp.get("cut"), points_dir=study["points_dir"])
+        out.append({**sp, "arm": arm, "train_seed": seed, **p})
+    return {"points": out}
+
+
+def _near(study: dict, arm: str, seed: int, steps: list[int], cut: float, sample_seeds: list[int]) -> dict:
+    """Stage: Euler at each K of ``steps``, whole and cut at ``cut``, on one kept run."""
+    sampler = euler_sampler(ARMS[arm]["overrides"])
+    specs = [{"sampler": sampler, "steps": int(k), "sample_seed": int(s), "cut": c}
+             for k in steps for c in (None, cut) for s in sample_seeds]
+    return _points(study, arm, seed, specs)
+
+
+def _adaptive(study: dict, seed: int, sampler: str, rule: str, nfe: list[int], paper_steps: int,
+              sample_seeds: list[int]) -> dict:
+    """Stage: one adaptive sampler with one selection rule on PF (LTG): at the K of each matched
+    NFE and at ``paper_steps`` outer steps."""
+    params = dict(study["eval"][sampler])
+    if rule != "uncertainty":
+        params["selection"] = rule
+    ks = [(f"matched NFE {n}", steps_for_nfe(samplers.make(sampler, **params), int(n))) for n in nfe]
+    ks.append(("paper's protocol", int(paper_steps)))
+    specs = []
+    for protocol, k in ks:
+        for s in sample_seeds:
+            ps = {**params, "selection_seed": int(s)} if rule == "random" else params
+            specs.append({"sampler": sampler, "steps": int(k), "sample_seed": int(s), "params": ps,
+                          "protocol": protocol, "rule": rule})
+    return _points(study, "pf_ltg", seed, specs)
+
+
+def _remeasure(study: dict, arm: str, seed: int, steps: list[int], sample_seeds: list[int]) -> dict:
+    """Stage: the first report's Euler points of one run, in the committed feature spaces."""
+    sampler = euler_sampler(ARMS[arm]["overrides"])
+    return _points(study, arm, seed, [{"sampler": sampler, "steps": int(k), "sample_seed": int(s)}
+                                      for k in steps for s in sample_seeds])
+
+
+near_stage = evidence._timed(_near)
+adaptive_stage = evidence._timed(_adaptive)
+remeasure_stage = evidence._timed(_remeasure)
+
+
+def build_stages(study: dict) -> list[Stage]:
+    """The near-data test first, then the adaptive samplers, then the re-measured report."""
+    v, mod, out = view(study), __name__, []
+    nc, ac, rc = study["near"], study["adaptive"], study["remeasure"]
+    for seed in nc["seeds"]:
+        for arm in nc["arms"]:
+            out.append(Stage(f"near {arm} seed {seed}", f"{mod}:near_stage",
+                             {"study": v, "arm": arm, "seed": int(seed), "steps": list(nc["steps"]),
+                              "cut": float(nc["cut"]), "sample_seeds": list(nc["sample_seeds"])}))
+    for sampler in ac["samplers"]:
+        for rule in ac["rules"]:
+            out.append(Stage(f"adaptive {sampler} {rule}", f"{mod}:adaptive_stage",
+                             {"study": v, "seed": int(ac["seed"]), "sampler": sampler, "rule": rule,
+                              "nfe": list(ac["nfe"]), "paper_steps": int(ac["paper_steps"]),
+                              "sample_seeds": list(ac["sample_seeds"])}))
+    for seed in rc["seeds"]:
+        for arm in rc["arms"]:
+            out.append(Stage(f"remeasure {arm} seed {seed}", f"{mod}:remeasure_stage",
+                             {"study": v, "arm": arm, "seed": int(seed), "steps": list(rc["steps"]),
+                              "sample_seeds": list(rc["sample_seeds"])}))
+    return out
+
+
+#################################################################################
+#                                     Page                                      #
+#################################################################################
+
+
+def collect(study: dict) -> dict:
+    out = {"stages": [], "points": [], "gone": []}
+    for s in build_stages(study):
+        rec = stage_result(study["points_dir"], s)
+        out["stages"].append((s.name, rec))
+        if rec is not None:
+            out["points"] += [{**p, "stage": s.name.split()[0]} for p in rec["result"]["points"]]
+            if rec["result"].get("gone"):
+                out["gone"].append(rec["result"]["gone"])
+    return out
+
+
+def _mean(vals: list[float]) -> str:
+    if not vals:
+        return "pending"
+    m, s = evidence.mean_sd(vals)
+    return f"{m:.2f} ± {s:.2f} (n={len(vals)})" if len(vals) > 1 else f"{m:.2f} (n=1)"
+
+
+def render(study: dict, data: dict, command_line: str) -> str:
+    fps = [evidence.classifier_fingerprint(p) for p in study["classifiers"]]
+    evidence.check_one_space(data["points"], fps)
+    pending = [n for n, r in data["stages"] if r is None]
+    lines = ["# Diagnostics on the first study's kept weights", "",
+             f"Generated by `pf/experiments/diagnostics.py`; regenerate or continue with `{command_line}`. Models: the "
+             f"first study's EMA weights after {study['train']['steps']} steps (constant learning rate), kept in "
+             f"`{study['records_dir']}/weights`; {study['eval']['num_samples']} images a point against the test split, "
+             f"in the committed feature spaces (classifiers {', '.join(fps)}); every point names both and its weights. "
+             "n counts training seeds x sampling seeds as stated per table.", ""]
+    if pending:
+        lines += ["**Partial.** Stages pending: " + ", ".join(pending) + ".", ""]
+    if data["gone"]:
+        lines += ["Dropped (kept weights gone, never retrained): " + ", ".join(data["gone"]) + ".", ""]
+    labels = {k: v["label"] for k, v in ARMS.items()}
+    near = [p for p in data["points"] if p["stage"] == "near"]
+    if near:
+        lines += ["## Near the data end: Euler whole against Euler cut at t = 0.9 and finished in one step", "",
+                  "| arm | training seeds | K | " + " | ".join(f"FID ({i + 1}) whole | FID ({i + 1}) cut"
+                                                           for i in range(len(fps))) + " | NFE whole / cut |",
+                  "|---|---|---|" + "---|---|" * len(fps) + "---|"]
+        for arm in study["near"]["arms"]:
+            for k in study["near"]["steps"]:
+                ps = [p for p in near if p["arm"] == arm and p["steps"] == k]
+                if not ps:
+                    continue
+                row = []
+                for i in range(len(fps)):
+                    for cut in (None, study["near"]["cut"]):
+                        row.append(_mean([p["spaces"][i]["fid"] for p in ps if p.get("cut") == cut]))
+                nfe = [p["nfe"] for p in ps if p.get("cut") is None][:1] + [p["nfe"] for p in ps if p.get("cut")][:1]
+                seeds = sorted({p["train_seed"] for p in ps})
+                lines.append(f"| {labels[arm]} | {seeds} | {k} | " + " | ".join(row) + f" | {' / '.join(map(str, nfe))} |")
+        lines += [""] + near_statements(study, near, len(fps)) + [""]
+    ad = [p for p in data["points"] if p["stage"] == "adaptive"]
+    if ad:
+        lines += ["## The adaptive samplers at matched NFE and at the paper's protocol (PF (LTG))", "",
+                  "| sampler | selection | protocol | K | NFE | " + " | ".join(f"FID ({i + 1})" for i in range(len(fps))) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(fps)]
+        for p in sorted(ad, key=lambda p: (p["sampler"], p["protocol"], p["rule"])):
+            lines.append(f"| {p['sampler']} | {p['rule']} | {p['protocol']} | {p['steps']} | {p['nfe']} | "
+                         + " | ".join(f"{s['fid']:.2f}" for s in p["spaces"]) + " |")
+        lines.append("")
+    re = [p for p in data["points"] if p["stage"] == "remeasure"]
+    if re:
+        rc = study["remeasure"]
+        lines += ["## The first report's Euler curves, re-measured", "",
+                  "| arm | " + " | ".join(f"K={k} ({i + 1})" for k in rc["steps"] for i in range(len(fps))) + " |",
+                  "|---|" + "---|" * (len(rc["steps"]) * len(fps))]
+        for arm in rc["arms"]:
+            ps = [p for p in re if p["arm"] == arm]
+            if ps:
+                lines.append(f"| {labels[arm]} | " + " | ".join(
+                    _mean([p["spaces"][i]["fid"] for p in ps if p["steps"] == k]) for k in rc["steps"]
+                    for i in range(len(fps))) + " |")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | CPU minutes |", "|---|---|"]
+    lines += [f"| {n} | {r['result']['cpu_seconds'] / 60:.1f} |" if r else f"| {n} | pending |" for n, r in data["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+def near_statements(study: dict, near: list[dict], spaces: int) -> list[str]:
+    """Per training seed (each the sampling-seed mean): what the cut changes, per arm and K, and
+    PF minus SiT whole and cut."""
+    nc = study["near"]
+    out = []
+    for i in range(spaces):
+        c = {}
+        for p in near:
+            c.setdefault((p["arm"], p["steps"], p.get("cut") is not None), {}).setdefault(p["train_seed"], []).append(
+                p["spaces"][i]["fid"])
+        c = {k: {s: sum(v) / len(v) for s, v in by.items()} for k, by in c.items()}
+        for k in nc["steps"]:
+            for cut in (False, True):
+                a, b = c.get(("pf_ltg", k, cut), {}), c.get(("sit_uniform", k, cut), {})
+                d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+                if d:
+                    out.append(f"- Feature space {i + 1}, K = {k}, {'cut at 0.9' if cut else 'whole'}: PF (LTG) minus "
+                               f"SiT (uniform t) {evidence.fmt_pairs(list(zip(sorted(set(a) & set(b)), d)))}.")
+    return out
+
+
+def write_report(study: dict, command_line: str) -> None:
+    data = collect(study)
+    Path(study["page"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(study["page"]).write_text(render(study, data, command_line))
+
+
+def main(cfg, argv: list[str] | None = None) -> None:
+    """Run (or continue) the stages, records in ``points_dir``; then the page."""
+    t0 = time.perf_counter()
+    study = command.study_config(cfg)
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("report_only")]
+    line = " ".join([DOC_COMMAND, *map(shlex.quote, args)])
+    if not cfg.get("report_only", False):
+        run_stages(build_stages(study), study["points_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
+                   on_finish=lambda *_: write_report(study, line))
+    write_report(study, line)
+    print(f"wrote {study['page']} in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    sys.exit(command.main(main, DEFAULTS, __doc__, free=FREE, toy=TOY))

@@ -1,0 +1,655 @@
+"""The comparison, version 2: ``python -m pf.experiments.evidence [key=value ...]``.
+
+Version 1 (:mod:`pf.experiments.reproduce`) trained with a constant learning rate, measured
+learning speed rather than final quality, mixed feature spaces (a classifier retrained per
+machine) and counted sampling seeds as if they were training runs. This version:
+
+1. measures every point in two committed feature spaces (``classifiers``: two independently
+   trained Fashion-MNIST classifiers, ``results/classifiers/``), and names both fingerprints
+   and the weights' fingerprint in every point; the report refuses cells of another classifier;
+2. trains every arm with the same recipe: cosine decay from ``train.lr`` to ``train.lr_min``
+   at ``train.steps``, an EMA of ``train.ema_decay`` (mean age about a quarter of the run, the
+   stretch where the learning rate is below 15% of its peak), 3 training seeds, and the same
+   data order, noise and class dropout for a seed in every arm (their streams are keyed by the
+   seed alone, :func:`pf.train._train`);
+3. arms: SiT (uniform t, the paper's baseline), PF (LTG, loc 0.7, the paper's), PF (LTG with
+   loc shifted for this data's dimension, :func:`shifted_loc`), PF with one time per sample
+   drawn from LTG's per-patch marginal (the same time density, no heterogeneity), then SiT
+   (logit-normal t) last, if the budget allows;
+4. Euler at every K of ``eval.nfe`` for every training seed and sampling seed, ``eval.num_samples``
+   images a point, FID and KID (and precision / recall) against the held-out test split;
+5. writes the report (``results``) with differences paired per training seed (n = training
+   seeds; each the mean over the sampling seeds) at K = 100 and at each arm's best K.
+
+Stages run in the order that makes a partial run most useful: training seed 0 of every arm,
+then seed 1, then seed 2 (SiT logit-normal after all of them). Every stage records the CPU
+seconds it used; a stage does not start once ``cpu_budget_hours`` are spent (it fails with
+one line, the report is still written). Resumable: run the same command again.
+``toy=true`` runs everything at a minute's size (CI); ``report_only=true`` rewrites the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pf import samplers, timesteps
+from pf.eval.metrics import compute_metrics
+from pf.experiments import command, plots
+from pf.eval.inputs import load_dataset_images
+from pf.experiments.common import (TrainedRun, compose_train_config, data_config, held_out_batch, reference_images,
+                                   resolve_device, state_fingerprint, train_stage as common_train_stage)
+from pf.experiments.comparison import ARMS, euler_sampler, is_pf
+from pf.experiments.records import cached, cached_result
+from pf.experiments.stages import Stage, stage_result
+from pf.experiments.summary import rel
+from pf.flow import interpolate
+from pf.encoders.classifier import load_classifier
+from pf.pipeline import generate
+
+# The data dimension LTG's location was set for: SD-VAE latents of 256x256 images, 32x32x4.
+LTG_REFERENCE_DIM = 32 * 32 * 4
+LTG_LOC = 0.7
+
+DEFAULTS = {
+    "out_dir": "runs/evidence",        # trained runs (large; recomputable)
+    "records_dir": "results/evidence",  # stage records, points, kept weights (small; kept in git)
+    "figures": "docs/evidence",
+    "results": "RESULTS.md",
+    "device": "auto",
+    "jobs": 2,
+    "threads": 1,
+    "data": "fashion_mnist",
+    "data_overrides": [],
+    "image_size": 16,
+    "model": "tiny",
+    "train": {
+        "steps": 4000,
+        "batch_size": 64,
+        "lr": 1.0e-3,
+        "lr_min": 1.0e-5,             # cosine decay to this at train.steps
+        "warmup_steps": 100,
+        "ema_decay": 0.999,           # with warm-up; mean age 1000 steps: the run's last quarter
+        "seeds": [0, 1, 2],
+        "keep_every": 1000,
+        "overrides": [],
+    },
+    "eval": {
+        "num_samples": 2000,
+        "batch_size": 500,
+        "seeds": [0, 1],              # sampling seeds (the same noise and labels in every arm)
+        "nfe": [10, 25, 100],         # Euler's K
+        "cfg_scale": 1.0,
+        "kid_subsets": 50,
+        "reference_size": None,
+        "compile": True,
+        "profile_times": [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995],
+        "profile_images": 1000,
+    },
+    # The two committed feature spaces: the first is the report's, the second checks each conclusion.
+    "classifiers": ["results/classifiers/fashion_mnist16_seed0.safetensors",
+                    "results/classifiers/fashion_mnist16_seed1.safetensors"],
+    "arms": ["pf_ltg", "sit_uniform", "pf_ltg_shifted", "pf_ltg_marginal", "sit_logit_normal"],
+    "late_arms": ["sit_logit_normal"],  # trained after every seed of the others
+    "cpu_budget_hours": 16.0,
+    "toy": False,
+    "report_only": False,
+}
+TOY = ["out_dir=runs/toy-evidence", "records_dir=runs/toy-evidence/records", "figures=runs/toy-evidence/figures",
+       "results=runs/toy-evidence/RESULTS.md", "train.steps=4", "train.keep_every=2", "train.batch_size=8",
+       "train.warmup_steps=1", "train.seeds=[0,1]", "eval.num_samples=20", "eval.batch_size=10", "eval.seeds=[0,1]",
+       "eval.nfe=[2,4]", "eval.kid_subsets=2", "eval.compile=false", "eval.reference_size=200",
+       "eval.profile_images=20", "eval.profile_times=[0.5,0.95]", "image_size=8", "jobs=1"]
+FREE: tuple[str, ...] = ()
+DOC_COMMAND = "python -m pf.experiments.evidence"
+
+
+class BudgetSpent(ValueError):
+    """The study's CPU budget is used up: no stage starts."""
+
+
+#################################################################################
+#                                     Arms                                      #
+#################################################################################
+
+
+def data_dim(study: dict) -> int:
+    """Values per image of the data the arms train on (image_size^2 x channels)."""
+    cfg = compose_train_config(study, ARMS["pf_ltg"]["overrides"], 0)
+    return int(study["image_size"]) ** 2 * int(cfg.data.channels)
+
+
+def shifted_loc(dim: int, loc: float = LTG_LOC, reference: int = LTG_REFERENCE_DIM) -> float:
+    """LTG's location moved by the resolution-shift argument (SD3, Esser et al. 2024): the time
+    density shifts by log(sqrt(reference / dim)) in logit space (t = 1 is data: a smaller
+    image goes towards the data end)."""
+    return loc + 0.5 * math.log(reference / dim)
+
+
+def arms(study: dict) -> dict:
+    """Every arm this study can train: label and pf.train overrides."""
+    loc = shifted_loc(data_dim(study))
+    out = {k: copy.deepcopy(ARMS[k]) for k in ("sit_uniform", "sit_logit_normal", "pf_ltg")}
+    out["pf_ltg_shifted"] = {"label": f"PF (LTG, loc {loc:.2f})",
+                             "overrides": ["trainer=pf", "trainer.timesteps.name=ltg",
+                                           f"trainer.timesteps.loc={loc:.4f}"]}
+    out["pf_ltg_marginal"] = {"label": "PF (one time per sample, LTG's marginal)",
+                              "overrides": ["trainer=pf", "trainer.timesteps.name=ltg_marginal"]}
+    return out
+
+
+def recipe(study: dict) -> dict:
+    """``study`` with the recipe's pf.train overrides: cosine decay over ``train.steps`` to
+    ``train.lr_min``, the EMA decay with warm-up."""
+    out = copy.deepcopy(study)
+    tc = out["train"]
+    tc["overrides"] = [f"trainer.lr_schedule=cosine", f"trainer.lr_min={tc['lr_min']}",
+                       f"trainer.decay_steps={tc['steps']}", f"trainer.ema_decay={tc['ema_decay']}",
+                       "trainer.ema_warmup=true", *tc.get("overrides", [])]
+    return out
+
+
+STAGE_KEYS = ("out_dir", "records_dir", "device", "data", "data_overrides", "image_size", "model", "train")
+
+
+def stage_view(study: dict, evaluation: bool = True) -> dict:
+    """What a stage sees (and its key hashes): the data, model and recipe; with
+    ``evaluation`` the evaluation settings and the classifiers too. Nothing else, so a setting
+    added to the study later re-runs nothing."""
+    out = {k: copy.deepcopy(study[k]) for k in STAGE_KEYS}
+    out = recipe(out)
+    if evaluation:
+        ec = study["eval"]
+        out["eval"] = {k: ec[k] for k in ("num_samples", "batch_size", "seeds", "nfe", "cfg_scale", "kid_subsets",
+                                          "reference_size", "compile")}
+        out["classifiers"] = list(study["classifiers"])
+    return out
+
+
+#################################################################################
+#                          Feature spaces and the budget                        #
+#################################################################################
+
+
+_FINGERPRINTS: dict = {}
+
+
+def classifier_fingerprint(path: str | Path) -> str:
+    """The fingerprint of a classifier file's weights (:func:`state_fingerprint`)."""
+    key = str(path)
+    if key not in _FINGERPRINTS:
+        model, _ = load_classifier(path)
+        _FINGERPRINTS[key] = state_fingerprint(model.state_dict())
+    return _FINGERPRINTS[key]
+
+
+def cpu_spent(records_dir: str | Path) -> float:
+    """CPU seconds recorded by the finished stages of ``records_dir``."""
+    total = 0.0
+    for path in (Path(records_dir) / "stages").glob("*.json"):
+        total += float(json.loads(path.read_text())["result"].get("cpu_seconds", 0.0))
+    return total
+
+
+# The budget reaches the stages (worker processes too) through the environment, outside their
+# arguments: a larger budget re-runs nothing that is done.
+BUDGET_ENV = "PF_EVIDENCE_CPU_HOURS"
+
+
+def check_budget(records_dir: str | Path) -> None:
+    hours = os.environ.get(BUDGET_ENV)
+    if hours and cpu_spent(records_dir) >= 3600 * float(hours):
+        raise BudgetSpent(f"the study's CPU budget of {hours} h is spent (stage records in {records_dir}); "
+                          "raise cpu_budget_hours to go on")
+
+
+def _timed(fn):
+    """A stage function that refuses to start past the budget and records its CPU seconds."""
+    def stage(study: dict, **kw) -> dict:
+        check_budget(study["records_dir"])
+        c0 = time.process_time()
+        out = fn(study, **kw)
+        return {**out, "cpu_seconds": time.process_time() - c0}
+
+    stage.__name__, stage.__doc__ = fn.__name__, fn.__doc__
+    return stage
+
+
+#################################################################################
+#                                    Stages                                     #
+#################################################################################
+
+
+def point_key(study: dict, identity: dict, sampler: str, steps: int, seed: int) -> dict:
+    """Everything that decides a point's numbers: the run, sampler, K, seed, sizes and the
+    fingerprints of both feature spaces."""
+    ec = study["eval"]
+    key = {"trajectory": identity["trajectory"], "train_steps": identity["steps"], "sampler": sampler,
+           "steps": int(steps), "seed": int(seed), "num_samples": int(ec["num_samples"]),
+           "cfg_scale": float(ec["cfg_scale"]), "classifiers": [classifier_fingerprint(p) for p in study["classifiers"]],
+           "kid_subsets": int(ec["kid_subsets"]), "device": resolve_device(study), "compile": bool(ec["compile"])}
+    if ec.get("reference_size"):
+        key["reference_size"] = int(ec["reference_size"])
+    return key
+
+
+def measure(study: dict, images: torch.Tensor, seed: int, device: str) -> dict:
+    """FID / KID / precision / recall of uint8 ``images`` in each feature space: the first's at
+    the top level, every one (with its fingerprint) under ``spaces``."""
+    spaces = []
+    for path in study["classifiers"]:
+        m = compute_metrics(images, reference_images(study), extractor="classifier", weights=str(path),
+                            kid_subsets=int(study["eval"]["kid_subsets"]), seed=int(seed), device=device)
+        spaces.append({"classifier": classifier_fingerprint(path), **{k: m[k] for k in
+                                                                      ("fid", "kid", "precision", "recall")}})
+    return {**{k: spaces[0][k] for k in ("fid", "kid", "precision", "recall")}, "classifier": spaces[0]["classifier"],
+            "spaces": spaces}
+
+
+def cut_grid(steps: int, cut: float) -> list[float]:
+    """Euler's times on [0, ``cut``] at about the step of K = ``steps`` (ceil(cut K) equal
+    steps), then one step from ``cut`` to 1: the K-step path without its queries near the data."""
+    n = math.ceil(cut * steps - 1e-9)
+    return [cut * i / n for i in range(n + 1)] + [1.0]
+
+
+def evaluate(study: dict, run: TrainedRun, sampler: str, steps: int, seed: int, *, params: dict | None = None,
+             cut: float | None = None, points_dir: str | None = None) -> dict:
+    """One cached point: ``sampler`` (with ``params``) at ``steps`` outer steps from sampling
+    seed ``seed`` on ``run``'s kept weights; ``cut``: on :func:`cut_grid` instead. Stored in
+    ``points_dir`` (default: the study's records)."""
+    ec = study["eval"]
+    key = point_key(study, run.identity, sampler, steps, seed)
+    if params:
+        key["params"] = params
+    if cut is not None:
+        key["cut"] = float(cut)
+
+    def compute() -> dict:
+        pm = run.model()
+        t0 = time.perf_counter()
+        grid = int(steps) if cut is None else cut_grid(int(steps), float(cut))
+        images, info = generate(pm.call, samplers.make(sampler, **(params or {})), int(ec["num_samples"]), grid,
+                                seed=int(seed), cfg_scale=float(ec["cfg_scale"]), batch_size=int(ec["batch_size"]),
+                                device=pm.device, static=pm.compiled)
+        seconds = time.perf_counter() - t0
+        return {**measure(study, images, seed, pm.device), **info, "seconds": seconds, "weights": pm.weights}
+
+    return cached(points_dir or study["records_dir"], "points", key, compute)
+
+
+def stored(study: dict, identity: dict, sampler: str, steps: int, seed: int) -> dict | None:
+    return cached_result(study["records_dir"], "points", point_key(study, identity, sampler, steps, seed))
+
+
+def _train(study: dict, arm: str, seed: int) -> dict:
+    """Stage: one arm trained (or resumed) for ``train.steps``; its EMA weights kept with the records."""
+    out = common_train_stage(study, arms(study)[arm]["overrides"], seed, int(study["train"]["steps"]))
+    return {k: v for k, v in out.items() if k not in ("checkpoint", "run_dir")}
+
+
+def _curve(study: dict, arm: str, seed: int) -> dict:
+    """Stage: Euler at every K of ``eval.nfe`` and every sampling seed on one run."""
+    overrides = arms(study)[arm]["overrides"]
+    run = TrainedRun(study, overrides, seed, int(study["train"]["steps"]))
+    sampler = euler_sampler(overrides)
+    points = []
+    for k in study["eval"]["nfe"]:
+        for sseed in study["eval"]["seeds"]:
+            p = evaluate(study, run, sampler, int(k), int(sseed))
+            points.append({"arm": arm, "train_seed": seed, "sample_seed": int(sseed), "steps": int(k), **p})
+    return {"points": points}
+
+
+def _profile(study: dict, arm: str, seed: int, times: list[float], images: int) -> dict:
+    """Stage: the EMA network's velocity MSE with every patch at each of ``times`` (held-out
+    test images, fixed noise), and the share of its training times in each tenth of [0, 1]."""
+    overrides = arms(study)[arm]["overrides"]
+    run = TrainedRun(study, overrides, seed, int(study["train"]["steps"]))
+    model = run.model().model
+    x1, labels, x0 = held_out_batch(study, int(images), noise_seed=1234)  # x1, x0: (M, C, H, W)
+    n = (x1.shape[-1] // model.patch_size) ** 2
+    errors = []
+    with torch.no_grad():
+        for tv in times:
+            mse = 0.0
+            for i in range(0, x1.shape[0], 250):
+                b = x1[i:i + 250].shape[0]
+                t = torch.full((b, n) if model.per_token else (b,), float(tv))
+                xt, u = interpolate(x1[i:i + 250], x0[i:i + 250], t, model.patch_size)
+                mse += float(((model(xt, t, labels[i:i + 250]) - u) ** 2).sum())
+            errors.append(mse / x1.numel())
+    cfg = compose_train_config(study, overrides, seed)
+    params = {k: v for k, v in cfg.trainer.timesteps.items() if k != "name" and v is not None}
+    if cfg.trainer.timesteps.name == "ltg":
+        params["backend"] = "torch"
+    drawn = timesteps.make(cfg.trainer.timesteps.name, **params)(4000, n if model.per_token else 1,
+                                                                generator=torch.Generator().manual_seed(0))
+    hist = torch.histc(drawn.double().flatten(), bins=10, min=0.0, max=1.0)
+    return {"times": [float(v) for v in times], "mse": errors, "train_time_bins": (hist / hist.sum()).tolist(),
+            "above_0.9": float((drawn > 0.9).double().mean()), "images": int(x1.shape[0]), "weights": run.model().weights}
+
+
+def _floor(study: dict) -> dict:
+    """Stage: ``eval.num_samples`` real *train* images against the test split, per sampling
+    seed, in both feature spaces: the best a model of the train split can score here."""
+    train, _ = load_dataset_images(data_config(study, "train"))
+    runs = []
+    for s in study["eval"]["seeds"]:
+        idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(int(s)))[:int(study["eval"]["num_samples"])]
+        runs.append({"sample_seed": int(s), **measure(study, train[idx], int(s), resolve_device(study))})
+    return {"runs": runs}
+
+
+train_stage = _timed(_train)
+curve_stage = _timed(_curve)
+profile_stage = _timed(_profile)
+floor_stage = _timed(_floor)
+
+
+def build_stages(study: dict) -> list[Stage]:
+    """Every stage, in the order they start: training seed 0 of every arm (each followed by its
+    curve, and for seed 0 its error profile), then seed 1, then seed 2; ``late_arms`` after all."""
+    known = arms(study)
+    for arm in study["arms"]:
+        if arm not in known:
+            raise ValueError(f"unknown arm {arm!r}; choose from {sorted(known)}")
+    ev, tr = stage_view(study), stage_view(study, evaluation=False)
+    mod = __name__
+    stages = [Stage("floor", f"{mod}:floor_stage", {"study": ev})]
+    early = [a for a in study["arms"] if a not in study.get("late_arms", [])]
+    late = [a for a in study["arms"] if a in study.get("late_arms", [])]
+    first = study["train"]["seeds"][0]
+    for group in (early, late):
+        for seed in study["train"]["seeds"]:
+            for arm in group:
+                name = f"train {arm} seed {seed}"
+                stages.append(Stage(name, f"{mod}:train_stage",
+                                    {"study": tr, "arm": arm, "seed": int(seed)}))
+                stages.append(Stage(f"curve {arm} seed {seed}", f"{mod}:curve_stage",
+                                    {"study": ev, "arm": arm, "seed": int(seed)},
+                                    deps=(name,)))
+                if seed == first:
+                    stages.append(Stage(f"profile {arm} seed {seed}", f"{mod}:profile_stage",
+                                        {"study": ev, "arm": arm, "seed": int(seed),
+                                         "times": list(study["eval"]["profile_times"]),
+                                         "images": int(study["eval"]["profile_images"])}, deps=(name,)))
+    return stages
+
+
+#################################################################################
+#                               What was measured                               #
+#################################################################################
+
+
+def collect(study: dict) -> dict:
+    """Everything finished so far: stage records, and the stored points of unfinished curves."""
+    out = {"stages": [], "train": {}, "points": [], "profile": {}, "floor": None}
+    known = arms(study)
+    for s in build_stages(study):
+        rec = stage_result(study["records_dir"], s)
+        out["stages"].append((s.name, rec))
+        if s.fn.endswith(":curve_stage"):
+            if rec is not None:
+                out["points"] += rec["result"]["points"]
+            else:  # a curve in progress: the points it has stored
+                arm, seed = s.args["arm"], s.args["seed"]
+                overrides = known[arm]["overrides"]
+                run = TrainedRun(s.args["study"], overrides, seed, int(study["train"]["steps"]))
+                for k in study["eval"]["nfe"]:
+                    for sseed in study["eval"]["seeds"]:
+                        p = stored(s.args["study"], run.identity, euler_sampler(overrides), int(k), int(sseed))
+                        if p is not None:
+                            out["points"].append({"arm": arm, "train_seed": seed, "sample_seed": int(sseed),
+                                                  "steps": int(k), **p})
+        elif rec is None:
+            continue
+        elif s.fn.endswith(":train_stage"):
+            out["train"][(s.args["arm"], s.args["seed"])] = rec["result"]
+        elif s.fn.endswith(":profile_stage"):
+            out["profile"][s.args["arm"]] = rec["result"]
+        elif s.name == "floor":
+            out["floor"] = rec["result"]["runs"]
+    return out
+
+
+def check_one_space(points: list[dict], fingerprints: list[str]) -> None:
+    """Every point of a report was measured in the same feature spaces, ``fingerprints``
+    (the first: the report's); a point of another classifier is refused, never averaged in."""
+    for p in points:
+        got = [s["classifier"] for s in p.get("spaces", [])]
+        if got != list(fingerprints):
+            raise ValueError(f"a point of {p.get('arm')} (training seed {p.get('train_seed')}, K={p.get('steps')}) "
+                             f"was measured with classifiers {got}, not the report's {list(fingerprints)}: "
+                             "re-measure it or drop it")
+
+
+def cells(points: list[dict], space: int = 0, metric: str = "fid") -> dict:
+    """arm -> K -> training seed -> the mean over its sampling seeds (and how many there were)."""
+    acc: dict = {}
+    for p in points:
+        acc.setdefault(p["arm"], {}).setdefault(p["steps"], {}).setdefault(p["train_seed"], []).append(
+            p["spaces"][space][metric])
+    return {a: {k: {s: (sum(v) / len(v), len(v)) for s, v in by_seed.items()} for k, by_seed in by_k.items()}
+            for a, by_k in acc.items()}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def best_k(cell: dict, seeds: list[int]) -> int | None:
+    """The K with the lowest mean (over ``seeds``) of an arm's cell, among the K every seed has."""
+    ks = [k for k, by_seed in cell.items() if all(s in by_seed for s in seeds)]
+    if not ks:
+        return None
+    return min(ks, key=lambda k: sum(cell[k][s][0] for s in seeds))
+
+
+def paired(c: dict, arm: str, base: str, k_arm: int, k_base: int) -> list[tuple[int, float]]:
+    """(training seed, arm minus base) for every training seed both have at those K."""
+    a, b = c.get(arm, {}).get(k_arm, {}), c.get(base, {}).get(k_base, {})
+    return [(s, a[s][0] - b[s][0]) for s in sorted(set(a) & set(b))]
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+
+def fmt_pairs(pairs: list[tuple[int, float]]) -> str:
+    if not pairs:
+        return "not measured yet"
+    d = [v for _, v in pairs]
+    m, s = mean_sd(d)
+    per = ", ".join(f"{v:+.2f}" for v in d)
+    return f"{m:+.2f} ± {s:.2f} (n = {len(d)} training seeds: {per})"
+
+
+COMPARISONS = [
+    ("pf_ltg", "sit_uniform", "PF (LTG) against the paper's baseline SiT (uniform t)"),
+    ("pf_ltg_shifted", "pf_ltg", "PF with LTG's location shifted for the data dimension against PF (LTG, loc 0.7)"),
+    ("pf_ltg_shifted", "sit_uniform", "PF (LTG, shifted loc) against SiT (uniform t)"),
+    ("pf_ltg", "pf_ltg_marginal", "what patch heterogeneity adds: PF (LTG) against PF with one time per sample "
+                                  "from LTG's marginal (the same time density)"),
+    ("pf_ltg_marginal", "sit_uniform", "PF (one time per sample, LTG's marginal) against SiT (uniform t)"),
+    ("sit_logit_normal", "sit_uniform", "SiT (logit-normal t) against SiT (uniform t)"),
+]
+
+
+def comparison_lines(study: dict, c: dict, space_name: str) -> list[str]:
+    """Each comparison at K = the largest K and at each arm's best K, paired per training seed."""
+    labels = {k: v["label"] for k, v in arms(study).items()}
+    kmax = max(int(k) for k in study["eval"]["nfe"])
+    out = []
+    for arm, base, what in COMPARISONS:
+        if arm not in c or base not in c:
+            continue
+        seeds = sorted(set().union(*[set(v) for v in c[arm].values()]) & set().union(*[set(v) for v in c[base].values()]))
+        ka, kb = best_k(c[arm], seeds), best_k(c[base], seeds)
+        at_max = paired(c, arm, base, kmax, kmax)
+        line = f"- {what} ({space_name}; {labels[arm]} minus {labels[base]}, negative: {labels[arm]} better): " \
+               f"at K = {kmax}: {fmt_pairs(at_max)}"
+        if ka is not None and kb is not None:
+            line += f"; each at its best K (K = {ka} and K = {kb}): {fmt_pairs(paired(c, arm, base, ka, kb))}"
+        out.append(line + ".")
+    return out
+
+
+def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2) -> list[str]:
+    labels = {k: v["label"] for k, v in arms(study).items()}
+    ks = [int(k) for k in study["eval"]["nfe"]]
+    out = ["| arm | training seeds | " + " | ".join(f"K={k}" for k in ks) + " | best K |", "|---|---|" + "---|" * (len(ks) + 1)]
+    for arm in study["arms"]:
+        if arm not in c:
+            continue
+        seeds = sorted(set().union(*[set(v) for v in c[arm].values()]))
+        row = []
+        for k in ks:
+            vals = [c[arm][k][s][0] * scale for s in seeds if s in c[arm].get(k, {})]
+            row.append(f"{mean_sd(vals)[0]:.{digits}f} ± {mean_sd(vals)[1]:.{digits}f} (n={len(vals)})" if vals
+                       else "pending")
+        bk = best_k(c[arm], seeds)
+        out.append(f"| {labels[arm]} | {', '.join(map(str, seeds))} | " + " | ".join(row) + f" | {bk or '-'} |")
+    return out
+
+
+def render(study: dict, data: dict, command_line: str, conclusion: list[str]) -> str:
+    ec, tc = study["eval"], study["train"]
+    fps = [classifier_fingerprint(p) for p in study["classifiers"]]
+    check_one_space(data["points"], fps)
+    done = [n for n, r in data["stages"] if r is not None]
+    pending = [n for n, r in data["stages"] if r is None]
+    cpu = sum(r["result"].get("cpu_seconds", 0.0) for _, r in data["stages"] if r is not None) / 3600
+    dim = data_dim(study)
+    lines = ["# Patch Forcing at small scale: the evidence (study v2)", ""]
+    lines += conclusion
+    lines += ["", f"Generated by `pf/experiments/evidence.py` from the stages finished so far ({len(done)} of "
+              f"{len(data['stages'])}; CPU time used {cpu:.1f} h of the {study.get('cpu_budget_hours')} h budget); "
+              "regenerate or continue with:", "", "```", command_line, "```", ""]
+    if pending:
+        lines += ["**Partial results.** Stages still pending: " + ", ".join(pending) + ".", ""]
+    clf = []
+    for p, fp in zip(study["classifiers"], fps):
+        _, info = load_classifier(p)
+        clf.append(f"`{p}` (fingerprint {fp}, seed {info.get('seed', '?')}, accuracy on the test split "
+                   f"{info.get('test_accuracy_full', info.get('test_accuracy', float('nan'))):.4f})")
+    labels = {k: v["label"] for k, v in arms(study).items()}
+    lines += [
+        "## Setup", "",
+        f"- Data: `data={study['data']}` at {study['image_size']}x{study['image_size']} ({dim} values an image; "
+        f"{(study['image_size'] // 2) ** 2} patches of 2x2). Training on the train split; every metric against the "
+        "held-out test split.",
+        f"- Recipe, identical for every arm: `model={study['model']}`, {tc['steps']} steps, batch {tc['batch_size']}, "
+        f"AdamW lr {tc['lr']:g} ({tc['warmup_steps']} warm-up steps, then half a cosine down to {tc['lr_min']:g} at "
+        f"step {tc['steps']}), grad clip 1, EMA {tc['ema_decay']} with warm-up (mean age {1 / (1 - tc['ema_decay']):.0f} "
+        f"steps), EMA weights evaluated; training seeds {tc['seeds']}. A seed draws the same data order, noise and "
+        "class dropout in every arm (those streams are keyed by the seed alone).",
+        f"- Arms: " + "; ".join(f"**{labels[a]}** (`{' '.join(arms(study)[a]['overrides'])}`)" for a in study["arms"]),
+        f"- The shifted location: LTG's loc 0.7 was set for SD-VAE latents of 256x256 images ({LTG_REFERENCE_DIM} "
+        f"values); by the resolution-shift argument of SD3 the logit-space location moves by ln(sqrt({LTG_REFERENCE_DIM}"
+        f"/{dim})) = {0.5 * math.log(LTG_REFERENCE_DIM / dim):.3f} for this data's {dim} values: loc "
+        f"{shifted_loc(dim):.3f}, towards the data end.",
+        f"- Metrics: FID and KID (and precision / recall, k=3) of {ec['num_samples']} images a point (labels i mod 10, "
+        f"no guidance) against the whole test split, in the penultimate features of two committed classifiers trained "
+        f"on the train split with different seeds: " + "; ".join(clf) + ". The first is the report's feature space; "
+        "every conclusion is repeated in the second. Every point names both fingerprints and its weights' fingerprint; "
+        "the report refuses a point of another classifier.",
+        f"- Sampling: Euler at K = {ec['nfe']}, sampling seeds {ec['seeds']} (the same noise and labels in every arm). "
+        "A cell is the mean over training seeds of each training seed's sampling-seed mean; ± is the std over "
+        "training seeds; n is the number of training seeds.", ""]
+    for i, name in enumerate(["the first feature space", "the second feature space"][:len(fps)]):
+        c = cells(data["points"], i)
+        lines += [f"## FID ({name}, classifier {fps[i]})", ""] + table(study, c, "fid") + [""]
+        if i == 0:
+            kc = cells(data["points"], i, "kid")
+            lines += [f"KID x 1000 ({name}):", ""] + table(study, kc, "kid", 1000.0, 2) + [""]
+        lines += [f"### Paired differences ({name})", ""] + comparison_lines(study, c, name) + [""]
+    if data["floor"]:
+        f = [r["fid"] for r in data["floor"]]
+        lines += [f"Floor: {ec['num_samples']} real train images against the test split give FID "
+                  f"{mean_sd(f)[0]:.2f} (sampling seeds {[r['sample_seed'] for r in data['floor']]}).", ""]
+    if data["profile"]:
+        times = next(iter(data["profile"].values()))["times"]
+        lines += ["## Where along the path each network is wrong", "",
+                  f"Velocity MSE of each arm's EMA network (training seed {tc['seeds'][0]}) with every patch at one "
+                  "time t (held-out test images, fixed noise), and the share of its training times above t = 0.9.", "",
+                  "| arm | " + " | ".join(f"t={t:g}" for t in times) + " | training times > 0.9 |",
+                  "|---|" + "---|" * (len(times) + 1)]
+        for arm, p in data["profile"].items():
+            lines.append(f"| {labels[arm]} | " + " | ".join(f"{v:.3f}" for v in p["mse"]) + f" | {100 * p['above_0.9']:.2f}% |")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | CPU minutes | finished |", "|---|---|---|"]
+    for n, r in data["stages"]:
+        lines.append(f"| {n} | {r['result'].get('cpu_seconds', 0) / 60:.1f} | {r['finished']} |" if r else f"| {n} | pending | |")
+    return "\n".join(lines) + "\n"
+
+
+def conclusion_lines(study: dict, data: dict) -> list[str]:
+    """The report's opening: at most five lines, from what is measured (n named)."""
+    c = cells(data["points"], 0)
+    kmax = max(int(k) for k in study["eval"]["nfe"])
+    out = []
+    for arm, base, what in COMPARISONS[:4]:
+        d = paired(c, arm, base, kmax, kmax)
+        if d:
+            out.append(f"- {what}, K = {kmax}: FID {fmt_pairs(d)}.")
+    if not out:
+        out = ["- No comparison is measured yet."]
+    return out[:5]
+
+
+def plot_curves(study: dict, data: dict, path: Path) -> None:
+    """FID against K per arm (mean over training seeds, bars: std over training seeds)."""
+    plt = plots.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = {k: v["label"] for k, v in arms(study).items()}
+    for i, ax in enumerate(axes[:len(study["classifiers"])]):
+        c = cells(data["points"], i)
+        for arm in study["arms"]:
+            if arm not in c:
+                continue
+            ks = sorted(c[arm])
+            ms = [mean_sd([v[0] for v in c[arm][k].values()]) for k in ks]
+            ax.errorbar(ks, [m for m, _ in ms], yerr=[s for _, s in ms], fmt="-o", capsize=3,
+                        color=plots.ARM_COLORS.get(arm), label=labels[arm])
+        ax.set_xscale("log")
+        ax.set_xlabel("Euler steps K")
+        ax.set_ylabel("FID ↓")
+        ax.set_title(f"feature space {i + 1}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    plots.save(fig, path)
+
+
+def write_report(study: dict, command_line: str) -> None:
+    data = collect(study)
+    text = render(study, data, command_line, conclusion_lines(study, data))
+    if data["points"]:
+        plot_curves(study, data, Path(study["figures"]) / "fid_vs_k.png")
+        link = rel(Path(study["figures"]) / "fid_vs_k.png", study["results"])
+        text = text.replace("## Setup", f"![FID against K]({link})\n\n## Setup", 1)
+    Path(study["results"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(study["results"]).write_text(text)
+
+
+def main(cfg, argv: list[str] | None = None) -> None:
+    hours = cfg.get("cpu_budget_hours")
+    if hours is None:
+        os.environ.pop(BUDGET_ENV, None)
+    else:
+        os.environ[BUDGET_ENV] = str(float(hours))
+    command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "results")
+
+
+if __name__ == "__main__":
+    sys.exit(command.main(main, DEFAULTS, __doc__, free=FREE, toy=TOY))

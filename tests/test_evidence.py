@@ -1,0 +1,160 @@
+"""The evidence study (pf.experiments.evidence): the recipe's cosine schedule, the committed
+feature spaces and their fingerprints, the resolution-shifted LTG arm, the stage order a
+partial run is most useful in, a report that refuses a point of another classifier, and the
+study end to end at the toy size (two arms)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pf import cli
+from pf.data.mnist_format import FASHION_MNIST_DIR
+from pf.encoders.classifier import SmallCNN, load_classifier, save_classifier_safetensors
+from pf.experiments import command, evidence
+from pf.experiments.trajectories import compose_train, trajectory_config
+from pf.train import _lr_lambda
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+
+
+def study(*argv: str) -> dict:
+    return command.study_config(cli.parse(evidence.DEFAULTS, list(argv), free=evidence.FREE))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_lr_min():
+    f = _lr_lambda(10, "cosine", 110, 0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    for step in (10, 35, 60, 85, 110, 500):
+        progress = min(1.0, (step - 10) / 100)
+        assert f(step) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert f(60) == pytest.approx(0.505) and f(500) == pytest.approx(0.01)
+    assert _lr_lambda(10)(500) == 1.0  # constant: as before
+
+
+def test_a_constant_schedule_keeps_older_runs_keys_and_a_cosine_one_names_its_horizon():
+    base = ["data=fashion_mnist", "model=tiny"]
+    old = trajectory_config(compose_train(base))
+    assert "lr_schedule" not in old["trainer"] and "decay_steps" not in old["trainer"]
+    cos = trajectory_config(compose_train([*base, "trainer.lr_schedule=cosine", "trainer.max_steps=300"]))
+    assert cos["trainer"]["decay_steps"] == 300  # null: decays over max_steps, which decides the run
+    longer = trajectory_config(compose_train([*base, "trainer.lr_schedule=cosine", "trainer.decay_steps=300",
+                                              "trainer.max_steps=900"]))
+    assert longer == cos
+
+
+def test_classifier_safetensors_round_trip_and_fingerprint(tmp_path):
+    torch.manual_seed(0)
+    net = SmallCNN(1, 16, 10, 4)
+    path = save_classifier_safetensors(tmp_path / "c.safetensors", net, {"seed": 3, "test_accuracy": 0.5}, "x")
+    back, info = load_classifier(path)
+    assert info["seed"] == 3 and info["data"] == "x"
+    x = torch.randn(5, 1, 16, 16)
+    torch.testing.assert_close(back.features(x), net.eval().features(x))
+    fp = evidence.classifier_fingerprint(path)
+    torch.manual_seed(1)
+    other = save_classifier_safetensors(tmp_path / "d.safetensors", SmallCNN(1, 16, 10, 4), {}, "x")
+    assert evidence.classifier_fingerprint(other) != fp and len(fp) == 12
+
+
+def test_committed_feature_spaces_are_two_independent_classifiers():
+    s = study()
+    fps = [evidence.classifier_fingerprint(ROOT / p) for p in s["classifiers"]]
+    assert len(set(fps)) == 2
+    listed = json.loads((ROOT / "results" / "classifiers" / "classifiers.json").read_text())
+    assert [c["fingerprint"] for c in listed["classifiers"]] == fps
+    infos = [load_classifier(ROOT / p)[1] for p in s["classifiers"]]
+    assert infos[0]["seed"] != infos[1]["seed"] and all(i["test_accuracy"] > 0.85 for i in infos)
+
+
+def test_the_shifted_arm_follows_the_data_dimension():
+    s = study()
+    assert evidence.data_dim(s) == 16 * 16 * 1
+    assert evidence.shifted_loc(256) == pytest.approx(0.7 + math.log(4))  # ln sqrt(4096 / 256)
+    assert "trainer.timesteps.loc=2.0863" in evidence.arms(s)["pf_ltg_shifted"]["overrides"]
+
+
+def test_seed_zero_of_every_arm_comes_first_and_the_late_arm_last():
+    names = [x.name for x in evidence.build_stages(study()) if x.name.startswith("train")]
+    early = ["pf_ltg", "sit_uniform", "pf_ltg_shifted", "pf_ltg_marginal"]
+    assert names == [f"train {a} seed {s}" for s in (0, 1, 2) for a in early] + \
+        [f"train sit_logit_normal seed {s}" for s in (0, 1, 2)]
+
+
+def test_stage_keys_ignore_settings_outside_what_a_stage_computes():
+    a = {x.name: x.key for x in evidence.build_stages(study())}
+    b = {x.name: x.key for x in evidence.build_stages(study("results=elsewhere.md", "jobs=1", "arms=[pf_ltg]"))}
+    assert all(a[n] == k for n, k in b.items() if n in a)
+
+
+def test_a_report_refuses_a_point_of_another_classifier():
+    ok = {"arm": "pf_ltg", "train_seed": 0, "steps": 10, "spaces": [{"classifier": "a"}, {"classifier": "b"}]}
+    evidence.check_one_space([ok], ["a", "b"])
+    with pytest.raises(ValueError, match="re-measure it or drop it"):
+        evidence.check_one_space([ok, {**ok, "spaces": [{"classifier": "c"}, {"classifier": "b"}]}], ["a", "b"])
+    with pytest.raises(ValueError):
+        evidence.check_one_space([{**ok, "spaces": [{"classifier": "a"}]}], ["a", "b"])  # one space missing
+
+
+def test_pairs_are_per_training_seed_with_the_sampling_seed_mean():
+    pts = [{"arm": arm, "train_seed": ts, "sample_seed": ss, "steps": 10, "spaces": [{"fid": v}]}
+           for arm, ts, ss, v in [("a", 0, 0, 5.0), ("a", 0, 1, 7.0), ("a", 1, 0, 4.0), ("a", 1, 1, 4.0),
+                                  ("b", 0, 0, 5.0), ("b", 0, 1, 5.0), ("b", 1, 0, 6.0), ("b", 1, 1, 6.0)]]
+    c = evidence.cells(pts)
+    assert c["a"][10] == {0: (6.0, 2), 1: (4.0, 2)}
+    assert evidence.paired(c, "a", "b", 10, 10) == [(0, 1.0), (1, -2.0)]  # n = 2, not 4
+
+
+@needs_fashion
+def test_evidence_toy_end_to_end(tmp_path):
+    argv = command.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"records_dir={tmp_path / 'rec'}",
+                               f"results={tmp_path / 'R.md'}", f"figures={tmp_path / 'fig'}", "device=cpu",
+                               "arms=[pf_ltg_marginal,sit_uniform]", "late_arms=[]",
+                               *[f"classifiers=[{ROOT / 'results/classifiers/fashion_mnist16_seed0.safetensors'},"
+                                 f"{ROOT / 'results/classifiers/fashion_mnist16_seed1.safetensors'}]"]],
+                              evidence.TOY)
+    cfg = cli.parse(evidence.DEFAULTS, argv, free=evidence.FREE)
+    evidence.main(cfg, argv=["toy=true"])
+    s = command.study_config(cfg)
+    data = evidence.collect(s)
+    assert all(rec is not None for _, rec in data["stages"])
+    assert all(rec["result"]["cpu_seconds"] > 0 for _, rec in data["stages"])
+    fps = [evidence.classifier_fingerprint(p) for p in s["classifiers"]]
+    assert len(data["points"]) == 2 * 2 * 2 * 2  # arms x training seeds x K x sampling seeds
+    for p in data["points"]:
+        assert [x["classifier"] for x in p["spaces"]] == fps and p["weights"] and p["fid"] == p["spaces"][0]["fid"]
+    text = (tmp_path / "R.md").read_text()
+    assert "n = 2 training seeds" in text and "Stages still pending" not in text
+    assert "what patch heterogeneity adds" not in text  # pf_ltg is not in this study
+    assert "PF (one time per sample, LTG's marginal) against SiT (uniform t)" in text
+    # no stage starts once the CPU budget is spent: a new sampling seed's points are refused
+    with pytest.raises(evidence.BudgetSpent):
+        evidence.main(cli.parse(evidence.DEFAULTS, [*argv, "cpu_budget_hours=0.0", "eval.seeds=[0,1,2]"],
+                                free=evidence.FREE), argv=["toy=true"])
+
+
+def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):
+    """The first study's kept weights (committed) sampled whole and cut at 0.9, in both committed
+    feature spaces; a run whose weights are gone is listed, not retrained."""
+    pytest.importorskip("torch_fidelity")
+    from pf.experiments import diagnostics
+    clfs = ",".join(str(ROOT / p) for p in evidence.DEFAULTS["classifiers"])
+    argv = [f"points_dir={tmp_path / 'd'}", f"page={tmp_path / 'd.md'}", f"records_dir={ROOT / 'results/study'}",
+            f"out_dir={tmp_path / 'out'}", "eval.num_samples=10", "eval.batch_size=10", "eval.compile=false",
+            "eval.reference_size=100", "eval.kid_subsets=2", f"classifiers=[{clfs}]", "near.seeds=[0]",
+            "near.steps=[3]", "adaptive.samplers=[]", "remeasure.arms=[pf_ltg]", "remeasure.seeds=[7]",
+            "device=cpu"]
+    diagnostics.main(cli.parse(diagnostics.DEFAULTS, argv, free=diagnostics.FREE), argv=[])
+    s = command.study_config(cli.parse(diagnostics.DEFAULTS, argv, free=diagnostics.FREE))
+    data = diagnostics.collect(s)
+    near = [p for p in data["points"] if p["stage"] == "near"]
+    assert sorted((p["arm"], p["nfe"]) for p in near) == [("pf_ltg", 3), ("pf_ltg", 4), ("sit_uniform", 3),
+                                                         ("sit_uniform", 4)]  # whole: K; cut: ceil(0.9 K) + 1
+    assert all(len(p["spaces"]) == 2 and p["weights"] for p in near)
+    assert data["gone"] == ["pf_ltg seed 7"] and not (tmp_path / "out").exists()  # nothing retrained
+    assert "Dropped (kept weights gone" in (tmp_path / "d.md").read_text()
