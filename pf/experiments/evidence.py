@@ -26,6 +26,18 @@ then seed 1, then seed 2 (SiT logit-normal after all of them). Every stage recor
 seconds it used; a stage does not start once ``cpu_budget_hours`` are spent (it fails with
 one line, the report is still written). Resumable: run the same command again.
 ``toy=true`` runs everything at a minute's size (CI); ``report_only=true`` rewrites the report.
+
+Sizing (from the first study's records on this 2-core machine): a training step of
+``model=tiny`` at batch 64 took 0.59 s (SiT) to 0.89 s (PF), and Euler draws about 300
+image-steps a second (compiled), so one arm and seed costs about 4000 x 0.7 s = 47 min of
+training and 2 x 2000 x (10 + 25 + 100) / 300 s = 30 min of sampling (plus 2 x 3 metric
+passes): the four arms x 3 seeds take about 15.5 CPU-hours, inside the 16 h budget; SiT
+(logit-normal t) runs only with what is left. 4000 steps is what the budget allows, not a
+length where FID is known to have flattened: the first study's constant-learning-rate FID was
+still falling at 6000 steps (32 -> 14 -> 8 at 1k -> 3k -> 6k); the decay makes the most of the
+steps there are, and the report says so.
+On a lent GPU (``PF_STUDY_MODULE=pf.experiments.evidence scripts/gpu_study.sh OUT
+records_dir=results/evidence-gpu``) the same stages run on 8 worker processes in one call.
 """
 
 from __future__ import annotations
@@ -564,6 +576,12 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         f"on the train split with different seeds: " + "; ".join(clf) + ". The first is the report's feature space; "
         "every conclusion is repeated in the second. Every point names both fingerprints and its weights' fingerprint; "
         "the report refuses a point of another classifier.",
+        f"- Training length: {tc['steps']} steps is what the CPU budget allows for {len(tc['seeds'])} seeds of every "
+        "arm, not a length where FID is known to have flattened (the first study's constant-learning-rate FID was "
+        "still falling at 6000 steps: 32, 14, 8 at 1k, 3k, 6k). Final validation MSE (EMA, mean over the seeds "
+        "trained): " + "; ".join(f"{labels[a]} {mean_sd(v)[0]:.4f} (n={len(v)})" for a in study["arms"]
+                                   if (v := [r["val_loss"] for (aa, _), r in data["train"].items()
+                                             if aa == a and r.get("val_loss") is not None])) + ".",
         f"- Sampling: Euler at K = {ec['nfe']}, sampling seeds {ec['seeds']} (the same noise and labels in every arm). "
         "A cell is the mean over training seeds of each training seed's sampling-seed mean; ± is the std over "
         "training seeds; n is the number of training seeds.", ""]
@@ -588,10 +606,36 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         for arm, p in data["profile"].items():
             lines.append(f"| {labels[arm]} | " + " | ".join(f"{v:.3f}" for v in p["mse"]) + f" | {100 * p['above_0.9']:.2f}% |")
         lines.append("")
+    lines += pages_section(study)
     lines += ["## Stages", "", "| stage | CPU minutes | finished |", "|---|---|---|"]
     for n, r in data["stages"]:
         lines.append(f"| {n} | {r['result'].get('cpu_seconds', 0) / 60:.1f} | {r['finished']} |" if r else f"| {n} | pending | |")
     return "\n".join(lines) + "\n"
+
+
+PAGES = [("docs/diagnostics.md", "Diagnostics on the first study's kept weights",
+          "Euler cut at t = 0.9 and finished in one step (the near-data test), the adaptive samplers at matched NFE "
+          "and at the paper's protocol with random selection beside uncertainty selection, and the first report's "
+          "Euler curves re-measured in the committed feature spaces (`python -m pf.experiments.diagnostics`)."),
+         ("docs/reproduce-v1.md", "The first version of this study",
+          "Constant learning rate, 3000 steps, 2 training seeds, its own retrained classifier (superseded; its numbers "
+          "are in another feature space, re-measured on its kept weights in the diagnostics page) "
+          "(`python -m pf.experiments.reproduce`)."),
+         ("docs/findings.md", "The paper's findings, measured",
+          "Uncertainty against error, context, the timestep-sampler ablation and patch selection "
+          "(`python -m pf.experiments.findings`)."),
+         ("docs/repa.md", "With representation alignment", "PF against PF + REPA (`python -m pf.experiments.repa`)."),
+         ("docs/t2i.md", "Text-to-image", "Whether the text-to-image demo follows held-out prompts "
+                                          "(`python -m pf.experiments.t2i`).")]
+
+
+def pages_section(study: dict) -> list[str]:
+    """Links to the other pages that exist, from the report's folder."""
+    out = []
+    for path, title, text in PAGES:
+        if Path(path).is_file():
+            out += [f"## {title}", "", f"[{path}]({rel(path, study['results'])}): {text}", ""]
+    return out
 
 
 def conclusion_lines(study: dict, data: dict) -> list[str]:

@@ -38,7 +38,7 @@ from pf.experiments.common import TrainedRun, device_name, held_out_batch, weigh
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, stage_study
 from pf.experiments.curves import by_run, evaluate_point, sampler_params, steps_for_nfe, stored_point
 from pf.experiments.stages import Stage, stage_result
-from pf.experiments.summary import fmt, mean_std, paired, rel, stage_table, verdict
+from pf.experiments.summary import fmt, mean_std, paired, rel, spread_sentence, stage_table, verdict
 from pf.flow import interpolate, patch_mean, time_to_pixels
 from pf.models import load_checkpoint
 from pf.samplers import certain_patches
@@ -366,7 +366,7 @@ def header(study: dict, data: dict, command_line: str, page: Path) -> list[str]:
             f"({sum(s is not None for _, s in data['stages'])} of {len(data['stages'])}); regenerate (or continue) "
             f"with:", "", "```", command_line, "```", "",
             f"Data `data={study['data']}` {study['image_size']}x{study['image_size']}, `model={study['model']}`; the "
-            f"models of the main comparison ([RESULTS.md]({rel('RESULTS.md', page)}): {tc['steps']} steps, batch "
+            f"models of the main comparison ([docs/reproduce-v1.md]({rel('docs/reproduce-v1.md', page)}): {tc['steps']} steps, batch "
             f"{tc['batch_size']}, lr {tc['lr']}, training seeds {list(tc['seeds'])}). Held-out test images only. "
             f"Device: {device_name(study)}.", ""]
 
@@ -458,7 +458,9 @@ def ablation_section(study: dict, ab: dict, figures: Path, page: Path) -> list[s
             runs = list(by_run(r["points"], sampler=sname, target_nfe=int(target)).values())
             cells.append(f"{fmt([p['fid'] for p in runs])} (K={runs[0]['steps']}, NFE {runs[0]['nfe']})")
         lines.append(f"| {name} | {r['train']['val_loss']:.4f} | " + " | ".join(cells) + " |")
-    return lines + [""] + ablation_statements(fc, ab)
+    return lines + [""] + ablation_statements(fc, ab) + [
+        "", f"Each sampler here is one training run (seed {ac['seed']}); the ± is the sampling seeds' spread alone. "
+        + spread_sentence(study["records_dir"])]
 
 
 def selection_section(study: dict, sel: dict, figures: Path, page: Path) -> list[str]:

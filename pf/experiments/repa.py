@@ -33,7 +33,7 @@ from pf.experiments.common import train_stage as train_arm  # this module's trai
 from pf.experiments.comparison import ARMS, stage_study
 from pf.experiments.curves import by_run, realization_pairs, run_curve, stored_points
 from pf.experiments.stages import Stage, stage_result
-from pf.experiments.summary import fmt, mean_std, paired, stage_table, verdict
+from pf.experiments.summary import fmt, mean_std, paired, spread_sentence, stage_table, verdict
 from pf.experiments.trajectories import logged_records
 from pf.flow import interpolate
 from pf.models import load_checkpoint
@@ -192,7 +192,7 @@ def render(study: dict, data: dict, command_line: str) -> str:
 def setup_section(study: dict, data: dict) -> list[str]:
     tc, ec, rc = study["train"], study["eval"], study["repa"]
     return ["## Setup", "",
-            f"- Data, network and recipe of the main comparison (RESULTS.md): {study['data']} at "
+            f"- Data, network and recipe of the main comparison (docs/reproduce-v1.md): {study['data']} at "
             f"{study['image_size']}x{study['image_size']}, model={study['model']}, {tc['steps']} steps, batch "
             f"{tc['batch_size']}, lr {tc['lr']}, training seed(s) {rc['train_seeds']}.",
             f"- REPA (SPEC.md section 9): projector after block {rc['encoder_depth']} (width {rc['projector_dim']}), "
@@ -201,7 +201,7 @@ def setup_section(study: dict, data: dict) -> list[str]:
             + (f", test accuracy {data['encoder']['test_accuracy']:.3f}" if data["encoder"] else "")
             + "); its tokens are its last conv stage before pooling, 8x8 at 16x16, the DiT's grid. It is a "
             "different network from the FID classifier, so REPA is not rewarded for copying the metric's features.",
-            f"- FID, precision and recall as in RESULTS.md: {ec['num_samples']} images per point against the "
+            f"- FID, precision and recall as in docs/reproduce-v1.md: {ec['num_samples']} images per point against the "
             f"held-out test split, no guidance, Euler (per-patch times all equal), sampling seeds {ec['seeds']} "
             f"paired across the two columns.", ""]
 
@@ -232,11 +232,12 @@ def fid_section(study: dict, data: dict) -> list[str]:
                   + "; ".join(f"K={k}: {verdict(d)}" for k, d in diffs.items()) + "."]
         spread = [p["new"] - p["old"] for p in realization_pairs(study)]
         seeds = sorted({p["train_seed"] for p in a + b})
-        if spread and len(seeds) < 2:
-            lines.append(f"With one training run per model, compare this with what retraining one run changes: the "
-                         f"same PF run retrained on another machine moved its FID by {mean_std(spread)[0]:+.2f} on "
-                         f"average ({min(spread):+.2f} to {max(spread):+.2f}; RESULTS.md, 'The same run trained "
-                         f"twice').")
+        if len(seeds) < 2:
+            lines.append("With one training run per model, compare this with the measured training spread. "
+                         + spread_sentence(study["records_dir"])
+                         + (f" And the same PF run retrained on another machine moved its FID by "
+                            f"{mean_std(spread)[0]:+.2f} on average ({min(spread):+.2f} to {max(spread):+.2f}; "
+                            "docs/reproduce-v1.md, 'The same run trained twice')." if spread else ""))
     return lines
 
 

@@ -3,6 +3,7 @@ links between report files, and the table of stage times every report ends with.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -63,3 +64,40 @@ def stage_table(stages: list[tuple[str, float | None]]) -> list[str]:
     """The report's closing section: each stage's minutes of work, or ``pending``."""
     return ["", "## Stages", "", "| stage | minutes |", "|---|---|",
             *(f"| {name} | {f'{s / 60:.1f}' if s is not None else 'pending'} |" for name, s in stages)]
+
+
+def training_spread(records_dir: str | Path) -> list[dict]:
+    """The measured spread between training runs: for every stored Euler curve with two or more
+    training seeds, the range of the training seeds' FID means (each over its sampling seeds) at
+    each K, by arm (read from the stage records of ``records_dir``; nothing is computed)."""
+    out = []
+    for path in sorted(Path(records_dir).glob("stages/*.json")):
+        rec = json.loads(path.read_text())
+        name = rec.get("name", "")
+        if not (name.startswith("curve ") and name.split()[2] in ("euler", "euler_pf")):
+            continue
+        by: dict = {}
+        for p in rec["result"]["points"]:
+            by.setdefault(p["steps"], {}).setdefault(p["train_seed"], []).append(p["fid"])
+        for k, seeds in by.items():
+            for seed, fids in seeds.items():
+                out.append({"arm": name.split()[1], "steps": k, "train_seed": seed, "fid": mean_std(fids)[0]})
+    ranges = []
+    cells: dict = {}
+    for r in out:
+        cells.setdefault((r["arm"], r["steps"]), {})[r["train_seed"]] = r["fid"]
+    for (arm, k), seeds in sorted(cells.items()):
+        if len(seeds) >= 2:
+            ranges.append({"arm": arm, "steps": k, "seeds": sorted(seeds), "range": max(seeds.values()) - min(seeds.values())})
+    return ranges
+
+
+def spread_sentence(records_dir: str | Path) -> str:
+    """One sentence: how far apart training seeds of one arm land, for a single run's result."""
+    r = training_spread(records_dir)
+    if not r:
+        return "The spread between training runs is not measured in these records."
+    lo, hi = min(x["range"] for x in r), max(x["range"] for x in r)
+    return (f"Two training seeds of the same arm and recipe land {lo:.2f} to {hi:.2f} FID apart (Euler, every arm and "
+            f"K of the first comparison, {len(r)} cells, each seed the mean of its sampling seeds; "
+            f"docs/reproduce-v1.md): a single run's difference smaller than that is within the training spread.")
