@@ -43,28 +43,26 @@ records_dir=results/evidence-gpu``) the same stages run on 8 worker processes in
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from pf import samplers, timesteps
-from pf.eval.metrics import compute_metrics
-from pf.experiments import command, plots
+from pf import cli, timesteps
+from pf.experiments import command, diagnostics, plots
 from pf.eval.inputs import load_dataset_images
-from pf.experiments.common import (TrainedRun, compose_train_config, data_config, held_out_batch, reference_images,
-                                   resolve_device, state_fingerprint, train_stage as common_train_stage)
-from pf.experiments.comparison import ARMS, euler_sampler, is_pf
-from pf.experiments.records import cached, cached_result
+from pf.experiments.common import (TrainedRun, compose_train_config, data_config, held_out_batch, resolve_device,
+                                   train_stage as common_train_stage)
+from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.stages import Stage, stage_result
+from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, BudgetSpent, best_k, cells, check_one_space,  # noqa: F401
+                                   classifier_fingerprint, cut_grid, evaluate, fmt_pairs, mean_sd, paired, stored,
+                                   timed)
 from pf.experiments.summary import rel
 from pf.flow import interpolate
 from pf.encoders.classifier import load_classifier
-from pf.pipeline import generate
 
 # The data dimension LTG's location was set for: SD-VAE latents of 256x256 images, 32x32x4.
 LTG_REFERENCE_DIM = 32 * 32 * 4
@@ -106,8 +104,7 @@ DEFAULTS = {
         "profile_images": 1000,
     },
     # The two committed feature spaces: the first is the report's, the second checks each conclusion.
-    "classifiers": ["results/classifiers/fashion_mnist16_seed0.safetensors",
-                    "results/classifiers/fashion_mnist16_seed1.safetensors"],
+    "classifiers": list(CLASSIFIERS),
     "arms": ["pf_ltg", "sit_uniform", "pf_ltg_shifted", "pf_ltg_marginal", "sit_logit_normal"],
     "late_arms": ["sit_logit_normal"],  # trained after every seed of the others
     "cpu_budget_hours": 16.0,
@@ -121,10 +118,6 @@ TOY = ["out_dir=runs/toy-evidence", "records_dir=runs/toy-evidence/records", "fi
        "eval.profile_images=20", "eval.profile_times=[0.5,0.95]", "image_size=8", "jobs=1"]
 FREE: tuple[str, ...] = ()
 DOC_COMMAND = "python -m pf.experiments.evidence"
-
-
-class BudgetSpent(ValueError):
-    """The study's CPU budget is used up: no stage starts."""
 
 
 #################################################################################
@@ -183,122 +176,6 @@ def stage_view(study: dict, evaluation: bool = True) -> dict:
                                           "reference_size", "compile")}
         out["classifiers"] = list(study["classifiers"])
     return out
-
-
-#################################################################################
-#                          Feature spaces and the budget                        #
-#################################################################################
-
-
-_FINGERPRINTS: dict = {}
-
-
-def classifier_fingerprint(path: str | Path) -> str:
-    """The fingerprint of a classifier file's weights (:func:`state_fingerprint`)."""
-    key = str(path)
-    if key not in _FINGERPRINTS:
-        model, _ = load_classifier(path)
-        _FINGERPRINTS[key] = state_fingerprint(model.state_dict())
-    return _FINGERPRINTS[key]
-
-
-def cpu_spent(records_dir: str | Path) -> float:
-    """CPU seconds recorded by the finished stages of ``records_dir``."""
-    total = 0.0
-    for path in (Path(records_dir) / "stages").glob("*.json"):
-        total += float(json.loads(path.read_text())["result"].get("cpu_seconds", 0.0))
-    return total
-
-
-# The budget reaches the stages (worker processes too) through the environment, outside their
-# arguments: a larger budget re-runs nothing that is done.
-BUDGET_ENV = "PF_EVIDENCE_CPU_HOURS"
-
-
-def check_budget(records_dir: str | Path) -> None:
-    hours = os.environ.get(BUDGET_ENV)
-    if hours and cpu_spent(records_dir) >= 3600 * float(hours):
-        raise BudgetSpent(f"the study's CPU budget of {hours} h is spent (stage records in {records_dir}); "
-                          "raise cpu_budget_hours to go on")
-
-
-def _timed(fn):
-    """A stage function that refuses to start past the budget and records its CPU seconds."""
-    def stage(study: dict, **kw) -> dict:
-        check_budget(study["records_dir"])
-        c0 = time.process_time()
-        out = fn(study, **kw)
-        return {**out, "cpu_seconds": time.process_time() - c0}
-
-    stage.__name__, stage.__doc__ = fn.__name__, fn.__doc__
-    return stage
-
-
-#################################################################################
-#                                    Stages                                     #
-#################################################################################
-
-
-def point_key(study: dict, identity: dict, sampler: str, steps: int, seed: int) -> dict:
-    """Everything that decides a point's numbers: the run, sampler, K, seed, sizes and the
-    fingerprints of both feature spaces."""
-    ec = study["eval"]
-    key = {"trajectory": identity["trajectory"], "train_steps": identity["steps"], "sampler": sampler,
-           "steps": int(steps), "seed": int(seed), "num_samples": int(ec["num_samples"]),
-           "cfg_scale": float(ec["cfg_scale"]), "classifiers": [classifier_fingerprint(p) for p in study["classifiers"]],
-           "kid_subsets": int(ec["kid_subsets"]), "device": resolve_device(study), "compile": bool(ec["compile"])}
-    if ec.get("reference_size"):
-        key["reference_size"] = int(ec["reference_size"])
-    return key
-
-
-def measure(study: dict, images: torch.Tensor, seed: int, device: str) -> dict:
-    """FID / KID / precision / recall of uint8 ``images`` in each feature space: the first's at
-    the top level, every one (with its fingerprint) under ``spaces``."""
-    spaces = []
-    for path in study["classifiers"]:
-        m = compute_metrics(images, reference_images(study), extractor="classifier", weights=str(path),
-                            kid_subsets=int(study["eval"]["kid_subsets"]), seed=int(seed), device=device)
-        spaces.append({"classifier": classifier_fingerprint(path), **{k: m[k] for k in
-                                                                      ("fid", "kid", "precision", "recall")}})
-    return {**{k: spaces[0][k] for k in ("fid", "kid", "precision", "recall")}, "classifier": spaces[0]["classifier"],
-            "spaces": spaces}
-
-
-def cut_grid(steps: int, cut: float) -> list[float]:
-    """Euler's times on [0, ``cut``] at about the step of K = ``steps`` (ceil(cut K) equal
-    steps), then one step from ``cut`` to 1: the K-step path without its queries near the data."""
-    n = math.ceil(cut * steps - 1e-9)
-    return [cut * i / n for i in range(n + 1)] + [1.0]
-
-
-def evaluate(study: dict, run: TrainedRun, sampler: str, steps: int, seed: int, *, params: dict | None = None,
-             cut: float | None = None, points_dir: str | None = None) -> dict:
-    """One cached point: ``sampler`` (with ``params``) at ``steps`` outer steps from sampling
-    seed ``seed`` on ``run``'s kept weights; ``cut``: on :func:`cut_grid` instead. Stored in
-    ``points_dir`` (default: the study's records)."""
-    ec = study["eval"]
-    key = point_key(study, run.identity, sampler, steps, seed)
-    if params:
-        key["params"] = params
-    if cut is not None:
-        key["cut"] = float(cut)
-
-    def compute() -> dict:
-        pm = run.model()
-        t0 = time.perf_counter()
-        grid = int(steps) if cut is None else cut_grid(int(steps), float(cut))
-        images, info = generate(pm.call, samplers.make(sampler, **(params or {})), int(ec["num_samples"]), grid,
-                                seed=int(seed), cfg_scale=float(ec["cfg_scale"]), batch_size=int(ec["batch_size"]),
-                                device=pm.device, static=pm.compiled)
-        seconds = time.perf_counter() - t0
-        return {**measure(study, images, seed, pm.device), **info, "seconds": seconds, "weights": pm.weights}
-
-    return cached(points_dir or study["records_dir"], "points", key, compute)
-
-
-def stored(study: dict, identity: dict, sampler: str, steps: int, seed: int) -> dict | None:
-    return cached_result(study["records_dir"], "points", point_key(study, identity, sampler, steps, seed))
 
 
 def _train(study: dict, arm: str, seed: int) -> dict:
@@ -360,10 +237,10 @@ def _floor(study: dict) -> dict:
     return {"runs": runs}
 
 
-train_stage = _timed(_train)
-curve_stage = _timed(_curve)
-profile_stage = _timed(_profile)
-floor_stage = _timed(_floor)
+train_stage = timed(_train)
+curve_stage = timed(_curve)
+profile_stage = timed(_profile)
+floor_stage = timed(_floor)
 
 
 def build_stages(study: dict) -> list[Stage]:
@@ -430,61 +307,6 @@ def collect(study: dict) -> dict:
         elif s.name == "floor":
             out["floor"] = rec["result"]["runs"]
     return out
-
-
-def check_one_space(points: list[dict], fingerprints: list[str]) -> None:
-    """Every point of a report was measured in the same feature spaces, ``fingerprints``
-    (the first: the report's); a point of another classifier is refused, never averaged in."""
-    for p in points:
-        got = [s["classifier"] for s in p.get("spaces", [])]
-        if got != list(fingerprints):
-            raise ValueError(f"a point of {p.get('arm')} (training seed {p.get('train_seed')}, K={p.get('steps')}) "
-                             f"was measured with classifiers {got}, not the report's {list(fingerprints)}: "
-                             "re-measure it or drop it")
-
-
-def cells(points: list[dict], space: int = 0, metric: str = "fid") -> dict:
-    """arm -> K -> training seed -> the mean over its sampling seeds (and how many there were)."""
-    acc: dict = {}
-    for p in points:
-        acc.setdefault(p["arm"], {}).setdefault(p["steps"], {}).setdefault(p["train_seed"], []).append(
-            p["spaces"][space][metric])
-    return {a: {k: {s: (sum(v) / len(v), len(v)) for s, v in by_seed.items()} for k, by_seed in by_k.items()}
-            for a, by_k in acc.items()}
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
-
-
-def best_k(cell: dict, seeds: list[int]) -> int | None:
-    """The K with the lowest mean (over ``seeds``) of an arm's cell, among the K every seed has."""
-    ks = [k for k, by_seed in cell.items() if all(s in by_seed for s in seeds)]
-    if not ks:
-        return None
-    return min(ks, key=lambda k: sum(cell[k][s][0] for s in seeds))
-
-
-def paired(c: dict, arm: str, base: str, k_arm: int, k_base: int) -> list[tuple[int, float]]:
-    """(training seed, arm minus base) for every training seed both have at those K."""
-    a, b = c.get(arm, {}).get(k_arm, {}), c.get(base, {}).get(k_base, {})
-    return [(s, a[s][0] - b[s][0]) for s in sorted(set(a) & set(b))]
-
-
-#################################################################################
-#                                    Report                                     #
-#################################################################################
-
-
-def fmt_pairs(pairs: list[tuple[int, float]]) -> str:
-    if not pairs:
-        return "not measured yet"
-    d = [v for _, v in pairs]
-    m, s = mean_sd(d)
-    per = ", ".join(f"{v:+.2f}" for v in d)
-    return f"{m:+.2f} ± {s:.2f} (n = {len(d)} training seeds: {per})"
 
 
 COMPARISONS = [
@@ -675,9 +497,17 @@ def plot_curves(study: dict, data: dict, path: Path) -> None:
     plots.save(fig, path)
 
 
+def why_lines() -> list[str]:
+    """The diagnostics' lines for the conclusion (their records with their default settings)."""
+    dstudy = command.study_config(cli.parse(diagnostics.DEFAULTS, [], free=diagnostics.FREE))
+    if not Path(dstudy["points_dir"]).is_dir():
+        return []
+    return diagnostics.summary_lines(dstudy)
+
+
 def write_report(study: dict, command_line: str) -> None:
     data = collect(study)
-    text = render(study, data, command_line, conclusion_lines(study, data))
+    text = render(study, data, command_line, conclusion_lines(study, data) + why_lines())
     if data["points"]:
         plot_curves(study, data, Path(study["figures"]) / "fid_vs_k.png")
         link = rel(Path(study["figures"]) / "fid_vs_k.png", study["results"])
