@@ -16,8 +16,8 @@ from pf import cli
 from pf.data.mnist_format import FASHION_MNIST_DIR
 from pf.encoders.classifier import SmallCNN, load_classifier, save_classifier_safetensors
 from pf.experiments import command, evidence
-from pf.experiments.trajectories import compose_train, trajectory_config
-from pf.train import _lr_lambda
+from pf.experiments.trajectories import compose_train, ensure_trained, trajectory_config
+from pf.experiments.records import config_key
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -27,25 +27,29 @@ def study(*argv: str) -> dict:
     return command.study_config(cli.parse(evidence.DEFAULTS, list(argv), free=evidence.FREE))
 
 
-def test_cosine_schedule_warms_up_then_decays_to_lr_min():
-    f = _lr_lambda(10, "cosine", 110, 0.01)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    for step in (10, 35, 60, 85, 110, 500):
-        progress = min(1.0, (step - 10) / 100)
-        assert f(step) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
-    assert f(60) == pytest.approx(0.505) and f(500) == pytest.approx(0.01)
-    assert _lr_lambda(10)(500) == 1.0  # constant: as before
+def test_older_runs_keep_their_key_and_a_decaying_run_names_its_horizon():
+    """Options that are off compute what a run from before them computed: the first study's kept
+    weights (committed) are still found by its config; a cosine run is keyed by its horizon."""
+    from pf.experiments import reproduce
+    from pf.experiments.common import TrainedRun, kept_weights_path
+    from pf.experiments.comparison import ARMS
+    s = command.study_config(cli.parse(reproduce.DEFAULTS, [], free=reproduce.FREE))
+    for arm in ARMS:
+        for seed in (0, 1):
+            run = TrainedRun(s, ARMS[arm]["overrides"], seed, 3000)
+            assert kept_weights_path(s, run.identity).is_file(), (arm, seed)
+    base = ["data=fashion_mnist", "model=tiny", "trainer.lr_schedule=cosine"]
+    a = trajectory_config(compose_train([*base, "trainer.max_steps=300"]))
+    b = trajectory_config(compose_train([*base, "trainer.max_steps=900"]))
+    assert a["trainer"]["decay_horizon"] == 300 and config_key(a) != config_key(b)
 
 
-def test_a_constant_schedule_keeps_older_runs_keys_and_a_cosine_one_names_its_horizon():
-    base = ["data=fashion_mnist", "model=tiny"]
-    old = trajectory_config(compose_train(base))
-    assert "lr_schedule" not in old["trainer"] and "decay_steps" not in old["trainer"]
-    cos = trajectory_config(compose_train([*base, "trainer.lr_schedule=cosine", "trainer.max_steps=300"]))
-    assert cos["trainer"]["decay_steps"] == 300  # null: decays over max_steps, which decides the run
-    longer = trajectory_config(compose_train([*base, "trainer.lr_schedule=cosine", "trainer.decay_steps=300",
-                                              "trainer.max_steps=900"]))
-    assert longer == cos
+def test_the_recipe_decays_over_the_study_steps():
+    cfg = evidence.compose_train_config(evidence.recipe(study()), evidence.arms(study())["pf_ltg"]["overrides"], 0)
+    tc = cfg.trainer
+    assert (tc.lr_schedule, tc.min_lr, tc.max_steps, tc.ema_decay, tc.ema_warmup) == ("cosine", 1e-5, 4000, 0.999, True)
+    with pytest.raises(ValueError, match="decays over trainer.max_steps=4000"):
+        ensure_trained(cfg, "/nonexistent-never-written", 2000)
 
 
 def test_classifier_safetensors_round_trip_and_fingerprint(tmp_path):

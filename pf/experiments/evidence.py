@@ -155,8 +155,8 @@ def recipe(study: dict) -> dict:
     ``train.lr_min``, the EMA decay with warm-up."""
     out = copy.deepcopy(study)
     tc = out["train"]
-    tc["overrides"] = [f"trainer.lr_schedule=cosine", f"trainer.lr_min={tc['lr_min']}",
-                       f"trainer.decay_steps={tc['steps']}", f"trainer.ema_decay={tc['ema_decay']}",
+    tc["overrides"] = ["trainer.lr_schedule=cosine", f"trainer.min_lr={tc['lr_min']}",
+                       f"trainer.max_steps={tc['steps']}", f"trainer.ema_decay={tc['ema_decay']}",
                        "trainer.ema_warmup=true", *tc.get("overrides", [])]
     return out
 

@@ -1,8 +1,9 @@
 """Training runs as trajectories: the checkpoint of a config at a step count, trained or resumed.
 
-With a constant learning rate after warm-up (or a decay over a fixed ``trainer.decay_steps``)
-nothing a run computes depends on ``trainer.max_steps``, so the checkpoint of step S of a
-longer run is the run of S steps. A
+With a constant learning rate after warm-up nothing a run computes depends on
+``trainer.max_steps``, so the checkpoint of step S of a longer run is the run of S steps; a
+decaying schedule (``trainer.lr_schedule``) ends at ``max_steps``, which then is part of the
+key (``decay_horizon``), and its run is resumed only towards that horizon. A
 trajectory is keyed by its whole resolved config except the step count and the logging
 intervals, lives in ``<root>/train/<key>``, keeps ``step_XXXXXX.pt`` every ``keep_every``
 steps, and a request for more steps resumes it exactly (one process at a time).
@@ -38,11 +39,24 @@ def trajectory_config(train_cfg) -> dict:
     for key in FREE_TOP_KEYS:
         cfg.pop(key, None)
     tr = cfg["trainer"]
-    if tr.get("lr_schedule", "constant") == "constant":  # as before the schedules: older runs keep their key
-        for key in ("lr_schedule", "lr_min", "decay_steps"):
+    schedule = tr.get("lr_schedule", "constant")
+    if schedule == "constant":  # as before the schedules: older runs keep their key
+        for key in ("lr_schedule", "min_lr", "decay_fraction"):
             tr.pop(key, None)
-    elif tr.get("decay_steps") is None:  # a decay over max_steps: the horizon decides the run, not the stop
-        tr["decay_steps"] = tr["max_steps"]
+    else:  # the decay ends at max_steps: the horizon decides the run, not only where it stops
+        tr["decay_horizon"] = tr["max_steps"]
+        if schedule != "wsd":
+            tr.pop("decay_fraction", None)
+    for key, off in (("grad_accum", 1), ("activation_checkpointing", False), ("fid_every", 0)):
+        if tr.get(key, off) == off:  # off: computes what a run from before the option computed
+            tr.pop(key, None)
+            if key == "fid_every":
+                for k in ("fid_reference", "fid_samples", "fid_weights"):
+                    tr.pop(k, None)
+    tr.pop("log", None)  # where the metrics go, not what the run computes
+    if cfg.get("init_from") is None:
+        cfg.pop("init_from", None)
+        cfg.pop("init_from_ema", None)
     for key in FREE_TRAINER_KEYS:
         tr.pop(key, None)
     cfg["data"].pop("num_workers", None)
@@ -66,6 +80,9 @@ def ensure_trained(train_cfg, root: str | Path, steps: int, log=print) -> dict:
     wall time per step measured over the trained segments (a killed segment is not counted),
     times ``steps``.
     """
+    if train_cfg.trainer.get("lr_schedule", "constant") != "constant" and int(steps) != int(train_cfg.trainer.max_steps):
+        raise ValueError(f"a run with lr_schedule={train_cfg.trainer.lr_schedule} decays over trainer.max_steps="
+                         f"{train_cfg.trainer.max_steps}: ask for exactly that many steps, not {steps}")
     run_dir = trajectory_dir(root, train_cfg)
     ckpt_dir = run_dir / "checkpoints"
     target = ckpt_dir / f"step_{int(steps):06d}.pt"
