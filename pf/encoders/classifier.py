@@ -102,7 +102,7 @@ def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> t
 
 def check_training(epochs, batch_size, lr, test_frac) -> None:
     """One line for settings that would train nothing (epochs < 1) or on nothing (test_frac
-    outside (0, 1) holds out every image or none to measure)."""
+    of 1 or more holds out every image)."""
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -112,9 +112,10 @@ def check_training(epochs, batch_size, lr, test_frac) -> None:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr={lr!r}: expected a finite number > 0")
-    if isinstance(test_frac, bool) or not isinstance(test_frac, (int, float)) or not 0 < test_frac < 1:
-        raise ValueError(f"test_frac={test_frac!r}: expected a number in (0, 1), the share of images held out "
-                         f"to measure the accuracy")
+    # 0 holds out nothing: the studies train on the whole train split and measure on the test split
+    if isinstance(test_frac, bool) or not isinstance(test_frac, (int, float)) or not 0 <= test_frac < 1:
+        raise ValueError(f"test_frac={test_frac!r}: expected a number in [0, 1), the share of images held out "
+                         f"to measure the accuracy (0: none, measured on another split)")
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int = 40,
