@@ -162,3 +162,10 @@ def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):
     assert all(len(p["spaces"]) == 2 and p["weights"] for p in near)
     assert data["gone"] == ["pf_ltg seed 7"] and not (tmp_path / "out").exists()  # nothing retrained
     assert "Dropped (kept weights gone" in (tmp_path / "d.md").read_text()
+
+
+def test_a_device_call_can_run_the_study():
+    """scripts/gpu_study.sh runs any module naming its stages (PF_STUDY_MODULE): the plan of this one."""
+    from pf.experiments import device_call
+    p = device_call.plan("pf.experiments.evidence", ["device=cuda", "records_dir=/nonexistent-records"], 540)
+    assert p["jobs"] == 8 and p["left"][0] == "floor" and "train pf_ltg seed 2" in p["left"] and not p["done"]
