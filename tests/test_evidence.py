@@ -152,6 +152,7 @@ def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):
             f"out_dir={tmp_path / 'out'}", "eval.num_samples=10", "eval.batch_size=10", "eval.compile=false",
             "eval.reference_size=100", "eval.kid_subsets=2", f"classifiers=[{clfs}]", "near.seeds=[0]",
             "near.steps=[3]", "adaptive.samplers=[]", "remeasure.arms=[pf_ltg]", "remeasure.seeds=[7]",
+            "foreground.arms=[pf_ltg]", "foreground.seeds=[0]", "foreground.images=40", "foreground.times=[0.6]",
             "device=cpu"]
     diagnostics.main(cli.parse(diagnostics.DEFAULTS, argv, free=diagnostics.FREE), argv=[])
     s = command.study_config(cli.parse(diagnostics.DEFAULTS, argv, free=diagnostics.FREE))
@@ -162,6 +163,9 @@ def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):
     assert all(len(p["spaces"]) == 2 and p["weights"] for p in near)
     assert data["gone"] == ["pf_ltg seed 7"] and not (tmp_path / "out").exists()  # nothing retrained
     assert "Dropped (kept weights gone" in (tmp_path / "d.md").read_text()
+    (fg,) = data["foreground"]  # Fashion-MNIST has background patches; the certain ones are mostly those
+    assert 0.3 < fg["foreground_share"] < 0.9 and fg["times"][0]["certain_background_share"] > 0.3
+    assert fg["times"][0]["spearman_all"] > fg["times"][0]["spearman_foreground"]
 
 
 def test_a_device_call_can_run_the_study():
