@@ -59,8 +59,7 @@ from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, BudgetSpent, best_k, cells, check_one_space,  # noqa: F401
                                    classifier_fingerprint, cut_grid, evaluate, fmt_pairs, mean_sd, measure, paired,
-                                   stored,
-                                   timed)
+                                   stored, timed)
 from pf.experiments.summary import rel
 from pf.flow import interpolate
 from pf.encoders.classifier import load_classifier
