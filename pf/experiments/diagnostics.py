@@ -177,10 +177,16 @@ remeasure_stage = spaces.timed(_remeasure)
 
 
 def build_stages(study: dict) -> list[Stage]:
-    """The near-data test first, then the adaptive samplers, the foreground findings, then the
-    re-measured report."""
+    """The foreground findings first (cheap), then the near-data test, the adaptive samplers,
+    and last the re-measured report (the most CPU)."""
     v, mod, out = view(study), __name__, []
     nc, ac, rc = study["near"], study["adaptive"], study["remeasure"]
+    fc = study["foreground"]
+    for seed in fc["seeds"]:
+        for arm in fc["arms"]:
+            out.append(Stage(f"foreground {arm} seed {seed}", f"{mod}:foreground_stage",
+                             {"study": v, "arm": arm, "seed": int(seed), "images": int(fc["images"]),
+                              "times": list(fc["times"]), "p": float(fc["p"]), "threshold": float(fc["threshold"])}))
     for seed in nc["seeds"]:
         for arm in nc["arms"]:
             out.append(Stage(f"near {arm} seed {seed}", f"{mod}:near_stage",
@@ -192,12 +198,6 @@ def build_stages(study: dict) -> list[Stage]:
                              {"study": v, "seed": int(ac["seed"]), "sampler": sampler, "rule": rule,
                               "nfe": list(ac["nfe"]), "paper_steps": int(ac["paper_steps"]),
                               "sample_seeds": list(ac["sample_seeds"])}))
-    fc = study["foreground"]
-    for seed in fc["seeds"]:
-        for arm in fc["arms"]:
-            out.append(Stage(f"foreground {arm} seed {seed}", f"{mod}:foreground_stage",
-                             {"study": v, "arm": arm, "seed": int(seed), "images": int(fc["images"]),
-                              "times": list(fc["times"]), "p": float(fc["p"]), "threshold": float(fc["threshold"])}))
     for seed in rc["seeds"]:
         for arm in rc["arms"]:
             out.append(Stage(f"remeasure {arm} seed {seed}", f"{mod}:remeasure_stage",
