@@ -461,17 +461,24 @@ def pages_section(study: dict) -> list[str]:
 
 
 def conclusion_lines(study: dict, data: dict) -> list[str]:
-    """The report's opening: at most five lines, from what is measured (n named)."""
+    """The report's opening, from what is measured (n named): at most three lines here, two
+    more from the diagnostics (:func:`why_lines`)."""
     c = cells(data["points"], 0)
     kmax = max(int(k) for k in study["eval"]["nfe"])
+    done = sum(r is not None for _, r in data["stages"])
     out = []
     for arm, base, what in COMPARISONS[:4]:
         d = paired(c, arm, base, kmax, kmax)
         if d:
-            out.append(f"- {what}, K = {kmax}: FID {fmt_pairs(d)}.")
-    if not out:
-        out = ["- No comparison is measured yet."]
-    return out[:5]
+            out.append(f"- {what}, Euler K = {kmax}, FID: {fmt_pairs(d)}.")
+    head = (f"- This comparison (cosine recipe, {study['train']['steps']} steps, {len(study['train']['seeds'])} training "
+            f"seeds per arm, {study['eval']['num_samples']} images a point, differences paired per training seed) ")
+    if done < len(data["stages"]):
+        head += (f"is **partial**: {done} of {len(data['stages'])} stages done"
+                 + ("; no arm pair is measured yet." if not out else "; the differences below are of the seeds done."))
+    else:
+        head += "is complete."
+    return [head, *out[:2]]
 
 
 def plot_curves(study: dict, data: dict, path: Path) -> None:
@@ -507,7 +514,7 @@ def why_lines() -> list[str]:
 
 def write_report(study: dict, command_line: str) -> None:
     data = collect(study)
-    text = render(study, data, command_line, conclusion_lines(study, data) + why_lines())
+    text = render(study, data, command_line, conclusion_lines(study, data) + why_lines()[:2])
     if data["points"]:
         plot_curves(study, data, Path(study["figures"]) / "fid_vs_k.png")
         link = rel(Path(study["figures"]) / "fid_vs_k.png", study["results"])
