@@ -35,12 +35,12 @@ from pathlib import Path
 from pf import samplers
 from pf.experiments import command, comparison, spaces
 from pf.experiments.common import TrainedRun, held_out_batch, kept_weights_path, weights_fingerprint
-from pf.experiments.findings import patch_stats
-from pf.flow import interpolate
+from pf.flow import interpolate, patch_mean
 from pf.models import load_checkpoint
 from pf.samplers import certain_patches
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.curves import steps_for_nfe
+from pf.experiments.records import write_json
 from pf.experiments.stages import Stage, run_stages, stage_result
 
 DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
@@ -124,6 +124,13 @@ def _remeasure(study: dict, arm: str, seed: int, steps: list[int], sample_seeds:
     sampler = euler_sampler(ARMS[arm]["overrides"])
     return _points(study, arm, seed, [{"sampler": sampler, "steps": int(k), "sample_seed": int(s)}
                                       for k in steps for s in sample_seeds])
+
+
+def patch_stats(v, logvar, target, patch_size: int):
+    """(per-patch predicted variance, per-patch squared error), each (B, N), as finding 1 has them."""
+    var = patch_mean(torch.exp(logvar.double()), patch_size)
+    err = patch_mean(((v.double() - target.double()) ** 2).mean(1, keepdim=True), patch_size)
+    return var, err
 
 
 @torch.no_grad()
@@ -364,10 +371,15 @@ def summary_lines(study: dict) -> list[str]:
     return out
 
 
+SUMMARY = "summary.json"  # the lines the main report's conclusion takes, beside the records
+
+
 def write_report(study: dict, command_line: str) -> None:
+    """The page, and its summary lines for the main report (``<points_dir>/summary.json``)."""
     data = collect(study)
     Path(study["page"]).parent.mkdir(parents=True, exist_ok=True)
     Path(study["page"]).write_text(render(study, data, command_line))
+    write_json(Path(study["points_dir"]) / SUMMARY, {"lines": summary_lines(study), "page": study["page"]})
 
 
 def main(cfg, argv: list[str] | None = None) -> None:

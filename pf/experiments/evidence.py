@@ -43,6 +43,7 @@ records_dir=results/evidence-gpu``) the same stages run on 8 worker processes in
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
@@ -50,8 +51,8 @@ from pathlib import Path
 
 import torch
 
-from pf import cli, timesteps
-from pf.experiments import command, diagnostics, plots
+from pf import timesteps
+from pf.experiments import command, plots
 from pf.eval.inputs import load_dataset_images
 from pf.experiments.common import (TrainedRun, compose_train_config, data_config, held_out_batch, resolve_device,
                                    train_stage as common_train_stage)
@@ -108,6 +109,7 @@ DEFAULTS = {
     "arms": ["pf_ltg", "sit_uniform", "pf_ltg_shifted", "pf_ltg_marginal", "sit_logit_normal"],
     "late_arms": ["sit_logit_normal"],  # trained after every seed of the others
     "cpu_budget_hours": 16.0,
+    "diagnostics_summary": "results/diagnostics/summary.json",  # the why-lines of the conclusion
     "toy": False,
     "report_only": False,
 }
@@ -504,17 +506,16 @@ def plot_curves(study: dict, data: dict, path: Path) -> None:
     plots.save(fig, path)
 
 
-def why_lines() -> list[str]:
-    """The diagnostics' lines for the conclusion (their records with their default settings)."""
-    dstudy = command.study_config(cli.parse(diagnostics.DEFAULTS, [], free=diagnostics.FREE))
-    if not Path(dstudy["points_dir"]).is_dir():
-        return []
-    return diagnostics.summary_lines(dstudy)
+def why_lines(study: dict) -> list[str]:
+    """The diagnostics' lines for the conclusion, as that study last wrote them
+    (``diagnostics_summary``; ``python -m pf.experiments.diagnostics``), or none."""
+    path = Path(study.get("diagnostics_summary") or "")
+    return json.loads(path.read_text())["lines"] if path.is_file() else []
 
 
 def write_report(study: dict, command_line: str) -> None:
     data = collect(study)
-    text = render(study, data, command_line, conclusion_lines(study, data) + why_lines()[:2])
+    text = render(study, data, command_line, conclusion_lines(study, data) + why_lines(study)[:2])
     if data["points"]:
         plot_curves(study, data, Path(study["figures"]) / "fid_vs_k.png")
         link = rel(Path(study["figures"]) / "fid_vs_k.png", study["results"])
