@@ -47,7 +47,7 @@ def trajectory_config(train_cfg) -> dict:
         tr["decay_horizon"] = tr["max_steps"]
         if schedule != "wsd":
             tr.pop("decay_fraction", None)
-    for key, off in (("grad_accum", 1), ("activation_checkpointing", False), ("fid_every", 0)):
+    for key, off in (("grad_accum", 1), ("activation_checkpointing", False), ("fid_every", 0), ("strategy", "ddp")):
         if tr.get(key, off) == off:  # off: computes what a run from before the option computed
             tr.pop(key, None)
             if key == "fid_every":
