@@ -31,6 +31,7 @@ SAME_ON_EVERY_STACK = {
     "test_data.py": "datasets, folders and loaders",
     "test_encode.py": "latent-set files written by pf.data.encode (a stand-in autoencoder)",
     "test_eval.py": "metric plumbing of pf.eval (torch-fidelity, not our models)",
+    "test_evidence.py": "the evidence study's stages, keys, budget and report (its models: test_models)",
     "test_findings.py": "the study's statements over stored records",
     "test_flow.py": "the probability path: tensor arithmetic",
     "test_gpu_study.py": "the study's device-call plumbing (plans, deadlines, returned files), rehearsed",

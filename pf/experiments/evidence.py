@@ -239,10 +239,10 @@ def _floor(study: dict) -> dict:
     return {"runs": runs}
 
 
-train_stage = timed(_train)
-curve_stage = timed(_curve)
-profile_stage = timed(_profile)
-floor_stage = timed(_floor)
+train_stage = timed(_train, budgeted=True)
+curve_stage = timed(_curve, budgeted=True)
+profile_stage = timed(_profile, budgeted=True)
+floor_stage = timed(_floor, budgeted=True)
 
 
 def build_stages(study: dict) -> list[Stage]:
@@ -526,11 +526,18 @@ def write_report(study: dict, command_line: str) -> None:
 
 def main(cfg, argv: list[str] | None = None) -> None:
     hours = cfg.get("cpu_budget_hours")
+    before = os.environ.get(BUDGET_ENV)
     if hours is None:
         os.environ.pop(BUDGET_ENV, None)
     else:
         os.environ[BUDGET_ENV] = str(float(hours))
-    command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "results")
+    try:
+        command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "results")
+    finally:  # the budget is this command's: nothing else in the process sees it
+        if before is None:
+            os.environ.pop(BUDGET_ENV, None)
+        else:
+            os.environ[BUDGET_ENV] = before
 
 
 if __name__ == "__main__":
