@@ -457,10 +457,12 @@ def _outputs(value):
 def _judge(module: nn.Module, fused, probe_inputs) -> str | None:
     """None when ``fused`` reproduces the module's own forward on a random-weight copy in fp32."""
     probe = copy.deepcopy(module).eval().float()
-    gen = torch.Generator().manual_seed(0)
-    for prm in probe.parameters():  # every parameter redrawn: zero-init gates would hide errors
-        prm.copy_(0.5 * torch.randn(prm.shape, generator=gen))
     device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+    # drawn where the weights live (a full-size block's on its GPU, not through host memory)
+    weights_gen = torch.Generator(device=device).manual_seed(0)
+    for prm in probe.parameters():  # every parameter redrawn: zero-init gates would hide errors
+        prm.copy_(0.5 * torch.randn(prm.shape, generator=weights_gen, device=device))
+    gen = torch.Generator().manual_seed(0)
     args, kwargs = probe_inputs(probe, gen)
     args = [a.to(device) if torch.is_tensor(a) else a for a in args]
     kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}

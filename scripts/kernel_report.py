@@ -95,6 +95,7 @@ def _cases(torch, ops):
     am, gr, te, pe = ops["adaln_modulate"], ops["gated_residual"], ops["timestep_embedding"], ops["patch_euler"]
     rn = ops["ada_rms_norm"]
     rm = ops["gated_residual_modulate"]
+    mo = ops["modulate_options"]
     gen = torch.Generator().manual_seed(0)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -145,6 +146,20 @@ def _cases(torch, ops):
                        lambda: rm.gated_residual_modulate_bwd(grad, grad, x, g_, y, sh_, sc_, idx_, 1e-6, stats))
                 yield (f"resmod bwd-recompute {form} {tag}",
                        lambda: rm.gated_residual_modulate_bwd(grad, grad, x, g_, y, sh_, sc_, idx_, 1e-6))
+            # the general forms (diffusers' blocks): RMSNorm with shift (LTX, per token), the
+            # ungated residual + norm with fp32 modulations and outputs in the stream's dtype
+            # (Wan), the gated residual writing that dtype
+            yield f"opts rms+shift fwd per-token {tag}", lambda: mo.norm_modulate_op(x, shift, scale, True, 1e-6, dtype)
+            yield (f"opts rms+shift bwd per-token {tag}",
+                   lambda: mo.norm_modulate_bwd_op(grad, x, shift, scale, True, 1e-6, stats))
+            yield (f"opts ungated resmod fwd per-sample fp32-mods {tag}",
+                   lambda: mo.residual_norm_modulate_fwd(x, None, y, s_shift.float(), s_scale.float(), False, 1e-6,
+                                                         dtype))
+            yield (f"opts ungated resmod bwd per-sample fp32-mods {tag}",
+                   lambda: mo.residual_norm_modulate_bwd(grad, grad, x, None, y, s_shift.float(), s_scale.float(),
+                                                         False, 1e-6, stats))
+            yield (f"gated fwd per-sample fp32-gate out={dname} {tag}",
+                   lambda: gr.gated_residual_fwd(x, s_gate.float(), y, None, dtype))
     t = torch.rand(2, N_TOKENS, generator=gen)
     for dim in (256, 37):
         yield f"timestep_embedding fwd dim={dim}", lambda: te.timestep_embedding_fwd(t, dim, 10000.0)
@@ -210,12 +225,13 @@ def compile_all(arch: int, only: str | None = None) -> list[dict]:
     import pf_kernels.ops.adaln_modulate as am
     import pf_kernels.ops.gated_residual as gr
     import pf_kernels.ops.gated_residual_modulate as rm
+    import pf_kernels.ops.modulate_options as mo
     import pf_kernels.ops.norm_modulate as family
     import pf_kernels.ops.patch_euler as pe
     import pf_kernels.ops.timestep_embedding as te
 
     ops = {"adaln_modulate": am, "gated_residual": gr, "ada_rms_norm": rn, "gated_residual_modulate": rm,
-           "timestep_embedding": te, "patch_euler": pe}
+           "timestep_embedding": te, "patch_euler": pe, "modulate_options": mo}
     launching = (family, gr, te, pe)  # the modules that launch kernels (through their ``wrap``)
     recorder = _Recorder()
     saved = [mod.wrap for mod in launching]
