@@ -97,9 +97,9 @@ def test_residual_and_euler_ops_refuse_integer_data():
 
 # ------------------------------------------------------------------ the feature classifier
 @pytest.mark.parametrize("settings,message", [
-    ({"test_frac": 1.5}, r"test_frac=1.5: expected a number in \(0, 1\)"),   # trained on 0 images, exit 0
-    ({"test_frac": 1.0}, r"test_frac=1.0: expected a number in \(0, 1\)"),
-    ({"test_frac": 0.0}, r"test_frac=0.0: expected a number in \(0, 1\)"),
+    ({"test_frac": 1.5}, r"test_frac=1.5: expected a number in \[0, 1\)"),   # trained on 0 images, exit 0
+    ({"test_frac": 1.0}, r"test_frac=1.0: expected a number in \[0, 1\)"),
+    ({"test_frac": math.nan}, r"test_frac=nan: expected a number in \[0, 1\)"),
     ({"test_frac": -0.1}, r"test_frac=-0.1"),
     ({"epochs": 0}, r"epochs=0: expected an integer >= 1"),                 # wrote an untrained classifier
     ({"epochs": True}, r"epochs=True: expected an integer >= 1"),

@@ -117,11 +117,15 @@ CASES = [
     (["-m", "pf.experiments.reproduce", "data=nope"], r"data=nope: unknown option; choose one of .*digits"),
     *([(TRAIN + ["device=cuda"], r"device=cuda but no CUDA device is available")] if not torch.cuda.is_available()
       else []),
+    # a loss that blows up at step 2 under `python -m pf.train`: the class the script raises is the one caught
+    (["-m", "pf.train", "trainer.max_steps=3", "trainer.lr=1e30", "trainer.grad_clip=1e30", "trainer.progress=false",
+      "data.val_size=0", "hydra.run.dir={tmp}/non-finite"], r"non-finite loss \(loss=.*\) at step 2; stopped before "
+                                                               r"the update, no checkpoint was written yet"),
 ]
 
 
 def test_every_bad_input_is_one_error_line(tmp_path):
-    results = _run_forked([args for args, _ in CASES], tmp_path)
+    results = _run_forked([[a.replace("{tmp}", str(tmp_path)) for a in args] for args, _ in CASES], tmp_path)
     for (args, pattern), (code, stderr) in zip(CASES, results):
         lines = [ln for ln in stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
         assert code == 2, (args, code, stderr[-2000:])
@@ -275,7 +279,7 @@ CONTRACT = [
     # pf.eval.train_classifier: refused before any training
     ("pf.eval.train_classifier", ["out={ro}/c.pt"], RO),
     ("pf.eval.train_classifier", ["out={root}"], r"out=.* is a folder: name the classifier file"),
-    ("pf.eval.train_classifier", ["out={root}/c.pt", "test_frac=1.5"], r"test_frac=1.5: expected a number in \(0, 1\)"),
+    ("pf.eval.train_classifier", ["out={root}/c.pt", "test_frac=1.5"], r"test_frac=1.5: expected a number in \[0, 1\)"),
     ("pf.eval.train_classifier", ["out={root}/c.pt", "epochs=0"], r"epochs=0: expected an integer >= 1"),
     # pf.data.encode
     ("pf.data.encode", ["images={root}/classes", "out={root}/a_file", "vae=/nope"], r"out=.*a_file is a file"),
