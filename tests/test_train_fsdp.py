@@ -23,7 +23,8 @@ from pf.models.checkpoint import read_checkpoint_file
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["trainer.batch_size=4", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
         "sampler.steps=2", "sampler.num_images=4", "trainer.val_every=100", "trainer.sample_every=100",
-        "trainer.warmup_steps=2", "trainer.keep_every=1", "trainer.ckpt_every=100"]
+        "trainer.warmup_steps=2", "trainer.keep_every=1", "trainer.ckpt_every=100",
+        "trainer.grad_accum=2"]  # two micro-batches: DDP no_sync and FSDP set_requires_gradient_sync with real ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,6 +17,7 @@ fp16 loss scaling is refused with fsdp (its overflow check sees one shard per ra
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -100,6 +101,9 @@ class Strategy:
             for unit in shard_units(model):
                 fully_shard(unit)
             fully_shard(model)
+            # the model returns v as a view of its output (the logvar channels are the rest); nothing
+            # in the objective changes it in place, which is what this warning is about
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         return model
 
     def ema(self, model: torch.nn.Module, decay: float, warmup: bool) -> EMA:
