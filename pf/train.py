@@ -80,7 +80,7 @@ from pf.training.objective import Alignment, FlowBatch, Objective, flow_objectiv
 from pf.training.pictures import draw_samples, save_picture
 from pf.training.precision import Precision
 from pf.training.run_folder import RunFolderError, RunLock, check_before_hydra, prepare_run_folder
-from pf.training.schema import check_config, compose_config, fill_family_defaults
+from pf.training.schema import check_config, check_overrides, compose_config, fill_family_defaults
 from pf.training.step import TrainStep
 from pf.training.strategy import Strategy
 from pf.training.throughput import Throughput
@@ -531,8 +531,11 @@ def _count(dataset) -> str:
 def _check_command_line(argv: list[str]) -> None:
     """What hydra would report with a trace, checked first: the keys, hydra's own parse and
     compose of the config, the run folder (in use, holding a run) and whether it can be written."""
-    cfg = compose_config(argv, with_hydra=True)
-    check_writable(cfg.hydra.run.dir, create=False)
+    if any(a.startswith("-") for a in argv):  # hydra's own flags (--help, --cfg job, --config-name x): hydra's call
+        check_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    else:
+        cfg = compose_config(argv, with_hydra=True)
+        check_writable(cfg.hydra.run.dir, create=False)
     check_before_hydra(argv)
 
 
