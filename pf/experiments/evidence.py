@@ -347,6 +347,7 @@ def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2
     out = ["| arm | training seeds | " + " | ".join(f"K={k}" for k in ks) + " | best K |", "|---|---|" + "---|" * (len(ks) + 1)]
     for arm in study["arms"]:
         if arm not in c:
+            out.append(f"| {labels[arm]} | - | " + " | ".join("pending" for _ in ks) + " | - |")
             continue
         seeds = sorted(set().union(*[set(v) for v in c[arm].values()]))
         row = []
@@ -406,6 +407,9 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         "trained): " + "; ".join(f"{labels[a]} {mean_sd(v)[0]:.4f} (n={len(v)})" for a in study["arms"]
                                    if (v := [r["val_loss"] for (aa, _), r in data["train"].items()
                                              if aa == a and r.get("val_loss") is not None])) + ".",
+        f"- Models: each run's EMA weights after {tc['steps']} steps are kept beside the records "
+        f"(`{study['records_dir']}/weights`, float16; not in git, which has room for the first study's only) and "
+        "every point is measured on them and names their fingerprint.",
         f"- Sampling: Euler at K = {ec['nfe']}, sampling seeds {ec['seeds']} (the same noise and labels in every arm). "
         "A cell is the mean over training seeds of each training seed's sampling-seed mean; ± is the std over "
         "training seeds; n is the number of training seeds.", ""]
