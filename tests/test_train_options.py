@@ -296,11 +296,19 @@ def test_wandb_logs_offline(tmp_path, monkeypatch):
     assert len(runs) == 1 and (tmp_path / "wandb-id.txt").read_text() in runs[0].name
 
 
-def test_unknown_log_target_is_one_line(tmp_path):
+@pytest.mark.parametrize("overrides, message", [
+    (['trainer.log="jsonl,tensorbord"'], r"trainer.log='jsonl,tensorbord': unknown target 'tensorbord'"),
+    (["trainer.grad_accum=3"], r"trainer.batch_size=8 does not split into trainer.grad_accum=3 equal micro-batches"),
+    (["trainer.min_lr=0.1"], r"trainer.min_lr=0.1 is above trainer.lr=0.001"),
+    (["trainer.strategy=fsdp", "trainer.precision=fp16"], r"fsdp with trainer.precision=fp16: .*use precision=bf16"),
+    (["trainer.lr_schedule=linear"], r"trainer.lr_schedule='linear': expected one of constant, cosine, wsd"),
+])
+def test_bad_option_values_are_one_line_before_anything_is_written(tmp_path, overrides, message):
     from pf.training.schema import ConfigError
 
-    with pytest.raises(ConfigError, match=r"trainer.log='jsonl,tensorbord': unknown target 'tensorbord'"):
-        pf_train.train(make_cfg('trainer.log="jsonl,tensorbord"', "trainer.max_steps=1"), tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        pf_train.train(make_cfg(*overrides, "trainer.max_steps=1"), tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- data=custom

@@ -305,6 +305,15 @@ def check_config(cfg) -> None:
     _check(node, TrainConfig, "")
     _check_family(node)
     parse_log_targets(node["trainer"]["log"])
+    tr = node["trainer"]
+    if tr["batch_size"] % tr["grad_accum"]:
+        raise ConfigError(f"trainer.batch_size={tr['batch_size']} does not split into trainer.grad_accum="
+                          f"{tr['grad_accum']} equal micro-batches")
+    if tr["min_lr"] > tr["lr"]:
+        raise ConfigError(f"trainer.min_lr={tr['min_lr']} is above trainer.lr={tr['lr']}: the schedule decays to min_lr")
+    if tr["strategy"] == "fsdp" and tr["precision"] == "fp16":
+        raise ConfigError("trainer.strategy=fsdp with trainer.precision=fp16: loss scaling would check one shard per "
+                          "rank; use precision=bf16 (or fp32) with fsdp")
     sc = node["sampler"]
     try:
         samplers.make(sc["name"], **sc["params"])
