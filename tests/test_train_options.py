@@ -392,3 +392,21 @@ def test_in_loop_fid_is_logged_and_sees_the_difference(tmp_path, monkeypatch):
     same = probe.score(ref[:100])  # half of the reference against the whole: near 0
     noise = probe.score(to_uint8(torch.rand(100, 1, 16, 16) * 2 - 1))
     assert same["fid"] < 0.2 * noise["fid"] and same["kid"] < noise["kid"]
+
+
+def test_model_flops_formula_matches_torchs_flop_counter(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pf.training import throughput
+
+    model = build_model("S/2", per_token=True, input_size=16, in_channels=4, num_classes=10)
+    x1 = torch.randn(2, 4, 16, 16)
+    with FlopCounterMode(display=False) as counter:  # the independent count: every matmul and attention op
+        flow_objective(model)(model, FlowBatch(x1, torch.tensor([1, 2]), torch.rand(2, 64), torch.randn_like(x1)))[
+            "loss"].backward()
+    # the formula counts the frozen position table and the label lookup as matmuls: a few % over
+    assert counter.get_total_flops() / 2 == pytest.approx(throughput.train_flops_per_image(model), rel=0.05)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert throughput.peak_flops(torch.device("cuda", 0), "bf16") == 989e12
+    assert throughput.peak_flops(torch.device("cuda", 0), "fp32") == 989e12 / 2
+    assert throughput.peak_flops(torch.device("cpu"), "bf16") is None
