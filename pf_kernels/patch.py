@@ -44,6 +44,7 @@ from pf_kernels.dispatch import (
 )
 
 _PATCHED = "_pf_kernels_original_forward"
+_FUSED = "_pf_kernels_fused_forward"  # the FusedForward installed (a later wrapper may call it)
 
 
 def _plain_layernorm(norm: nn.Module) -> bool:
@@ -119,12 +120,15 @@ def _nominate(m: nn.Module) -> tuple[str | None, str | None]:
 
 class FusedForward:
     """The patched ``forward`` of one module: a picklable callable (a bound method of a
-    function the module's class does not have would not unpickle)."""
+    function the module's class does not have would not unpickle). ``active`` False: the
+    module's class forward (what ``unpatch_dit`` leaves under a wrapper installed later)."""
 
     def __init__(self, module: nn.Module, kind: str):
-        self.module, self.kind = module, kind
+        self.module, self.kind, self.active = module, kind, True
 
     def __call__(self, *args, **kwargs):
+        if not getattr(self, "active", True):  # (pickles from before the flag: active)
+            return type(self.module).forward(self.module, *args, **kwargs)
         fn = _block_forward if self.kind == "block" else _final_forward
         return fn(self.module, *args, **kwargs)
 
@@ -224,19 +228,31 @@ def patch_dit(model: nn.Module, *, verbose: bool = True) -> PatchReport:
         # The instance attribute shadows the class's forward: only this module changes.
         setattr(module, _PATCHED, module.__dict__.get("forward"))
         module.forward = FusedForward(module, kind)
+        setattr(module, _FUSED, module.forward)
         patched += 1
     return PatchReport(patched, skipped)
 
 
 def unpatch_dit(model: nn.Module) -> int:
-    """Restore the forwards that ``patch_dit`` replaced. Returns how many were restored."""
+    """Restore the forwards that ``patch_dit`` replaced. Returns how many were restored.
+
+    A wrapper installed on a patched module's ``forward`` after the patch (a hook library's,
+    e.g. diffusers' or accelerate's hooks) is never removed: the patched forward under it is
+    switched off instead, so the wrapper then runs the module's own forward."""
     restored = 0
     for module in model.modules():
         if not hasattr(module, _PATCHED):
             continue
         original = getattr(module, _PATCHED)
+        fused = module.__dict__.get(_FUSED)
         delattr(module, _PATCHED)
-        if original is None:
+        if fused is not None:
+            delattr(module, _FUSED)
+            fused.active = False
+        current = module.__dict__.get("forward")
+        if fused is not None and current is not fused:
+            pass  # wrapped since the patch: the wrapper stays, calling the switched-off forward
+        elif original is None:
             del module.forward
         else:
             module.forward = original

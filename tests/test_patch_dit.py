@@ -392,3 +392,25 @@ def test_patch_forcing_dit_deduplicated(backend, monkeypatch):
     # the first block's input, then two fused calls per block (the last one makes the final layer's input)
     assert LAUNCHES["adaln_modulate_fwd"] == launches[0] + 1 and len(indexed_calls) == 4
     assert LAUNCHES["gated_residual_modulate_fwd"] == launches[1] + 4
+
+
+def test_unpatch_keeps_a_wrapper_installed_after_the_patch():
+    """A hook library wrapping a patched forward (as diffusers' and accelerate's hooks do):
+    unpatch_dit leaves the wrapper in place, which then runs the module's own forward."""
+    model = TinyDiT()
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    before = model(x, c)
+    assert pf_kernels.patch_dit(model) == 3
+    calls = []
+    inner = model.blocks[0].forward
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    model.blocks[0].forward = wrapper
+    assert unpatch_dit(model) == 3
+    assert model.blocks[0].__dict__["forward"] is wrapper  # the wrapper stays
+    torch.testing.assert_close(model(x, c), before, atol=2e-5, rtol=2e-5)
+    assert calls == [1]
+    assert not inner.active  # under it, the module's own forward runs
