@@ -91,6 +91,7 @@ def cases():
     """(name, block, args, kwargs, activation numel): one block of each family, tiny and random."""
     import diffusers
     from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
     from diffusers.models.transformers.transformer_ltx import LTXVideoTransformerBlock
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
@@ -109,6 +110,10 @@ def cases():
                                    norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate")
     yield "PixArt (BasicTransformerBlock, ada_norm_single)", pixart, (rand(b, n, d),), dict(
         encoder_hidden_states=rand(b, t, d), timestep=rand(b, 6 * d)), b * n * d
+    sana = SanaTransformerBlock(d, 2, d // 2, num_cross_attention_heads=2, cross_attention_head_dim=d // 2,
+                                cross_attention_dim=d)
+    yield "Sana (SanaTransformerBlock)", sana, (rand(b, n, d),), dict(
+        encoder_hidden_states=rand(b, t, d), timestep=rand(b, 6 * d), height=4, width=4), b * n * d
     sd3 = diffusers.models.attention.JointTransformerBlock(d, 2, d // 2, context_pre_only=False)
     yield "SD3 (JointTransformerBlock)", sd3, (rand(b, n, d), rand(b, t, d), rand(b, d)), {}, b * t * d
     flux_double = FluxTransformerBlock(d, 2, d // 2)

@@ -8,7 +8,7 @@
                 LN/RMS + modulation in one ``norm_modulate`` pass;
   blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
                 (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
-                ``FluxSingleTransformerBlock``, SD3's ``JointTransformerBlock``, ``WanTransformerBlock``
+                ``FluxSingleTransformerBlock``, ``SanaTransformerBlock``, SD3's ``JointTransformerBlock``, ``WanTransformerBlock``
                 and ``LTXVideoTransformerBlock`` (RMSNorm with a shift, per-token modulation) (its bf16 stream kept while
                 it modulates in fp32): each residual update fused with the next norm and
                 modulation (``residual_norm_modulate``), the last one a single ``residual`` pass.
@@ -62,10 +62,10 @@ def _norm_spec(norm: nn.Module):
     return None
 
 
-def _mod(norm: nn.Module, x: torch.Tensor, shift, scale) -> torch.Tensor:
+def _mod(norm: nn.Module, x: torch.Tensor, shift, scale, out_dtype=None) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` in one pass; shift, scale (B, 1, D) or None."""
     rms, weight, bias, eps = _norm_spec(norm)
-    return norm_modulate(x, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps)
+    return norm_modulate(x, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps, out_dtype=out_dtype)
 
 
 def _res_mod(norm: nn.Module, x, gate, y, shift=None, scale=None):
@@ -257,6 +257,21 @@ def _wan_block(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
     return residual(x, c_gate_msa, self.ffn(h), out_dtype=dtype)
 
 
+def _sana_block(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, height=None, width=None):
+    """SanaTransformerBlock: PixArt's scale_shift_table seams; its conv feed-forward works on
+    (B, D, H, W) and hands back a non-contiguous (B, N, D) (the kernels read it as it is)."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        self.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
+    h = _mod(self.norm1, hidden_states, shift_msa, scale_msa, out_dtype=hidden_states.dtype)
+    attn = self.attn1(h)  # (the block's own forward passes no mask here either)
+    x = residual(hidden_states, gate_msa, attn)
+    attn = self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask)
+    x, h = _res_mod(self.norm2, x, None, attn, shift_mlp, scale_mlp)
+    ff = self.ff(h.unflatten(1, (height, width)).permute(0, 3, 1, 2))
+    return residual(x, gate_mlp, ff.flatten(2, 3).permute(0, 2, 1))
+
+
 def _ltx_block(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, encoder_attention_mask=None):
     """LTX-Video: RMSNorm with shift, modulation per sample or per token (temb (B, 1|N, 6D));
     the ungated cross-attention residual fused with norm2 and the MLP's modulation."""
@@ -361,6 +376,19 @@ def _probe_ltx(m, gen):
             _rand(gen, PROBE_B, PROBE_N, 6 * d)), {}  # per-token modulation
 
 
+def _probe_sana(m, gen):
+    d = m.scale_shift_table.shape[-1]
+    return (_rand(gen, PROBE_B, 6, d),), dict(encoder_hidden_states=_rand(gen, PROBE_B, PROBE_T,
+                                                                          m.attn2.to_k.in_features),
+                                              timestep=_rand(gen, PROBE_B, 6 * d), height=2, width=3)
+
+
+def _check_sana(m):
+    if getattr(m, "attn2", None) is None:
+        return "it has no cross-attention (its forward then fails on norm2 itself)"
+    return _needs_norms(m, "norm1", "norm2")
+
+
 def _check_ltx(m):
     if m.scale_shift_table.shape[0] != 6:
         return f"scale_shift_table has {m.scale_shift_table.shape[0]} rows, not 6"
@@ -410,6 +438,7 @@ def _specs():
         ("transformers.transformer_flux", "FluxSingleTransformerBlock", "block", _flux_single_block,
          lambda m: None, _probe_flux),
         ("attention", "JointTransformerBlock", "block", _joint_block, _check_joint, _probe_flux),
+        ("transformers.sana_transformer", "SanaTransformerBlock", "block", _sana_block, _check_sana, _probe_sana),
         ("transformers.transformer_ltx", "LTXVideoTransformerBlock", "block", _ltx_block, _check_ltx, _probe_ltx),
         ("transformers.transformer_wan", "WanTransformerBlock", "block", _wan_block, _check_wan, _probe_wan),
     ]
@@ -426,7 +455,7 @@ def _specs():
 FUSED = {  # name -> function, so a pickled FusedForward refers to functions by name
     f.__name__: f for f in (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _ada_layer_norm_continuous,
                             _sd35_ada_layer_norm_zero_x, _cogvideox_layer_norm_zero, _basic_block,
-                            _flux_double_block, _flux_single_block, _wan_block, _joint_block, _ltx_block,
+                            _flux_double_block, _flux_single_block, _wan_block, _joint_block, _ltx_block, _sana_block,
                             _lumina_rms_norm_zero, _mochi_rms_norm_zero)
 }
 

@@ -148,7 +148,10 @@ def _cases(torch, ops):
                        lambda: rm.gated_residual_modulate_bwd(grad, grad, x, g_, y, sh_, sc_, idx_, 1e-6))
             # the general forms (diffusers' blocks): RMSNorm with shift (LTX, per token), the
             # ungated residual + norm with fp32 modulations and outputs in the stream's dtype
-            # (Wan), the gated residual writing that dtype
+            # (Wan), the gated residual writing that dtype; bf16 only (the same kernels as above
+            # with other constexpr flags: this checks those members compile)
+            if dname != "bf16":
+                continue
             yield f"opts rms+shift fwd per-token {tag}", lambda: mo.norm_modulate_op(x, shift, scale, True, 1e-6, dtype)
             yield (f"opts rms+shift bwd per-token {tag}",
                    lambda: mo.norm_modulate_bwd_op(grad, x, shift, scale, True, 1e-6, stats))

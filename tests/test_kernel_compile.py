@@ -58,6 +58,9 @@ def test_every_launch_form_compiles_for_sm90(report):
             for width in ("B/2 D=768", "XL/2 D=1152", "odd D=37"):
                 for dtype in ("bf16", "fp16", "fp32"):
                     assert f"{op} {form} {width} {dtype}" in cases
+    for op in ("opts rms+shift fwd per-token", "opts rms+shift bwd per-token", "opts ungated resmod fwd per-sample "
+               "fp32-mods", "opts ungated resmod bwd per-sample fp32-mods", "gated fwd per-sample fp32-gate out=bf16"):
+        assert f"{op} XL/2 D=1152 bf16" in cases
     assert {"timestep_embedding fwd dim=256", "timestep_embedding bwd dim=256"} <= cases
     assert {f"patch_euler {f} bf16" for f in ("plain", "mask", "mask+other", "in-place")} <= cases
     assert all(r["arch"] == 90 for r in rows)
@@ -100,4 +103,6 @@ def test_per_token_rows_move_in_16_byte_vectors(report):
             # the statistics alone (STATS_ONLY: a backward without the forward's) writes only those
             assert r["ld_v4"] > 0 and (r["st_v4"] > 0 or "STATS_ONLY" in r["flags"].split()), r
             checked += 1
-    assert checked == 56  # 12 launch forms (two of them with the statistics kernel first) x 2 widths x 2 dtypes
+    # 12 launch forms (two of them with the statistics kernel first) x 2 widths x 2 dtypes, and the
+    # general forms' RMSNorm + shift forward and backward x 2 widths in bf16
+    assert checked == 60

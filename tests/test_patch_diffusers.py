@@ -113,7 +113,17 @@ def cogvideox():
     return model, inputs, {"CogVideoXLayerNormZero": 2}  # affine LayerNorms over both streams
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
+def sana():
+    model = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                                             num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=12,
+                                             cross_attention_dim=24, caption_channels=16, sample_size=4)
+    gen = torch.Generator().manual_seed(8)
+    inputs = dict(hidden_states=torch.randn(B, 4, 2, 3, generator=gen),
+                  encoder_hidden_states=torch.randn(B, 5, 16, generator=gen), timestep=torch.tensor([3, 801]))
+    return model, inputs, {"SanaTransformerBlock": 1}
+
+
+FAMILIES = {"dit": dit, "sana": sana, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
 
 
 def run(model, inputs, backend):
