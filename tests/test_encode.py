@@ -312,6 +312,17 @@ def test_a_set_changes_only_through_its_own_settings(chain, tmp_path):
     assert not (out / "manifest.json").exists()
 
 
+def test_a_set_mixing_latent_shapes_is_refused_by_the_loader(chain, tmp_path):
+    # issue 27, finding 4: 16x16 and 8x8 latents under one manifest failed later in training with a traceback
+    import shutil
+
+    out = tmp_path / "latents"
+    shutil.copytree(chain["out"], out)
+    np.save(out / "shard_00002.mean.npy", np.zeros((5, 2, 4, 2, 2), np.float16))
+    with pytest.raises(DataError, match=r"shards hold latents of different shapes \[\(4, 2, 2\), \(4, 4, 4\)\]"):
+        LatentShards(out)
+
+
 @pytest.mark.parametrize("name", ["/etc/shard_00000", "../latents/shard_00000", "sub/shard_00000", "..", ""])
 def test_manifest_shard_names_stay_in_the_set(chain, tmp_path, name):
     # issue 27, finding 9: an absolute shard name loaded another folder's shards

@@ -110,6 +110,10 @@ class LatentShards(Dataset):
                 raise DataError(f"{base}: {mean.shape[0]} latents but {labels[-1].shape[0]} labels")
         if not counts:
             raise DataError(f"{self.source} holds no latents")
+        shapes = {tuple(m.shape[2:]) for m in self.means}
+        if len(shapes) > 1:  # shards of two encodes (e.g. two image sizes) under one manifest
+            raise DataError(f"{self.source}: its shards hold latents of different shapes {sorted(shapes)}: encode "
+                            f"the set again into an empty folder")
         self.offsets = np.cumsum([0] + counts)
         self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64))
         c, h, w = self.means[0].shape[2:]
