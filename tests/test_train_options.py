@@ -291,13 +291,14 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(tmp_path):
 def test_wandb_logs_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    pf_train.train(make_cfg('trainer.log="jsonl,wandb"', "trainer.max_steps=1", "trainer.ckpt_every=100"), tmp_path)
+    pf_train.train(make_cfg("trainer.log=[jsonl,wandb]", "trainer.max_steps=1", "trainer.ckpt_every=100"), tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and (tmp_path / "wandb-id.txt").read_text() in runs[0].name
 
 
 @pytest.mark.parametrize("overrides, message", [
     (['trainer.log="jsonl,tensorbord"'], r"trainer.log='jsonl,tensorbord': unknown target 'tensorbord'"),
+    (["trainer.log=3"], r"trainer.log=3: expected target names"),
     (["trainer.grad_accum=3"], r"trainer.batch_size=8 does not split into trainer.grad_accum=3 equal micro-batches"),
     (["trainer.min_lr=0.1"], r"trainer.min_lr=0.1 is above trainer.lr=0.001"),
     (["trainer.strategy=fsdp", "trainer.precision=fp16"], r"fsdp with trainer.precision=fp16: .*use precision=bf16"),

@@ -3,7 +3,7 @@
 ``trainer.log`` names the targets, comma-separated (``jsonl`` is always on)::
 
     trainer.log=tensorboard                 runs/<run>/tensorboard/ (scalars, samples, difficulty map)
-    trainer.log='"tensorboard,wandb"'       also wandb, offline in runs/<run>/wandb/ unless WANDB_MODE
+    trainer.log=[tensorboard,wandb]         also wandb, offline in runs/<run>/wandb/ unless WANDB_MODE
                                             says otherwise (``WANDB_MODE=online`` uploads)
 
 TensorBoard is written with its own ``SummaryWriter`` (``torch.utils.tensorboard``); on resume its

@@ -136,7 +136,8 @@ class TrainerConfig:
     fid_samples: int = _f(1000, **_rng(2))
     fid_reference: int = _f(10000, **_rng(2))
     fid_weights: typing.Optional[str] = None
-    log: str = "jsonl"  # comma-separated targets of pf.training.loggers: jsonl (always), tensorboard, wandb
+    # targets of pf.training.loggers, "jsonl,tensorboard" or [jsonl,tensorboard]: checked by parse_log_targets
+    log: typing.Any = "jsonl"
 
 
 @dataclass
@@ -331,6 +332,9 @@ LOG_TARGETS = ("jsonl", "tensorboard", "wandb")
 
 def parse_log_targets(value) -> list[str]:
     """``trainer.log``: ``"jsonl,tensorboard"`` (or a list) -> ``["jsonl", "tensorboard"]``, jsonl always first."""
+    if not isinstance(value, (str, list, tuple)):
+        raise ConfigError(f"trainer.log={value!r}: expected target names (jsonl, tensorboard, wandb) as a string "
+                          "or a list")
     names = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
     bad = [n for n in names if n not in LOG_TARGETS]
     if bad:
