@@ -362,7 +362,8 @@ def encode(cfg) -> dict:
             raise DataError(f"{out / shard_name(i)}.json was made from {source}, but images={cfg.images} now gives "
                             f"{unit_source(work['units'][i])} for it (images added or removed?): choose another out= "
                             f"folder")
-    if todo and rank == 0:
+    unfinished = any(not (out / f"{shard_name(i)}.json").is_file() for i in range(len(work["units"])))
+    if unfinished and rank == 0:
         (out / MANIFEST).unlink(missing_ok=True)  # the set reads as unfinished until its manifest is rewritten
     if rank == 0 and len(todo) < len(mine):
         print(f"{len(mine) - len(todo)} of {len(mine)} shards already encoded in {out}; continuing")
