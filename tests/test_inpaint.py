@@ -130,3 +130,16 @@ def test_command_line_errors_are_one_line(ckpt, tmp_path, capsys, args, match):
     assert sample.main([f"ckpt={ckpt}", f"out={tmp_path}", "progress=false", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+
+
+def test_study_masks_cover_what_they_say_in_whole_patches():
+    from pf.experiments.inpaint import DEFAULTS, generate_mask, render
+
+    for name, fraction in (("centre_box_25", 0.25), ("right_half_50", 0.5), ("random_patches_75", 0.75)):
+        m = generate_mask(name, 3, 16, 2, 1234)
+        assert m.float().mean(dim=(1, 2, 3)).tolist() == [fraction] * 3
+        assert set(F.avg_pool2d(m.float(), 2).unique().tolist()) <= {0.0, 1.0}  # each patch all or nothing
+    a, b = generate_mask("random_patches_75", 2, 16, 2, 1), generate_mask("random_patches_75", 2, 16, 2, 1)
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])  # fixed by the seed, drawn per image
+    page = render(DEFAULTS, {"stages": [("classifier", None)], "baseline": {}, "cells": {}}, "python -m x")
+    assert "python -m x" in page and page.count("pending") >= 12  # 3 masks x 4 columns, nothing measured yet

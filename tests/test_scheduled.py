@@ -172,3 +172,14 @@ def test_distinct_times_and_sync_free_on_meta():
     assert check_sync_free(Scheduled(), model, (2, 3, 8, 8), table, cfg_scale=2.0, x_cond=True) == 4
     assert check_sync_free(LookAhead(), model, (2, 3, 8, 8), 4, cfg_scale=2.0, keep=True) == 7
     assert check_sync_free(DualLoop(), model, (2, 3, 8, 8), 2, keep=True) == 8
+
+
+def test_a_sampler_without_kept_patches_refuses_them():
+    from pf.samplers import SAMPLERS
+
+    _, x, x_cond, y = _setup()
+    others = [cls for cls in SAMPLERS.values() if not cls.supports_keep and cls is not Scheduled]
+    assert others  # SiT's Heun and SDE samplers: without the check, silently wrong results
+    for cls in others:
+        with pytest.raises(ValueError, match="cannot hold patches fixed"):
+            cls()(_Velocity(), x, 2, y=y, keep=_keep(), x_cond=x_cond)

@@ -185,6 +185,8 @@ class Sampler:
     # The most distinct patch times a sample has in one model call (None: not per patch).
     # ``model.sync_free(distinct_times=...)`` takes it for graph capture and compile.
     max_distinct_times: int | None = None
+    # Whether ``keep``/``x_cond`` (kept patches, inpainting) are implemented by this sampler.
+    supports_keep = False
 
     def __init__(self):
         self.nfe = 0  # model calls in the last run
@@ -238,6 +240,9 @@ class Sampler:
             if x_cond is not None:
                 raise ValueError(f"x_cond is the clean image of kept patches: {type(self).__name__} needs keep with it")
             return x.clone()
+        if not self.supports_keep:
+            raise ValueError(f"{type(self).__name__} cannot hold patches fixed (inpainting): use euler_pf, dual_loop, "
+                             "look_ahead, or euler for a global-time model")
         self._keep, self._x_cond = check_keep(keep, x_cond, x, model.patch_size)
         self._keep_px = time_to_pixels(self._keep, model.patch_size, x.shape[-2], x.shape[-1])  # (B, 1, H, W)
         return torch.where(self._keep_px, self._x_cond, x)

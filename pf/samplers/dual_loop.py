@@ -18,6 +18,7 @@ class DualLoop(Sampler):
     stay at t = 1 and the quantile orders the generated ones only."""
 
     name = "dual_loop"
+    supports_keep = True
     max_distinct_times = 2  # certain patches at one time, uncertain at another
     needs_uncertainty = True
 

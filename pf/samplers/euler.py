@@ -17,6 +17,7 @@ class Euler(Sampler):
     ``replacement_seed`` at the start of every call; after the last step it is ``x_cond``."""
 
     name = "euler"
+    supports_keep = True
     global_time = True
 
     def __init__(self, replacement_seed: int = 0):
@@ -44,6 +45,7 @@ class EulerPF(Sampler):
     """Every patch at ``s_k`` (t of shape (B, N)); ``x += dt * v``. K NFE."""
 
     name = "euler_pf"
+    supports_keep = True
     max_distinct_times = 1
 
     def run(self, model, x, schedule, y, steps):

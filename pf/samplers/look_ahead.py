@@ -22,6 +22,7 @@ class LookAhead(Sampler):
     generated ones only."""
 
     name = "look_ahead"
+    supports_keep = True
     max_distinct_times = 2  # certain patches at one time, uncertain at another
     needs_uncertainty = True
 
