@@ -454,7 +454,9 @@ PAGES = [("docs/diagnostics.md", "Diagnostics on the first study's kept weights"
           "(`python -m pf.experiments.findings`)."),
          ("docs/repa.md", "With representation alignment", "PF against PF + REPA (`python -m pf.experiments.repa`)."),
          ("docs/t2i.md", "Text-to-image", "Whether the text-to-image demo follows held-out prompts "
-                                          "(`python -m pf.experiments.t2i`).")]
+                                          "(`python -m pf.experiments.t2i`)."),
+         ("docs/inpaint.md", "Inpainting", "PF's kept patches at t = 1 against SiT by replacement, completing "
+                                           "held-out images under three masks (`python -m pf.experiments.inpaint`).")]
 
 
 def pages_section(study: dict) -> list[str]:

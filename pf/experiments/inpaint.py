@@ -13,13 +13,13 @@ PF completes it with the known patches held clean at t = 1 (``euler_pf``, and ``
 ``look_ahead`` ordering the generated patches by predicted uncertainty); SiT by replacement
 (``euler``: the known region re-noised to the current time before each step). No class is
 given (the null class, no guidance). Each completion is measured by the accuracy of the
-comparison's feature classifier on the true labels, the mean squared error to the truth over
+committed feature classifier (``results/classifiers/``, seed 0) on the true labels, the mean squared error to the truth over
 the generated pixels (values in [-1, 1]), and the FID of the completed images against the
 10,000 held-out test images in that classifier's features. The stages (one per mask, model,
 sampler and sampling seed) are cached in ``records_dir`` (``results/inpaint``) and the report
 is ``docs/inpaint.md`` with its plots and picture grid. A cell's completions are kept in
-``out_dir`` so its metrics stage (which waits for the classifier) reads them back.
-``toy=true`` runs it at CI size (12 images, a one-epoch classifier, the same kept weights).
+``out_dir`` (named by their settings) so its metrics stage reads them back.
+``toy=true`` runs it at CI size (12 images, the same kept weights and classifier).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from pf.autoencoder import from_uint8, to_uint8
 from pf.encoders.classifier import load_classifier
 from pf.eval.metrics import compute_metrics
 from pf.experiments import command, comparison, plots
-from pf.experiments.common import (feature_classifier, load_test_labels, reference_images, resolve_device,
-                                   weights_fingerprint)
-from pf.experiments.comparison import ARMS, stage_study
+from pf.experiments.common import load_test_labels, reference_images, resolve_device, weights_fingerprint
+from pf.experiments.comparison import stage_study
+from pf.experiments.records import config_key
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, rel, stage_table
 from pf.flow import time_to_pixels
@@ -61,11 +61,13 @@ DEFAULTS.update({
         "seeds": [0],                  # sampling seeds (noise; the random-patch masks are fixed)
         "mask_seed": 1234,
         "grid_images": 8,
+        # the committed feature classifier (the evidence study's first feature space, results/classifiers/)
+        "classifier": "results/classifiers/fashion_mnist16_seed0.safetensors",
     },
 })
 DEFAULTS["eval"]["compile"] = False
 TOY = ["out_dir=runs/toy-inpaint", "records_dir=runs/toy-inpaint/records", "page=runs/toy-inpaint/inpaint.md",
-       "figures=runs/toy-inpaint/figures", "classifier.epochs=1", "classifier.width=4", "eval.reference_size=200",
+       "figures=runs/toy-inpaint/figures", "eval.reference_size=200",
        "inpaint.num_images=12", "inpaint.grid_images=3", "inpaint.steps={euler_pf: 2, euler: 2, dual_loop: 1, look_ahead: 2}"]
 FREE = (*comparison.FREE, "inpaint.arms", "inpaint.steps")
 DOC_COMMAND = "python -m pf.experiments.inpaint"
@@ -118,7 +120,7 @@ def truth(study: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def classify(study: dict, completed: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
     """Accuracy of the feature classifier and FID of uint8 completions (M, C, H, W)."""
-    classifier_file = str(feature_classifier(study)[0])
+    classifier_file = str(study["inpaint"]["classifier"])
     classifier, _ = load_classifier(classifier_file)
     with torch.no_grad():
         pred = torch.cat([classifier(from_uint8(c)).argmax(1) for c in completed.split(250)])
@@ -134,7 +136,11 @@ def masked_mse(completed: torch.Tensor, images: torch.Tensor, generated: torch.T
 
 
 def completions_file(study: dict, mask: str, arm: str, sampler: str, seed: int) -> Path:
-    return Path(study["out_dir"]) / "inpaint" / f"{mask}-{arm}-{sampler}-seed{seed}-n{study['inpaint']['num_images']}.pt"
+    ic = study["inpaint"]
+    settings = config_key({"weights": ic["weights"][arm], "steps": ic["steps"][sampler], "mask_seed": ic["mask_seed"],
+                           "params": study["eval"].get(sampler), "image_size": study["image_size"]})
+    return (Path(study["out_dir"]) / "inpaint"
+            / f"{mask}-{arm}-{sampler}-seed{seed}-n{ic['num_images']}-{settings}.pt")
 
 
 def complete(study: dict, mask: str, arm: str, sampler: str, seed: int) -> tuple[torch.Tensor, dict]:
@@ -198,10 +204,10 @@ def baseline_stage(study: dict, mask: str) -> dict:
 
 def build_stages(study: dict) -> list[Stage]:
     shared = stage_study(study, keep=("inpaint",))
-    stages = [Stage("classifier", "pf.experiments.common:classifier_stage", {"study": stage_study(study)})]
+    shared.pop("classifier", None)  # the committed classifier (inpaint.classifier) is used, not one trained here
+    stages = []
     for mask in study["inpaint"]["masks"]:
-        stages.append(Stage(f"baseline {mask}", "pf.experiments.inpaint:baseline_stage",
-                            {"study": shared, "mask": mask}, deps=("classifier",)))
+        stages.append(Stage(f"baseline {mask}", "pf.experiments.inpaint:baseline_stage", {"study": shared, "mask": mask}))
         for arm, names in study["inpaint"]["arms"].items():
             for sampler in names:
                 for seed in study["inpaint"]["seeds"]:
@@ -209,7 +215,7 @@ def build_stages(study: dict) -> list[Stage]:
                     args = {"study": shared, "mask": mask, "arm": arm, "sampler": sampler, "seed": int(seed)}
                     stages.append(Stage(f"complete {name}", "pf.experiments.inpaint:completion_stage", args))
                     stages.append(Stage(f"metrics {name}", "pf.experiments.inpaint:metrics_stage", args,
-                                        deps=("classifier", f"complete {name}")))
+                                        deps=(f"complete {name}",)))
     return stages
 
 
@@ -223,7 +229,7 @@ def collect(study: dict) -> dict:
     for s in build_stages(study):
         rec = stage_result(study["records_dir"], s)
         out["stages"].append((s.name, rec["seconds"] if rec else None))
-        if rec is None or s.name == "classifier":
+        if rec is None:
             continue
         a = s.args
         if s.fn.endswith("baseline_stage"):
@@ -238,6 +244,11 @@ def collect(study: dict) -> dict:
 
 def value(run: dict, key: str) -> float:
     return run.get(key, float("nan"))
+
+
+def cell(values: list[float], digits: int) -> str:
+    """One seed's value, or mean ± std over the seeds."""
+    return f"{values[0]:.{digits}f}" if len(values) == 1 else fmt(values, digits)
 
 
 def results_table(study: dict, data: dict) -> list[str]:
@@ -256,8 +267,8 @@ def results_table(study: dict, data: dict) -> list[str]:
                     lines.append(f"| {MASK_LABELS[mask]} | {LABELS[(arm, sampler)]} | | pending | pending | pending |")
                     continue
                 lines.append(f"| {MASK_LABELS[mask]} | {LABELS[(arm, sampler)]} | {runs[0]['nfe']} | "
-                             f"{fmt([value(r, 'accuracy') for r in runs], 3)} | {fmt([r['mse'] for r in runs], 4)} | "
-                             f"{fmt([value(r, 'fid') for r in runs], 2)} |")
+                             f"{cell([value(r, 'accuracy') for r in runs], 3)} | {cell([r['mse'] for r in runs], 4)} | "
+                             f"{cell([value(r, 'fid') for r in runs], 2)} |")
     return lines
 
 
@@ -296,7 +307,8 @@ def render(study: dict, data: dict, command_line: str) -> str:
     lines = ["# Inpainting: per-patch times against a global-time model by replacement", "",
              "Generated by `pf/experiments/inpaint.py`; regenerate (or continue) with:", "", "```", command_line, "```",
              "", "## Setup", "",
-             f"- Models: the comparison's kept weights (`{', '.join(ic['weights'].values())}`, RESULTS.md): PF with LTG "
+             f"- Models: the first comparison's kept weights (`{', '.join(ic['weights'].values())}`, "
+             "docs/reproduce-v1.md): PF with LTG "
              f"and SiT with uniform times, training seed {ic['train_seed']}, {study['train']['steps']} steps, "
              f"model={study['model']}, {study['data']} at {study['image_size']}x{study['image_size']} (8x8 patches "
              "of 2x2 pixels). Nothing is trained.",
@@ -310,15 +322,19 @@ def render(study: dict, data: dict, command_line: str) -> str:
              f"- Steps: {dict(ic['steps'])} (dual-loop: p {study['eval']['dual_loop']['p']}, n_inner "
              f"{study['eval']['dual_loop']['n_inner']}; look-ahead: p {study['eval']['look_ahead']['p']}, ratio "
              f"{study['eval']['look_ahead']['context_t_ratio']}), NFE in the table.",
-             "- Metrics: accuracy of the comparison's feature classifier on the true labels; mean squared error to "
+             f"- Metrics: accuracy on the true labels of the committed feature classifier `{ic['classifier']}` (the "
+             "evidence study's first feature space, RESULTS.md); mean squared error to "
              "the true image over the generated pixels (pixel values in [-1, 1]); FID of the completed images "
-             "against the 10,000 held-out test images in the classifier's features (the completed images are "
+             f"against the {study['eval']['reference_size'] or 10000} held-out test images in the classifier's "
+             "features (the completed images are "
              "themselves test images in part, so the true images' FID is not 0: it is the floor of this many images). "
-             "With one sampling seed a cell has no spread (± 0.000); the 'true images' and 'left grey' rows bracket "
-             "what completion can do.", "", "## Results", ""]
+             "A cell is mean ± std over the sampling seeds (one seed: its value); the 'true images' and 'left grey' "
+             "rows bracket what completion can do.", "", "## Results", ""]
     lines += results_table(study, data)
     lines += [""] + figures(study, data) + [""]
     lines += stage_table(data["stages"])
+    lines += ["", "A `complete` stage reads back a cell's completions when `out_dir` holds them (named by their "
+              "settings); its time is then the read, not the sampling."]
     return "\n".join(lines) + "\n"
 
 
