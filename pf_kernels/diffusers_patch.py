@@ -8,7 +8,8 @@
                 LN/RMS + modulation in one ``norm_modulate`` pass;
   blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
                 (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
-                ``FluxSingleTransformerBlock``, ``SanaTransformerBlock``, SD3's ``JointTransformerBlock``, ``WanTransformerBlock``
+                ``FluxSingleTransformerBlock``, ``SanaTransformerBlock``, ``HunyuanVideoTransformerBlock`` and
+                its single block, SD3's ``JointTransformerBlock``, ``WanTransformerBlock``
                 and ``LTXVideoTransformerBlock`` (RMSNorm with a shift, per-token modulation) (its bf16 stream kept while
                 it modulates in fp32): each residual update fused with the next norm and
                 modulation (``residual_norm_modulate``), the last one a single ``residual`` pass.
@@ -257,6 +258,33 @@ def _wan_block(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
     return residual(x, c_gate_msa, self.ffn(h), out_dtype=dtype)
 
 
+def _hunyuan_video_block(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, freqs_cis=None, *args,
+                         **kwargs):
+    """HunyuanVideoTransformerBlock: Flux's double block without IP-adapter or fp16 clipping."""
+    h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+    hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
+    attn, context_attn = self.attn(hidden_states=h, encoder_hidden_states=hc, attention_mask=attention_mask,
+                                   image_rotary_emb=freqs_cis)
+    x, h = _res_mod(self.norm2, hidden_states, gate_msa[:, None], attn, shift_mlp[:, None], scale_mlp[:, None])
+    c, hc = _res_mod(self.norm2_context, encoder_hidden_states, c_gate_msa[:, None], context_attn,
+                     c_shift_mlp[:, None], c_scale_mlp[:, None])
+    return residual(x, gate_mlp[:, None], self.ff(h)), residual(c, c_gate_mlp[:, None], self.ff_context(hc))
+
+
+def _hunyuan_video_single_block(self, hidden_states, encoder_hidden_states, temb, attention_mask=None,
+                                image_rotary_emb=None, *args, **kwargs):
+    text_seq_length = encoder_hidden_states.shape[1]
+    x = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, N + T, D): text last
+    h, gate = self.norm(x, emb=temb)
+    mlp = self.act_mlp(self.proj_mlp(h))
+    attn, context_attn = self.attn(hidden_states=h[:, :-text_seq_length, :],
+                                   encoder_hidden_states=h[:, -text_seq_length:, :], attention_mask=attention_mask,
+                                   image_rotary_emb=image_rotary_emb)
+    attn = torch.cat([attn, context_attn], dim=1)
+    x = residual(x, gate[:, None], self.proj_out(torch.cat([attn, mlp], dim=2)))
+    return x[:, :-text_seq_length, :], x[:, -text_seq_length:, :]
+
+
 def _sana_block(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, height=None, width=None):
     """SanaTransformerBlock: PixArt's scale_shift_table seams; its conv feed-forward works on
@@ -438,6 +466,10 @@ def _specs():
         ("transformers.transformer_flux", "FluxSingleTransformerBlock", "block", _flux_single_block,
          lambda m: None, _probe_flux),
         ("attention", "JointTransformerBlock", "block", _joint_block, _check_joint, _probe_flux),
+        ("transformers.transformer_hunyuan_video", "HunyuanVideoTransformerBlock", "block", _hunyuan_video_block,
+         norm("norm2", "norm2_context"), _probe_flux),
+        ("transformers.transformer_hunyuan_video", "HunyuanVideoSingleTransformerBlock", "block",
+         _hunyuan_video_single_block, lambda m: None, _probe_flux),
         ("transformers.sana_transformer", "SanaTransformerBlock", "block", _sana_block, _check_sana, _probe_sana),
         ("transformers.transformer_ltx", "LTXVideoTransformerBlock", "block", _ltx_block, _check_ltx, _probe_ltx),
         ("transformers.transformer_wan", "WanTransformerBlock", "block", _wan_block, _check_wan, _probe_wan),
@@ -456,6 +488,7 @@ FUSED = {  # name -> function, so a pickled FusedForward refers to functions by 
     f.__name__: f for f in (_ada_layer_norm_zero, _ada_layer_norm_zero_single, _ada_layer_norm_continuous,
                             _sd35_ada_layer_norm_zero_x, _cogvideox_layer_norm_zero, _basic_block,
                             _flux_double_block, _flux_single_block, _wan_block, _joint_block, _ltx_block, _sana_block,
+                            _hunyuan_video_block, _hunyuan_video_single_block,
                             _lumina_rms_norm_zero, _mochi_rms_norm_zero)
 }
 

@@ -123,7 +123,21 @@ def sana():
     return model, inputs, {"SanaTransformerBlock": 1}
 
 
-FAMILIES = {"dit": dit, "sana": sana, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
+def hunyuan_video():
+    model = diffusers.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                     attention_head_dim=12, num_layers=1, num_single_layers=1,
+                                                     num_refiner_layers=1, patch_size=1, text_embed_dim=16,
+                                                     pooled_projection_dim=8, rope_axes_dim=(2, 4, 6),
+                                                     guidance_embeds=False)
+    gen = torch.Generator().manual_seed(9)
+    inputs = dict(hidden_states=torch.randn(B, 4, 1, 2, 3, generator=gen), timestep=torch.tensor([3, 801]),
+                  encoder_hidden_states=torch.randn(B, 5, 16, generator=gen),
+                  encoder_attention_mask=torch.ones(B, 5), pooled_projections=torch.randn(B, 8, generator=gen))
+    return model, inputs, {"AdaLayerNormZero": 2, "AdaLayerNormZeroSingle": 1, "AdaLayerNormContinuous": 1,
+                           "HunyuanVideoTransformerBlock": 1, "HunyuanVideoSingleTransformerBlock": 1}
+
+
+FAMILIES = {"dit": dit, "sana": sana, "hunyuan_video": hunyuan_video, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
 
 
 def run(model, inputs, backend):
