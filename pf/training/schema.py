@@ -16,6 +16,7 @@ before hydra composes.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -332,7 +333,7 @@ LOG_TARGETS = ("jsonl", "tensorboard", "wandb")
 
 def parse_log_targets(value) -> list[str]:
     """``trainer.log``: ``"jsonl,tensorboard"`` (or a list) -> ``["jsonl", "tensorboard"]``, jsonl always first."""
-    if not isinstance(value, (str, list, tuple)):
+    if not isinstance(value, (str, collections.abc.Sequence)):  # a ListConfig is a Sequence
         raise ConfigError(f"trainer.log={value!r}: expected target names (jsonl, tensorboard, wandb) as a string "
                           "or a list")
     names = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
