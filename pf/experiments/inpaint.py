@@ -297,7 +297,7 @@ def figures(study: dict, data: dict) -> list[str]:
                 panels.append((f"{LABELS[c]}\n(NFE {runs[0]['nfe']})", torch.tensor(runs[0]["examples"], dtype=torch.uint8)))
     if panels:
         grid = labelled_panels(panels, fig_dir / "grid.png", nrow=int(study["inpaint"]["grid_images"]),
-                               per_row=2 + len(columns))
+                               per_row=(2 + len(columns) + 1) // 2)  # a mask on two rows
         lines.append(f"![completions]({rel(grid, study['page'])})")
     return lines
 
