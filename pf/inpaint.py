@@ -1,8 +1,9 @@
 """Inpainting and outpainting with any model: a picture, a mask of what to generate, and a
 sampler (SPEC.md section 12; the rules are written in docs/per_patch_schedules.md).
 
-    from pf.inpaint import inpaint, box_mask
-    out = inpaint(model, image, box_mask(16, [8, 0, 16, 16]), "look_ahead", steps=25)
+    import pf.inpaint
+    from pf.inpaint import box_mask
+    out = pf.inpaint(model, image, box_mask(16, [8, 0, 16, 16]), "look_ahead", steps=25)  # = pf.inpaint.inpaint
     out.images          # (B, C, H, W) in [-1, 1]: kept pixels exactly the input's
 
 A Patch Forcing model keeps the known patches clean (t = 1, ``x_cond`` = the picture) as
@@ -21,6 +22,8 @@ built here too, for ``pf.sample inpaint=...`` and ``pf.experiments.inpaint``.
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -206,3 +209,14 @@ def inpaint(model, image: torch.Tensor, mask, sampler: Sampler | str | None = No
 
 __all__ = ["Inpainted", "LatentEncoder", "SIDES", "as_mask", "box_mask", "default_sampler", "inpaint", "kept_patches",
            "load_mask", "load_picture", "outpaint"]
+
+
+class _CallableModule(types.ModuleType):
+    """``pf.inpaint(...)`` is ``pf.inpaint.inpaint(...)``: the module is the package's one verb
+    for completing pictures, and its other names (masks, files) stay reachable on it."""
+
+    def __call__(self, *args, **kwargs) -> Inpainted:
+        return inpaint(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -254,7 +254,7 @@ class Pipeline:
         return out
 
     def _sample_graphed(self, noise, labels, steps, cfg_scale, guidance_interval, batch: int) -> torch.Tensor:
-        key = (batch, steps if isinstance(steps, int) else tuple(float(s) for s in steps), cfg_scale,
+        key = (batch, steps if isinstance(steps, int) else tuple(torch.as_tensor(steps).flatten().tolist()), cfg_scale,
                None if guidance_interval is None else tuple(guidance_interval))
         if key not in self.graphs:
             self.graphs[key] = GraphedSampler(self.sampler, self.model, (batch, *self.shape), steps,

@@ -47,12 +47,14 @@ def test_kept_patches_are_bit_exact_after_decoding(sampler):
 
 
 def test_inpainting_is_the_samplers_run_with_kept_patches():
+    import pf.inpaint
+
     model = tiny_model(dtype=torch.float32)
     _, image = _picture()
     mask = box_mask(8, [0, 0, 8, 4])
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     for sampler in (EulerPF(), DualLoop(), LookAhead()):
-        out = inpaint(model, image, mask, sampler, steps=3, noise=noise)
+        out = pf.inpaint(model, image, mask, sampler, steps=3, noise=noise)  # the module is callable
         direct = sampler(model, noise, 3, keep=out.keep, x_cond=image)
         assert torch.equal(out.samples, direct)
     assert out.keep.sum(1).tolist() == [8, 8]
