@@ -125,8 +125,8 @@ def cases():
     yield "LTX-Video (LTXVideoTransformerBlock, per-token modulation)", ltx, (rand(b, n, d), rand(b, t, d),
                                                                              rand(b, n, 6 * d)), {}, b * n * d
     wan = WanTransformerBlock(d, 2 * d, 2, cross_attn_norm=True)
-    yield "Wan (WanTransformerBlock, cross_attn_norm), fp32", wan, (rand(b, n, d), rand(b, t, d), rand(b, 6, d), None), \
-        {}, b * n * d
+    yield "Wan (WanTransformerBlock, cross_attn_norm), fp32", wan, (
+        rand(b, n, d), rand(b, t, d), rand(b, 6, d), None), {}, b * n * d
     # Wan keeps a half-precision stream and modulates in fp32: its casts are kernels and passes
     # too (fp16 here: the interpreter has no bf16; a bf16 stream runs the same code)
     half = copy.deepcopy(wan).half()

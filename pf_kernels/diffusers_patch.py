@@ -7,12 +7,13 @@
                 ``LuminaRMSNormZero`` / ``MochiRMSNormZero`` (RMSNorm, scale only):
                 LN/RMS + modulation in one ``norm_modulate`` pass;
   blocks        ``BasicTransformerBlock`` with ``ada_norm_zero`` (DiT) or ``ada_norm_single``
-                (PixArt's ``scale_shift_table``), ``FluxTransformerBlock``,
-                ``FluxSingleTransformerBlock``, ``SanaTransformerBlock``, ``HunyuanVideoTransformerBlock`` and
-                its single block, SD3's ``JointTransformerBlock``, ``WanTransformerBlock``
-                and ``LTXVideoTransformerBlock`` (RMSNorm with a shift, per-token modulation) (its bf16 stream kept while
-                it modulates in fp32): each residual update fused with the next norm and
-                modulation (``residual_norm_modulate``), the last one a single ``residual`` pass.
+                (PixArt's ``scale_shift_table``), ``SanaTransformerBlock``, SD3's
+                ``JointTransformerBlock``, ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``,
+                ``HunyuanVideoTransformerBlock`` / ``HunyuanVideoSingleTransformerBlock``,
+                ``WanTransformerBlock`` (its bf16 stream kept while it modulates in fp32) and
+                ``LTXVideoTransformerBlock`` (RMSNorm with a shift, per-token modulation): each
+                residual update fused with the next norm and modulation
+                (``residual_norm_modulate``), the last one a single ``residual`` pass.
 Each module keeps its class (diffusers matches blocks by class name: ``compile_repeated_blocks``,
 ``_no_split_modules``, its cache hooks' block registry); only the instance's ``forward`` changes.
 The fused block forwards call ``self.attn``/``self.attn1``/``self.ff``... through the modules,

@@ -396,7 +396,8 @@ def patch_euler(
 def _check_vector(op: str, d: int, **vectors: torch.Tensor | None) -> None:
     for name, t in vectors.items():
         if t is not None and tuple(t.shape) != (d,):
-            raise ValueError(f"{op}: {name} must be a ({d},) tensor (the norm's affine parameter), got {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be a ({d},) tensor (the norm's affine parameter), "
+                             f"got {tuple(t.shape)}")
 
 
 def _fold_affine(x, weight, bias, shift, scale):

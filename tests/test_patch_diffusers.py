@@ -114,7 +114,8 @@ def cogvideox():
 
 
 def sana():
-    model = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+    model = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                             attention_head_dim=12,
                                              num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=12,
                                              cross_attention_dim=24, caption_channels=16, sample_size=4)
     gen = torch.Generator().manual_seed(8)
@@ -137,7 +138,8 @@ def hunyuan_video():
                            "HunyuanVideoTransformerBlock": 1, "HunyuanVideoSingleTransformerBlock": 1}
 
 
-FAMILIES = {"dit": dit, "sana": sana, "hunyuan_video": hunyuan_video, "pixart": pixart, "flux": flux, "sd3": sd3, "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
+FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "hunyuan_video": hunyuan_video,
+            "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
 
 
 def run(model, inputs, backend):
