@@ -159,7 +159,7 @@ def test_every_shipped_option_fits_the_schema():
     ("trainer.warmup_steps=-1", r"expected an integer >= 0"),
     ("sampler.map_time=2", r"sampler\.map_time=2: expected a number in \[0\.0, 1\.0\]"),
     ("sampler.classes=[1,-2]", r"sampler\.classes=\[1, -2\]: expected a list of integers >= 0"),
-    ("trainer.precision=fp16", r"trainer\.precision='fp16': expected one of bf16, fp32"),
+    ("trainer.precision=fp8", r"trainer\.precision='fp8': expected one of bf16, fp16, fp32"),
     ("data.split=val", r"data\.split='val': expected one of train, test"),
     ("trainer.timesteps.std=0", r"trainer\.timesteps\.std=0: expected a number > 0"),
     ("seed=-3", r"seed=-3: expected an integer >= 0"),
