@@ -112,7 +112,7 @@ def test_viz_strip(ckpts, tmp_path, capsys):
     (["stpes=3"], "unknown option 'stpes'"),
     (["steps=0"], "steps must be a positive integer"),
     (["classes=[a]"], "classes must be a list"),
-    (["sampler=heun"], "unknown sampler"),
+    (["sampler=nope"], "unknown sampler"),
     (["sampler=euler"], "global-time"),
     (["graphs=true"], "need a CUDA device") if not torch.cuda.is_available() else (["cfg=x"], "must be a finite number"),
     (["classes=[11]"], "outside"),
