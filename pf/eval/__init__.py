@@ -1,4 +1,5 @@
-"""Evaluation: FID / KID / precision-recall through torch-fidelity, offline.
+"""Evaluation, offline: FID / KID / precision-recall through torch-fidelity, and ADM's suite
+(FID, sFID, Inception Score, precision/recall against an ADM reference batch: ``pf.eval.adm``).
 
 ``python -m pf.eval`` compares generated images (a folder, an ``.npz`` or a checkpoint plus
 a sampler) with a reference set; ``python -m pf.eval.train_classifier`` trains the small
