@@ -173,3 +173,11 @@ def test_a_device_call_can_run_the_study():
     from pf.experiments import device_call
     p = device_call.plan("pf.experiments.evidence", ["device=cuda", "records_dir=/nonexistent-records"], 540)
     assert p["jobs"] == 8 and p["left"][0] == "floor" and "train pf_ltg seed 2" in p["left"] and not p["done"]
+
+
+def test_the_cut_grid_is_eulers_grid_to_the_cut_then_one_step():
+    g = evidence.cut_grid(100, 0.9)
+    assert len(g) == 92 and g[-2:] == [0.9, 1.0] and g[0] == 0.0
+    assert all(abs((b - a) - 0.01) < 1e-12 for a, b in zip(g[:-2], g[1:-1]))  # K = 100's step up to 0.9
+    g = evidence.cut_grid(25, 0.9)
+    assert len(g) - 1 == 24 and max(b - a for a, b in zip(g[:-2], g[1:-1])) <= 1 / 25  # ceil(22.5) = 23 steps
