@@ -349,21 +349,22 @@ def summary_lines(study: dict) -> list[str]:
     data = collect(study)
     out = []
     near = [p for p in data["points"] if p["stage"] == "near"]
-    k = max(study["near"]["steps"])
     cells: dict = {}
     for p in near:
-        if p["steps"] == k:
-            cells.setdefault((p["arm"], p.get("cut") is not None), {}).setdefault(p["train_seed"], []).append(p["fid"])
-    parts = []
-    for cut in (False, True):
-        a, b = cells.get(("pf_ltg", cut), {}), cells.get(("sit_uniform", cut), {})
-        seeds = sorted(set(a) & set(b))
-        if seeds:
-            parts.append(f"{'cut at t = 0.9 and finished in one step' if cut else 'whole'} "
-                         + spaces.fmt_pairs([(s, sum(a[s]) / len(a[s]) - sum(b[s]) / len(b[s])) for s in seeds]))
-    if parts:
-        out.append(f"- Why (first study's kept models, [docs/diagnostics.md](docs/diagnostics.md)): PF (LTG) minus "
-                   f"SiT (uniform t) FID with Euler K = {k}, " + "; ".join(parts) + ".")
+        cells.setdefault((p["arm"], p["steps"], p.get("cut") is not None), {}).setdefault(p["train_seed"], []).append(
+            p["fid"])
+    for k in sorted(study["near"]["steps"], reverse=True):  # the largest K measured in both arms, whole and cut
+        parts = []
+        for cut in (False, True):
+            a, b = cells.get(("pf_ltg", k, cut), {}), cells.get(("sit_uniform", k, cut), {})
+            seeds = sorted(set(a) & set(b))
+            if seeds:
+                parts.append(f"{'cut at t = 0.9 and finished in one step' if cut else 'whole'} "
+                             + spaces.fmt_pairs([(s, sum(a[s]) / len(a[s]) - sum(b[s]) / len(b[s])) for s in seeds]))
+        if len(parts) == 2:
+            out.append(f"- Why (the first study's kept models, 3000 steps, [docs/diagnostics.md](docs/diagnostics.md)): "
+                       f"PF (LTG) minus SiT (uniform t) FID with Euler K = {k}, " + "; ".join(parts) + ".")
+            break
     fg = [r for r in data["foreground"] if r["times"] and r["arm"] == "pf_ltg"]
     if fg:
         s_mid = min((t["s"] for t in fg[0]["times"]), key=lambda v: abs(v - 0.6))
