@@ -81,28 +81,33 @@ def kept_run(study: dict, arm: str, seed: int) -> TrainedRun | None:
     return run if kept_weights_path(study, run.identity).is_file() else None
 
 
-def _points(study: dict, arm: str, seed: int, specs: list[dict]) -> dict:
+def _points(study: dict, arm: str, seed: int, specs: list[dict], stored_only: bool = False) -> dict:
+    """Each point of ``specs`` on the kept run (``stored_only``: the ones already stored, for a
+    page in progress)."""
     run = kept_run(study, arm, seed)
     if run is None:
         return {"points": [], "gone": f"{arm} seed {seed}"}
     out = []
     for sp in specs:
-        p = spaces.evaluate(study, run, sp["sampler"], sp["steps"], sp["sample_seed"], params=sp.get("params"),
-                              cut=sp.get("cut"), points_dir=study["points_dir"])
-        out.append({**sp, "arm": arm, "train_seed": seed, **p})
+        kw = {"params": sp.get("params"), "cut": sp.get("cut"), "points_dir": study["points_dir"]}
+        p = (spaces.stored(study, run.identity, sp["sampler"], sp["steps"], sp["sample_seed"], **kw) if stored_only
+             else spaces.evaluate(study, run, sp["sampler"], sp["steps"], sp["sample_seed"], **kw))
+        if p is not None:
+            out.append({**sp, "arm": arm, "train_seed": seed, **p})
     return {"points": out}
 
 
-def _near(study: dict, arm: str, seed: int, steps: list[int], cut: float, sample_seeds: list[int]) -> dict:
+def _near(study: dict, arm: str, seed: int, steps: list[int], cut: float, sample_seeds: list[int],
+          stored_only: bool = False) -> dict:
     """Stage: Euler at each K of ``steps``, whole and cut at ``cut``, on one kept run."""
     sampler = euler_sampler(ARMS[arm]["overrides"])
     specs = [{"sampler": sampler, "steps": int(k), "sample_seed": int(s), "cut": c}
              for k in steps for c in (None, cut) for s in sample_seeds]
-    return _points(study, arm, seed, specs)
+    return _points(study, arm, seed, specs, stored_only)
 
 
 def _adaptive(study: dict, seed: int, sampler: str, rule: str, nfe: list[int], paper_steps: int,
-              sample_seeds: list[int]) -> dict:
+              sample_seeds: list[int], stored_only: bool = False) -> dict:
     """Stage: one adaptive sampler with one selection rule on PF (LTG): at the K of each matched
     NFE and at ``paper_steps`` outer steps."""
     params = dict(study["eval"][sampler])
@@ -116,14 +121,15 @@ def _adaptive(study: dict, seed: int, sampler: str, rule: str, nfe: list[int], p
             ps = {**params, "selection_seed": int(s)} if rule == "random" else params
             specs.append({"sampler": sampler, "steps": int(k), "sample_seed": int(s), "params": ps,
                           "protocol": protocol, "rule": rule})
-    return _points(study, "pf_ltg", seed, specs)
+    return _points(study, "pf_ltg", seed, specs, stored_only)
 
 
-def _remeasure(study: dict, arm: str, seed: int, steps: list[int], sample_seeds: list[int]) -> dict:
+def _remeasure(study: dict, arm: str, seed: int, steps: list[int], sample_seeds: list[int],
+               stored_only: bool = False) -> dict:
     """Stage: the first report's Euler points of one run, in the committed feature spaces."""
     sampler = euler_sampler(ARMS[arm]["overrides"])
     return _points(study, arm, seed, [{"sampler": sampler, "steps": int(k), "sample_seed": int(s)}
-                                      for k in steps for s in sample_seeds])
+                                      for k in steps for s in sample_seeds], stored_only)
 
 
 def patch_stats(v, logvar, target, patch_size: int):
@@ -223,6 +229,10 @@ def collect(study: dict) -> dict:
     for s in build_stages(study):
         rec = stage_result(study["points_dir"], s)
         out["stages"].append((s.name, rec))
+        if rec is None and not s.name.startswith("foreground"):  # a stage in progress: its stored points
+            fn = {"near": _near, "adaptive": _adaptive, "remeasure": _remeasure}[s.name.split()[0]]
+            part = fn(**s.args, stored_only=True)["points"]
+            out["points"] += [{**p, "stage": s.name.split()[0]} for p in part]
         if rec is not None:
             if s.name.startswith("foreground"):
                 out["foreground"].append(rec["result"])
@@ -362,7 +372,9 @@ def summary_lines(study: dict) -> list[str]:
                 parts.append(f"{'cut at t = 0.9 and finished in one step' if cut else 'whole'} "
                              + spaces.fmt_pairs([(s, sum(a[s]) / len(a[s]) - sum(b[s]) / len(b[s])) for s in seeds]))
         if len(parts) == 2:
-            out.append(f"- Why (the first study's kept models, 3000 steps, [docs/diagnostics.md](docs/diagnostics.md)): "
+            ns = study["near"]["sample_seeds"]
+            out.append(f"- Why (the first study's kept models, 3000 steps, [docs/diagnostics.md](docs/diagnostics.md); "
+                       f"{study['eval']['num_samples']} images, {len(ns)} sampling seed{'s' if len(ns) > 1 else ''}): "
                        f"PF (LTG) minus SiT (uniform t) FID with Euler K = {k}, " + "; ".join(parts) + ".")
             break
     fg = [r for r in data["foreground"] if r["times"] and r["arm"] == "pf_ltg"]

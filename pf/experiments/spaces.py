@@ -142,8 +142,15 @@ def evaluate(study: dict, run: TrainedRun, sampler: str, steps: int, seed: int, 
     return cached(points_dir or study["records_dir"], "points", key, compute)
 
 
-def stored(study: dict, identity: dict, sampler: str, steps: int, seed: int) -> dict | None:
-    return cached_result(study["records_dir"], "points", point_key(study, identity, sampler, steps, seed))
+def stored(study: dict, identity: dict, sampler: str, steps: int, seed: int, *, params: dict | None = None,
+           cut: float | None = None, points_dir: str | None = None) -> dict | None:
+    """The point :func:`evaluate` stored for these arguments, or None (nothing is computed)."""
+    key = point_key(study, identity, sampler, steps, seed)
+    if params:
+        key["params"] = params
+    if cut is not None:
+        key["cut"] = float(cut)
+    return cached_result(points_dir or study["records_dir"], "points", key)
 
 
 def check_one_space(points: list[dict], fingerprints: list[str]) -> None:
@@ -193,9 +200,11 @@ def paired(c: dict, arm: str, base: str, k_arm: int, k_base: int) -> list[tuple[
 
 
 def fmt_pairs(pairs: list[tuple[int, float]]) -> str:
+    """Paired differences: their mean ± std over training seeds, n, and each seed's value."""
     if not pairs:
         return "not measured yet"
     d = [v for _, v in pairs]
+    if len(d) == 1:
+        return f"{d[0]:+.2f} (n = 1 training seed, seed {pairs[0][0]})"
     m, s = mean_sd(d)
-    per = ", ".join(f"{v:+.2f}" for v in d)
-    return f"{m:+.2f} ± {s:.2f} (n = {len(d)} training seeds: {per})"
+    return f"{m:+.2f} ± {s:.2f} (n = {len(d)} training seeds: " + ", ".join(f"{v:+.2f}" for v in d) + ")"
