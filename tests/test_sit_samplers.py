@@ -240,7 +240,7 @@ def test_no_inpainting(sampler):
     model, x, y, _ = _setup()
     keep = torch.zeros(2, 16, dtype=torch.bool)
     keep[:, 0] = True
-    with pytest.raises(ValueError, match="does not inpaint"):
+    with pytest.raises(ValueError, match="cannot hold patches fixed"):
         sampler(model, x, 3, y=y, keep=keep, x_cond=torch.zeros_like(x))
 
 

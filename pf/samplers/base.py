@@ -257,11 +257,6 @@ class Sampler:
     def run(self, model, x, schedule, y, steps) -> torch.Tensor:
         raise NotImplementedError
 
-    def refuse_keep(self) -> None:
-        """For samplers that do not inpaint: one line when ``keep`` was given."""
-        if self._keep is not None:
-            raise ValueError(f"{type(self).__name__} does not inpaint (keep=...); use euler or euler_pf")
-
     def at_step(self, k: int) -> None:
         """Start outer step ``k``: its model calls are guided or not (SPEC section 10)."""
         self._step_scale = self._cfg_scale if self._guided_steps[k] else 1.0

@@ -17,7 +17,6 @@ class Heun(Sampler):
     global_time = True
 
     def run(self, model, x, schedule, y, steps):
-        self.refuse_keep()
         s = schedule.tolist()
         for k in steps:
             self.at_step(k)

@@ -73,7 +73,6 @@ class SDE(Sampler):
         return torch.cat([grid, torch.ones(1, dtype=torch.float64)]).float()
 
     def run(self, model, x, schedule, y, steps):
-        self.refuse_keep()
         grid, last = self._grid, len(self._grid) - 1
         noise = self._noise_source(x)
         for i in steps:
