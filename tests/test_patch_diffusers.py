@@ -291,10 +291,10 @@ def _first_block_cache(model):
     model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
 
 
-def _group_offload(model):
+def _group_offload(model, offload_type="block_level"):
     pytest.importorskip("accelerate")  # diffusers' group offloading moves tensors with accelerate's helpers
-    model.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type="block_level",
-                               num_blocks_per_group=1)
+    kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    model.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type=offload_type, **kwargs)
 
 
 def _layerwise_casting(model):
@@ -302,6 +302,7 @@ def _layerwise_casting(model):
 
 
 HOOKS = {"first_block_cache": _first_block_cache, "group_offload": _group_offload,
+         "group_offload_leaf": lambda model: _group_offload(model, "leaf_level"),
          "layerwise_casting": _layerwise_casting}
 
 
