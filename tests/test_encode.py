@@ -402,3 +402,64 @@ def test_a_kill_9_during_encoding_continues_to_the_uninterrupted_set(chain, tmp_
     assert not (out / "manifest.json").exists()
     encode(cli.parse(DEFAULTS, args))
     _same_set(out, chain["out"])
+
+
+# ------------------------------------------------------------- in-loop FID on latents (issue 28)
+def _train_cfg(chain, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(ROOT) / "pf" / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            "data=latents", f"data.path={chain['out']}", "trainer.max_steps=3", "trainer.batch_size=4",
+            "trainer.progress=false", "data.val_size=0", "sampler.steps=2", "sampler.num_images=3", "device=cpu",
+            "trainer.ckpt_every=100", "trainer.sample_every=100", "trainer.val_every=100", "trainer.fid_every=2",
+            *overrides])
+
+
+def test_in_loop_fid_on_latents_decodes_them_and_equals_pf_eval(chain, tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("torch_fidelity")
+    import pf.train as pf_train
+    from pf.autoencoder import to_uint8
+    from pf.eval.__main__ import DEFAULTS as EVAL_DEFAULTS, evaluate
+    from pf.eval.inception import random_inception_weights
+    from pf.eval.inputs import save_npz
+    from pf.training import fid as fid_module
+    from pf.training.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="set trainer.fid_extractor=inception trainer.fid_weights="):
+        pf_train.train(_train_cfg(chain), tmp_path / "no-extractor")
+    with pytest.raises(ConfigError, match="needs the local Inception weights"):
+        pf_train.train(_train_cfg(chain, "trainer.fid_extractor=inception"), tmp_path / "no-weights")
+
+    weights = random_inception_weights(tmp_path / "inception.pth")
+    seen = {}
+    real_init, real_generate = fid_module.InLoopFID.__init__, fid_module.InLoopFID.generate
+
+    def init(self, tc, sc, data_cfg, reference, *args):
+        seen["latents"] = reference.clone()  # the training latents it compares with
+        real_init(self, tc, sc, data_cfg, reference, *args)
+
+    def generate(self, *args):
+        seen["drawn"] = real_generate(self, *args)  # the last drawing's decoded pictures
+        return seen["drawn"]
+
+    monkeypatch.setattr(fid_module.InLoopFID, "__init__", init)
+    monkeypatch.setattr(fid_module.InLoopFID, "generate", generate)
+    run = tmp_path / "run"
+    pf_train.train(_train_cfg(chain, "trainer.fid_extractor=inception", f"trainer.fid_weights={weights}",
+                              "trainer.fid_samples=6", "trainer.fid_reference=10", "trainer.log_every=1"), run)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    fids = {r["step"]: r["fid"] for r in recs if "fid" in r}
+    assert sorted(fids) == [2, 3] and all(np.isfinite(v) and v > 0 for v in fids.values())
+    assert seen["latents"].shape == (10, 4, 4, 4) and seen["drawn"].shape == (6, 3, 32, 32)
+
+    # independently: the latents decoded by diffusers itself, measured by pf.eval's own command path
+    vae = diffusers.AutoencoderKL.from_pretrained(chain["vae"]).eval()
+    with torch.no_grad():
+        pictures = vae.decode(seen["latents"] / chain["manifest"]["scale_factor"]).sample
+    save_npz(tmp_path / "ref.npz", to_uint8(pictures))
+    save_npz(tmp_path / "gen.npz", seen["drawn"])
+    result = evaluate(cli.parse(EVAL_DEFAULTS, [
+        f"generated={tmp_path / 'gen.npz'}", f"reference={tmp_path / 'ref.npz'}", "extractor=inception",
+        f"feature_extractor_weights_path={weights}", "metrics=[fid]", "stats_cache=null", "device=cpu"]))
+    assert fids[3] == pytest.approx(result["fid"], rel=1e-4)

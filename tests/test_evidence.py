@@ -44,6 +44,16 @@ def test_older_runs_keep_their_key_and_a_decaying_run_names_its_horizon():
     assert a["trainer"]["decay_horizon"] == 300 and config_key(a) != config_key(b)
 
 
+def test_in_loop_fid_with_its_default_extractor_keeps_the_key_of_runs_from_before_the_option():
+    base = ["data=fashion_mnist", "model=tiny", "trainer.fid_every=5"]
+    before = trajectory_config(compose_train(base))
+    assert "fid_extractor" not in before["trainer"]
+    classifier = trajectory_config(compose_train([*base, "trainer.fid_extractor=classifier"]))
+    assert config_key(classifier) == config_key(before)
+    inception = trajectory_config(compose_train([*base, "trainer.fid_extractor=inception"]))
+    assert inception["trainer"]["fid_extractor"] == "inception" and config_key(inception) != config_key(before)
+
+
 def test_the_recipe_decays_over_the_study_steps():
     cfg = evidence.compose_train_config(evidence.recipe(study()), evidence.arms(study())["pf_ltg"]["overrides"], 0)
     tc = cfg.trainer

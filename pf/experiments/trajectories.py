@@ -51,8 +51,10 @@ def trajectory_config(train_cfg) -> dict:
         if tr.get(key, off) == off:  # off: computes what a run from before the option computed
             tr.pop(key, None)
             if key == "fid_every":
-                for k in ("fid_reference", "fid_samples", "fid_weights"):
+                for k in ("fid_reference", "fid_samples", "fid_weights", "fid_extractor"):
                     tr.pop(k, None)
+            elif tr.get("fid_extractor", "classifier") == "classifier":  # as before the option
+                tr.pop("fid_extractor", None)
     tr.pop("log", None)  # where the metrics go, not what the run computes
     if cfg.get("init_from") is None:
         cfg.pop("init_from", None)

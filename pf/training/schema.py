@@ -137,6 +137,7 @@ class TrainerConfig:
     fid_samples: int = _f(1000, **_rng(2))
     fid_reference: int = _f(10000, **_rng(2))
     fid_weights: typing.Optional[str] = None
+    fid_extractor: str = _f("classifier", **_choices("classifier", "inception"))
     # targets of pf.training.loggers, "jsonl,tensorboard" or [jsonl,tensorboard]: checked by parse_log_targets
     log: typing.Any = "jsonl"
 
