@@ -58,7 +58,7 @@ DEFAULTS.update({
         "masks": ["centre_box_25", "right_half_50", "random_patches_75"],
         "steps": {"euler_pf": 10, "euler": 10, "dual_loop": 3, "look_ahead": 6},  # about 10 NFE each
         "num_images": 500,             # the first held-out test images
-        "seeds": [0],                  # sampling seeds (noise; the random-patch masks are fixed)
+        "seeds": [0, 1],               # sampling seeds (noise; the random-patch masks are fixed)
         "mask_seed": 1234,
         "grid_images": 8,
         # the committed feature classifier (the evidence study's first feature space, results/classifiers/)
@@ -205,6 +205,8 @@ def baseline_stage(study: dict, mask: str) -> dict:
 def build_stages(study: dict) -> list[Stage]:
     shared = stage_study(study, keep=("inpaint",))
     shared.pop("classifier", None)  # the committed classifier (inpaint.classifier) is used, not one trained here
+    # a stage gets its own sampling seed: more seeds add stages, and leave the finished ones as they are
+    shared["inpaint"] = {k: v for k, v in shared["inpaint"].items() if k != "seeds"}
     stages = []
     for mask in study["inpaint"]["masks"]:
         stages.append(Stage(f"baseline {mask}", "pf.experiments.inpaint:baseline_stage", {"study": shared, "mask": mask}))
