@@ -447,10 +447,11 @@ def test_in_loop_fid_on_latents_decodes_them_and_equals_pf_eval(chain, tmp_path,
     monkeypatch.setattr(fid_module.InLoopFID, "generate", generate)
     run = tmp_path / "run"
     pf_train.train(_train_cfg(chain, "trainer.fid_extractor=inception", f"trainer.fid_weights={weights}",
-                              "trainer.fid_samples=6", "trainer.fid_reference=10", "trainer.log_every=1"), run)
+                              "trainer.fid_samples=6", "trainer.fid_reference=10", "trainer.log_every=1",
+                              "trainer.ema_warmup=true"), run)  # an EMA that moves: each step scores its own model
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     fids = {r["step"]: r["fid"] for r in recs if "fid" in r}
-    assert sorted(fids) == [2, 3] and all(np.isfinite(v) and v > 0 for v in fids.values())
+    assert sorted(fids) == [2, 3] and all(np.isfinite(v) and v > 0 for v in fids.values()) and fids[2] != fids[3]
     assert seen["latents"].shape == (10, 4, 4, 4) and seen["drawn"].shape == (6, 3, 32, 32)
 
     # independently: the latents decoded by diffusers itself, measured by pf.eval's own command path
