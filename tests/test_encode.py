@@ -437,6 +437,7 @@ def test_in_loop_fid_on_latents_decodes_them_and_equals_pf_eval(chain, tmp_path,
 
     def init(self, tc, sc, data_cfg, reference, *args):
         seen["latents"] = reference.clone()  # the training latents it compares with
+        seen["args"] = (tc, sc, data_cfg, reference, *args)
         real_init(self, tc, sc, data_cfg, reference, *args)
 
     def generate(self, *args):
@@ -464,3 +465,17 @@ def test_in_loop_fid_on_latents_decodes_them_and_equals_pf_eval(chain, tmp_path,
         f"generated={tmp_path / 'gen.npz'}", f"reference={tmp_path / 'ref.npz'}", "extractor=inception",
         f"feature_extractor_weights_path={weights}", "metrics=[fid]", "stats_cache=null", "device=cpu"]))
     assert fids[3] == pytest.approx(result["fid"], rel=1e-4)
+
+    # or against a reference statistics file (trainer.fid_reference_stats), read as pf.eval reads it
+    from omegaconf import OmegaConf
+    from pf.eval import adm
+    from pf.eval.inception import InceptionFeatures
+
+    stats = adm.statistics_of(InceptionFeatures(weights)(to_uint8(pictures)))
+    stats_file = adm.write_statistics(tmp_path / "ref-stats.npz", {k: stats[k] for k in adm.STAT_KEYS})
+    tc, *rest = seen["args"]
+    from_stats = fid_module.InLoopFID(OmegaConf.merge(tc, {"fid_reference_stats": str(stats_file)}), *rest)
+    assert from_stats.reference.source == "stored"
+    assert from_stats.score(seen["drawn"])["fid"] == pytest.approx(result["fid"], rel=1e-4)
+    with pytest.raises(FileNotFoundError, match="fid_reference_stats=.*no such file"):
+        fid_module.InLoopFID(OmegaConf.merge(tc, {"fid_reference_stats": str(tmp_path / "none.npz")}), *rest)

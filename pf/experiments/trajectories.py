@@ -51,10 +51,13 @@ def trajectory_config(train_cfg) -> dict:
         if tr.get(key, off) == off:  # off: computes what a run from before the option computed
             tr.pop(key, None)
             if key == "fid_every":
-                for k in ("fid_reference", "fid_samples", "fid_weights", "fid_extractor"):
+                for k in ("fid_reference", "fid_samples", "fid_weights", "fid_extractor", "fid_reference_stats"):
                     tr.pop(k, None)
-            elif tr.get("fid_extractor", "classifier") == "classifier":  # as before the option
-                tr.pop("fid_extractor", None)
+            else:  # the defaults of options newer than fid_every: as before them
+                if tr.get("fid_extractor", "classifier") == "classifier":
+                    tr.pop("fid_extractor", None)
+                if tr.get("fid_reference_stats") is None:
+                    tr.pop("fid_reference_stats", None)
     tr.pop("log", None)  # where the metrics go, not what the run computes
     if cfg.get("init_from") is None:
         cfg.pop("init_from", None)

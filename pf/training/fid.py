@@ -11,13 +11,17 @@ training images. ``trainer.fid_extractor`` picks the features:
                 (``pf.eval.inception``, nothing downloaded), ADM's FID (``pf.eval.adm``):
                 ``fid``. Latents, drawn and reference alike, are decoded first with the
                 autoencoder their latent set's manifest names (``pf.autoencoder.Decoder``),
-                so the reference is the training images as the autoencoder gives them back.
+                so the reference is the training images as the autoencoder gives them back;
+                or ``trainer.fid_reference_stats``: an ADM reference ``.npz`` (its stored
+                statistics, or its images ``arr_0``), read as ``pf.eval`` reads it
 
 The values go into the step's record: a trend to watch, not a number for papers (few samples;
 ``pf.eval`` on 50K samples is that).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -56,6 +60,12 @@ class InLoopFID:
             raise ConfigError("trainer.fid_extractor=inception needs the local Inception weights: set "
                               "trainer.fid_weights=/path/to/weights-inception-2015-12-05-6726825d.pth "
                               "(nothing is downloaded)")
+        stats = tc.get("fid_reference_stats")
+        if stats and self.extractor != "inception":
+            raise ConfigError(f"trainer.fid_reference_stats={stats} holds Inception statistics: set "
+                              "trainer.fid_extractor=inception trainer.fid_weights=PATH")
+        if stats and not Path(stats).is_file():
+            raise FileNotFoundError(f"trainer.fid_reference_stats={stats}: no such file")
         self.batch, self.device = int(tc.batch_size), device
         # building networks (random init before their weights load) and training the classifier
         # must not move the run's random streams
@@ -63,7 +73,8 @@ class InLoopFID:
             self.decode = decoder_of(data_cfg, reference.shape[1], device)
             if self.extractor == "inception":
                 self.extract = InceptionFeatures(tc.fid_weights, device=device)
-                self.reference = adm.Reference(*self._statistics(reference))
+                self.reference = (adm.read_reference(stats, self.extract, tc.fid_weights, None, need_features=False)
+                                  if stats else adm.Reference(*self._statistics(reference)))
             else:
                 self.weights = tc.fid_weights or ensure_classifier(data_cfg, log=None)[0]
                 self.reference = to_uint8(reference.cpu())

@@ -138,6 +138,7 @@ class TrainerConfig:
     fid_reference: int = _f(10000, **_rng(2))
     fid_weights: typing.Optional[str] = None
     fid_extractor: str = _f("classifier", **_choices("classifier", "inception"))
+    fid_reference_stats: typing.Optional[str] = None  # inception: an ADM reference .npz instead of the training images
     # targets of pf.training.loggers, "jsonl,tensorboard" or [jsonl,tensorboard]: checked by parse_log_targets
     log: typing.Any = "jsonl"
 
