@@ -17,24 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import pf.train as pf_train
+from train_helpers import FAST, make_cfg
 from child_env import child_env
 from pf.errors import is_expected, one_line
 from pf.models.checkpoint import read_checkpoint_file
 from pf.training.run_folder import LOCK_NAME, RunFolderError, RunLock, check_before_hydra, held_run
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
-        "sampler.steps=2", "sampler.num_images=10", "trainer.val_every=100", "trainer.sample_every=100"]
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "pf" / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*FAST, *overrides])
 
 
 def steps_logged(run_dir: Path) -> list[int]:

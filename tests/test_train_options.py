@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pf.train as pf_train
+from train_helpers import make_cfg
 from pf.models.checkpoint import read_checkpoint_file
 from pf.models.presets import build_model
 from pf.training.lr_schedule import build_scheduler
@@ -26,16 +26,7 @@ from pf.training.objective import FlowBatch, flow_objective
 from pf.training.precision import Precision
 from pf.training.step import TrainStep
 
-ROOT = Path(__file__).resolve().parent.parent
-FAST = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
-        "sampler.steps=2", "sampler.num_images=10", "trainer.val_every=100", "trainer.sample_every=100"]
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "pf" / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*FAST, *overrides])
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -19,10 +19,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from pf import timesteps
 from pf.autoencoder import from_uint8
 from pf.encoders.classifier import accuracy, load_classifier
 from pf.eval.inputs import load_dataset_images
 from pf.eval.train_classifier import ensure_classifier
+from pf.flow import interpolate
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.records import config_key, directory_lock
 from pf.experiments.trajectories import compose_train, ensure_trained, logged_records, trajectory_config
@@ -321,3 +323,34 @@ def device_name(study: dict) -> str:
                 else f"a CUDA GPU (named in {study['records_dir']}/device_calls)")
     return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
             f"{study['jobs']} worker process(es) with {study['threads']} torch thread(s) each")
+
+
+def velocity_profile(study: dict, overrides: list[str], seed: int, times: list[float], images: int,
+                     draws: int) -> dict:
+    """One trained arm's EMA velocity MSE with every patch at each of ``times`` (held-out test
+    images, fixed noise), and how its timestep sampler spreads ``draws`` training times over the
+    ten tenths of [0, 1] (with the share above t = 0.9, the data end)."""
+    run = TrainedRun(study, overrides, seed, int(study["train"]["steps"]))
+    model = run.model().model
+    x1, labels, x0 = held_out_batch(study, int(images), noise_seed=1234)  # x1, x0: (M, C, H, W)
+    n = (x1.shape[-1] // model.patch_size) ** 2
+    errors = []
+    with torch.no_grad():
+        for tv in times:
+            mse = 0.0
+            for i in range(0, x1.shape[0], 250):  # 250 images a forward: bounded memory
+                b = x1[i:i + 250].shape[0]
+                t = torch.full((b, n) if model.per_token else (b,), float(tv))
+                xt, u = interpolate(x1[i:i + 250], x0[i:i + 250], t, model.patch_size)
+                mse += float(((model(xt, t, labels[i:i + 250]) - u) ** 2).sum())
+            errors.append(mse / x1.numel())
+    cfg = compose_train_config(study, overrides, seed)
+    params = {k: v for k, v in cfg.trainer.timesteps.items() if k != "name" and v is not None}
+    if cfg.trainer.timesteps.name == "ltg":
+        params["backend"] = "torch"
+    drawn = timesteps.make(cfg.trainer.timesteps.name, **params)(int(draws), n if model.per_token else 1,
+                                                                generator=torch.Generator().manual_seed(0))
+    hist = torch.histc(drawn.double().flatten(), bins=10, min=0.0, max=1.0)
+    return {"times": [float(v) for v in times], "mse": errors, "train_time_bins": (hist / hist.sum()).tolist(),
+            "above_0.9": float((drawn > 0.9).double().mean()), "images": int(x1.shape[0]),
+            "weights": run.model().weights}

@@ -51,18 +51,16 @@ from pathlib import Path
 
 import torch
 
-from pf import timesteps
 from pf.experiments import command, plots
 from pf.eval.inputs import load_dataset_images
-from pf.experiments.common import (TrainedRun, compose_train_config, data_config, held_out_batch, resolve_device,
-                                   train_stage as common_train_stage)
+from pf.experiments.common import (TrainedRun, compose_train_config, data_config, resolve_device,
+                                   train_stage as common_train_stage, velocity_profile)
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, BudgetSpent, best_k, cells, check_one_space,  # noqa: F401
                                    classifier_fingerprint, cut_grid, evaluate, fmt_pairs, mean_sd, measure, paired,
                                    stored, timed)
 from pf.experiments.summary import rel
-from pf.flow import interpolate
 from pf.encoders.classifier import load_classifier
 
 # The data dimension LTG's location was set for: SD-VAE latents of 256x256 images, 32x32x4.
@@ -202,30 +200,7 @@ def _curve(study: dict, arm: str, seed: int) -> dict:
 def _profile(study: dict, arm: str, seed: int, times: list[float], images: int) -> dict:
     """Stage: the EMA network's velocity MSE with every patch at each of ``times`` (held-out
     test images, fixed noise), and the share of its training times in each tenth of [0, 1]."""
-    overrides = arms(study)[arm]["overrides"]
-    run = TrainedRun(study, overrides, seed, int(study["train"]["steps"]))
-    model = run.model().model
-    x1, labels, x0 = held_out_batch(study, int(images), noise_seed=1234)  # x1, x0: (M, C, H, W)
-    n = (x1.shape[-1] // model.patch_size) ** 2
-    errors = []
-    with torch.no_grad():
-        for tv in times:
-            mse = 0.0
-            for i in range(0, x1.shape[0], 250):
-                b = x1[i:i + 250].shape[0]
-                t = torch.full((b, n) if model.per_token else (b,), float(tv))
-                xt, u = interpolate(x1[i:i + 250], x0[i:i + 250], t, model.patch_size)
-                mse += float(((model(xt, t, labels[i:i + 250]) - u) ** 2).sum())
-            errors.append(mse / x1.numel())
-    cfg = compose_train_config(study, overrides, seed)
-    params = {k: v for k, v in cfg.trainer.timesteps.items() if k != "name" and v is not None}
-    if cfg.trainer.timesteps.name == "ltg":
-        params["backend"] = "torch"
-    drawn = timesteps.make(cfg.trainer.timesteps.name, **params)(4000, n if model.per_token else 1,
-                                                                generator=torch.Generator().manual_seed(0))
-    hist = torch.histc(drawn.double().flatten(), bins=10, min=0.0, max=1.0)
-    return {"times": [float(v) for v in times], "mse": errors, "train_time_bins": (hist / hist.sum()).tolist(),
-            "above_0.9": float((drawn > 0.9).double().mean()), "images": int(x1.shape[0]), "weights": run.model().weights}
+    return velocity_profile(study, arms(study)[arm]["overrides"], seed, times, int(images), 4000)
 
 
 def _floor(study: dict) -> dict:
@@ -391,7 +366,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         f"step {tc['steps']}), grad clip 1, EMA {tc['ema_decay']} with warm-up (mean age {1 / (1 - tc['ema_decay']):.0f} "
         f"steps), EMA weights evaluated; training seeds {tc['seeds']}. A seed draws the same data order, noise and "
         "class dropout in every arm (those streams are keyed by the seed alone).",
-        f"- Arms: " + "; ".join(f"**{labels[a]}** (`{' '.join(arms(study)[a]['overrides'])}`)" for a in study["arms"]),
+        "- Arms: " + "; ".join(f"**{labels[a]}** (`{' '.join(arms(study)[a]['overrides'])}`)" for a in study["arms"]),
         f"- The shifted location: LTG's loc 0.7 was set for SD-VAE latents of 256x256 images ({LTG_REFERENCE_DIM} "
         f"values); by the resolution-shift argument of SD3 the logit-space location moves by ln(sqrt({LTG_REFERENCE_DIM}"
         f"/{dim})) = {0.5 * math.log(LTG_REFERENCE_DIM / dim):.3f} for this data's {dim} values: loc "

@@ -37,18 +37,16 @@ from pathlib import Path
 
 import torch
 
-from pf import timesteps
 from pf.eval.inputs import load_dataset_images
 from pf.eval.metrics import compute_metrics
 from pf.experiments import command, comparison, plots
-from pf.experiments.common import (TrainedRun, compose_train_config, data_config, device_name, feature_classifier,
-                                   held_out_batch, load_test_labels, reference_images, resolve_device)
+from pf.experiments.common import (TrainedRun, data_config, device_name, feature_classifier, load_test_labels,
+                                   reference_images, resolve_device, velocity_profile)
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, euler_sampler, is_pf, stage_study
 from pf.experiments.curves import (evaluate_point, realization_pairs, run_curve, series, stored_point,
                                    stored_points)
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, mean_std, paired, rel, shared_runs, stage_table, verdict
-from pf.flow import interpolate
 from pf.sampling.grid import labelled_panels
 
 DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
@@ -115,30 +113,7 @@ def profile_stage(study: dict, arm: str, seed: int) -> dict:
     EMA model; held-out test images, fixed noise), and how its timestep sampler spreads the
     training patch times over ten bins of [0, 1] (20,000 patch times drawn per bin edge set)."""
     ec = study["eval"]
-    run = TrainedRun(study, ARMS[arm]["overrides"], seed, study["train"]["steps"])
-    model = run.model().model
-    x1, labels, x0 = held_out_batch(study, int(ec["profile_images"]), noise_seed=1234)  # x1, x0: (M, C, H, W)
-    n = (x1.shape[-1] // model.patch_size) ** 2
-    errors = []
-    with torch.no_grad():
-        for tv in ec["profile_times"]:
-            mse = 0.0
-            for i in range(0, x1.shape[0], 250):
-                b = x1[i:i + 250].shape[0]
-                t = torch.full((b, n) if model.per_token else (b,), float(tv))
-                xt, u = interpolate(x1[i:i + 250], x0[i:i + 250], t, model.patch_size)
-                mse += float(((model(xt, t, labels[i:i + 250]) - u) ** 2).sum())
-            errors.append(mse / x1.numel())
-    cfg = compose_train_config(study, ARMS[arm]["overrides"], seed)
-    params = {k: v for k, v in cfg.trainer.timesteps.items() if k != "name" and v is not None}
-    if cfg.trainer.timesteps.name == "ltg":
-        params["backend"] = "torch"
-    drawn = timesteps.make(cfg.trainer.timesteps.name, **params)(2000, n if model.per_token else 1,
-                                                                generator=torch.Generator().manual_seed(0))
-    hist = torch.histc(drawn.double().flatten(), bins=10, min=0.0, max=1.0)
-    return {"times": [float(v) for v in ec["profile_times"]], "mse": errors,
-            "train_time_bins": (hist / hist.sum()).tolist(), "images": int(x1.shape[0]),
-            "weights": run.model().weights}
+    return velocity_profile(study, ARMS[arm]["overrides"], seed, ec["profile_times"], int(ec["profile_images"]), 2000)
 
 
 def floor_stage(study: dict) -> dict:
