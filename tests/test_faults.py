@@ -332,12 +332,15 @@ def toy_stage(log: str, name: str) -> dict:
     return {"name": name}
 
 
+STALL_AT_PIECE = 1_000_000  # set in a forked child only: it waits to be killed at that piece
+
+
 def toy_pieces(out: str, log: str, n: int) -> dict:
     """A stage made of cached pieces (as the studies' evaluations are), each a little slow."""
     from pf.experiments.records import cached
 
     def piece(i: int) -> dict:
-        time.sleep(0.15)
+        time.sleep(600 if i >= STALL_AT_PIECE else 0.05)  # the killed child stalls here, never past it
         with open(log, "a") as f:
             f.write(f"piece{i} {os.getpid()}\n")
         return {"value": i * i}
@@ -371,6 +374,8 @@ def test_a_kill_9_during_a_study_stage_continues_to_the_uninterrupted_result(tmp
     pid = os.fork()
     if pid == 0:  # the study, killed below (a fork: no interpreter start-up to wait for)
         try:
+            global STALL_AT_PIECE
+            STALL_AT_PIECE = 2  # killed while computing piece 2, however loaded the machine is
             run_stages(_toy_study(run), run / "records", log=quiet)
         finally:
             os._exit(0)
@@ -403,6 +408,14 @@ def test_a_kill_9_during_training_then_resume_is_the_uninterrupted_run(tmp_path)
     pid = os.fork()
     if pid == 0:  # the training, killed below (a fork: no interpreter start-up to wait for)
         try:
+            write = pf_train.write_checkpoint
+
+            def write_then_wait(*args, **kwargs):  # stalls after its first checkpoint: killed mid-run, never done
+                path = write(*args, **kwargs)
+                time.sleep(600)
+                return path
+
+            pf_train.write_checkpoint = write_then_wait
             pf_train.train(make_cfg(*steps), run)
         finally:
             os._exit(0)
