@@ -405,26 +405,24 @@ def test_a_kill_9_during_training_then_resume_is_the_uninterrupted_run(tmp_path)
     steps = ["trainer.max_steps=4", "trainer.ckpt_every=2", "data.val_size=0"]
     whole = pf_train.train(make_cfg(*steps), tmp_path / "whole")
     run = tmp_path / "killed"
-    pid = os.fork()
-    if pid == 0:  # the training, killed below (a fork: no interpreter start-up to wait for)
-        try:
-            write = pf_train.write_checkpoint
-
-            def write_then_wait(*args, **kwargs):  # stalls after its first checkpoint: killed mid-run, never done
-                path = write(*args, **kwargs)
-                time.sleep(600)
-                return path
-
-            pf_train.write_checkpoint = write_then_wait
-            pf_train.train(make_cfg(*steps), run)
-        finally:
-            os._exit(0)
-    deadline = time.monotonic() + 60
-    while not (run / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and (run / LOCK_NAME).exists()  # killed with its lock held
+    # The training in a child interpreter (not a fork: a fork of this test process can inherit its
+    # torch/compile state and fail at once), stalled after its first checkpoint until killed.
+    child = ("import sys, time\nimport pf.train as t\nfrom train_helpers import make_cfg\n"
+             "write = t.write_checkpoint\n"
+             "def write_then_wait(*a, **k):\n    path = write(*a, **k)\n    time.sleep(600)\n    return path\n"
+             "t.write_checkpoint = write_then_wait\n"
+             f"t.train(make_cfg(*{steps!r}), {str(run)!r})\n")
+    tests_dir = str(Path(__file__).resolve().parent)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=child_env(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{tests_dir}"))
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the training ended before it was killed: {proc.communicate()[1][-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and (run / "checkpoints" / "last.pt").exists()
+    assert (run / LOCK_NAME).exists()  # killed with its lock held
     resumed = pf_train.train(make_cfg(*steps, f"resume={run}"), run)
     for a, b in zip(whole["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
         assert torch.equal(a, b)
