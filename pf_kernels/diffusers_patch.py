@@ -336,34 +336,24 @@ def _rand(gen, *shape):
     return torch.randn(shape, generator=gen)
 
 
+def _probe_norm(chunks: int, emb_kwarg: bool = True):
+    """The probe of a norm module whose ``linear`` maps the embedding to ``chunks`` (B, D) pieces:
+    x (B, N, D) and the embedding (B, in_features), passed as ``emb=`` or positionally."""
+    def probe(m, gen):
+        x = _rand(gen, PROBE_B, PROBE_N, m.linear.out_features // chunks)
+        emb = _rand(gen, PROBE_B, m.linear.in_features)
+        return ((x,), dict(emb=emb)) if emb_kwarg else ((x, emb), {})
+    return probe
+
+
 def _probe_ada_zero(m, gen):
-    d = m.linear.out_features // 6
-    if m.emb is not None:
+    if m.emb is not None:  # its own timestep and class embedding
+        d = m.linear.out_features // 6
         n_cls = m.emb.class_embedder.num_classes
         return (_rand(gen, PROBE_B, PROBE_N, d),), dict(timestep=torch.tensor([3.0, 700.0]),
                                                          class_labels=torch.tensor([0, n_cls - 1]),
                                                          hidden_dtype=torch.float32)
-    return (_rand(gen, PROBE_B, PROBE_N, d),), dict(emb=_rand(gen, PROBE_B, m.linear.in_features))
-
-
-def _probe_single(m, gen):
-    d = m.linear.out_features // 3
-    return (_rand(gen, PROBE_B, PROBE_N, d),), dict(emb=_rand(gen, PROBE_B, m.linear.in_features))
-
-
-def _probe_continuous(m, gen):
-    d = m.linear.out_features // 2
-    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, m.linear.in_features)), {}
-
-
-def _probe_sd35(m, gen):
-    d = m.linear.out_features // 9
-    return (_rand(gen, PROBE_B, PROBE_N, d),), dict(emb=_rand(gen, PROBE_B, m.linear.in_features))
-
-
-def _probe_scale_only(m, gen):
-    d = m.linear.out_features // 4
-    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, m.linear.in_features)), {}
+    return _probe_norm(6)(m, gen)
 
 
 def _probe_cogvideox(m, gen):
@@ -452,15 +442,16 @@ def _specs():
 
     table = [
         ("normalization", "AdaLayerNormZero", "norm", _ada_layer_norm_zero, norm("norm"), _probe_ada_zero),
-        ("normalization", "AdaLayerNormZeroSingle", "norm", _ada_layer_norm_zero_single, norm("norm"), _probe_single),
+        ("normalization", "AdaLayerNormZeroSingle", "norm", _ada_layer_norm_zero_single, norm("norm"), _probe_norm(3)),
         ("normalization", "AdaLayerNormContinuous", "norm", _ada_layer_norm_continuous, norm("norm"),
-         _probe_continuous),
-        ("normalization", "SD35AdaLayerNormZeroX", "norm", _sd35_ada_layer_norm_zero_x, norm("norm"), _probe_sd35),
+         _probe_norm(2, emb_kwarg=False)),
+        ("normalization", "SD35AdaLayerNormZeroX", "norm", _sd35_ada_layer_norm_zero_x, norm("norm"), _probe_norm(9)),
         ("normalization", "CogVideoXLayerNormZero", "norm", _cogvideox_layer_norm_zero, norm("norm"),
          _probe_cogvideox),
-        ("normalization", "LuminaRMSNormZero", "norm", _lumina_rms_norm_zero, norm("norm"), _probe_scale_only),
+        ("normalization", "LuminaRMSNormZero", "norm", _lumina_rms_norm_zero, norm("norm"),
+         _probe_norm(4, emb_kwarg=False)),
         ("transformers.transformer_mochi", "MochiRMSNormZero", "norm", _mochi_rms_norm_zero, norm("norm"),
-         _probe_scale_only),
+         _probe_norm(4, emb_kwarg=False)),
         ("attention", "BasicTransformerBlock", "block", _basic_block, _check_basic, _probe_basic),
         ("transformers.transformer_flux", "FluxTransformerBlock", "block", _flux_double_block,
          norm("norm2", "norm2_context"), _probe_flux),
