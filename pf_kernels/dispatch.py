@@ -499,7 +499,7 @@ def residual_norm_modulate(
     _check_vector("residual_norm_modulate", x.shape[-1], weight=weight, bias=bias)
     _same_device("residual_norm_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale, weight=weight, bias=bias)
     if out_dtype is None:
-        out_dtype = gated_residual_dtype_of(x, gate, y)
+        out_dtype = norm_modulate_dtype(x, gate, y)  # eager's dtype of x + gate * y (x + y)
     if _rows_use_triton(x, gate, y, shift, scale, weight, bias) and out_dtype != torch.float64:
         fshift, fscale = _fold_affine(x, weight, bias, shift, scale)
         with _launch_on(x):
@@ -507,7 +507,3 @@ def residual_norm_modulate(
     return residual_norm_modulate_ref(x, gate, y, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps,
                                       out_dtype=out_dtype)
 
-
-def gated_residual_dtype_of(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor) -> torch.dtype:
-    """Eager's dtype of ``x + gate * y`` (``x + y`` without gate)."""
-    return norm_modulate_dtype(x, gate, y)

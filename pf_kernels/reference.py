@@ -216,7 +216,7 @@ def residual_ref(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x + gate * y`` (``x + y`` without gate), computed in fp32 and returned in ``out_dtype``
     (default: eager's promoted dtype)."""
-    out = out_dtype or (gated_residual_dtype(x, gate, y) if gate is not None else torch.promote_types(x.dtype, y.dtype))
+    out = out_dtype or norm_modulate_dtype(x, gate, y)
     acc = _acc_dtype(out)
     ya = y.to(acc) if gate is None else gate.to(acc) * y.to(acc)
     return (x.to(acc) + ya).to(out)
