@@ -289,7 +289,8 @@ def _hunyuan_video_single_block(self, hidden_states, encoder_hidden_states, temb
 def _sana_block(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, height=None, width=None):
     """SanaTransformerBlock: PixArt's scale_shift_table seams; its conv feed-forward works on
-    (B, D, H, W) and hands back a non-contiguous (B, N, D) (the kernels read it as it is)."""
+    (B, D, H, W) and hands back a (B, N, D) view strided along D, which the gated residual's
+    launcher copies to unit D stride first (one copy; BENCHMARKS.md's counts note it)."""
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         self.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
     h = _mod(self.norm1, hidden_states, shift_msa, scale_msa, out_dtype=hidden_states.dtype)

@@ -310,8 +310,7 @@ def ada_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> tor
     Out in x's dtype, or scale's when that is wider (eager type promotion).
     """
     _check_rows("ada_rms_norm", x, scale=scale)
-    _check_floating("ada_rms_norm", x=x, scale=scale)
-    _check_data("ada_rms_norm", eps)
+    _check_data("ada_rms_norm", eps, x=x, scale=scale)
     _same_device("ada_rms_norm", x=x, scale=scale)
     if _rows_use_triton(x, scale):
         with _launch_on(x):
@@ -330,8 +329,7 @@ def ada_rms_norm_indexed(
     """
     _same_device("ada_rms_norm_indexed", x=x, scale_table=scale_table, index=index)
     _check_indexed("ada_rms_norm_indexed", x, index, scale_table=scale_table)
-    _check_floating("ada_rms_norm_indexed", x=x, scale_table=scale_table)
-    _check_data("ada_rms_norm_indexed", eps)
+    _check_data("ada_rms_norm_indexed", eps, x=x, scale_table=scale_table)
     index = index.to(torch.int64)
     if _rows_use_triton(x, scale_table, index):
         with _launch_on(x):
