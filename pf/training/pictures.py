@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pf.models.checkpoint import write_atomically
 from pf.sampling.grid import side_by_side, tile_grid
 
 # Anchor colours of an inferno-like map, dark -> bright.
@@ -87,7 +88,4 @@ def save_picture(path: Path, samples: torch.Tensor, difficulty: torch.Tensor | N
     panels = [tile_grid(images_rgb(samples), nrow, labels=labels, caption=title)]
     if difficulty is not None:
         panels.append(tile_grid(heat_rgb(difficulty), nrow, labels=labels, caption=map_title))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(side_by_side(panels)).save(tmp, format="PNG")
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: Image.fromarray(side_by_side(panels)).save(tmp, format="PNG"))
