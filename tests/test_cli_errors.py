@@ -131,8 +131,6 @@ def test_every_bad_input_is_one_error_line(tmp_path):
         assert code == 2, (args, code, stderr[-2000:])
         assert "Traceback" not in stderr and "HYDRA_FULL_ERROR" not in stderr, (args, stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
-        import re
-
         assert re.search(pattern, lines[0]), (args, lines[0])
 
 
