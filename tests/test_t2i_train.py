@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
 
 import pf.train as pf_train  # noqa: E402
+import train_helpers  # noqa: E402
 from child_env import child_env  # noqa: E402
 from pf.conditioning import TextCond  # noqa: E402
 from pf.models import PatchForcingT2I, load_checkpoint  # noqa: E402
@@ -27,16 +27,13 @@ from pf.conditioning import TextConditioning  # noqa: E402
 from pf.training.schema import ConfigError, fill_family_defaults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "pf" / "configs"
-FAST = ["experiment=t2i_demo", "trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false",
-        "data.val_size=16", "sampler.steps=2", "sampler.num_images=10", "trainer.warmup_steps=2"]
+FAST = ["experiment=t2i_demo", *train_helpers.BASE, "trainer.warmup_steps=2"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*FAST, *overrides])
+    return train_helpers.make_cfg(*overrides, base=FAST)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -55,8 +52,7 @@ def test_text_models_train_with_ltg_at_loc_one_half_unless_told(tmp_path):
     pf_train.train(make_cfg("trainer.timesteps.loc=null", "trainer.max_steps=1", "data.val_size=0"), tmp_path / "a")
     assert OmegaConf.load(tmp_path / "a" / "config.yaml").trainer.timesteps.loc == 0.5
     assert fill_family_defaults(make_cfg("trainer.timesteps.loc=0.3")).trainer.timesteps.loc == 0.3
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        class_cfg = compose(config_name="config")
+    class_cfg = train_helpers.make_cfg(base=[])
     assert fill_family_defaults(class_cfg).trainer.timesteps.loc is None
 
 

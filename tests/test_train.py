@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import pf.train as pf_train
+import train_helpers
 from child_env import child_env
 from pf.data import DataError
 from pf.models import load_checkpoint
@@ -28,20 +28,11 @@ from pf.training.checkpointing import resolve_resume
 from pf.training.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "pf" / "configs"
-FAST = [
-    "trainer.batch_size=8",
-    "trainer.log_every=1",
-    "trainer.progress=false",
-    "data.val_size=16",
-    "sampler.steps=2",
-    "sampler.num_images=10",
-]
+FAST = train_helpers.BASE  # the default validation and picture intervals
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*FAST, *overrides])
+    return train_helpers.make_cfg(*overrides, base=FAST)
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pf.train as pf_train
+import train_helpers
 from pf.models import load_checkpoint
 from pf.models.checkpoint import read_checkpoint_file
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = ["trainer.batch_size=4", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
         "sampler.steps=2", "sampler.num_images=4", "trainer.val_every=100", "trainer.sample_every=100",
         "trainer.warmup_steps=2", "trainer.keep_every=1", "trainer.ckpt_every=100",
@@ -30,8 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "pf" / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*FAST, *overrides])
+    return train_helpers.make_cfg(*overrides, base=FAST)
 
 
 def _free_port() -> int:
