@@ -68,8 +68,8 @@ def _nm_bwd_fake(grad_h, x, shift, scale, rms, eps, stats):
 
 def _nm_backward(grads, x, shift, scale, rms, eps, x_dtype, stats):
     dx, dshift, dscale = torch.ops.pf_kernels.norm_modulate_backward(grads[0], x, shift, scale, rms, eps, stats)
-    dshift = _empty_as_none(dshift, shift)
-    return dx.to(x_dtype), shift_grad(dshift, grads[0], shift, None) if shift is not None else None, dscale
+    # no shift: None (shift_grad passes it through)
+    return dx.to(x_dtype), shift_grad(_empty_as_none(dshift, shift), grads[0], shift, None), dscale
 
 
 def _nm_fake(x, shift, scale, rms, eps, out_dtype):
@@ -110,8 +110,7 @@ def _rnm_backward(grads, x_new, gate, y, shift, scale, rms, eps, x_dtype, stats)
     grad_x, grad_h = grads[:2]
     dx, dgate, dy, dshift, dscale = torch.ops.pf_kernels.residual_norm_modulate_backward(
         grad_h, grad_x, x_new, gate, y, shift, scale, rms, eps, stats)
-    dshift = _empty_as_none(dshift, shift)
-    dshift = shift_grad(dshift, grad_h, shift, None) if shift is not None else None
+    dshift = shift_grad(_empty_as_none(dshift, shift), grad_h, shift, None)  # None without shift
     return dx.to(x_dtype), _empty_as_none(dgate, gate), dy, dshift, dscale
 
 
