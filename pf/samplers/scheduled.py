@@ -64,7 +64,7 @@ class Scheduled(Sampler):
         if isinstance(timesteps, int):
             timesteps = outer_schedule(timesteps)[:, None].expand(-1, n)
         self._table = check_schedule(timesteps, x.shape[0], n)
-        return self._table[:, :, :].amin(dim=(0, 2))  # (K+1,) the earliest time of each step
+        return self._table.amin(dim=(0, 2))  # (K+1,) the earliest time of each step
 
     def start(self, model, x, keep, x_cond):
         first = self._table[:, 0]  # (B or 1, N)
@@ -77,18 +77,19 @@ class Scheduled(Sampler):
         return s0 * x_cond + (1 - s0) * x
 
     def _pixels(self, times: torch.Tensor, model, x: torch.Tensor) -> torch.Tensor:
-        """(B or 1, N) host times -> (B or 1, 1, H, W) on x's device and dtype."""
+        """(B or 1, N) times -> (B or 1, 1, H, W) on x's device and dtype."""
         return time_to_pixels(times.to(x.device, x.dtype), model.patch_size, x.shape[-2], x.shape[-1])
 
     def run(self, model, x, schedule, y, steps):
-        table = self._table
+        # the table goes to the device once per call, not twice per step
+        times = self._table.to(x.device, self.time_dtype(x))  # (B or 1, K+1, N)
+        moves = (self._table[:, 1:] - self._table[:, :-1]).to(x.device, x.dtype)  # (B or 1, K, N): float32 dt
         b = x.shape[0]
         for k in steps:
             self.at_step(k)
-            t = table[:, k].to(x.device, self.time_dtype(x)).expand(b, -1).contiguous()  # (B, N)
+            t = times[:, k].expand(b, -1).contiguous()  # (B, N)
             v = self.call(model, x, t, y, with_logvar=False).v
-            dt = table[:, k + 1] - table[:, k]  # (B or 1, N) float32, as EulerPF's dt
-            x = x + self._pixels(dt, model, x) * v
+            x = x + self._pixels(moves[:, k], model, x) * v
         return x
 
     def distinct_times(self, timesteps=None, keep: bool = False) -> int | None:
