@@ -89,17 +89,14 @@ def frechet_distance(a: Gaussian, b: Gaussian) -> float:
 
 
 def inception_score(logits, splits: int = IS_SPLITS) -> float:
-    """Mean over ``splits`` equal consecutive splits of ``exp(mean KL(p(y|x) || p(y)))``."""
+    """Mean over ``splits`` equal consecutive splits of ``exp(mean KL(p(y|x) || p(y)))``:
+    torch-fidelity's own formula, with its shuffle off (ADM splits the samples in order)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric  # optional (eval extra)
+
     logits = torch.as_tensor(logits, dtype=torch.float64)
     if logits.shape[0] < splits:
         raise ValueError(f"the Inception Score's {splits} splits need at least {splits} samples, got {logits.shape[0]}")
-    scores = []
-    for part in torch.tensor_split(logits, splits):
-        logp = torch.log_softmax(part, dim=1)  # (n, C)
-        log_marginal = torch.logsumexp(logp, dim=0) - math.log(part.shape[0])  # log p(y) of the split
-        kl = (logp.exp() * (logp - log_marginal)).sum(1).mean()
-        scores.append(kl.exp().item())
-    return float(np.mean(scores))
+    return isc_features_to_metric(logits, splits=splits, shuffle=False)[KEY_METRIC_ISC_MEAN]
 
 
 def _knn_radii(features: torch.Tensor, k: int, block: int) -> torch.Tensor:
