@@ -213,9 +213,7 @@ def run_sweep(cfg, metrics) -> dict:
 
 def summary(result: dict) -> str:
     """One readable line of the headline numbers."""
-    names = (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("kid", "KID"), ("precision", "precision"),
-             ("recall", "recall"))
-    return "  ".join(f"{n} {result[k]:.4g}" for k, n in names if result.get(k) is not None)
+    return "  ".join(f"{n} {result[k]:.4g}" for k, n in sweep.COLUMNS if result.get(k) is not None)
 
 
 def main(cfg) -> None:
