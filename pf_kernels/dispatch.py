@@ -462,6 +462,7 @@ def residual(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, *,
     """``x + gate * y``, or ``x + y`` without gate, computed in fp32 and returned in ``out_dtype``
     (default: eager's promoted dtype). With a gate this is ``gated_residual``'s kernel writing
     ``out_dtype`` directly; without one a single torch add (already one pass)."""
+    _check_data("residual", x=x, gate=gate, y=y)
     if gate is None:
         if y.shape != x.shape:
             raise ValueError(f"residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")

@@ -90,6 +90,10 @@ def test_residual_and_euler_ops_refuse_integer_data():
         pf_kernels.gated_residual(X, MOD.long(), X)
     with pytest.raises(ValueError, match=r"gated_residual_indexed: x must be a floating-point tensor"):
         pf_kernels.gated_residual_indexed(X.long(), TABLE, X, INDEX)
+    for gate in (None, MOD):  # the general residual, ungated and gated, with and without an output dtype
+        for out_dtype in (None, torch.float32):
+            with pytest.raises(ValueError, match=r"residual: x must be a floating-point tensor, got torch.int64"):
+                pf_kernels.residual(X.long(), gate, X, out_dtype=out_dtype)
     x = torch.zeros(1, 1, 4, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"patch_euler: x must be a floating-point tensor, got torch.int64"):
         pf_kernels.patch_euler(x, x.float(), torch.zeros(1, 4), 2)
