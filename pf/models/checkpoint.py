@@ -128,9 +128,14 @@ def model_from_checkpoint_dict(ckpt: dict, *, use_ema: bool = True, strict: bool
     return model
 
 
+def unwrapped_keys(state: dict) -> dict:
+    """``state`` with the prefixes of a ``torch.compile`` (``_orig_mod.``) and a DDP (``module.``) wrapper removed."""
+    return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+
+
 def load_state_dict_checked(model: torch.nn.Module, state: dict, *, strict: bool = True, source: str = "checkpoint") -> None:
     """``load_state_dict`` whose error names the missing and unexpected keys."""
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    state = unwrapped_keys(state)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if strict and (missing or unexpected):

@@ -25,7 +25,6 @@ from pf.training.pictures import heat_rgb, images_rgb
 from pf.training.schema import parse_log_targets as parse_targets
 
 
-
 def _missing(package: str, target: str) -> ImportError:
     return ImportError(f"trainer.log={target} needs the {package} package: pip install {package} "
                        f"(or pip install -e .[log])")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pf.models.checkpoint import read_checkpoint_file
+from pf.models.checkpoint import read_checkpoint_file, unwrapped_keys
 
 log = logging.getLogger("pf.train")
 
@@ -44,7 +44,7 @@ def warm_start(model: torch.nn.Module, path: str | Path, use_ema: bool = True) -
     source = str(path)
     ckpt = read_checkpoint_file(Path(path).expanduser())
     state, which = _weights(ckpt, use_ema, source)
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    state = unwrapped_keys(state)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     mismatched = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
