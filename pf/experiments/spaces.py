@@ -84,9 +84,10 @@ def timed(fn, budgeted: bool = False):
     return stage
 
 
-def point_key(study: dict, identity: dict, sampler: str, steps: int, seed: int) -> dict:
-    """Everything that decides a point's numbers: the run, sampler, K, seed, sizes and the
-    fingerprints of both feature spaces."""
+def point_key(study: dict, identity: dict, sampler: str, steps: int, seed: int, *, params: dict | None = None,
+              cut: float | None = None) -> dict:
+    """Everything that decides a point's numbers: the run, sampler (with ``params``, when
+    any), K (or the ``cut`` grid), seed, sizes and the fingerprints of both feature spaces."""
     ec = study["eval"]
     key = {"trajectory": identity["trajectory"], "train_steps": identity["steps"], "sampler": sampler,
            "steps": int(steps), "seed": int(seed), "num_samples": int(ec["num_samples"]),
@@ -94,6 +95,10 @@ def point_key(study: dict, identity: dict, sampler: str, steps: int, seed: int) 
            "kid_subsets": int(ec["kid_subsets"]), "device": resolve_device(study), "compile": bool(ec["compile"])}
     if ec.get("reference_size"):
         key["reference_size"] = int(ec["reference_size"])
+    if params:
+        key["params"] = params
+    if cut is not None:
+        key["cut"] = float(cut)
     return key
 
 
@@ -123,11 +128,7 @@ def evaluate(study: dict, run: TrainedRun, sampler: str, steps: int, seed: int, 
     seed ``seed`` on ``run``'s kept weights; ``cut``: on :func:`cut_grid` instead. Stored in
     ``points_dir`` (default: the study's records)."""
     ec = study["eval"]
-    key = point_key(study, run.identity, sampler, steps, seed)
-    if params:
-        key["params"] = params
-    if cut is not None:
-        key["cut"] = float(cut)
+    key = point_key(study, run.identity, sampler, steps, seed, params=params, cut=cut)
 
     def compute() -> dict:
         pm = run.model()
@@ -145,11 +146,7 @@ def evaluate(study: dict, run: TrainedRun, sampler: str, steps: int, seed: int, 
 def stored(study: dict, identity: dict, sampler: str, steps: int, seed: int, *, params: dict | None = None,
            cut: float | None = None, points_dir: str | None = None) -> dict | None:
     """The point :func:`evaluate` stored for these arguments, or None (nothing is computed)."""
-    key = point_key(study, identity, sampler, steps, seed)
-    if params:
-        key["params"] = params
-    if cut is not None:
-        key["cut"] = float(cut)
+    key = point_key(study, identity, sampler, steps, seed, params=params, cut=cut)
     return cached_result(points_dir or study["records_dir"], "points", key)
 
 
