@@ -32,16 +32,18 @@ def study_config(cfg) -> dict:
 
 
 def run_study(cfg, argv: list[str] | None, build: Callable[[dict], list[Stage]],
-              report: Callable[[dict, str], None], doc_command: str, output: str) -> None:
+              report: Callable[[dict, str], None], doc_command: str, output: str,
+              records: str = "records_dir") -> None:
     """Run (or continue) the stages ``build(study)`` lists, then write the report
     (``report(study, command)``, also after each stage); ``output``: the setting naming the
-    report file. The report names the command that regenerates it."""
+    report file, ``records``: the one naming the folder of the stage records. The report names
+    the command that regenerates it."""
     t0 = time.perf_counter()
     study = study_config(cfg)
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("report_only")]
     command = " ".join([doc_command, *map(shlex.quote, args)])
     if not cfg.get("report_only", False):
-        run_stages(build(study), study["records_dir"], jobs=int(study.get("jobs", 1)), threads=int(study["threads"]),
+        run_stages(build(study), study[records], jobs=int(study.get("jobs", 1)), threads=int(study["threads"]),
                    on_finish=lambda *_: report(study, command))
     report(study, command)
     print(f"wrote {study[output]} in {(time.perf_counter() - t0) / 60:.1f} min")

@@ -25,9 +25,7 @@ another model. Stages are cached and resumable; ``report_only=true`` rewrites th
 from __future__ import annotations
 
 import copy
-import shlex
 import sys
-import time
 
 import torch
 from pathlib import Path
@@ -41,7 +39,7 @@ from pf.samplers import certain_patches
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.curves import steps_for_nfe
 from pf.experiments.records import write_json
-from pf.experiments.stages import Stage, run_stages, stage_result
+from pf.experiments.stages import Stage, stage_result
 
 DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
 DEFAULTS.update({
@@ -331,24 +329,28 @@ def render(study: dict, data: dict, command_line: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def near_pairs(near: list[dict], k: int, cut: bool, space: int = 0) -> list[tuple[int, float]]:
+    """(training seed, PF (LTG) minus SiT (uniform t) FID in feature space ``space``) at Euler K =
+    ``k``, whole or ``cut``; each seed's value the mean over its sampling seeds."""
+    by_arm: dict = {}
+    for p in near:
+        if p["steps"] == k and (p.get("cut") is not None) == cut:
+            by_arm.setdefault(p["arm"], {}).setdefault(p["train_seed"], []).append(p["spaces"][space]["fid"])
+    a, b = ({s: sum(v) / len(v) for s, v in by_arm.get(arm, {}).items()} for arm in ("pf_ltg", "sit_uniform"))
+    return [(s, a[s] - b[s]) for s in sorted(set(a) & set(b))]
+
+
 def near_statements(study: dict, near: list[dict], n_spaces: int) -> list[str]:
-    """Per training seed (each the sampling-seed mean): what the cut changes, per arm and K, and
-    PF minus SiT whole and cut."""
-    nc = study["near"]
+    """Per training seed (each the sampling-seed mean): PF minus SiT whole and cut, per feature
+    space and K."""
     out = []
     for i in range(n_spaces):
-        c = {}
-        for p in near:
-            c.setdefault((p["arm"], p["steps"], p.get("cut") is not None), {}).setdefault(p["train_seed"], []).append(
-                p["spaces"][i]["fid"])
-        c = {k: {s: sum(v) / len(v) for s, v in by.items()} for k, by in c.items()}
-        for k in nc["steps"]:
+        for k in study["near"]["steps"]:
             for cut in (False, True):
-                a, b = c.get(("pf_ltg", k, cut), {}), c.get(("sit_uniform", k, cut), {})
-                d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
-                if d:
+                pairs = near_pairs(near, k, cut, i)
+                if pairs:
                     out.append(f"- Feature space {i + 1}, K = {k}, {'cut at 0.9' if cut else 'whole'}: PF (LTG) minus "
-                               f"SiT (uniform t) {spaces.fmt_pairs(list(zip(sorted(set(a) & set(b)), d)))}.")
+                               f"SiT (uniform t) {spaces.fmt_pairs(pairs)}.")
     return out
 
 
@@ -359,18 +361,13 @@ def summary_lines(study: dict) -> list[str]:
     data = collect(study)
     out = []
     near = [p for p in data["points"] if p["stage"] == "near"]
-    cells: dict = {}
-    for p in near:
-        cells.setdefault((p["arm"], p["steps"], p.get("cut") is not None), {}).setdefault(p["train_seed"], []).append(
-            p["fid"])
     for k in sorted(study["near"]["steps"], reverse=True):  # the largest K measured in both arms, whole and cut
         parts = []
         for cut in (False, True):
-            a, b = cells.get(("pf_ltg", k, cut), {}), cells.get(("sit_uniform", k, cut), {})
-            seeds = sorted(set(a) & set(b))
-            if seeds:
+            pairs = near_pairs(near, k, cut)
+            if pairs:
                 parts.append(f"{'cut at t = 0.9 and finished in one step' if cut else 'whole'} "
-                             + spaces.fmt_pairs([(s, sum(a[s]) / len(a[s]) - sum(b[s]) / len(b[s])) for s in seeds]))
+                             + spaces.fmt_pairs(pairs))
         if len(parts) == 2:
             ns = study["near"]["sample_seeds"]
             out.append(f"- Why (the first study's kept models, 3000 steps, [docs/diagnostics.md](docs/diagnostics.md); "
@@ -408,15 +405,7 @@ def write_report(study: dict, command_line: str) -> None:
 
 def main(cfg, argv: list[str] | None = None) -> None:
     """Run (or continue) the stages, records in ``points_dir``; then the page."""
-    t0 = time.perf_counter()
-    study = command.study_config(cfg)
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("report_only")]
-    line = " ".join([DOC_COMMAND, *map(shlex.quote, args)])
-    if not cfg.get("report_only", False):
-        run_stages(build_stages(study), study["points_dir"], jobs=int(study["jobs"]), threads=int(study["threads"]),
-                   on_finish=lambda *_: write_report(study, line))
-    write_report(study, line)
-    print(f"wrote {study['page']} in {(time.perf_counter() - t0) / 60:.1f} min")
+    command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "page", records="points_dir")
 
 
 if __name__ == "__main__":
