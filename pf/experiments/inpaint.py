@@ -40,7 +40,7 @@ from pf.experiments.records import config_key
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, rel, stage_table
 from pf.flow import time_to_pixels
-from pf.inpaint import inpaint
+from pf.inpaint import box_mask, inpaint
 from pf.models import load_checkpoint
 from pf.sampling.grid import labelled_panels
 
@@ -84,19 +84,16 @@ MASK_LABELS = {"centre_box_25": "centre box (25%)", "right_half_50": "right half
 
 def generate_mask(name: str, count: int, size: int, patch: int, seed: int) -> torch.Tensor:
     """(count, 1, size, size) bool, True = generate; every mask is whole patches."""
-    m = torch.zeros(count, 1, size, size, dtype=torch.bool)
     if name == "centre_box_25":
-        m[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = True
-    elif name == "right_half_50":
-        m[..., size // 2:] = True
-    elif name == "random_patches_75":
+        return box_mask(size, [size // 4, size // 4, 3 * size // 4, 3 * size // 4]).repeat(count, 1, 1, 1)
+    if name == "right_half_50":
+        return box_mask(size, [size // 2, 0, size, size]).repeat(count, 1, 1, 1)
+    if name == "random_patches_75":
         n = (size // patch) ** 2
         g = torch.Generator().manual_seed(seed)
         hidden = torch.stack([torch.randperm(n, generator=g) < 3 * n // 4 for _ in range(count)])  # (count, N)
-        m = time_to_pixels(hidden, patch, size, size).clone()
-    else:
-        raise ValueError(f"unknown mask {name!r}; choose from {sorted(MASK_LABELS)}")
-    return m
+        return time_to_pixels(hidden, patch, size, size).clone()
+    raise ValueError(f"unknown mask {name!r}; choose from {sorted(MASK_LABELS)}")
 
 
 #################################################################################
