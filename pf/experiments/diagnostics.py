@@ -40,6 +40,7 @@ from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.curves import steps_for_nfe
 from pf.experiments.records import write_json
 from pf.experiments.stages import Stage, stage_result
+from pf.experiments.summary import mean_std
 
 DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
 DEFAULTS.update({
@@ -244,7 +245,7 @@ def collect(study: dict) -> dict:
 def _mean(vals: list[float]) -> str:
     if not vals:
         return "pending"
-    m, s = spaces.mean_sd(vals)
+    m, s = mean_std(vals)
     return f"{m:.2f} ± {s:.2f} (n={len(vals)})" if len(vals) > 1 else f"{m:.2f} (n=1)"
 
 

@@ -58,9 +58,9 @@ from pf.experiments.common import (TrainedRun, compose_train_config, data_config
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, BudgetSpent, best_k, cells, check_one_space,  # noqa: F401
-                                   classifier_fingerprint, cut_grid, evaluate, fmt_pairs, mean_sd, measure, paired,
+                                   classifier_fingerprint, cut_grid, evaluate, fmt_pairs, measure, paired,
                                    stored, timed)
-from pf.experiments.summary import rel
+from pf.experiments.summary import mean_std, rel
 from pf.encoders.classifier import load_classifier
 
 # The data dimension LTG's location was set for: SD-VAE latents of 256x256 images, 32x32x4.
@@ -328,8 +328,8 @@ def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2
         row = []
         for k in ks:
             vals = [c[arm][k][s][0] * scale for s in seeds if s in c[arm].get(k, {})]
-            row.append(f"{mean_sd(vals)[0]:.{digits}f} ± {mean_sd(vals)[1]:.{digits}f} (n={len(vals)})" if vals
-                       else "pending")
+            m, sd = mean_std(vals)
+            row.append(f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(vals)})" if vals else "pending")
         bk = best_k(c[arm], seeds)
         out.append(f"| {labels[arm]} | {', '.join(map(str, seeds))} | " + " | ".join(row) + f" | {bk or '-'} |")
     return out
@@ -379,7 +379,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         f"- Training length: {tc['steps']} steps is what the CPU budget allows for {len(tc['seeds'])} seeds of every "
         "arm, not a length where FID is known to have flattened (the first study's constant-learning-rate FID was "
         "still falling at 6000 steps: 32, 14, 8 at 1k, 3k, 6k). Final validation MSE (EMA, mean over the seeds "
-        "trained): " + "; ".join(f"{labels[a]} {mean_sd(v)[0]:.4f} (n={len(v)})" for a in study["arms"]
+        "trained): " + "; ".join(f"{labels[a]} {mean_std(v)[0]:.4f} (n={len(v)})" for a in study["arms"]
                                    if (v := [r["val_loss"] for (aa, _), r in data["train"].items()
                                              if aa == a and r.get("val_loss") is not None])) + ".",
         f"- Models: each run's EMA weights after {tc['steps']} steps are kept beside the records "
@@ -398,7 +398,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
     if data["floor"]:
         f = [r["fid"] for r in data["floor"]]
         lines += [f"Floor: {ec['num_samples']} real train images against the test split give FID "
-                  f"{mean_sd(f)[0]:.2f} (sampling seeds {[r['sample_seed'] for r in data['floor']]}).", ""]
+                  f"{mean_std(f)[0]:.2f} (sampling seeds {[r['sample_seed'] for r in data['floor']]}).", ""]
     if data["profile"]:
         times = next(iter(data["profile"].values()))["times"]
         lines += ["## Where along the path each network is wrong", "",
@@ -475,7 +475,7 @@ def plot_curves(study: dict, data: dict, path: Path) -> None:
             if arm not in c:
                 continue
             ks = sorted(c[arm])
-            ms = [mean_sd([v[0] for v in c[arm][k].values()]) for k in ks]
+            ms = [mean_std([v[0] for v in c[arm][k].values()]) for k in ks]
             ax.errorbar(ks, [m for m, _ in ms], yerr=[s for _, s in ms], fmt="-o", capsize=3,
                         color=plots.ARM_COLORS.get(arm), label=labels[arm])
         ax.set_xscale("log")

@@ -26,6 +26,7 @@ from pf.encoders.classifier import load_classifier
 from pf.eval.metrics import compute_metrics
 from pf.experiments.common import TrainedRun, reference_images, resolve_device, state_fingerprint
 from pf.experiments.records import cached, cached_result
+from pf.experiments.summary import mean_std
 from pf.pipeline import generate
 
 # The committed feature spaces (python -m pf.experiments.feature_spaces): two classifiers of the
@@ -171,12 +172,6 @@ def cells(points: list[dict], space: int = 0, metric: str = "fid") -> dict:
             for a, by_k in acc.items()}
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
-
-
 def best_k(cell: dict, seeds: list[int]) -> int | None:
     """The K with the lowest mean (over ``seeds``) of an arm's cell, among the K every seed has."""
     ks = [k for k, by_seed in cell.items() if all(s in by_seed for s in seeds)]
@@ -203,5 +198,5 @@ def fmt_pairs(pairs: list[tuple[int, float]]) -> str:
     d = [v for _, v in pairs]
     if len(d) == 1:
         return f"{d[0]:+.2f} (n = 1 training seed, seed {pairs[0][0]})"
-    m, s = mean_sd(d)
+    m, s = mean_std(d)
     return f"{m:+.2f} ± {s:.2f} (n = {len(d)} training seeds: " + ", ".join(f"{v:+.2f}" for v in d) + ")"
