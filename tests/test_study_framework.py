@@ -134,7 +134,7 @@ def test_the_framework_imports_no_study_and_no_study_imports_another():
 
     import pf.experiments as package
 
-    studies = {"reproduce", "findings", "repa", "t2i", "evidence", "diagnostics", "feature_spaces"}
+    studies = {"reproduce", "findings", "repa", "t2i", "evidence", "diagnostics", "feature_spaces", "inpaint"}
     for path in sorted(Path(package.__file__).parent.glob("*.py")):
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
