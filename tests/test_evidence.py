@@ -16,8 +16,9 @@ from pf import cli
 from pf.data.mnist_format import FASHION_MNIST_DIR
 from pf.encoders.classifier import SmallCNN, load_classifier, save_classifier_safetensors
 from pf.experiments import command, evidence
-from pf.experiments.trajectories import compose_train, ensure_trained, trajectory_config
+from pf.experiments.trajectories import ensure_trained, trajectory_config
 from pf.experiments.records import config_key
+from pf.training.schema import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fashion = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -39,18 +40,18 @@ def test_older_runs_keep_their_key_and_a_decaying_run_names_its_horizon():
             run = TrainedRun(s, ARMS[arm]["overrides"], seed, 3000)
             assert kept_weights_path(s, run.identity).is_file(), (arm, seed)
     base = ["data=fashion_mnist", "model=tiny", "trainer.lr_schedule=cosine"]
-    a = trajectory_config(compose_train([*base, "trainer.max_steps=300"]))
-    b = trajectory_config(compose_train([*base, "trainer.max_steps=900"]))
+    a = trajectory_config(compose_config([*base, "trainer.max_steps=300"]))
+    b = trajectory_config(compose_config([*base, "trainer.max_steps=900"]))
     assert a["trainer"]["decay_horizon"] == 300 and config_key(a) != config_key(b)
 
 
 def test_in_loop_fid_with_its_default_extractor_keeps_the_key_of_runs_from_before_the_option():
     base = ["data=fashion_mnist", "model=tiny", "trainer.fid_every=5"]
-    before = trajectory_config(compose_train(base))
+    before = trajectory_config(compose_config(base))
     assert "fid_extractor" not in before["trainer"]
-    classifier = trajectory_config(compose_train([*base, "trainer.fid_extractor=classifier"]))
+    classifier = trajectory_config(compose_config([*base, "trainer.fid_extractor=classifier"]))
     assert config_key(classifier) == config_key(before)
-    inception = trajectory_config(compose_train([*base, "trainer.fid_extractor=inception"]))
+    inception = trajectory_config(compose_config([*base, "trainer.fid_extractor=inception"]))
     assert inception["trainer"]["fid_extractor"] == "inception" and config_key(inception) != config_key(before)
 
 

@@ -27,11 +27,12 @@ from pf.eval.train_classifier import ensure_classifier
 from pf.flow import interpolate
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.records import config_key, directory_lock
-from pf.experiments.trajectories import compose_train, ensure_trained, logged_records, trajectory_config
+from pf.experiments.trajectories import ensure_trained, logged_records, trajectory_config
 from pf.models import load_checkpoint
 from pf.models.checkpoint import model_from_checkpoint_dict, read_checkpoint_file, save_checkpoint
 from pf.sampling.graphs import compile_model
 from pf.training.objective import training_loss
+from pf.training.schema import compose_config
 
 #################################################################################
 #                                   Training                                    #
@@ -64,7 +65,7 @@ def _compose(study: dict, overrides: list[str], seed: int):
         *overrides, *tc.get("overrides", []),
         f"sampler={euler_sampler(overrides)}", "sampler.steps=25", "sampler.cfg_scale=1.0",
     ]
-    return compose_train(args)
+    return compose_config(args)
 
 
 def resolve_device(study: dict) -> str:

@@ -29,10 +29,11 @@ from pf.experiments import command
 from pf.experiments.records import config_key
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, stage_table
-from pf.experiments.trajectories import compose_train, ensure_trained, logged_records
+from pf.experiments.trajectories import ensure_trained, logged_records
 from pf.models import load_checkpoint, num_params
 from pf.pipeline import Pipeline
 from pf.sampling.grid import rgb_nhwc, save_png, tile_grid
+from pf.training.schema import compose_config
 
 DEFAULTS = {
     "out_dir": "runs/t2i_demo",       # the training run, the classifier, sample grids (recomputable)
@@ -67,7 +68,7 @@ def train_config(study: dict):
     overrides = ["experiment=t2i_demo", f"trainer.max_steps={int(tc['steps'])}", "trainer.progress=false",
                  f"trainer.ckpt_every={every}", f"trainer.keep_every={every}", f"trainer.val_every={every}",
                  f"trainer.sample_every={every}", *tc.get("overrides", [])]
-    return compose_train(overrides)
+    return compose_config(overrides)
 
 
 def trained(study: dict) -> dict:

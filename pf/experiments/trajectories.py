@@ -21,16 +21,10 @@ from pf.experiments.records import config_key, directory_lock, write_json
 from pf.models.checkpoint import read_checkpoint_file
 from pf.train import train
 from pf.training.metrics import read_records
-from pf.training.schema import compose_config
 
 # Keys that change what a run logs or how often it writes, not what it computes.
 FREE_TRAINER_KEYS = ("max_steps", "progress", "log_every", "val_every", "ckpt_every", "keep_every", "sample_every")
 FREE_TOP_KEYS = ("resume", "overwrite", "sampler", "hydra")
-
-
-def compose_train(overrides: list[str]):
-    """The ``pf.train`` config these overrides give (hydra's compose, no run directory)."""
-    return compose_config(overrides)
 
 
 def trajectory_config(train_cfg) -> dict:
