@@ -207,7 +207,7 @@ class Sampler:
         t = 1 and never move; the others are generated (docs/per_patch_schedules.md)."""
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor of noise, got {getattr(x, 'shape', type(x))}")
-        check_cfg_scale(cfg_scale)
+        cfg_scale = check_cfg_scale(cfg_scale)  # once per call, a float from here on
         if y is None and getattr(model, "cond_kind", "class") == "text":
             raise ValueError("a text-to-image model needs y: the prompts' encoding (a pf.conditioning.TextCond)")
         if y is None:
@@ -218,8 +218,8 @@ class Sampler:
             raise ValueError(f"{type(self).__name__} needs a model with a difficulty head (predict_uncertainty=True)")
         schedule = self.schedule_of(timesteps, x, model)
         x = self.start(model, x, keep, x_cond)
-        self.nfe, self.guided_nfe, self._cfg_scale, self._uc_cond = 0, 0, float(cfg_scale), uc_cond
-        self._guided_steps = guided_steps(schedule, float(cfg_scale), guidance_interval)
+        self.nfe, self.guided_nfe, self._cfg_scale, self._uc_cond = 0, 0, cfg_scale, uc_cond
+        self._guided_steps = guided_steps(schedule, cfg_scale, guidance_interval)
         steps = range(len(schedule) - 1)
         if progress:
             steps = tqdm(steps, desc=type(self).__name__, leave=False)
