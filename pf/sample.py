@@ -343,6 +343,8 @@ def write_inpaint(pipe: Pipeline, cfg: dict) -> Path:
     noise, cond = inputs_of(pipe, cfg, indices)
     if pipe.text is None and cfg["classes"] is None:
         cond = torch.full_like(cond, pipe.base.num_classes)  # no class given: the null class
+    with pipe.autocast():  # as it was encoded inside each batch's autocast
+        uc_cond = pipe.null()  # a text model's empty prompt, encoded once rather than per batch
     done, t0 = [], time.perf_counter()
     for start in tqdm(range(0, len(indices), cfg["batch"]), desc="batches", disable=not cfg["progress"]):
         rows = slice(start, min(start + cfg["batch"], len(indices)))
@@ -350,7 +352,7 @@ def write_inpaint(pipe: Pipeline, cfg: dict) -> Path:
         with pipe.autocast():
             out = inpaint(pipe.model, image.expand(b, -1, -1, -1), mask, pipe.sampler, steps=cfg["steps"],
                           y=conditioning.to(conditioning.rows(cond, rows), pipe.device), cfg_scale=cfg["cfg"],
-                          guidance_interval=cfg["guidance_interval"], uc_cond=pipe.null(), noise=noise[rows],
+                          guidance_interval=cfg["guidance_interval"], uc_cond=uc_cond, noise=noise[rows],
                           progress=cfg["progress"], **coders)
         done.append(to_uint8(out.images))
     seconds = time.perf_counter() - t0
@@ -367,7 +369,7 @@ def write_inpaint(pipe: Pipeline, cfg: dict) -> Path:
         with pipe.autocast():
             inpaint(recorder, image, mask, pipe.sampler, steps=cfg["steps"], y=conditioning.to(
                 conditioning.rows(cond, slice(0, 1)), pipe.device), cfg_scale=cfg["cfg"],
-                guidance_interval=cfg["guidance_interval"], uc_cond=pipe.null(), noise=noise[:1], **coders)
+                guidance_interval=cfg["guidance_interval"], uc_cond=uc_cond, noise=noise[:1], **coders)
         strip = viz_strip(recorder.frames, pipe.decode, pipe.base.patch_size, max_cols=cfg["viz_cols"],
                           caption=f"inpainting: {caption(cfg)} (patch t: kept patches stay white, t = 1)")
         viz = save_png(strip, Path(cfg["out"]) / f"inpaint-{_tag(cfg)}-viz.png")
