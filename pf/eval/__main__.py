@@ -89,8 +89,13 @@ def load_images(source: str, cfg, role: str):
                      f"({'/'.join(CHECKPOINT_SUFFIXES)})")
 
 
+def device_of(cfg) -> str:
+    """``cfg.device`` with ``auto`` resolved: CUDA when there is one."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
 def pipeline_of(path: Path, cfg) -> Pipeline:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = device_of(cfg)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device} but no CUDA device is available (use device=cpu)")
     if path.suffix != ".safetensors" and read_checkpoint_file(path, mmap=True).get("model_class") == "PatchForcingT2I":
@@ -134,7 +139,7 @@ def measurer(cfg, metrics):
                                             kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
                                             device=cfg.device, data=(cfg.data.name, int(cfg.data.image_size)))), ref_info
     weights = resolve_extractor("inception", cfg.feature_extractor_weights_path)[1]  # one line if missing
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = device_of(cfg)
     extract = InceptionFeatures(weights, device=device)
     source = str(cfg.reference)
     if source != "data" and Path(source).suffix == ".npz":
