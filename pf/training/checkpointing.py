@@ -61,18 +61,15 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator], times
         timestep_sampler.load_state_dict(state["timestep_sampler"])
 
 
+def training_state(optimizer_state: dict, ema, scheduler, step: int, rng: list[dict], train_config: dict) -> dict:
+    """The keys a training checkpoint holds beside the model's (``model_checkpoint``'s)."""
+    return {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": int(step),
+            "ema_updates": int(ema.updates), "rng": rng, "world_size": len(rng), "train_config": train_config}
+
+
 def training_checkpoint(model, ema, optimizer, scheduler, step: int, rng: list[dict], train_config: dict) -> dict:
-    return model_checkpoint(
-        model,
-        ema.state_dict(),
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
-        step=int(step),
-        ema_updates=int(ema.updates),
-        rng=rng,
-        world_size=len(rng),
-        train_config=train_config,
-    )
+    return model_checkpoint(model, ema.state_dict(),
+                            **training_state(optimizer.state_dict(), ema, scheduler, step, rng, train_config))
 
 
 def write_checkpoint(ckpt: dict, ckpt_dir: Path, step: int, keep: bool) -> Path:

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pf.models.checkpoint import FORMAT, load_state_dict_checked
-from pf.training.checkpointing import training_checkpoint
+from pf.training.checkpointing import training_checkpoint, training_state
 from pf.training.distributed import Dist
 from pf.training.ema import EMA
 from pf.training.memory import checkpoint_blocks
@@ -135,9 +135,8 @@ class Strategy:
         if not self.d.is_main:
             return None
         return {"format": FORMAT, "model_class": self.model_class.__name__, "config": model.config(),
-                "state_dict": weights, "ema": ema_state, "optimizer": _by_index(optim, _trainable_names(model)),
-                "scheduler": scheduler.state_dict(), "step": int(step), "ema_updates": int(ema.updates), "rng": rng,
-                "world_size": len(rng), "train_config": train_config}
+                "state_dict": weights, "ema": ema_state,
+                **training_state(_by_index(optim, _trainable_names(model)), ema, scheduler, step, rng, train_config)}
 
     def load(self, model, optimizer, weights: dict, optim: dict, source: str) -> None:
         """Full states (any strategy's file) into this run's model and optimizer; every rank calls it."""
