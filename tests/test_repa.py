@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pf.train as pf_train
@@ -22,6 +21,7 @@ from pf.encoders.classifier import SmallCNN, save_classifier
 from pf.models import PatchForcingDiT, REPAPatchForcingDiT, load_checkpoint
 from pf.models.checkpoint import read_checkpoint_file
 from pf.training.objective import Alignment, FlowBatch, Objective, Prediction
+from train_helpers import BASE, make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 REPA = dict(z_dim=12, encoder_depth=1, projector_dim=16)
@@ -260,15 +260,11 @@ def test_registered_encoder(classifier_file):
 
 
 # ------------------------------------------------------------------------ training
-CONFIG_DIR = ROOT / "pf" / "configs"
-FAST = ["trainer.batch_size=8", "trainer.log_every=1", "trainer.progress=false", "data.val_size=16",
-        "sampler.steps=2", "sampler.num_images=10", "trainer.repa.enabled=true", "trainer.repa.projector_dim=32"]
+REPA_TRAIN = [*BASE, "trainer.repa.enabled=true", "trainer.repa.projector_dim=32"]
 
 
 def _cfg(classifier_file, *overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config",
-                       overrides=[*FAST, f"trainer.repa.weights={classifier_file}", *overrides])
+    return make_cfg(f"trainer.repa.weights={classifier_file}", *overrides, base=REPA_TRAIN)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

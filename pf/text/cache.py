@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pf.conditioning import TextCond
+from pf.models.checkpoint import write_atomically
 from pf.text.encoders import check_prompts
 
 FORMAT = "pf-text-cache"
@@ -105,10 +105,8 @@ class CachedTextEncoder(nn.Module):
         return stored
 
     def _save(self, stored: dict) -> None:
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        scratch = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-        torch.save(stored, scratch)
-        os.replace(scratch, self.file)  # atomic: ranks writing the same table never leave half a file
+        # atomic: ranks writing the same table never leave half a file (each its own temp file)
+        write_atomically(self.file, lambda tmp: torch.save(stored, tmp))
 
     # ------------------------------------------------------------------ lookup
     def rows_of(self, prompts: list[str]) -> list[torch.Tensor]:
