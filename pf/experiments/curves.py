@@ -45,6 +45,16 @@ def stored_point(study: dict, train: dict, sampler: str, params: dict, steps: in
     return cached_result(study["records_dir"], "points", point_key(study, train, sampler, params, steps, seed))
 
 
+def point_images(study: dict, pm: PointModel, sampler: str, params: dict | None, grid, seed: int):
+    """A point's images: ``eval.num_samples`` uint8 images from sampling seed ``seed`` by
+    ``sampler`` (with ``params``) on ``grid`` (K outer steps, or a list of times), and what
+    :func:`pf.pipeline.generate` reports of the run (NFE, ...)."""
+    ec = study["eval"]
+    return generate(pm.call, samplers.make(sampler, **(params or {})), int(ec["num_samples"]), grid, seed=int(seed),
+                    cfg_scale=float(ec["cfg_scale"]), batch_size=int(ec["batch_size"]), device=pm.device,
+                    static=pm.compiled)
+
+
 def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: int, seed: int,
                    model: PointModel | Callable[[], PointModel] | None = None, keep_images: int = 0) -> dict:
     """One cached point: metrics of ``sampler`` at ``steps`` on the trained run ``train`` (a
@@ -55,10 +65,7 @@ def evaluate_point(study: dict, train: dict, sampler: str, params: dict, steps: 
 
     def compute() -> dict:
         pm = model() if callable(model) else model or PointModel(train["checkpoint"], study)
-        s = samplers.make(sampler, **params)
-        images, info = generate(pm.call, s, int(ec["num_samples"]), int(steps), seed=int(seed),
-                                cfg_scale=float(ec["cfg_scale"]), batch_size=int(ec["batch_size"]),
-                                device=pm.device, static=pm.compiled)
+        images, info = point_images(study, pm, sampler, params, int(steps), seed)
         t0 = time.perf_counter()
         m = compute_metrics(images, reference_images(study), extractor="classifier",
                             weights=str(feature_classifier(study)[0]), kid_subsets=int(ec["kid_subsets"]),

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from pf import samplers
 from pf.encoders.classifier import load_classifier
 from pf.eval.metrics import compute_metrics
 from pf.experiments.common import TrainedRun, reference_images, resolve_device, state_fingerprint
+from pf.experiments.curves import point_images
 from pf.experiments.records import cached, cached_result
 from pf.experiments.summary import mean_std
-from pf.pipeline import generate
 
 # The committed feature spaces (python -m pf.experiments.feature_spaces): two classifiers of the
 # train split, trained with different seeds.
@@ -128,16 +127,13 @@ def evaluate(study: dict, run: TrainedRun, sampler: str, steps: int, seed: int, 
     """One cached point: ``sampler`` (with ``params``) at ``steps`` outer steps from sampling
     seed ``seed`` on ``run``'s kept weights; ``cut``: on :func:`cut_grid` instead. Stored in
     ``points_dir`` (default: the study's records)."""
-    ec = study["eval"]
     key = point_key(study, run.identity, sampler, steps, seed, params=params, cut=cut)
 
     def compute() -> dict:
         pm = run.model()
         t0 = time.perf_counter()
         grid = int(steps) if cut is None else cut_grid(int(steps), float(cut))
-        images, info = generate(pm.call, samplers.make(sampler, **(params or {})), int(ec["num_samples"]), grid,
-                                seed=int(seed), cfg_scale=float(ec["cfg_scale"]), batch_size=int(ec["batch_size"]),
-                                device=pm.device, static=pm.compiled)
+        images, info = point_images(study, pm, sampler, params, grid, seed)
         seconds = time.perf_counter() - t0
         return {**measure(study, images, seed, pm.device), **info, "seconds": seconds, "weights": pm.weights}
 
