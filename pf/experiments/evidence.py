@@ -184,16 +184,19 @@ def _train(study: dict, arm: str, seed: int) -> dict:
     return {k: v for k, v in out.items() if k not in ("checkpoint", "run_dir")}
 
 
-def _curve(study: dict, arm: str, seed: int) -> dict:
-    """Stage: Euler at every K of ``eval.nfe`` and every sampling seed on one run."""
+def _curve(study: dict, arm: str, seed: int, stored_only: bool = False) -> dict:
+    """Stage: Euler at every K of ``eval.nfe`` and every sampling seed on one run
+    (``stored_only``: the points already stored, for a report in progress)."""
     overrides = arms(study)[arm]["overrides"]
     run = TrainedRun(study, overrides, seed, int(study["train"]["steps"]))
     sampler = euler_sampler(overrides)
     points = []
     for k in study["eval"]["nfe"]:
         for sseed in study["eval"]["seeds"]:
-            p = evaluate(study, run, sampler, int(k), int(sseed))
-            points.append({"arm": arm, "train_seed": seed, "sample_seed": int(sseed), "steps": int(k), **p})
+            p = (stored(study, run.identity, sampler, int(k), int(sseed)) if stored_only
+                 else evaluate(study, run, sampler, int(k), int(sseed)))
+            if p is not None:
+                points.append({"arm": arm, "train_seed": seed, "sample_seed": int(sseed), "steps": int(k), **p})
     return {"points": points}
 
 
@@ -258,7 +261,6 @@ def build_stages(study: dict) -> list[Stage]:
 def collect(study: dict) -> dict:
     """Everything finished so far: stage records, and the stored points of unfinished curves."""
     out = {"stages": [], "train": {}, "points": [], "profile": {}, "floor": None}
-    known = arms(study)
     for s in build_stages(study):
         rec = stage_result(study["records_dir"], s)
         out["stages"].append((s.name, rec))
@@ -266,15 +268,7 @@ def collect(study: dict) -> dict:
             if rec is not None:
                 out["points"] += rec["result"]["points"]
             else:  # a curve in progress: the points it has stored
-                arm, seed = s.args["arm"], s.args["seed"]
-                overrides = known[arm]["overrides"]
-                run = TrainedRun(s.args["study"], overrides, seed, int(study["train"]["steps"]))
-                for k in study["eval"]["nfe"]:
-                    for sseed in study["eval"]["seeds"]:
-                        p = stored(s.args["study"], run.identity, euler_sampler(overrides), int(k), int(sseed))
-                        if p is not None:
-                            out["points"].append({"arm": arm, "train_seed": seed, "sample_seed": int(sseed),
-                                                  "steps": int(k), **p})
+                out["points"] += _curve(s.args["study"], s.args["arm"], s.args["seed"], stored_only=True)["points"]
         elif rec is None:
             continue
         elif s.fn.endswith(":train_stage"):
