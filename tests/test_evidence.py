@@ -15,7 +15,7 @@ import torch
 from pf import cli
 from pf.data.mnist_format import FASHION_MNIST_DIR
 from pf.encoders.classifier import SmallCNN, load_classifier, save_classifier_safetensors
-from pf.experiments import command, evidence
+from pf.experiments import command, evidence, spaces
 from pf.experiments.trajectories import ensure_trained, trajectory_config
 from pf.experiments.records import config_key
 from pf.training.schema import compose_config
@@ -148,7 +148,7 @@ def test_evidence_toy_end_to_end(tmp_path):
     assert "what patch heterogeneity adds" not in text  # pf_ltg is not in this study
     assert "PF (one time per sample, LTG's marginal) against SiT (uniform t)" in text
     # no stage starts once the CPU budget is spent: a new sampling seed's points are refused
-    with pytest.raises(evidence.BudgetSpent):
+    with pytest.raises(spaces.BudgetSpent):
         evidence.main(cli.parse(evidence.DEFAULTS, [*argv, "cpu_budget_hours=0.0", "eval.seeds=[0,1,2]"],
                                 free=evidence.FREE), argv=["toy=true"])
     # curves in progress (their stage records not written yet) still report the points they stored
@@ -192,8 +192,8 @@ def test_a_device_call_can_run_the_study():
 
 
 def test_the_cut_grid_is_eulers_grid_to_the_cut_then_one_step():
-    g = evidence.cut_grid(100, 0.9)
+    g = spaces.cut_grid(100, 0.9)
     assert len(g) == 92 and g[-2:] == [0.9, 1.0] and g[0] == 0.0
     assert all(abs((b - a) - 0.01) < 1e-12 for a, b in zip(g[:-2], g[1:-1]))  # K = 100's step up to 0.9
-    g = evidence.cut_grid(25, 0.9)
+    g = spaces.cut_grid(25, 0.9)
     assert len(g) - 1 == 24 and max(b - a for a, b in zip(g[:-2], g[1:-1])) <= 1 / 25  # ceil(22.5) = 23 steps

@@ -57,8 +57,8 @@ from pf.experiments.common import (TrainedRun, compose_train_config, data_config
                                    train_stage as common_train_stage, velocity_profile)
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.stages import Stage, stage_result
-from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, BudgetSpent, best_k, cells, check_one_space,  # noqa: F401
-                                   classifier_fingerprint, cut_grid, evaluate, fmt_pairs, measure, paired,
+from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space,
+                                   classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
                                    stored, timed)
 from pf.experiments.summary import mean_std, rel
 from pf.encoders.classifier import load_classifier
