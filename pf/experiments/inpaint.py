@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pf.autoencoder import from_uint8, to_uint8
-from pf.encoders.classifier import load_classifier
+from pf.encoders.classifier import accuracy, load_classifier
 from pf.eval.metrics import compute_metrics
 from pf.experiments import command, comparison, plots
 from pf.experiments.common import load_test_labels, reference_images, resolve_device, weights_fingerprint
@@ -120,10 +120,10 @@ def classify(study: dict, completed: torch.Tensor, labels: torch.Tensor, seed: i
     classifier_file = str(study["inpaint"]["classifier"])
     classifier, _ = load_classifier(classifier_file)
     with torch.no_grad():
-        pred = torch.cat([classifier(from_uint8(c)).argmax(1) for c in completed.split(250)])
+        acc = accuracy(classifier, from_uint8(completed), labels)
     fid = compute_metrics(completed, reference_images(study), extractor="classifier", weights=classifier_file,
                           kid=False, prc=False, seed=int(seed), device=resolve_device(study))["fid"]
-    return {"accuracy": float((pred == labels).float().mean()), "fid": float(fid)}
+    return {"accuracy": acc, "fid": float(fid)}
 
 
 def masked_mse(completed: torch.Tensor, images: torch.Tensor, generated: torch.Tensor) -> float:
