@@ -24,7 +24,7 @@ from pf.autoencoder import from_uint8
 from pf.encoders.classifier import accuracy, load_classifier
 from pf.eval.inputs import load_dataset_images
 from pf.eval.train_classifier import ensure_classifier
-from pf.flow import interpolate
+from pf.flow import interpolate, patch_mean
 from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.records import config_key, directory_lock
 from pf.experiments.trajectories import ensure_trained, logged_records, trajectory_config
@@ -315,6 +315,25 @@ def held_out_batch(study: dict, count: int, noise_seed: int) -> tuple[torch.Tens
     x1 = from_uint8(reference_images(study)[:count])
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(noise_seed))
     return x1, load_test_labels(study)[:count], x0
+
+
+@torch.no_grad()
+def forward_with_uncertainty(model, x, t, y, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's velocity and log-variance for every row of ``x`` (``batch`` rows a
+    forward: bounded memory)."""
+    vs, lvs = [], []
+    for i in range(0, x.shape[0], batch):
+        v, lv = model(x[i:i + batch], t[i:i + batch], y[i:i + batch], return_uncertainty=True)
+        vs.append(v)
+        lvs.append(lv)
+    return torch.cat(vs), torch.cat(lvs)
+
+
+def patch_stats(v, logvar, target, patch_size: int):
+    """(per-patch predicted variance, per-patch squared error), each (B, N), as finding 1 has them."""
+    var = patch_mean(torch.exp(logvar.double()), patch_size)
+    err = patch_mean(((v.double() - target.double()) ** 2).mean(1, keepdim=True), patch_size)
+    return var, err
 
 
 def device_name(study: dict) -> str:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from pf import samplers
 from pf.experiments import command, comparison, spaces
-from pf.experiments.common import TrainedRun, held_out_batch, kept_weights_path, weights_fingerprint
-from pf.flow import interpolate, patch_mean
+from pf.experiments.common import (TrainedRun, forward_with_uncertainty, held_out_batch, kept_weights_path,
+                                   patch_stats, weights_fingerprint)
+from pf.flow import interpolate
 from pf.models import load_checkpoint
 from pf.samplers import certain_patches
 from pf.experiments.comparison import ARMS, euler_sampler
@@ -131,13 +132,6 @@ def _remeasure(study: dict, arm: str, seed: int, steps: list[int], sample_seeds:
                                       for k in steps for s in sample_seeds], stored_only)
 
 
-def patch_stats(v, logvar, target, patch_size: int):
-    """(per-patch predicted variance, per-patch squared error), each (B, N), as finding 1 has them."""
-    var = patch_mean(torch.exp(logvar.double()), patch_size)
-    err = patch_mean(((v.double() - target.double()) ** 2).mean(1, keepdim=True), patch_size)
-    return var, err
-
-
 @torch.no_grad()
 def _foreground(study: dict, arm: str, seed: int, images: int, times: list[float], p: float,
                 threshold: float) -> dict:
@@ -161,12 +155,7 @@ def _foreground(study: dict, arm: str, seed: int, images: int, times: list[float
     for s in times:
         t = torch.full((x1.shape[0], n), float(s))
         xt, target = interpolate(x1, x0, t, ps)
-        vs, lvs = [], []
-        for i in range(0, x1.shape[0], 500):
-            v, lv = model(xt[i:i + 500], t[i:i + 500], labels[i:i + 500], return_uncertainty=True)
-            vs.append(v)
-            lvs.append(lv)
-        v, lv = torch.cat(vs), torch.cat(lvs)
+        v, lv = forward_with_uncertainty(model, xt, t, labels)
         var, err = patch_stats(v, lv, target, ps)  # (B, N)
         certain = certain_patches(lv, ps, float(p))  # (B, N): the ones the samplers move ahead
         a, b, f = var.numpy().ravel(), err.numpy().ravel(), fg.numpy().ravel()

@@ -34,12 +34,13 @@ import torch
 import pf_kernels
 from pf import samplers
 from pf.experiments import command, comparison, plots
-from pf.experiments.common import TrainedRun, device_name, held_out_batch, weights_fingerprint
+from pf.experiments.common import (TrainedRun, device_name, forward_with_uncertainty, held_out_batch, patch_stats,
+                                   weights_fingerprint)
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, stage_study
 from pf.experiments.curves import by_run, evaluate_point, sampler_params, steps_for_nfe, stored_point
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.summary import fmt, mean_std, paired, rel, spread_sentence, stage_table, verdict
-from pf.flow import interpolate, patch_mean, time_to_pixels
+from pf.flow import interpolate, time_to_pixels
 from pf.models import load_checkpoint
 from pf.samplers import certain_patches
 
@@ -94,23 +95,6 @@ def _row_corr(a, b):
     return (a * b).sum(1) / den
 
 
-@torch.no_grad()
-def _forward(model, x, t, y, batch: int = 500):
-    vs, lvs = [], []
-    for i in range(0, x.shape[0], batch):
-        v, lv = model(x[i:i + batch], t[i:i + batch], y[i:i + batch], return_uncertainty=True)
-        vs.append(v)
-        lvs.append(lv)
-    return torch.cat(vs), torch.cat(lvs)
-
-
-def patch_stats(v, logvar, target, patch_size: int):
-    """(per-patch predicted variance, per-patch squared error), each (B, N)."""
-    var = patch_mean(torch.exp(logvar.double()), patch_size)
-    err = patch_mean(((v.double() - target.double()) ** 2).mean(1, keepdim=True), patch_size)
-    return var, err
-
-
 def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
     """Stage: findings 1-3 for one trained model, on held-out test images."""
     # scipy is an optional dependency (the ``eval`` extra): imported where a finding is measured
@@ -129,7 +113,7 @@ def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
         s = float(s)
         t = torch.full((x1.shape[0], n), s)
         xt, target = interpolate(x1, x0, t, ps)
-        v, lv = _forward(model, xt, t, labels)
+        v, lv = forward_with_uncertainty(model, xt, t, labels)
         var, err = patch_stats(v, lv, target, ps)  # (B, N)
         a, b = var.numpy(), err.numpy()
         within = _row_corr(_rank_rows(a), _rank_rows(b))
@@ -153,7 +137,7 @@ def uncertainty_stage(study: dict, arm: str, seed: int) -> dict:
         x_shuffled = torch.where(moved, x_other, xt)
         rows = {}
         for name, x_ctx in (("model", x_model), ("true", x_true), ("other", x_shuffled)):
-            v2, lv2 = _forward(model, x_ctx, t_ctx, labels)
+            v2, lv2 = forward_with_uncertainty(model, x_ctx, t_ctx, labels)
             var2, err2 = patch_stats(v2, lv2, target, ps)
             rows[name] = (var2, err2)
 
