@@ -15,7 +15,7 @@ scipy_stats = pytest.importorskip("scipy.stats")
 
 from pf.data.mnist_format import FASHION_MNIST_DIR  # noqa: E402
 from pf import cli  # noqa: E402
-from pf.experiments import findings  # noqa: E402
+from pf.experiments import common, findings  # noqa: E402
 from pf.experiments.command import study_config  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def test_patch_stats_are_patch_means_of_variance_and_error():
     g = torch.Generator().manual_seed(0)
     v, target = torch.randn(2, 3, 4, 6, generator=g), torch.randn(2, 3, 4, 6, generator=g)
     logvar = torch.randn(2, 1, 4, 6, generator=g)
-    var, err = findings.patch_stats(v, logvar, target, 2)
+    var, err = common.patch_stats(v, logvar, target, 2)
     assert var.shape == err.shape == (2, 6)
     for b in range(2):
         for i in range(2):
