@@ -41,7 +41,14 @@ import warnings
 import torch
 import torch.nn as nn
 
-from pf_kernels.dispatch import norm_modulate, residual, residual_norm_modulate
+from pf_kernels.dispatch import (
+    adaln_modulate_indexed,
+    gated_residual_indexed,
+    gated_residual_modulate_indexed,
+    norm_modulate,
+    residual,
+    residual_norm_modulate,
+)
 from pf_kernels.patch import PatchReport
 
 _MARK = "_pf_kernels_diffusers_forward"  # the FusedForward a patched module carries
@@ -319,6 +326,124 @@ def _ltx_block(self, hidden_states, encoder_hidden_states, temb, image_rotary_em
 
 
 #################################################################################
+#          Indexed (K = 2) block forwards: two modulations, one per token        #
+#################################################################################
+# QwenImage's ``zero_cond_t`` and HunyuanVideo's token replace give some image tokens a second
+# modulation (the t = 0 one of condition tokens, the first frame's). Diffusers forms each
+# (B, N, D) modulation per token (torch.where / slices and a cat); here the two sets are a
+# (B, 2, D) table per modulation and an index (B, N) picks each token's row, read by the
+# kernels in place (``*_indexed`` ops: LayerNorm without affine parameters, as these blocks have).
+
+
+def _mod_rows(norm, x, shift, scale, index):
+    """``norm(x) * (1 + scale) + shift``: (B, K, D) tables read through index (B, N), or (B, 1, D)
+    per sample when index is None."""
+    if index is None:
+        return _mod(norm, x, shift, scale)
+    return adaln_modulate_indexed(x, shift, scale, index, eps=norm.eps)
+
+
+def _res_mod_rows(norm, x, gate, y, shift, scale, index):
+    """``_res_mod`` with (B, K, D) tables read through index (B, N), or per sample."""
+    if index is None:
+        return _res_mod(norm, x, gate, y, shift, scale)
+    return gated_residual_modulate_indexed(x, gate, y, shift, scale, index, eps=norm.eps)
+
+
+def _residual_rows(x, gate, y, index):
+    return residual(x, gate, y) if index is None else gated_residual_indexed(x, gate, y, index)
+
+
+def _qwen_image_block(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                      image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
+    """QwenImageTransformerBlock. With ``modulate_index`` (``zero_cond_t``: temb is (2B, D), the
+    noisy timestep's rows, then the t = 0 ones of the condition tokens) the image projection
+    (2B, 6D) is viewed as a (B, 2, 6D) table (no copy) and each token reads row
+    ``modulate_index != 0``, the row diffusers' ``torch.where(index == 0, ...)`` picks; without
+    it one modulation per sample. The text stream is always per sample."""
+    img_mod = self.img_mod(temb)  # (B | 2B, 6D)
+    txt_mod = self.txt_mod(temb.chunk(2, dim=0)[0] if self.zero_cond_t else temb)  # (B, 6D)
+    if modulate_index is None:
+        index, img_rows = None, img_mod[:, None]  # (B, 1, 6D)
+    else:
+        img_rows = img_mod.unflatten(0, (2, -1)).transpose(0, 1)  # (B, 2, 6D): row 0 noisy, row 1 t = 0
+        index = modulate_index.ne(0).to(torch.int64).expand(hidden_states.shape[:2])  # (B, N)
+    shift1, scale1, gate1, shift2, scale2, gate2 = img_rows.chunk(6, dim=-1)  # (B, 1|2, D) each
+    c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod[:, None].chunk(6, dim=-1)  # (B, 1, D)
+    h = _mod_rows(self.img_norm1, hidden_states, shift1, scale1, index)
+    hc = _mod(self.txt_norm1, encoder_hidden_states, c_shift1, c_scale1)
+    attn, context_attn = self.attn(hidden_states=h, encoder_hidden_states=hc,
+                                   encoder_hidden_states_mask=encoder_hidden_states_mask,
+                                   image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    x, h = _res_mod_rows(self.img_norm2, hidden_states, gate1, attn, shift2, scale2, index)
+    x = _residual_rows(x, gate2, self.img_mlp(h), index)
+    c, hc = _res_mod(self.txt_norm2, encoder_hidden_states, c_gate1, context_attn, c_shift2, c_scale2)
+    c = residual(c, c_gate2, self.txt_mlp(hc))
+    if c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return c, x
+
+
+def _first_frame_index(x, num_tokens):
+    """(B, N) int64 table rows of HunyuanVideo's token replace: 0 for the tokens diffusers slices
+    as ``[:, :num_tokens]`` (the first frame's, with the t = 0 modulation), 1 for the rest."""
+    n = x.shape[1]
+    start = num_tokens if num_tokens >= 0 else n + num_tokens  # Python's slice bound (beyond N: all row 0)
+    return (torch.arange(n, device=x.device) >= start).to(torch.int64).expand(x.shape[0], n)
+
+
+def _token_replace_rows(norm, temb, token_replace_emb, chunks):
+    """The two modulations of a token-replace norm as (B, 2, D) tables: its SiLU and Linear on
+    (token_replace_emb, temb) stacked, row 0 the first frame's, row 1 the others'."""
+    return norm.linear(norm.silu(torch.stack([token_replace_emb, temb], dim=1))).chunk(chunks, dim=-1)
+
+
+def _hunyuan_video_token_replace_block(self, hidden_states, encoder_hidden_states, temb, attention_mask=None,
+                                       freqs_cis=None, token_replace_emb=None, num_tokens=None):
+    """HunyuanVideoTokenReplaceTransformerBlock: the image stream's seams with K = 2 tables
+    (norm1's projection of both embeddings), the text stream's as HunyuanVideo's own block."""
+    if token_replace_emb is None or num_tokens is None:  # its own forward then fails or doubles tokens
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis,
+                                  token_replace_emb, num_tokens)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _token_replace_rows(
+        self.norm1, temb, token_replace_emb, 6)  # (B, 2, D) each
+    index = _first_frame_index(hidden_states, num_tokens)
+    h = adaln_modulate_indexed(hidden_states, shift_msa, scale_msa, index, eps=self.norm1.norm.eps)
+    hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
+    attn, context_attn = self.attn(hidden_states=h, encoder_hidden_states=hc, attention_mask=attention_mask,
+                                   image_rotary_emb=freqs_cis)
+    x, h = gated_residual_modulate_indexed(hidden_states, gate_msa, attn, shift_mlp, scale_mlp, index,
+                                           eps=self.norm2.eps)
+    c, hc = _res_mod(self.norm2_context, encoder_hidden_states, c_gate_msa[:, None], context_attn,
+                     c_shift_mlp[:, None], c_scale_mlp[:, None])
+    return gated_residual_indexed(x, gate_mlp, self.ff(h), index), residual(c, c_gate_mlp[:, None],
+                                                                           self.ff_context(hc))
+
+
+def _hunyuan_video_token_replace_single_block(self, hidden_states, encoder_hidden_states, temb, attention_mask=None,
+                                              image_rotary_emb=None, token_replace_emb=None, num_tokens=None):
+    """HunyuanVideoTokenReplaceSingleTransformerBlock: one K = 2 indexed modulation over image
+    and text tokens (the text after the image: its rows are 1), one indexed gated residual."""
+    if token_replace_emb is None or num_tokens is None:
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb,
+                                  token_replace_emb, num_tokens)
+    text_seq_length = encoder_hidden_states.shape[1]
+    x = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, N + T, D): text last
+    shift, scale, gate = _token_replace_rows(self.norm, temb, token_replace_emb, 3)  # (B, 2, D) each
+    index = _first_frame_index(x, num_tokens)
+    h = adaln_modulate_indexed(x, shift, scale, index, eps=self.norm.norm.eps)
+    mlp = self.act_mlp(self.proj_mlp(h))
+    attn, context_attn = self.attn(hidden_states=h[:, :-text_seq_length, :],
+                                   encoder_hidden_states=h[:, -text_seq_length:, :], attention_mask=attention_mask,
+                                   image_rotary_emb=image_rotary_emb)
+    attn = torch.cat([attn, context_attn], dim=1)
+    x = gated_residual_indexed(x, gate, self.proj_out(torch.cat([attn, mlp], dim=2)), index)
+    return x[:, :-text_seq_length, :], x[:, -text_seq_length:, :]
+
+
+#################################################################################
 #                Nomination: which class, its structure, its probe              #
 #################################################################################
 
@@ -435,6 +560,72 @@ def _check_basic(m):
     return _needs_norms(m, "norm1", "norm2")
 
 
+def _plain_layer_norms(module, *names):
+    """The indexed ops' norm: a LayerNorm without affine parameters at each (dotted) name."""
+    for name in names:
+        try:
+            spec = _norm_spec(module.get_submodule(name))
+        except AttributeError:
+            spec = None
+        if spec is None or spec[0] or spec[1] is not None or spec[2] is not None:
+            return f"{name} is not a LayerNorm without affine parameters (the indexed forms' norm)"
+    return None
+
+
+def _unhooked(module, name):
+    """A module the fused block reads the parameters of but never calls must carry no hooks."""
+    for sub_name, sub in module.get_submodule(name).named_modules():
+        if sub._forward_hooks or sub._forward_pre_hooks:
+            return f"{name}{'.' + sub_name if sub_name else ''} has forward hooks, which the fused path (it " \
+                   f"never calls it) would not fire"
+    return None
+
+
+def _check_qwen_image(m):
+    img = _plain_layer_norms(m, "img_norm1", "img_norm2") if m.zero_cond_t else _needs_norms(m, "img_norm1",
+                                                                                            "img_norm2")
+    return img or _needs_norms(m, "txt_norm1", "txt_norm2")
+
+
+def _check_token_replace(m):
+    return (_plain_layer_norms(m, "norm1.norm", "norm2") or _needs_norms(m, "norm2_context")
+            or _unhooked(m, "norm1.norm"))
+
+
+def _check_token_replace_single(m):
+    return _plain_layer_norms(m, "norm.norm") or _unhooked(m, "norm.norm")
+
+
+def _probe_qwen_image(m, gen):
+    """zero_cond_t: temb (2B, D) and a modulate_index with both rows in each sample (and a 2,
+    which diffusers' torch.where also reads as row 1); else temb (B, D), no index."""
+    temb = _rand(gen, 2 * PROBE_B if m.zero_cond_t else PROBE_B, m.dim)
+    index = torch.tensor([[0, 1, 1], [1, 0, 2]], dtype=torch.int32) if m.zero_cond_t else None
+    return (_rand(gen, PROBE_B, PROBE_N, m.dim), _rand(gen, PROBE_B, PROBE_T, m.dim), None, temb), dict(
+        modulate_index=index)
+
+
+def _probe_token_replace(num_tokens):
+    """x (B, N, D), text (B, T, D), temb and token_replace_emb (B, D); the first ``num_tokens``
+    (of the image tokens, or of image and text together in the single block) replaced."""
+    def probe(m, gen):
+        d = (m.norm1 if hasattr(m, "norm1") else m.norm).linear.in_features
+        return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, d), _rand(gen, PROBE_B, d)), dict(
+            token_replace_emb=_rand(gen, PROBE_B, d), num_tokens=num_tokens)
+    return probe
+
+
+# (module, class, kind, fused forward, structure check, probe) of the indexed forms, for _specs
+_INDEXED_SPECS = [
+    ("transformers.transformer_qwenimage", "QwenImageTransformerBlock", "block", _qwen_image_block,
+     _check_qwen_image, _probe_qwen_image),
+    ("transformers.transformer_hunyuan_video", "HunyuanVideoTokenReplaceTransformerBlock", "block",
+     _hunyuan_video_token_replace_block, _check_token_replace, _probe_token_replace(1)),
+    ("transformers.transformer_hunyuan_video", "HunyuanVideoTokenReplaceSingleTransformerBlock", "block",
+     _hunyuan_video_token_replace_single_block, _check_token_replace_single, _probe_token_replace(PROBE_N - 1)),
+]
+
+
 def _specs():
     """{diffusers class: (kind, fused forward, structure check, probe inputs)}, for the classes
     this diffusers release has (imported here: diffusers is optional)."""
@@ -466,7 +657,7 @@ def _specs():
         ("transformers.sana_transformer", "SanaTransformerBlock", "block", _sana_block, _check_sana, _probe_sana),
         ("transformers.transformer_ltx", "LTXVideoTransformerBlock", "block", _ltx_block, _check_ltx, _probe_ltx),
         ("transformers.transformer_wan", "WanTransformerBlock", "block", _wan_block, _check_wan, _probe_wan),
-    ]
+    ] + _INDEXED_SPECS
     specs = {}
     for module_name, class_name, *spec in table:
         try:
@@ -484,6 +675,7 @@ FUSED = {  # name -> function, so a pickled FusedForward refers to functions by 
                             _hunyuan_video_block, _hunyuan_video_single_block,
                             _lumina_rms_norm_zero, _mochi_rms_norm_zero)
 }
+FUSED.update({spec[3].__name__: spec[3] for spec in _INDEXED_SPECS})
 
 
 class FusedForward:

@@ -347,6 +347,12 @@ def test_bf16_models_stay_bf16_within_a_few_ulps(family):
     the dtype diffusers' own does (Wan: its bf16 stream), and the output is within a few bf16
     ulps of the unpatched model's (the fused path rounds once where eager rounds per op)."""
     model, inputs, _ = FAMILIES[family]()
+    assert_bf16_like_diffusers(model, inputs)
+
+
+def assert_bf16_like_diffusers(model, inputs):
+    """The bf16 check of one family: its blocks' output dtypes and its output, patched (torch
+    path) against unpatched."""
     randomise(model)
     model = model.to(torch.bfloat16)
     inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
