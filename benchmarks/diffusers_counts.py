@@ -8,7 +8,8 @@ op that is not a view: one kernel, and one memory pass for each activation-sized
 ((B, N, D) or larger) it reads or writes. Patched, the fused ops are the ``pf_kernels`` custom
 ops (Triton kernels, run by the interpreter here: ``TRITON_INTERPRET=1`` is set below), each
 one kernel; the O(B * D) folds of an affine norm's weight into the modulation count as kernels
-with no pass.
+with no pass, and so do the few small ops that build an indexed block's (B, N) row index. The
+indexed ops' bound check of that index (``min``/``max``, on CPU tensors only) is not counted.
 
     PYTHONPATH=. .venv/bin/python benchmarks/diffusers_counts.py [--json OUT.json]
 
@@ -32,7 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import pf_kernels  # noqa: E402
 
 NORM_CLASSES = ("AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX",
-                "CogVideoXLayerNormZero", "LayerNorm", "FP32LayerNorm", "RMSNorm", "Identity")
+                "CogVideoXLayerNormZero", "LayerNorm", "FP32LayerNorm", "RMSNorm", "Identity",
+                "HunyuanVideoTokenReplaceAdaLayerNormZero", "HunyuanVideoTokenReplaceAdaLayerNormZeroSingle")
 
 
 class PathCounter(TorchDispatchMode):
@@ -46,7 +48,9 @@ class PathCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outs = [t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)]
-        if self.depth == 0 and outs and not func.is_view:  # no tensor out (promote_types...): no kernel
+        host_check = func.overloadpacket.__name__ in ("min", "max") and not args[0].is_floating_point()
+        # no tensor out (promote_types...): no kernel; an index's bound check runs on CPU tensors only
+        if self.depth == 0 and outs and not func.is_view and not host_check:
             tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if torch.is_tensor(t)]
             self.kernels += 1
             self.passes += sum(t.numel() >= self.act_numel for t in tensors)
@@ -93,7 +97,12 @@ def cases():
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from diffusers.models.transformers.transformer_hunyuan_video import (
+        HunyuanVideoTokenReplaceSingleTransformerBlock,
+        HunyuanVideoTokenReplaceTransformerBlock,
+    )
     from diffusers.models.transformers.transformer_ltx import LTXVideoTransformerBlock
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
     gen = torch.Generator().manual_seed(0)
@@ -124,6 +133,21 @@ def cases():
     ltx = LTXVideoTransformerBlock(d, 2, d // 2, cross_attention_dim=d)
     yield "LTX-Video (LTXVideoTransformerBlock, per-token modulation)", ltx, (rand(b, n, d), rand(b, t, d),
                                                                              rand(b, n, 6 * d)), {}, b * n * d
+    # the indexed K = 2 forms: QwenImage's zero_cond_t (the last 6 tokens a condition image's,
+    # temb (2B, D)) and its plain per-sample path; HunyuanVideo's token replace (the first 6 tokens)
+    for zero_cond_t in (True, False):
+        qwen = QwenImageTransformerBlock(d, 2, d // 2, zero_cond_t=zero_cond_t)
+        index = torch.tensor([[0] * (n - 6) + [1] * 6] * b) if zero_cond_t else None
+        yield f"QwenImage (QwenImageTransformerBlock{', zero_cond_t: K = 2' if zero_cond_t else ''})", qwen, (
+            rand(b, n, d), rand(b, t, d), None, rand(2 * b if zero_cond_t else b, d)), dict(
+            modulate_index=index), b * t * d
+    replace = dict(token_replace_emb=rand(b, d), num_tokens=6)
+    yield "HunyuanVideo token replace (HunyuanVideoTokenReplaceTransformerBlock, K = 2)", \
+        HunyuanVideoTokenReplaceTransformerBlock(2, d // 2, 4.0), (rand(b, n, d), rand(b, t, d), rand(b, d)), replace, \
+        b * t * d
+    yield "HunyuanVideo token replace single (HunyuanVideoTokenReplaceSingleTransformerBlock, K = 2)", \
+        HunyuanVideoTokenReplaceSingleTransformerBlock(2, d // 2), (rand(b, n, d), rand(b, t, d), rand(b, d)), \
+        replace, b * n * d
     wan = WanTransformerBlock(d, 2 * d, 2, cross_attn_norm=True)
     yield "Wan (WanTransformerBlock, cross_attn_norm), fp32", wan, (
         rand(b, n, d), rand(b, t, d), rand(b, 6, d), None), {}, b * n * d

@@ -13,7 +13,12 @@
                 ``WanTransformerBlock`` (its bf16 stream kept while it modulates in fp32) and
                 ``LTXVideoTransformerBlock`` (RMSNorm with a shift, per-token modulation): each
                 residual update fused with the next norm and modulation
-                (``residual_norm_modulate``), the last one a single ``residual`` pass.
+                (``residual_norm_modulate``), the last one a single ``residual`` pass;
+  indexed blocks ``QwenImageTransformerBlock`` (``zero_cond_t``: condition tokens read the t = 0
+                modulation) and ``HunyuanVideoTokenReplaceTransformerBlock`` /
+                ``...SingleTransformerBlock`` (the first frame's tokens their own): two
+                modulations as (B, 2, D) tables, a (B, N) index choosing each token's row
+                (the ``*_indexed`` ops, K = 2).
 Each module keeps its class (diffusers matches blocks by class name: ``compile_repeated_blocks``,
 ``_no_split_modules``, its cache hooks' block registry); only the instance's ``forward`` changes.
 The fused block forwards call ``self.attn``/``self.attn1``/``self.ff``... through the modules,
@@ -391,7 +396,8 @@ def _first_frame_index(x, num_tokens):
     as ``[:, :num_tokens]`` (the first frame's, with the t = 0 modulation), 1 for the rest."""
     n = x.shape[1]
     start = num_tokens if num_tokens >= 0 else n + num_tokens  # Python's slice bound (beyond N: all row 0)
-    return (torch.arange(n, device=x.device) >= start).to(torch.int64).expand(x.shape[0], n)
+    # token i >= start is row 1: i + 1 - start >= 1 exactly there (two small kernels, int64 directly)
+    return torch.arange(1 - start, n + 1 - start, device=x.device).clamp_(0, 1).expand(x.shape[0], n)
 
 
 def _token_replace_rows(norm, temb, token_replace_emb, chunks):
