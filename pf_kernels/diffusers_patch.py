@@ -578,12 +578,12 @@ def _plain_layer_norms(module, *names):
     return None
 
 
-def _unhooked(module, name):
-    """A module the fused block reads the parameters of but never calls must carry no hooks."""
-    for sub_name, sub in module.get_submodule(name).named_modules():
+def _unhooked(module, *names):
+    """Modules the fused block never calls (it calls their Linear and SiLU) carry no hooks."""
+    for name in names:
+        sub = module.get_submodule(name)
         if sub._forward_hooks or sub._forward_pre_hooks:
-            return f"{name}{'.' + sub_name if sub_name else ''} has forward hooks, which the fused path (it " \
-                   f"never calls it) would not fire"
+            return f"{name} has forward hooks, which the fused path (it never calls {name}) would not fire"
     return None
 
 
@@ -595,11 +595,11 @@ def _check_qwen_image(m):
 
 def _check_token_replace(m):
     return (_plain_layer_norms(m, "norm1.norm", "norm2") or _needs_norms(m, "norm2_context")
-            or _unhooked(m, "norm1.norm"))
+            or _unhooked(m, "norm1", "norm1.norm"))
 
 
 def _check_token_replace_single(m):
-    return _plain_layer_norms(m, "norm.norm") or _unhooked(m, "norm.norm")
+    return _plain_layer_norms(m, "norm.norm") or _unhooked(m, "norm", "norm.norm")
 
 
 def _probe_qwen_image(m, gen):

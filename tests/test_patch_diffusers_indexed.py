@@ -138,9 +138,37 @@ def test_structure_checks_refuse_what_the_indexed_ops_do_not_compute():
     assert patch_diffusers(plain, verbose=False).by_class()["QwenImageTransformerBlock"] == 2
 
     model, _, _ = hunyuan_video_token_replace()
+    model.transformer_blocks[0].norm1.register_forward_pre_hook(lambda *a: None)
     model.single_transformer_blocks[0].norm.norm.register_forward_hook(lambda *a: None)
     report = patch_diffusers(model, verbose=False)
+    assert "norm1 has forward hooks" in dict(report.skipped)["transformer_blocks.0"]
     assert "norm.norm has forward hooks" in dict(report.skipped)["single_transformer_blocks.0"]
+
+
+def test_attention_processors_and_kwargs_pass_through():
+    """The fused QwenImage block calls self.attn: a processor set after patching runs in each
+    block, with the model's attention_kwargs and the caption mask as diffusers passes them."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    model, inputs, _ = qwen_image()
+    randomise(model)
+    with torch.no_grad():
+        want = model(**inputs).sample
+    patch_diffusers(model)
+    seen = []
+
+    class Recording(QwenDoubleStreamAttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                     attention_mask=None, image_rotary_emb=None, marker=None):
+            seen.append((marker, encoder_hidden_states_mask is not None and not encoder_hidden_states_mask.all()))
+            return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                    attention_mask, image_rotary_emb)
+
+    model.set_attn_processor(Recording())
+    with torch.no_grad():
+        got = model(**inputs, attention_kwargs={"marker": "m"}).sample
+    assert seen == [("m", True), ("m", True)]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_the_probe_catches_a_wrong_row_choice(monkeypatch):
