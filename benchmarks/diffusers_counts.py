@@ -34,7 +34,8 @@ import pf_kernels  # noqa: E402
 
 NORM_CLASSES = ("AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX",
                 "CogVideoXLayerNormZero", "LayerNorm", "FP32LayerNorm", "RMSNorm", "Identity",
-                "HunyuanVideoTokenReplaceAdaLayerNormZero", "HunyuanVideoTokenReplaceAdaLayerNormZeroSingle")
+                "HunyuanVideoTokenReplaceAdaLayerNormZero", "HunyuanVideoTokenReplaceAdaLayerNormZeroSingle",
+                "LuminaRMSNormZero", "MochiRMSNormZero", "MochiModulatedRMSNorm", "MochiLayerNormContinuous")
 
 
 class PathCounter(TorchDispatchMode):
@@ -102,6 +103,8 @@ def cases():
         HunyuanVideoTokenReplaceTransformerBlock,
     )
     from diffusers.models.transformers.transformer_ltx import LTXVideoTransformerBlock
+    from diffusers.models.transformers.transformer_lumina2 import Lumina2TransformerBlock
+    from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
@@ -148,6 +151,11 @@ def cases():
     yield "HunyuanVideo token replace single (HunyuanVideoTokenReplaceSingleTransformerBlock, K = 2)", \
         HunyuanVideoTokenReplaceSingleTransformerBlock(2, d // 2), (rand(b, n, d), rand(b, t, d), rand(b, d)), \
         replace, b * n * d
+    lumina2 = Lumina2TransformerBlock(d, 2, 1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5)
+    yield "Lumina2 (Lumina2TransformerBlock)", lumina2, (rand(b, n, d), None, None, rand(b, d)), {}, b * n * d
+    mochi = MochiTransformerBlock(d, 2, d // 2, pooled_projection_dim=32)
+    yield "Mochi (MochiTransformerBlock)", mochi, (rand(b, n, d), rand(b, t, 32), rand(b, d),
+                                                    torch.ones(b, t, dtype=torch.bool)), {}, b * t * 32
     wan = WanTransformerBlock(d, 2 * d, 2, cross_attn_norm=True)
     yield "Wan (WanTransformerBlock, cross_attn_norm), fp32", wan, (
         rand(b, n, d), rand(b, t, d), rand(b, 6, d), None), {}, b * n * d

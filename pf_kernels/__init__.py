@@ -6,7 +6,8 @@ section 11); the indexed forms ``adaln_modulate_indexed`` / ``gated_residual_ind
 ``ada_rms_norm_indexed`` (deduplicated conditioning); ``gated_residual_modulate`` (and its
 ``_indexed`` form): a residual update fused with the next LayerNorm + modulation; the general
 forms ``norm_modulate`` / ``residual`` / ``residual_norm_modulate`` (affine LayerNorm or RMSNorm,
-optional shift and gate, output dtype: diffusers' blocks); ``patch_diffusers(transformer)``;
+optional shift and gate, output dtype: diffusers' blocks) and the RMSNorm sandwich
+``sandwich_residual`` / ``sandwich_residual_norm_modulate`` (Lumina2, Mochi); ``patch_diffusers(transformer)``;
 ``set_backend`` / ``get_backend`` / ``use_backend`` (``PF_KERNELS_BACKEND=auto|triton|torch``) and
 ``patch_dit(model)``, the drop-in for DiT/SiT-style models.
 """
@@ -25,6 +26,8 @@ from pf_kernels.dispatch import (
     patch_euler,
     residual,
     residual_norm_modulate,
+    sandwich_residual,
+    sandwich_residual_norm_modulate,
     set_backend,
     timestep_embedding,
     use_backend,
@@ -45,6 +48,8 @@ __all__ = [
     "norm_modulate",
     "residual",
     "residual_norm_modulate",
+    "sandwich_residual",
+    "sandwich_residual_norm_modulate",
     "timestep_embedding",
     "patch_euler",
     "set_backend",

@@ -18,7 +18,10 @@
                 modulation) and ``HunyuanVideoTokenReplaceTransformerBlock`` /
                 ``...SingleTransformerBlock`` (the first frame's tokens their own): two
                 modulations as (B, 2, D) tables, a (B, N) index choosing each token's row
-                (the ``*_indexed`` ops, K = 2).
+                (the ``*_indexed`` ops, K = 2);
+  sandwich      ``Lumina2TransformerBlock`` / ``MochiTransformerBlock``: the RMSNorm sandwich
+                ``x + tanh(g) * RMS_w(y)`` fused with the next ``RMS_w'(x) * (1 + s)``
+                (``sandwich_residual_norm_modulate``), the last update ``sandwich_residual``.
 Each module keeps its class (diffusers matches blocks by class name: ``compile_repeated_blocks``,
 ``_no_split_modules``, its cache hooks' block registry); only the instance's ``forward`` changes.
 The fused block forwards call ``self.attn``/``self.attn1``/``self.ff``... through the modules,
@@ -53,6 +56,8 @@ from pf_kernels.dispatch import (
     norm_modulate,
     residual,
     residual_norm_modulate,
+    sandwich_residual,
+    sandwich_residual_norm_modulate,
 )
 from pf_kernels.patch import PatchReport
 
@@ -632,6 +637,120 @@ _INDEXED_SPECS = [
 ]
 
 
+#################################################################################
+#          RMSNorm sandwich blocks (Lumina2, Mochi): forwards, checks, probes     #
+#################################################################################
+
+
+def _rms_spec(norm: nn.Module):
+    """(weight, eps) of an RMSNorm over the last dim without bias: diffusers' ``RMSNorm`` (weight
+    optional) or Mochi's ``MochiModulatedRMSNorm`` (an unweighted RMSNorm in fp32, its output cast
+    back to its input's dtype); None for anything else."""
+    from diffusers.models.transformers.transformer_mochi import MochiModulatedRMSNorm  # optional dependency
+
+    if type(norm) is MochiModulatedRMSNorm:
+        norm = norm.norm
+    spec = _norm_spec(norm)
+    if spec is None or not spec[0] or spec[2] is not None:
+        return None
+    return spec[1], spec[3]
+
+
+def _needs_rms(module, *names):
+    for name in names:
+        norm = getattr(module, name, None)
+        if norm is None or _rms_spec(norm) is None:
+            return f"{name} is {type(norm).__name__}, not an RMSNorm without bias over the last dim"
+    return None
+
+
+def _sandwich(y_norm, x, gate, y, next_norm=None, scale=None, out_dtype=None):
+    """``x_new = x + tanh(gate) * y_norm(y)`` (gate (B, 1, D) or None: ``x + y_norm(y)``) in one pass,
+    with ``next_norm``: also ``h = next_norm(x_new) * (1 + scale)``, returning (x_new, h)."""
+    y_weight, y_eps = _rms_spec(y_norm)
+    if next_norm is None:
+        return sandwich_residual(x, gate, y, y_weight=y_weight, y_eps=y_eps, out_dtype=out_dtype)
+    weight, eps = _rms_spec(next_norm)
+    return sandwich_residual_norm_modulate(x, gate, y, scale, y_weight=y_weight, weight=weight, y_eps=y_eps, eps=eps,
+                                           out_dtype=out_dtype)
+
+
+def _lumina2_block(self, hidden_states, attention_mask, image_rotary_emb, temb=None):
+    """Lumina2TransformerBlock: each sub-block's output RMS-normalised (norm2, ffn_norm2) before its
+    tanh-gated residual, fused with the next RMSNorm and modulation (ffn_norm1); the refiner
+    blocks (``modulation`` False) have neither gate nor modulation."""
+    if self.modulation:
+        h, gate_msa, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
+        gate_msa, scale_mlp, gate_mlp = gate_msa[:, None], scale_mlp[:, None], gate_mlp[:, None]  # (B, 1, D)
+    else:
+        h, gate_msa, scale_mlp, gate_mlp = self.norm1(hidden_states), None, None, None
+    attn = self.attn(hidden_states=h, encoder_hidden_states=h, attention_mask=attention_mask,
+                     image_rotary_emb=image_rotary_emb)
+    x, h = _sandwich(self.norm2, hidden_states, gate_msa, attn, self.ffn_norm1, scale_mlp)
+    return _sandwich(self.ffn_norm2, x, gate_mlp, self.feed_forward(h))
+
+
+def _mochi_stream(norms, ff, x, attn, gate_msa, scale_mlp, gate_mlp):
+    """One stream of a Mochi block after its attention: x + norm2(attn) * tanh(gate_msa), h =
+    norm3(x) * (1 + scale_mlp), then x + norm4(ff(h)) * tanh(gate_mlp); each norm returns its
+    input's dtype (MochiModulatedRMSNorm), so x_new is in eager's promoted dtype and h in x_new's."""
+    norm2, norm3, norm4 = norms
+    x, h = _sandwich(norm2, x, gate_msa[:, None], attn, norm3, scale_mlp[:, None],
+                     out_dtype=torch.promote_types(x.dtype, attn.dtype))
+    ff_out = ff(h)
+    return _sandwich(norm4, x, gate_mlp[:, None], ff_out, out_dtype=torch.promote_types(x.dtype, ff_out.dtype))
+
+
+def _mochi_block(self, hidden_states, encoder_hidden_states, temb, encoder_attention_mask, image_rotary_emb=None):
+    """MochiTransformerBlock: both streams' sandwich seams (the last block's context stream,
+    ``context_pre_only``, ends after attention and is returned as it came)."""
+    h, gate_msa, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
+    if self.context_pre_only:
+        hc = self.norm1_context(encoder_hidden_states, temb)
+    else:
+        hc, c_gate_msa, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, temb)
+    attn, context_attn = self.attn1(hidden_states=h, encoder_hidden_states=hc, image_rotary_emb=image_rotary_emb,
+                                    attention_mask=encoder_attention_mask)
+    x = _mochi_stream((self.norm2, self.norm3, self.norm4), self.ff, hidden_states, attn, gate_msa, scale_mlp,
+                      gate_mlp)
+    if not self.context_pre_only:
+        encoder_hidden_states = _mochi_stream((self.norm2_context, self.norm3_context, self.norm4_context),
+                                              self.ff_context, encoder_hidden_states, context_attn, c_gate_msa,
+                                              c_scale_mlp, c_gate_mlp)
+    return x, encoder_hidden_states
+
+
+def _check_lumina2(m):
+    return _needs_rms(m, "norm2", "ffn_norm1", "ffn_norm2")
+
+
+def _check_mochi(m):
+    return _needs_rms(m, "norm2", "norm3", "norm4",
+                      *(() if m.context_pre_only else ("norm2_context", "norm3_context", "norm4_context")))
+
+
+def _probe_lumina2(m, gen):
+    temb = _rand(gen, PROBE_B, m.norm1.linear.in_features) if m.modulation else None
+    return (_rand(gen, PROBE_B, PROBE_N, m.attn.to_q.in_features), None, None, temb), {}
+
+
+def _probe_mochi(m, gen):
+    d = m.norm1.linear.out_features // 4
+    ctx = m.norm1_context.linear_1.out_features if m.context_pre_only else m.norm1_context.linear.out_features // 4
+    mask = torch.ones(PROBE_B, PROBE_T, dtype=torch.bool)
+    mask[0, -1] = False  # one padded prompt token
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, PROBE_T, ctx),
+            _rand(gen, PROBE_B, m.norm1.linear.in_features), mask), {}
+
+
+# (module, class, kind, fused forward, structure check, probe) of the sandwich blocks, for _specs
+_SANDWICH_SPECS = [
+    ("transformers.transformer_lumina2", "Lumina2TransformerBlock", "block", _lumina2_block, _check_lumina2,
+     _probe_lumina2),
+    ("transformers.transformer_mochi", "MochiTransformerBlock", "block", _mochi_block, _check_mochi, _probe_mochi),
+]
+
+
 def _specs():
     """{diffusers class: (kind, fused forward, structure check, probe inputs)}, for the classes
     this diffusers release has (imported here: diffusers is optional)."""
@@ -663,7 +782,7 @@ def _specs():
         ("transformers.sana_transformer", "SanaTransformerBlock", "block", _sana_block, _check_sana, _probe_sana),
         ("transformers.transformer_ltx", "LTXVideoTransformerBlock", "block", _ltx_block, _check_ltx, _probe_ltx),
         ("transformers.transformer_wan", "WanTransformerBlock", "block", _wan_block, _check_wan, _probe_wan),
-    ] + _INDEXED_SPECS
+    ] + _INDEXED_SPECS + _SANDWICH_SPECS
     specs = {}
     for module_name, class_name, *spec in table:
         try:
@@ -681,7 +800,7 @@ FUSED = {  # name -> function, so a pickled FusedForward refers to functions by 
                             _hunyuan_video_block, _hunyuan_video_single_block,
                             _lumina_rms_norm_zero, _mochi_rms_norm_zero)
 }
-FUSED.update({spec[3].__name__: spec[3] for spec in _INDEXED_SPECS})
+FUSED.update({spec[3].__name__: spec[3] for spec in _INDEXED_SPECS + _SANDWICH_SPECS})
 
 
 class FusedForward:
@@ -754,7 +873,7 @@ def _hooked(transformer: nn.Module) -> str | None:
 def _bypassed_hooks(module: nn.Module) -> str | None:
     """Forward hooks on a norm the fused path does not call would no longer fire."""
     for name, sub in module.named_children():
-        if _norm_spec(sub) is not None and (sub._forward_hooks or sub._forward_pre_hooks):
+        if (_norm_spec(sub) or _rms_spec(sub)) is not None and (sub._forward_hooks or sub._forward_pre_hooks):
             return f"{name} has forward hooks, which the fused path (it never calls {name}) would not fire"
     return None
 

@@ -33,6 +33,8 @@ from pf_kernels.reference import (
     patch_euler_ref,
     residual_norm_modulate_ref,
     residual_ref,
+    sandwich_residual_norm_modulate_ref,
+    sandwich_residual_ref,
     timestep_embedding_ref,
 )
 
@@ -44,6 +46,7 @@ try:  # Triton may be missing (CPU-only installs); the reference path then serve
     from pf_kernels.ops.gated_residual_modulate import gated_residual_modulate_triton
     from pf_kernels.ops.modulate_options import norm_modulate_triton, residual_norm_modulate_triton
     from pf_kernels.ops.patch_euler import patch_euler_triton
+    from pf_kernels.ops.rms_sandwich import sandwich_residual_norm_modulate_triton, sandwich_residual_triton
     from pf_kernels.ops.timestep_embedding import timestep_embedding_triton
 
     HAS_TRITON = True
@@ -183,7 +186,7 @@ def _check_indexed(op: str, x: torch.Tensor, index: torch.Tensor, **tables: torc
             raise ValueError(f"{op}: index values must lie in [0, {k}), got [{int(index.min())}, {int(index.max())}]")
 
 
-def _check_data(op: str, eps: float | None = None, **tensors: torch.Tensor | None) -> None:
+def _check_data(op: str, eps: float | None = None, eps_name: str = "eps", **tensors: torch.Tensor | None) -> None:
     """Floating-point data and, for a norm, a finite ``eps >= 0``: checked here on the host, as a
     kernel would compute with an integer tensor's bits or a negative eps (a NaN row) silently."""
     _check_floating(op, **{k: t for k, t in tensors.items() if t is not None})
@@ -193,7 +196,7 @@ def _check_data(op: str, eps: float | None = None, **tensors: torch.Tensor | Non
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+            raise ValueError(f"{op}: {eps_name} must be a finite number >= 0, got {eps!r}")
 
 
 def _check_floating(op: str, **tensors: torch.Tensor) -> None:
@@ -506,3 +509,70 @@ def residual_norm_modulate(
     return residual_norm_modulate_ref(x, gate, y, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps,
                                       out_dtype=out_dtype)
 
+
+
+#################################################################################
+#      The RMSNorm sandwich (Lumina2, Mochi): x + tanh(g) * RMS_w(y), next norm   #
+#################################################################################
+
+
+def _sandwich_gate(x, gate, y_weight, tanh_gate: bool):
+    """The gate the kernels read, ``tanh(gate) * y_weight`` in fp32 (either factor optional; None
+    for neither): (B, 1, D) for a per-sample gate, O(B * D); y's norm weight folded in, so the
+    kernel normalises y alone. Its grads flow back through these few torch ops."""
+    if gate is not None:
+        gate = gate.float()
+        gate = torch.tanh(gate) if tanh_gate else gate
+    if y_weight is None:
+        return gate
+    w = y_weight.float()
+    return w.expand(x.shape[0], 1, -1) if gate is None else gate * w  # (B, 1, D), stride 0 without a gate
+
+
+def _check_sandwich(op, x, gate, y, y_weight, y_eps, **norm):
+    _check_general(op, x, gate=gate, y=y, **{k: norm[k] for k in ("scale",) if k in norm})
+    if y.shape != x.shape:
+        raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    _check_data(op, y_eps, "y_eps", y_weight=y_weight)
+    if "eps" in norm:
+        _check_data(op, norm["eps"], weight=norm["weight"])
+    _check_vector(op, x.shape[-1], y_weight=y_weight, weight=norm.get("weight"))
+    _same_device(op, x=x, gate=gate, y=y, y_weight=y_weight, scale=norm.get("scale"), weight=norm.get("weight"))
+
+
+def sandwich_residual(
+    x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, *, y_weight: torch.Tensor | None = None,
+    y_eps: float = 1e-6, tanh_gate: bool = True, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x + tanh(gate) * RMS_w(y)`` in one pass over the rows: the sub-block output y RMS-normalised
+    (``y * rsqrt(mean(y^2) + y_eps) * y_weight``, weight optional) before its gated residual update
+    (Lumina2's and Mochi's blocks; ``tanh_gate`` False: the gate as is; gate None: ``x + RMS_w(y)``).
+    x, y (B, N, D); gate (B, N, D) or (B, 1, D). Computed in fp32; out in ``out_dtype``, by
+    default the promoted dtype of x, gate, y and y_weight."""
+    _check_sandwich("sandwich_residual", x, gate, y, y_weight, y_eps)
+    out = out_dtype or norm_modulate_dtype(x, gate, y, y_weight)
+    if _rows_use_triton(x, gate, y, y_weight) and out != torch.float64:
+        with _launch_on(x):
+            return sandwich_residual_triton(x, _sandwich_gate(x, gate, y_weight, tanh_gate), y, float(y_eps), out)
+    return sandwich_residual_ref(x, gate, y, y_weight=y_weight, y_eps=y_eps, tanh_gate=tanh_gate, out_dtype=out)
+
+
+def sandwich_residual_norm_modulate(
+    x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, scale: torch.Tensor | None = None, *,
+    y_weight: torch.Tensor | None = None, weight: torch.Tensor | None = None, y_eps: float = 1e-6,
+    eps: float = 1e-6, tanh_gate: bool = True, out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_new = sandwich_residual(x, gate, y, ...)`` and the next sub-block's input
+    ``h = RMS_weight(x_new) * (1 + scale)`` in one pass; returns (x_new, h). scale (B, N, D) or
+    (B, 1, D) and weight (D,) optional. Both in ``out_dtype``, by default x_new's as
+    ``sandwich_residual`` and h in x_new's (the norm reads x_new as stored, as eager code does)."""
+    _check_sandwich("sandwich_residual_norm_modulate", x, gate, y, y_weight, y_eps, scale=scale, weight=weight,
+                    eps=eps)
+    out = out_dtype or norm_modulate_dtype(x, gate, y, y_weight)
+    if _rows_use_triton(x, gate, y, y_weight, scale, weight) and out != torch.float64:
+        _, fscale = _fold_affine(x, weight, None, None, scale)
+        with _launch_on(x):
+            return sandwich_residual_norm_modulate_triton(x, _sandwich_gate(x, gate, y_weight, tanh_gate), y, fscale,
+                                                          float(y_eps), float(eps), out)
+    return sandwich_residual_norm_modulate_ref(x, gate, y, scale, y_weight=y_weight, weight=weight, y_eps=y_eps,
+                                               eps=eps, tanh_gate=tanh_gate, out_dtype=out)

@@ -232,3 +232,32 @@ def residual_norm_modulate_ref(
     x_new = residual_ref(x, gate, y, out_dtype)
     return x_new, norm_modulate_ref(x_new, shift, scale, weight=weight, bias=bias, rms=rms, eps=eps,
                                     out_dtype=out_dtype or x_new.dtype)
+
+
+def sandwich_residual_ref(
+    x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, *, y_weight: torch.Tensor | None = None,
+    y_eps: float = 1e-6, tanh_gate: bool = True, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The RMSNorm sandwich's update ``x + tanh(gate) * RMS_w(y)`` (Lumina2, Mochi): y RMS-normalised
+    (eps ``y_eps``, times ``y_weight`` (D,) when given), gated (``tanh_gate`` False: the gate as
+    is; no gate: ``x + RMS_w(y)``). Computed in fp32 (float64 for float64), returned in
+    ``out_dtype``, by default the promoted dtype of x, gate, y and y_weight."""
+    out = out_dtype or norm_modulate_dtype(x, gate, y, y_weight)
+    acc = _acc_dtype(out)
+    ya = norm_modulate_ref(y, weight=y_weight, rms=True, eps=y_eps, out_dtype=acc)  # (B, N, D)
+    if gate is not None:
+        ya = (torch.tanh(gate.to(acc)) if tanh_gate else gate.to(acc)) * ya
+    return (x.to(acc) + ya).to(out)
+
+
+def sandwich_residual_norm_modulate_ref(
+    x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, scale: torch.Tensor | None = None, *,
+    y_weight: torch.Tensor | None = None, weight: torch.Tensor | None = None, y_eps: float = 1e-6,
+    eps: float = 1e-6, tanh_gate: bool = True, out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_new = sandwich_residual_ref(x, gate, y, ...)``, then the next norm
+    ``h = RMS_weight(x_new) * (1 + scale)``; both in ``out_dtype`` (default: x_new's as
+    ``sandwich_residual_ref``, h in x_new's)."""
+    x_new = sandwich_residual_ref(x, gate, y, y_weight=y_weight, y_eps=y_eps, tanh_gate=tanh_gate, out_dtype=out_dtype)
+    return x_new, norm_modulate_ref(x_new, None, scale, weight=weight, rms=True, eps=eps,
+                                    out_dtype=out_dtype or x_new.dtype)

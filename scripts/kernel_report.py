@@ -5,7 +5,7 @@
 Each op's host code runs on small CPU tensors shaped like the real calls (PF-B/2 and PF-XL/2
 widths and an odd one, N = 256 tokens, bf16 / fp16 / fp32, per-token ``chunk`` views,
 per-sample and indexed modulation (``adaln_modulate``, ``gated_residual``, ``ada_rms_norm``,
-``gated_residual_modulate``),
+``gated_residual_modulate``), the general forms and the RMSNorm sandwich in bf16,
 every ``patch_euler`` form; for the LayerNorm ops also the forward that stores the row
 statistics under autograd, ``fwd+stats``, and the backward without them, ``bwd-recompute``),
 with two things swapped: Triton's driver names the target instead of asking a GPU, and each
@@ -13,7 +13,7 @@ launch becomes ``kernel.warmup`` (compile, no run). So every kernel goes through
 compiler (TTIR, PTX, then ptxas to a cubin) with exactly the specialisation a launch would give
 it (dtypes, 16-byte alignment of pointers and strides, constexprs), which the interpreter never
 exercises. Per compiled variant it reports the constexpr flags set (which member of a kernel
-family it is: ``IS_RMS_NORM``, ``HAS_RESIDUAL``, ``STATS_ONLY``...), num_warps, the row tiling
+family it is: ``IS_RMS_NORM``, ``HAS_RESIDUAL``, ``NO_H``, ``NORM_Y``...), num_warps, the row tiling
 (BLOCK_M, BLOCK_D, NUM_TILES) and the fraction of column lanes left empty (``padding``: D
 covered by ``cdiv(D, BLOCK_D)`` tiles), registers, stack-frame and spill bytes (``ptxas -v``, the ptxas
 Triton bundles), shared memory, and the width of the global loads and stores in the PTX
@@ -96,6 +96,7 @@ def _cases(torch, ops):
     rn = ops["ada_rms_norm"]
     rm = ops["gated_residual_modulate"]
     mo = ops["modulate_options"]
+    sw = ops["rms_sandwich"]
     gen = torch.Generator().manual_seed(0)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -163,6 +164,15 @@ def _cases(torch, ops):
                                                          False, 1e-6, stats))
             yield (f"gated fwd per-sample fp32-gate out={dname} {tag}",
                    lambda: gr.gated_residual_fwd(x, s_gate.float(), y, None, dtype))
+            # the RMSNorm sandwich (Lumina2, Mochi): NORM_Y with the next RMSNorm, and x_new alone
+            # (NO_H / no HAS_H), gated per sample and ungated (Lumina2's refiners)
+            for form, g_ in (("per-sample", s_gate), ("ungated", None)):
+                yield (f"sandwich fwd {form} {tag}",
+                       lambda: sw.sandwich_norm_modulate_fwd(x, g_, y, s_scale, 1e-5, 1e-6, dtype))
+                yield (f"sandwich bwd {form} {tag}",
+                       lambda: sw.sandwich_norm_modulate_bwd(grad, grad, x, g_, y, s_scale, 1e-5, 1e-6))
+                yield f"sandwich last fwd {form} {tag}", lambda: sw.sandwich_residual_fwd(x, g_, y, 1e-5, dtype)
+                yield f"sandwich last bwd {form} {tag}", lambda: sw.sandwich_residual_bwd(grad, g_, y, 1e-5)
     t = torch.rand(2, N_TOKENS, generator=gen)
     for dim in (256, 37):
         yield f"timestep_embedding fwd dim={dim}", lambda: te.timestep_embedding_fwd(t, dim, 10000.0)
@@ -231,10 +241,11 @@ def compile_all(arch: int, only: str | None = None) -> list[dict]:
     import pf_kernels.ops.modulate_options as mo
     import pf_kernels.ops.norm_modulate as family
     import pf_kernels.ops.patch_euler as pe
+    import pf_kernels.ops.rms_sandwich as sw
     import pf_kernels.ops.timestep_embedding as te
 
     ops = {"adaln_modulate": am, "gated_residual": gr, "ada_rms_norm": rn, "gated_residual_modulate": rm,
-           "timestep_embedding": te, "patch_euler": pe, "modulate_options": mo}
+           "timestep_embedding": te, "patch_euler": pe, "modulate_options": mo, "rms_sandwich": sw}
     launching = (family, gr, te, pe)  # the modules that launch kernels (through their ``wrap``)
     recorder = _Recorder()
     saved = [mod.wrap for mod in launching]

@@ -70,6 +70,8 @@ NORM_OPS = {  # op -> a call with given x and eps
     "ada_rms_norm_indexed": lambda x, eps: pf_kernels.ada_rms_norm_indexed(x, TABLE, INDEX, eps),
     "norm_modulate": lambda x, eps: pf_kernels.norm_modulate(x, MOD, MOD, eps=eps),
     "residual_norm_modulate": lambda x, eps: pf_kernels.residual_norm_modulate(x, MOD, X, MOD, MOD, eps=eps),
+    "sandwich_residual_norm_modulate": lambda x, eps: pf_kernels.sandwich_residual_norm_modulate(x, MOD, X, MOD,
+                                                                                                 eps=eps),
 }
 
 
@@ -83,6 +85,26 @@ def test_norm_ops_refuse_integer_data_and_a_negative_or_nan_eps(op):
             call(X, eps)
     with pytest.raises(ValueError, match=rf"{op}: \w+ must be a floating-point tensor, got torch.int64"):
         call(X.round().long(), 1e-6)
+
+
+def test_sandwich_ops_name_the_bad_argument():
+    """The RMSNorm sandwich: y's own eps, y's shape and the norms' weights, each one clear line."""
+    for op, call in (("sandwich_residual", lambda **kw: pf_kernels.sandwich_residual(X, MOD, X, **kw)),
+                     ("sandwich_residual_norm_modulate",
+                      lambda **kw: pf_kernels.sandwich_residual_norm_modulate(X, MOD, X, MOD, **kw))):
+        call(y_eps=0)  # good arguments run
+        for eps in (-1e-6, math.nan, "1e-6"):
+            with pytest.raises(ValueError, match=rf"{op}: y_eps must be a finite number >= 0, got"):
+                call(y_eps=eps)
+        with pytest.raises(ValueError, match=rf"{op}: y_weight must be a \(5,\) tensor"):
+            call(y_weight=torch.ones(4))
+        with pytest.raises(ValueError, match=rf"{op}: gate must be a floating-point tensor, got torch.int64"):
+            (pf_kernels.sandwich_residual if op == "sandwich_residual" else pf_kernels.sandwich_residual_norm_modulate)(
+                X, MOD.long(), X)
+    with pytest.raises(ValueError, match=r"sandwich_residual: y must have x's shape \(2, 3, 5\), got \(2, 1, 5\)"):
+        pf_kernels.sandwich_residual(X, MOD, MOD)
+    with pytest.raises(ValueError, match=r"sandwich_residual_norm_modulate: weight must be a \(5,\) tensor"):
+        pf_kernels.sandwich_residual_norm_modulate(X, MOD, X, MOD, weight=torch.ones(2, 5))
 
 
 def test_residual_and_euler_ops_refuse_integer_data():

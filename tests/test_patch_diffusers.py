@@ -138,8 +138,35 @@ def hunyuan_video():
                            "HunyuanVideoTransformerBlock": 1, "HunyuanVideoSingleTransformerBlock": 1}
 
 
+def lumina2():
+    model = diffusers.Lumina2Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=24,
+                                                num_layers=1, num_refiner_layers=1, num_attention_heads=2,
+                                                num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 4, 4),
+                                                axes_lens=(16, 16, 16), cap_feat_dim=16)
+    gen = torch.Generator().manual_seed(10)
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    mask[1, -2:] = False  # padded caption tokens
+    inputs = dict(hidden_states=torch.randn(B, 4, 4, 4, generator=gen), timestep=torch.tensor([0.3, 0.9]),
+                  encoder_hidden_states=torch.randn(B, 5, 16, generator=gen), encoder_attention_mask=mask)
+    # the layer and the noise refiner (modulated), the context refiner (modulation=False: ungated)
+    return model, inputs, {"LuminaRMSNormZero": 2, "Lumina2TransformerBlock": 3}
+
+
+def mochi():
+    model = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=12,
+                                              num_layers=2, pooled_projection_dim=16, in_channels=4,
+                                              text_embed_dim=16, time_embed_dim=8, max_sequence_length=8)
+    gen = torch.Generator().manual_seed(11)
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    mask[0, -1] = False
+    inputs = dict(hidden_states=torch.randn(B, 4, 2, 4, 4, generator=gen), timestep=torch.tensor([3, 801]),
+                  encoder_hidden_states=torch.randn(B, 5, 16, generator=gen), encoder_attention_mask=mask)
+    # block 1 is the last (context_pre_only: its context stream ends in MochiLayerNormContinuous)
+    return model, inputs, {"MochiRMSNormZero": 3, "AdaLayerNormContinuous": 1, "MochiTransformerBlock": 2}
+
+
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "hunyuan_video": hunyuan_video,
-            "wan": wan, "ltx": ltx, "cogvideox": cogvideox}
+            "wan": wan, "ltx": ltx, "cogvideox": cogvideox, "lumina2": lumina2, "mochi": mochi}
 
 
 def run(model, inputs, backend):
@@ -181,12 +208,15 @@ def test_same_outputs_and_grads_through_the_kernels(family, triton_backend):
     report = patch_diffusers(patched)
     assert report.by_class() == expected, str(report)
     assert not report.skipped, str(report)
-    kernels = [f"{op}_{way}" for op in ("norm_modulate", "residual_norm_modulate", "gated_residual")
+    kernels = [f"{op}_{way}" for op in ("norm_modulate", "residual_norm_modulate", "gated_residual",
+                                        "sandwich_residual_norm_modulate", "sandwich_residual")
                for way in ("fwd", "bwd")]
     before = {k: LAUNCHES[k] for k in kernels}
     got = run(patched, inputs, "triton")
     ran = {k for k in kernels if LAUNCHES[k] > before[k]}
     assert {"norm_modulate_fwd", "norm_modulate_bwd"} <= ran or {"gated_residual_fwd", "gated_residual_bwd"} <= ran
+    if family in ("lumina2", "mochi"):  # the sandwich seams ran through their kernels
+        assert {f"sandwich_residual{op}_{way}" for op in ("", "_norm_modulate") for way in ("fwd", "bwd")} <= ran
     assert_same(got, want)
     assert patched.state_dict().keys() == model.state_dict().keys()
     assert all(type(a) is type(b) for a, b in zip(patched.modules(), model.modules()))  # classes kept
@@ -257,7 +287,8 @@ def test_pickling_keeps_the_patch():
 
 
 @pytest.mark.parametrize("family,backend", [("flux", "torch"), ("dit", "torch"), ("sd3", "torch"), ("wan", "torch"),
-                                            pytest.param("flux", "triton", marks=needs_interp)])
+                                            pytest.param("flux", "triton", marks=needs_interp),
+                                            pytest.param("lumina2", "triton", marks=needs_interp)])
 def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family, backend):
     """compile_repeated_blocks(fullgraph=True) over the patched blocks: no graph break, the same
     output; through the torch path, and through the Triton route, whose ops stay opaque
@@ -267,7 +298,8 @@ def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family, b
     with torch.no_grad():
         want = model(**inputs).sample
     patch_diffusers(model)
-    model._repeated_blocks = model._repeated_blocks or ["BasicTransformerBlock", "JointTransformerBlock"]
+    model._repeated_blocks = model._repeated_blocks or ["BasicTransformerBlock", "JointTransformerBlock",
+                                                        "Lumina2TransformerBlock", "MochiTransformerBlock"]
     torch._dynamo.reset()
     model.compile_repeated_blocks(fullgraph=True, backend="eager" if backend == "torch" else "aot_eager")
     with pf_kernels.use_backend(backend), torch.no_grad(), \

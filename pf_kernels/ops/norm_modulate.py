@@ -7,6 +7,9 @@ One forward, one backward and one table-grad kernel serve these ops through cons
   norm_modulate / residual_norm_modulate (``modulate_options``): the general forms, RMSNorm with
       a shift (HAS_SHIFT with IS_RMS_NORM), the ungated residual x_new = x + y (HAS_RESIDUAL
       without HAS_GATE) and outputs in a chosen dtype.
+  sandwich_residual[_norm_modulate] (``rms_sandwich``): Lumina2/Mochi's x_new = x + gate * RMS(y),
+      then h = RMS(x_new) * (1 + scale)                                 HAS_RESIDUAL, NORM_Y
+      (x_new alone, a block's last update: NO_H in the forward, HAS_H off in the backward).
 One read of each input and one write of each output instead of eager PyTorch's chain of passes.
 Statistics and ``1 + scale`` are fp32 (in bf16 the sum would round away most of scale's bits).
 With HAS_RESIDUAL the norm reads x_new as stored (rounded to its dtype), so h is exactly
@@ -26,7 +29,8 @@ the RMSNorm backward recomputes rstd in the pass that reads x anyway.
 
 Backward, with w = 1 + scale, xhat the normalised row and dxhat = grad_h * w:
     d(norm input) = rstd * (dxhat - xhat * c1 - c2),  c1 = mean(dxhat * xhat),  c2 = mean(dxhat)
-(RMSNorm: no c2 term; with HAS_RESIDUAL grad_x is added, and dy = g * gate, dgate = g * y),
+(RMSNorm: no c2 term; with HAS_RESIDUAL grad_x is added, and dy = g * gate, dgate = g * y; NORM_Y
+reads y's row again for dy through its RMSNorm, see ``rms_sandwich``),
 dshift = grad_h, dscale = grad_h * xhat. A per-sample modulation's grads are summed per program
 in fp32 registers and the host adds the program partials in a fixed order; an indexed one with
 K <= MAX_TABLE_K has its table grads summed the same way by the table kernel, to which the
@@ -86,14 +90,15 @@ def _norm_modulate_fwd_kernel(
     INDEX, stride_ib, stride_in,  # (B, N) int64 table rows (HAS_INDEX only)
     XN, H, stride_ob, stride_on,  # (B, N, D) each, contiguous: x_new (HAS_RESIDUAL only) and h
     STATS,  # (B, N, 2) fp32 mean, rstd per token (STORE_STATS only: the backward's)
-    N, D, eps,
+    N, D, eps, eps_y,
     IS_RMS_NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     STORE_STATS: tl.constexpr,
     HAS_SHIFT: tl.constexpr,  # + shift (LayerNorm always; RMSNorm with shift, LTX's)
     HAS_GATE: tl.constexpr,  # HAS_RESIDUAL: x + gate * y, else the ungated x + y
-    STATS_ONLY: tl.constexpr,  # the LayerNorm statistics alone (``ln_stats``): no h
+    NO_H: tl.constexpr,  # no h: the LayerNorm statistics alone (``ln_stats``), or with HAS_RESIDUAL x_new alone
+    NORM_Y: tl.constexpr,  # HAS_RESIDUAL: y RMS-normalised first (eps_y), the sandwich x + gate * RMS(y)
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_TILES: tl.constexpr,
@@ -105,14 +110,24 @@ def _norm_modulate_fwd_kernel(
     row_ok = rows < N
     mrows = mod_row_index(INDEX, stride_ib, stride_in, b, rows, row_ok, HAS_INDEX)
     x_rows = X + b * stride_xb + rows * stride_xn
+    y_rows = Y + b * stride_yb + rows * stride_yn
     out_rows = b * stride_ob + rows * stride_on  # offsets into XN and H
+    if NORM_Y:  # pass 0: y's rstd_y = 1 / sqrt(mean(y^2) + eps_y), before x_new can be formed
+        y_m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for t in tl.static_range(NUM_TILES):
+            cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
+            yf = load_tile(y_rows, cols, mask)
+            y_m2 += tl.sum(yf * yf, axis=1)
+        rstd_y = 1.0 / tl.sqrt(y_m2 / D + eps_y)  # (BLOCK_M,)
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t in tl.static_range(NUM_TILES):
         cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
         xf = load_tile(x_rows, cols, mask)
         if HAS_RESIDUAL:  # x_new = x + gate * y (or x + y), stored in its dtype; the norm reads that value
-            yf = load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask)
+            yf = load_tile(y_rows, cols, mask)
+            if NORM_Y:
+                yf = yf * rstd_y[:, None]
             if HAS_GATE:
                 yf = load_tile(GATE + b * stride_gb + mrows * stride_gn, cols, mask) * yf
             xn = (xf + yf).to(XN.dtype.element_ty)
@@ -123,7 +138,7 @@ def _norm_modulate_fwd_kernel(
     if HAS_RESIDUAL and NUM_TILES > 1:
         tl.debug_barrier()  # x_new, stored by all the program's threads, is read back below
 
-    if not STATS_ONLY:
+    if not NO_H:
         for t in tl.static_range(NUM_TILES):
             cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
             if NUM_TILES > 1:  # one tile: the row is still in registers
@@ -150,21 +165,42 @@ def norm_input_grad(wdy, xhat, c1, c2, rstd, IS_RMS_NORM: tl.constexpr):
 
 
 @triton.jit
+def stream_grad(gh_rows, x_rows, DXN_rows, SCALE_SAMPLE, scale_rows, cols, mask, D, mean, rstd, c1, c2,
+                IS_RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_H: tl.constexpr,
+                REDUCE_SCALE: tl.constexpr):
+    """(g, gh, xhat) of a tile (BLOCK_M, BLOCK_D): g the grad of the norm's input (HAS_H) plus,
+    with HAS_RESIDUAL, the grad of x_new that flows on along the stream; gh the grad of h and
+    xhat the normalised rows (both g itself without HAS_H: unused then)."""
+    if HAS_H:
+        gh = load_tile(gh_rows, cols, mask)
+        xhat = tl.where(mask, (load_tile(x_rows, cols, mask) - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = gh * (1.0 + load_mod(SCALE_SAMPLE, scale_rows, cols, mask, D, REDUCE_SCALE))
+        g = norm_input_grad(wdy, xhat, c1, c2, rstd, IS_RMS_NORM)
+        if HAS_RESIDUAL:
+            g += load_tile(DXN_rows, cols, mask)
+    else:
+        g = load_tile(DXN_rows, cols, mask)
+        gh = g
+        xhat = g
+    return g, gh, xhat
+
+
+@triton.jit
 def _norm_modulate_bwd_kernel(
-    DH, stride_dhb, stride_dhn,  # (B, N, D) grad of h
+    DH, stride_dhb, stride_dhn,  # (B, N, D) grad of h (HAS_H only)
     DXN, stride_dnb, stride_dnn,  # HAS_RESIDUAL: (B, N, D) grad of x_new (the stream further on)
-    X, stride_xb, stride_xn,  # (B, N, D) the norm's input (x, or x_new saved by the forward)
+    X, stride_xb, stride_xn,  # (B, N, D) the norm's input (x, or x_new saved by the forward; HAS_H only)
     GATE, stride_gb, stride_gn,  # HAS_RESIDUAL: as in the forward
     Y, stride_yb, stride_yn,  # HAS_RESIDUAL: (B, N, D)
-    SCALE, stride_sb, stride_sn,  # as in the forward
+    SCALE, stride_sb, stride_sn,  # as in the forward (HAS_H only)
     INDEX, stride_ib, stride_in,  # (B, N) int64 (HAS_INDEX only)
-    DX, DY, stride_db, stride_dn,  # (B, N, D) each, contiguous (DY: HAS_RESIDUAL; neither when TABLE)
+    DX, DY, stride_db, stride_dn,  # (B, N, D) each, contiguous (DY: HAS_RESIDUAL; neither when TABLE; DX: HAS_H)
     DGATE, stride_dgb, stride_dgn,  # (B, N, D) per token, or (B, P, D) fp32 partials (REDUCE_GATE)
     DSHIFT, stride_dfb, stride_dfn,  # (B, P, D) fp32 partials (REDUCE_SHIFT only; else dshift = grad_h)
     DSCALE, stride_dsb, stride_dsn,  # (B, N, D) per token, or (B, P, D) fp32 partials (REDUCE_SCALE)
     STATS,  # (B, N, 2) fp32 mean, rstd (LayerNorm: the forward's, or ln_stats')
     TSTATS,  # (B, N, 4) fp32 mean, rstd, c1, c2 per token (TABLE only: the table kernel does the rest)
-    N, D, eps, ROWS_PER_PROG,
+    N, D, eps, eps_y, ROWS_PER_PROG,
     IS_RMS_NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_INDEX: tl.constexpr,
@@ -173,6 +209,8 @@ def _norm_modulate_bwd_kernel(
     REDUCE_SCALE: tl.constexpr,
     TABLE: tl.constexpr,
     HAS_GATE: tl.constexpr,  # HAS_RESIDUAL: dy = g * gate and dgate = g * y, else dy = g
+    HAS_H: tl.constexpr,  # False: the forward's NO_H with HAS_RESIDUAL (x_new alone; dx = grad_x, the host's)
+    NORM_Y: tl.constexpr,  # the forward's sandwich x + gate * RMS(y) (not with TABLE)
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_TILES: tl.constexpr,
@@ -180,7 +218,9 @@ def _norm_modulate_bwd_kernel(
 ):
     # Grid (P, B): program p walks tokens [p * ROWS_PER_PROG, (p + 1) * ROWS_PER_PROG) of sample
     # b, BLOCK_M whole rows per step, each in NUM_TILES column tiles: pass 1 the row sums c1, c2
-    # (RMSNorm: also rstd), pass 2 the grads tile by tile (the tiles read again).
+    # (RMSNorm: also rstd), pass 2 the grads tile by tile (the tiles read again). NORM_Y adds
+    # y's sum of squares to pass 1 and a pass between the two for cy = mean(dyhat * yhat), with
+    # dyhat = g * gate the grad of yhat = y * rstd_y: then dy = rstd_y * (dyhat - yhat * cy).
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     acc_dgate = tl.zeros((TILES_P2, BLOCK_D), dtype=tl.float32)
@@ -193,31 +233,51 @@ def _norm_modulate_bwd_kernel(
         mrows = mod_row_index(INDEX, stride_ib, stride_in, b, rows, row_ok, HAS_INDEX)
         gh_rows = DH + b * stride_dhb + rows * stride_dhn
         x_rows = X + b * stride_xb + rows * stride_xn
+        y_rows = Y + b * stride_yb + rows * stride_yn
+        gx_rows = DXN + b * stride_dnb + rows * stride_dnn
+        gate_rows = GATE + b * stride_gb + mrows * stride_gn
         scale_rows = SCALE + b * stride_sb + mrows * stride_sn
-        if IS_RMS_NORM:
+        if IS_RMS_NORM or not HAS_H:
             mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
         else:
             mean, rstd = load_pair(STATS, (b * N + rows) * 2, row_ok)
         # LayerNorm: s1 = sum(dxhat * xhat), s2 = sum(dxhat). RMSNorm: s1 = sum(x * dxhat) and
-        # s2 = sum(x^2), rstd from s2 and c1 = rstd * s1 / D (xhat = x * rstd).
+        # s2 = sum(x^2), rstd from s2 and c1 = rstd * s1 / D (xhat = x * rstd). NORM_Y: sy = sum(y^2).
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sy = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for t in tl.static_range(NUM_TILES):
             cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
-            xf = load_tile(x_rows, cols, mask)
-            wdy = load_tile(gh_rows, cols, mask) * (1.0 + load_mod(SCALE + b * stride_sb, scale_rows, cols, mask, D,
-                                                                   REDUCE_SCALE))
-            if IS_RMS_NORM:
-                s1 += tl.sum(xf * wdy, axis=1)
-                s2 += tl.sum(xf * xf, axis=1)
-            else:
-                s1 += tl.sum(tl.where(mask, (xf - mean[:, None]) * rstd[:, None], 0.0) * wdy, axis=1)
-                s2 += tl.sum(wdy, axis=1)
-        if IS_RMS_NORM:
+            if HAS_H:
+                xf = load_tile(x_rows, cols, mask)
+                wdy = load_tile(gh_rows, cols, mask) * (1.0 + load_mod(SCALE + b * stride_sb, scale_rows, cols, mask,
+                                                                       D, REDUCE_SCALE))
+                if IS_RMS_NORM:
+                    s1 += tl.sum(xf * wdy, axis=1)
+                    s2 += tl.sum(xf * xf, axis=1)
+                else:
+                    s1 += tl.sum(tl.where(mask, (xf - mean[:, None]) * rstd[:, None], 0.0) * wdy, axis=1)
+                    s2 += tl.sum(wdy, axis=1)
+            if NORM_Y:
+                yf = load_tile(y_rows, cols, mask)
+                sy += tl.sum(yf * yf, axis=1)
+        if IS_RMS_NORM and HAS_H:
             rstd = 1.0 / tl.sqrt(s2 / D + eps)  # (BLOCK_M,)
             s1 = rstd * s1
         c1 = s1 / D
         c2 = s2 / D
+        if NORM_Y:  # cy = mean(dyhat * yhat) = rstd_y * sum(dyhat * y) / D, from the stream's grad g
+            rstd_y = 1.0 / tl.sqrt(sy / D + eps_y)  # (BLOCK_M,)
+            sgy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for t in tl.static_range(NUM_TILES):
+                cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
+                g, _, _ = stream_grad(gh_rows, x_rows, gx_rows, SCALE + b * stride_sb, scale_rows, cols, mask, D,
+                                      mean, rstd, c1, c2, IS_RMS_NORM, HAS_RESIDUAL, HAS_H, REDUCE_SCALE)
+                if HAS_GATE:
+                    g = g * load_mod(GATE + b * stride_gb, gate_rows, cols, mask, D, REDUCE_GATE)
+                sgy += tl.sum(g * load_tile(y_rows, cols, mask), axis=1)
+            cy = rstd_y * sgy / D
         if TABLE:
             store_pair(TSTATS, (b * N + rows) * 4, row_ok, mean, rstd)
             store_pair(TSTATS, (b * N + rows) * 4 + 2, row_ok, c1, c2)
@@ -225,26 +285,27 @@ def _norm_modulate_bwd_kernel(
             out_rows = b * stride_db + rows * stride_dn  # offsets into DX and DY
             for t in tl.static_range(NUM_TILES):
                 cols, mask = tile_mask(row_ok, t, D, BLOCK_D)
-                gh = load_tile(gh_rows, cols, mask)
-                xhat = tl.where(mask, (load_tile(x_rows, cols, mask) - mean[:, None]) * rstd[:, None], 0.0)
-                wdy = gh * (1.0 + load_mod(SCALE + b * stride_sb, scale_rows, cols, mask, D, REDUCE_SCALE))
-                g = norm_input_grad(wdy, xhat, c1, c2, rstd, IS_RMS_NORM)
-                if HAS_RESIDUAL:  # g: the stream's whole grad, the norm's plus the one that flows on
-                    g += load_tile(DXN + b * stride_dnb + rows * stride_dnn, cols, mask)
+                # g: the stream's whole grad, the norm's plus (HAS_RESIDUAL) the one that flows on
+                g, gh, xhat = stream_grad(gh_rows, x_rows, gx_rows, SCALE + b * stride_sb, scale_rows, cols, mask, D,
+                                          mean, rstd, c1, c2, IS_RMS_NORM, HAS_RESIDUAL, HAS_H, REDUCE_SCALE)
+                if HAS_RESIDUAL:
+                    yv = load_tile(y_rows, cols, mask)  # the gated term: y, or yhat = y * rstd_y (NORM_Y)
+                    if NORM_Y:
+                        yv = yv * rstd_y[:, None]
+                    dyv = g  # the grad of the gated term
                     if HAS_GATE:
-                        gate = load_mod(GATE + b * stride_gb, GATE + b * stride_gb + mrows * stride_gn, cols, mask,
-                                        D, REDUCE_GATE)
-                        store_tile(DY + out_rows, cols, g * gate, mask, DY)
-                        dgate = tl.where(mask, g * load_tile(Y + b * stride_yb + rows * stride_yn, cols, mask), 0.0)
-                        acc_dgate = sum_or_store(acc_dgate, dgate, t, TILES_P2, REDUCE_GATE,
+                        dyv = g * load_mod(GATE + b * stride_gb, gate_rows, cols, mask, D, REDUCE_GATE)
+                        acc_dgate = sum_or_store(acc_dgate, tl.where(mask, g * yv, 0.0), t, TILES_P2, REDUCE_GATE,
                                                  DGATE + b * stride_dgb + rows * stride_dgn, cols, mask, DGATE)
-                    else:
-                        store_tile(DY + out_rows, cols, g, mask, DY)
-                store_tile(DX + out_rows, cols, g, mask, DX)
-                acc_dscale = sum_or_store(acc_dscale, gh * xhat, t, TILES_P2, REDUCE_SCALE,
-                                          DSCALE + b * stride_dsb + rows * stride_dsn, cols, mask, DSCALE)
-                if REDUCE_SHIFT:
-                    acc_dshift = add_tile(acc_dshift, tl.sum(gh, axis=0), t, TILES_P2)
+                    if NORM_Y:
+                        dyv = norm_input_grad(dyv, yv, cy, cy, rstd_y, True)
+                    store_tile(DY + out_rows, cols, dyv, mask, DY)
+                if HAS_H:
+                    store_tile(DX + out_rows, cols, g, mask, DX)
+                    acc_dscale = sum_or_store(acc_dscale, gh * xhat, t, TILES_P2, REDUCE_SCALE,
+                                              DSCALE + b * stride_dsb + rows * stride_dsn, cols, mask, DSCALE)
+                    if REDUCE_SHIFT:
+                        acc_dshift = add_tile(acc_dshift, tl.sum(gh, axis=0), t, TILES_P2)
     if REDUCE_GATE:
         store_tiles(DGATE + b * stride_dgb + pid * stride_dgn, acc_dgate, D, BLOCK_D, TILES_P2)
     if REDUCE_SHIFT:
@@ -327,19 +388,24 @@ def _rows_arg(t, indexed: bool):
 
 
 def norm_modulate_fwd(op: str, x, scale, index, eps: float, dtype, *, shift=None, gate=None, y=None,
-                      store_stats=False, stats_only=False, rms=None):
+                      store_stats=False, stats_only=False, rms=None, y_eps=None, no_h=False):
     """Returns (x_new, h, stats). x (B, N, D); scale, shift and gate (with y: HAS_RESIDUAL; no gate:
     the ungated x + y), each (B, N|1, D), or (B, K, D) tables with index (B, N). ``rms``: RMSNorm
     instead of LayerNorm (default: when there is no shift; an RMSNorm may have one). h (and
     x_new, else h itself) (B, N, D) in ``dtype``; stats (B, N, 2) fp32 mean and rstd of each row
-    when ``store_stats`` (else None). ``op`` names the launches in ``LAUNCHES``."""
+    when ``store_stats`` (else None). ``y_eps``: y RMS-normalised first (the sandwich
+    x + gate * RMS(y); not indexed). ``no_h`` (with y): x_new alone, h is x_new, scale unused.
+    ``op`` names the launches in ``LAUNCHES``."""
     is_rms = shift is None if rms is None else bool(rms)
     residual, indexed, has_shift, has_gate = y is not None, index is not None, shift is not None, gate is not None
-    x, scale = last_dim_contiguous(x), last_dim_contiguous(scale)
+    norm_y = y_eps is not None
+    x = last_dim_contiguous(x)
+    scale = x if scale is None else last_dim_contiguous(scale)  # absent only with no_h: not read
     shift, gate, y = (x if t is None else last_dim_contiguous(t) for t in (shift, gate, y))
     bsz, n, d = x.shape
+    skip_h = stats_only or no_h
     h = x if stats_only else empty_rows((bsz, n, d), dtype, x.device)  # ln_stats writes no h
-    x_new = empty_rows((bsz, n, d), dtype, x.device) if residual else h
+    x_new = h if no_h or not residual else empty_rows((bsz, n, d), dtype, x.device)
     stats = torch.empty((bsz, n, 2), dtype=torch.float32, device=x.device) if store_stats else None
     if h.numel() == 0:
         return x_new, h, stats
@@ -354,9 +420,10 @@ def norm_modulate_fwd(op: str, x, scale, index, eps: float, dtype, *, shift=None
         *index_args(index, x),
         x_new, h, h.stride(0), h.stride(1),
         h if stats is None else stats,
-        n, d, eps,
+        n, d, eps, 0.0 if y_eps is None else y_eps,
         IS_RMS_NORM=is_rms, HAS_RESIDUAL=residual, HAS_INDEX=indexed, STORE_STATS=store_stats,
-        STATS_ONLY=stats_only, HAS_SHIFT=has_shift, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_D=block_d, NUM_TILES=n_tiles, num_warps=num_warps,
+        NO_H=skip_h, NORM_Y=norm_y, HAS_SHIFT=has_shift, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_D=block_d,
+        NUM_TILES=n_tiles, num_warps=num_warps,
     )  # fmt: skip
     return x_new, h, stats
 
@@ -368,7 +435,7 @@ def ln_stats(x, eps: float) -> torch.Tensor:
 
 
 def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, *, shift=None, gate=None, y=None,
-                      grad_x=None, vec_bytes: int = 16, rms=None):
+                      grad_x=None, vec_bytes: int = 16, rms=None, y_eps=None, no_h=False):
     """Returns (dx, dgate, dy, dshift, dscale) of ``norm_modulate_fwd``'s op (None for the inputs
     it does not have); x is the norm's input (x_new with a gate). dx in x's dtype.
 
@@ -377,19 +444,23 @@ def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, 
     Indexed: the (B, K, D) grads of the tables, summed in the table kernel without atomics for
     K <= MAX_TABLE_K, by a scatter of per-token grads above. ``stats``: the LayerNorm forward's
     (B, N, 2) mean and rstd, or None to compute them first (``ln_stats``). ``vec_bytes``: bytes
-    a thread moves per tensor and tile (``row_tiles``). ``rms``, and y without gate: as in
-    ``norm_modulate_fwd``.
+    a thread moves per tensor and tile (``row_tiles``). ``rms``, y without gate, ``y_eps`` and
+    ``no_h``: as in ``norm_modulate_fwd`` (no_h: grad_h, x and scale None; dx is grad_x itself).
     """
     is_rms = shift is None if rms is None else bool(rms)
     residual, indexed, has_gate = y is not None, index is not None, gate is not None
-    mods = (gate, shift, scale)  # None where the op has none
+    if y_eps is not None and indexed:
+        raise ValueError(f"{op}: the RMS-normalised y (y_eps) has no indexed form")
+    mods = (gate, shift, None if no_h else scale)  # None where the op has none
+    if no_h:  # x_new alone: nothing of a norm to read (placeholders, never read)
+        grad_h = x = scale = grad_x
     grad_h, x, scale = last_dim_contiguous(grad_h), last_dim_contiguous(x), last_dim_contiguous(scale)
     bsz, n, d = x.shape
     dev = x.device
     k_rows = int(scale.shape[1]) if indexed else 0
     table = bool(indexed and k_rows <= MAX_TABLE_K)
     reduce = [t is not None and per_sample(t, n, indexed) for t in mods]
-    dx = empty_rows((bsz, n, d), x.dtype, dev)
+    dx = x if no_h else empty_rows((bsz, n, d), x.dtype, dev)  # no_h: grad_x itself
     dy = empty_rows((bsz, n, d), y.dtype, dev) if residual else dx
     block_m, block_d, n_tiles, num_warps = row_tiles(n, d, x.element_size(), vec_bytes)
     if any(reduce):
@@ -406,7 +477,7 @@ def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, 
 
     bufs = [grad_buf(t, r, per_token) for t, r, per_token in zip(mods, reduce, (True, False, True))]
     from_forward = stats is not None
-    if not is_rms:
+    if not is_rms and not no_h:
         stats = stats.contiguous() if from_forward else ln_stats(x, eps)
     table_stats = torch.empty((bsz, n, 4), dtype=torch.float32, device=dev) if table else dx
     gate_arg, y_arg, gx_arg = (x if t is None else last_dim_contiguous(t) for t in (gate, y, grad_x))
@@ -423,9 +494,10 @@ def norm_modulate_bwd(op: str, grad_h, x, scale, index, eps: float, stats=None, 
             dx, dy, dx.stride(0), dx.stride(1),
             *(v for buf in bufs for v in (buf, buf.stride(0), buf.stride(1))),
             dx if stats is None else stats, table_stats,
-            n, d, eps, rows_per_prog,
+            n, d, eps, 0.0 if y_eps is None else y_eps, rows_per_prog,
             IS_RMS_NORM=is_rms, HAS_RESIDUAL=residual, HAS_INDEX=indexed, REDUCE_GATE=reduce[0],
-            REDUCE_SHIFT=reduce[1], REDUCE_SCALE=reduce[2], TABLE=table, HAS_GATE=has_gate, BLOCK_M=block_m, BLOCK_D=block_d,
+            REDUCE_SHIFT=reduce[1], REDUCE_SCALE=reduce[2], TABLE=table, HAS_GATE=has_gate, HAS_H=not no_h,
+            NORM_Y=y_eps is not None, BLOCK_M=block_m, BLOCK_D=block_d,
             NUM_TILES=n_tiles, TILES_P2=triton.next_power_of_2(n_tiles), num_warps=num_warps,
         )  # fmt: skip
     else:
