@@ -1,10 +1,12 @@
 """The evidence study (pf.experiments.evidence): the recipe's cosine schedule, the committed
 feature spaces and their fingerprints, the resolution-shifted LTG arm, the stage order a
-partial run is most useful in, a report that refuses a point of another classifier, and the
-study end to end at the toy size (two arms)."""
+partial run is most useful in, SiT's own samplers added without changing a key of the stages
+before them, a report that refuses a point of another classifier, and the study end to end at
+the toy size (two arms)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -107,6 +109,74 @@ def test_stage_keys_ignore_settings_outside_what_a_stage_computes():
     assert all(a[n] == k for n, k in b.items() if n in a)
 
 
+SIT_SAMPLER_SETTINGS = ("sit_samplers", "sit_sampler_nfe", "sit_sampler_seeds")
+
+
+def test_sits_own_samplers_add_stages_and_change_no_key_of_the_stages_before_them():
+    """A study without the samplers' settings (the study before them, whose records the running
+    study wrote) has the same stages with the same keys, whatever those settings say; the new
+    stages are the samplers', each right after its SiT seed's curve (and profile); and the
+    committed floor record, written by the code before them, is still its stage's."""
+    now = study()
+    before = copy.deepcopy(now)
+    for k in SIT_SAMPLER_SETTINGS:
+        del before["eval"][k]
+    old = {x.name: x.key for x in evidence.build_stages(before)}
+    sit_arms = ("sit_uniform", "sit_logit_normal")
+    for variant in (now, study("eval.sit_samplers=[heun]", "eval.sit_sampler_nfe=25", "eval.sit_sampler_seeds=[0,1]")):
+        new = {x.name: x.key for x in evidence.build_stages(variant)}
+        assert {n: new[n] for n in old} == old
+        assert [n for n in new if n not in old] == [f"samplers {a} seed {s}" for a in sit_arms for s in (0, 1, 2)]
+    stages = evidence.build_stages(now)
+    names = [x.name for x in stages]
+    for s in (0, 1, 2):
+        i = names.index(f"samplers sit_uniform seed {s}")
+        assert names[i - 1 - (s == 0)] == f"curve sit_uniform seed {s}"
+        assert stages[i].deps == (f"train sit_uniform seed {s}", f"curve sit_uniform seed {s}")
+        assert stages[i].args["samplers"] == ["euler", "heun", "sde"] and stages[i].args["nfe"] == 100
+    # the committed records (written by ``python -m``: their functions are ``__main__:...``) have
+    # the arguments of their stages now, so the same keys
+    records = [json.loads(f.read_text()) for f in (ROOT / now["records_dir"] / "stages").glob("*.json")]
+    assert records
+    for rec in records:
+        stage = stages[names.index(rec["name"])]
+        assert rec["args"] == stage.args and rec["fn"].split(":")[1] == stage.fn.split(":")[1], rec["name"]
+    assert evidence.sit_sampler_steps(["euler", "heun", "sde"], 100) == [
+        ("euler", {}, 100), ("heun", {}, 50), ("sde", evidence.SIT_SAMPLERS["sde"], 100)]  # Heun: 2 calls a step
+    with pytest.raises(ValueError, match="unknown sampler"):
+        evidence.build_stages(study("eval.sit_samplers=[euler,dopri5]"))
+    off = {x.name for x in evidence.build_stages(study("eval.sit_samplers=[]"))}
+    assert off == set(old)
+
+
+def test_sits_best_sampler_is_the_lowest_mean_over_the_seeds_every_sampler_has():
+    """The rule on made-up points: the lowest mean over the shared training seeds (not the most
+    seed-wins), chosen in the first feature space; PF pairs with it on the same sampling seeds."""
+    s = study("arms=[pf_ltg,sit_uniform]", "eval.sit_sampler_seeds=[0]")
+
+    def pt(arm, ts, ss, k, fids, **kw):
+        return {"arm": arm, "train_seed": ts, "sample_seed": ss, "steps": k, "nfe": 100,
+                "spaces": [{"fid": f} for f in fids], **kw}
+    # (first, second feature space) per training seed. First-space means: Euler 10, Heun 9.33, SDE
+    # 10.67 (the SDE best on 2 of 3 seeds); second: Euler 9, Heun 9, SDE 7.67
+    fids = {"euler": [(10.0, 9.0), (10.0, 9.0), (10.0, 9.0)], "heun": [(9.5, 9.5), (9.5, 9.5), (9.0, 8.0)],
+            "sde": [(8.0, 7.0), (8.0, 7.0), (16.0, 9.0)]}
+    sampler_points = [pt("sit_uniform", ts, 0, 50 if n == "heun" else 100, fids[n][ts], sampler=n, target_nfe=100)
+                      for n in fids for ts in (0, 1, 2)]
+    sampler_points.append(pt("sit_uniform", 3, 0, 100, (1.0, 1.0), sampler="sde", target_nfe=100))  # not shared
+    points = [pt("pf_ltg", ts, ss, 100, (7.0 + ts + 10 * ss, 7.0)) for ts in (0, 1, 2) for ss in (0, 1)]
+    data = {"points": points, "sampler_points": sampler_points}
+    c = evidence.sampler_cells(s, data, 0)
+    assert evidence.best_sampler(c, "sit_uniform", ["euler", "heun", "sde"], 100) == ("heun", [0, 1, 2])
+    assert evidence.best_sampler(evidence.sampler_cells(s, data, 1), "sit_uniform", ["euler", "heun", "sde"],
+                                 100) == ("sde", [0, 1, 2])  # the check may disagree; the report says so
+    (pf, sit, best, pairs), = evidence.best_sampler_pairs(s, data)
+    assert (pf, sit, best) == ("pf_ltg", "sit_uniform", "heun")
+    assert pairs[0] == [(0, 7.0 - 9.5), (1, 8.0 - 9.5), (2, 9.0 - 9.0)]  # sampling seed 0 only (PF's seed 1: +10)
+    assert pairs[1] == [(0, 7.0 - 9.5), (1, 7.0 - 9.5), (2, 7.0 - 8.0)]  # the same sampler in the second space
+    assert evidence.best_sampler(c, "sit_logit_normal", ["euler"], 100) == (None, [])
+
+
 def test_a_report_refuses_a_point_of_another_classifier():
     ok = {"arm": "pf_ltg", "train_seed": 0, "steps": 10, "spaces": [{"classifier": "a"}, {"classifier": "b"}]}
     evidence.check_one_space([ok], ["a", "b"])
@@ -147,15 +217,32 @@ def test_evidence_toy_end_to_end(tmp_path):
     assert "n = 2 training seeds" in text and "Stages still pending" not in text
     assert "what patch heterogeneity adds" not in text  # pf_ltg is not in this study
     assert "PF (one time per sample, LTG's marginal) against SiT (uniform t)" in text
+    # SiT's own samplers at NFE 4 (Euler K = 4, Heun K = 2, the SDE M = 4), sampling seed 0, both
+    # training seeds; Euler's points are the curve's, read back
+    sp = data["sampler_points"]
+    assert sorted((p["sampler"], p["steps"], p["train_seed"]) for p in sp) == [
+        (n, k, ts) for n, k in (("euler", 4), ("heun", 2), ("sde", 4)) for ts in (0, 1)]
+    assert all(p["nfe"] == 4 and p["sample_seed"] == 0 and p["arm"] == "sit_uniform" for p in sp)
+    curve = {(p["train_seed"], p["steps"], p["sample_seed"]): p["fid"] for p in data["points"]
+             if p["arm"] == "sit_uniform"}
+    assert all(p["fid"] == curve[(p["train_seed"], 4, 0)] for p in sp if p["sampler"] == "euler")
+    assert len({p["fid"] for p in sp}) > 2  # Heun and the SDE draw other images
+    section = text[text.index("## SiT with its own samplers at NFE 4"):]
+    section = section[:section.index("\n## ")]
+    assert "| SiT (uniform t) | Heun | 2 | 4 | seed 0: " in section and "best sampler **" in section
+    assert "PF (one time per sample, LTG's marginal) against SiT (uniform t) with " in section
+    assert "n = 2 training seeds" in section
     # no stage starts once the CPU budget is spent: a new sampling seed's points are refused
     with pytest.raises(spaces.BudgetSpent):
         evidence.main(cli.parse(evidence.DEFAULTS, [*argv, "cpu_budget_hours=0.0", "eval.seeds=[0,1,2]"],
                                 free=evidence.FREE), argv=["toy=true"])
     # curves in progress (their stage records not written yet) still report the points they stored
     for path in (tmp_path / "rec" / "stages").glob("*.json"):
-        if json.loads(path.read_text())["name"].startswith("curve "):
+        if json.loads(path.read_text())["name"].startswith(("curve ", "samplers ")):
             path.unlink()
-    assert sorted(map(config_key, evidence.collect(s)["points"])) == sorted(map(config_key, data["points"]))
+    again = evidence.collect(s)
+    for kind in ("points", "sampler_points"):
+        assert sorted(map(config_key, again[kind])) == sorted(map(config_key, data[kind]))
 
 
 def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):
@@ -189,6 +276,7 @@ def test_a_device_call_can_run_the_study():
     from pf.experiments import device_call
     p = device_call.plan("pf.experiments.evidence", ["device=cuda", "records_dir=/nonexistent-records"], 540)
     assert p["jobs"] == 8 and p["left"][0] == "floor" and "train pf_ltg seed 2" in p["left"] and not p["done"]
+    assert "samplers sit_uniform seed 2" in p["left"]  # SiT's own samplers run in the same call
 
 
 def test_the_cut_grid_is_eulers_grid_to_the_cut_then_one_step():

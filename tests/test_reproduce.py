@@ -66,6 +66,10 @@ def test_the_default_study_is_the_papers_comparison():
     assert not any(v for n, v in rekeyed.items() if n.startswith("train ")) and rekeyed["curve pf_ltg euler_pf seed 0"]
     with pytest.raises(ValueError, match="global-time model"):
         reproduce.build_stages({**study, "eval": {**study["eval"], "samplers": {"sit_uniform": ["look_ahead"]}}})
+    # SiT's own samplers are a SiT arm's curves, every training seed (they are not adaptive)
+    sit = reproduce.build_stages({**study, "eval": {**study["eval"], "samplers": {"sit_uniform": ["euler", "heun", "sde"]}}})
+    assert {s.name for s in sit if s.name.startswith("curve sit_uniform")} == {
+        f"curve sit_uniform {n} seed {t}" for n in ("euler", "heun", "sde") for t in (0, 1)}
 
 
 @needs_fashion

@@ -63,6 +63,12 @@ ARMS = {
     "pf_logit_normal": {"label": "PF (one logit-normal t per sample)",
                         "overrides": ["trainer=pf", "trainer.timesteps.name=logit_normal"]},
 }
+# SiT's own samplers for its global-time arms (SPEC section 13), each with the parameters it draws
+# with: SiT's sampling script's defaults (the SDE's diffusion "sigma", norm 1, the drift-only last
+# step of 0.04), given explicitly so that a point names them and a later change of a default in
+# pf.samplers makes a new point, not a stale one.
+SIT_SAMPLERS = {"euler": {}, "heun": {},
+                "sde": {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step_size": 0.04}}
 SAMPLER_LABELS = {"euler": "Euler", "euler_pf": "Euler", "dual_loop": "dual-loop", "look_ahead": "look-ahead",
                   "heun": "Heun", "sde": "SDE"}  # heun, sde: the SiT baseline's own samplers (SPEC 13)
 

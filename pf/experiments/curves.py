@@ -20,6 +20,7 @@ import torch
 
 from pf import samplers
 from pf.eval.metrics import compute_metrics
+from pf.experiments.comparison import SIT_SAMPLERS
 from pf.experiments.common import (PointModel, TrainedRun, classifier_path, feature_classifier, reference_images,
                                    resolve_device)
 from pf.experiments.records import cached, cached_result, config_key
@@ -100,8 +101,9 @@ def steps_for_nfe(sampler, budget: int) -> int:
 
 
 def sampler_params(study: dict, name: str) -> dict:
-    """The parameters the study draws sampler ``name`` with (``eval.dual_loop`` / ``eval.look_ahead``)."""
-    return dict(study["eval"].get(name, {})) if name in ADAPTIVE_SAMPLERS else {}
+    """The parameters the study draws sampler ``name`` with (``eval.dual_loop`` / ``eval.look_ahead``;
+    SiT's samplers: its defaults, :data:`pf.experiments.comparison.SIT_SAMPLERS`)."""
+    return dict(study["eval"].get(name, {})) if name in ADAPTIVE_SAMPLERS else dict(SIT_SAMPLERS.get(name, {}))
 
 
 def curve_points(study: dict, name: str) -> list[tuple[int, int]]:

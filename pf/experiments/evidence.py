@@ -17,25 +17,33 @@ machine) and counted sampling seeds as if they were training runs. This version:
    drawn from LTG's per-patch marginal (the same time density, no heterogeneity), then SiT
    (logit-normal t) last, if the budget allows;
 4. Euler at every K of ``eval.nfe`` for every training seed and sampling seed, ``eval.num_samples``
-   images a point, FID and KID (and precision / recall) against the held-out test split;
+   images a point, FID and KID (and precision / recall) against the held-out test split; the
+   SiT arms also with SiT's own samplers, Heun and the SDE (SPEC section 13, SiT's defaults),
+   at ``eval.sit_sampler_nfe`` model calls (Heun: K = NFE / 2) from ``eval.sit_sampler_seeds``;
 5. writes the report (``results``) with differences paired per training seed (n = training
-   seeds; each the mean over the sampling seeds) at K = 100 and at each arm's best K.
+   seeds; each the mean over the sampling seeds) at K = 100 and at each arm's best K, and the
+   PF arms against SiT with its best sampler (the lowest mean FID over training seeds in the
+   first feature space, checked in the second) at that NFE, on the same sampling seeds.
 
-Stages run in the order that makes a partial run most useful: training seed 0 of every arm,
-then seed 1, then seed 2 (SiT logit-normal after all of them). Every stage records the CPU
-seconds it used; a stage does not start once ``cpu_budget_hours`` are spent (it fails with
-one line, the report is still written). Resumable: run the same command again.
+Stages run in the order that makes a partial run most useful: training seed 0 of every arm
+(a SiT arm's own samplers right after its curve), then seed 1, then seed 2 (SiT logit-normal
+after all of them). Every stage records the CPU seconds it used; a stage does not start once
+``cpu_budget_hours`` are spent (it fails with one line, the report is still written). Resumable: run the same command again.
 ``toy=true`` runs everything at a minute's size (CI); ``report_only=true`` rewrites the report.
 
 Sizing (from the first study's records on this 2-core machine): a training step of
 ``model=tiny`` at batch 64 took 0.59 s (SiT) to 0.89 s (PF), and Euler draws about 300
 image-steps a second (compiled), so one arm and seed costs about 4000 x 0.7 s = 47 min of
 training and 2 x 2000 x (10 + 25 + 100) / 300 s = 30 min of sampling (plus 2 x 3 metric
-passes): the four arms x 3 seeds take about 15.5 CPU-hours, inside the 16 h budget; SiT
-(logit-normal t) runs only with what is left. 4000 steps is what the budget allows, not a
-length where FID is known to have flattened: the first study's constant-learning-rate FID was
-still falling at 6000 steps (32 -> 14 -> 8 at 1k -> 3k -> 6k); the decay makes the most of the
-steps there are, and the report says so.
+passes): the four arms x 3 seeds take about 15.5 CPU-hours, inside the 16 h budget. SiT's own
+samplers at NFE 100 add two 2000-image points per SiT training seed (Heun at K = 50 and the SDE
+at M = 100 cost about what Euler at K = 100 does, about 11 CPU-minutes; Euler's point is the
+curve's): about 1.1 CPU-hours for the 3 seeds of SiT (uniform t) with sampling seed 0 only (the
+second sampling seed would be another 1.1 h), about 16.6 h in all, so every stage of the four
+arms runs with ``cpu_budget_hours=17``. SiT (logit-normal t) runs only with what is left. 4000
+steps is what the budget allows, not a length where FID is known to have flattened: the first
+study's constant-learning-rate FID was still falling at 6000 steps (32 -> 14 -> 8 at 1k -> 3k
+-> 6k); the decay makes the most of the steps there are, and the report says so.
 On a lent GPU (``PF_STUDY_MODULE=pf.experiments.evidence scripts/gpu_study.sh OUT
 records_dir=results/evidence-gpu``) the same stages run on 8 worker processes in one call.
 """
@@ -55,7 +63,9 @@ from pf.experiments import command, plots
 from pf.eval.inputs import load_dataset_images
 from pf.experiments.common import (TrainedRun, compose_train_config, data_config, resolve_device,
                                    train_stage as common_train_stage, velocity_profile)
-from pf.experiments.comparison import ARMS, euler_sampler
+from pf.experiments.comparison import ARMS, SAMPLER_LABELS, SIT_SAMPLERS, euler_sampler, is_pf
+from pf.experiments.curves import steps_for_nfe
+from pf.samplers import make as make_sampler
 from pf.experiments.stages import Stage, stage_result
 from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space,
                                    classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
@@ -101,6 +111,11 @@ DEFAULTS = {
         "compile": True,
         "profile_times": [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.995],
         "profile_images": 1000,
+        # SiT's own samplers (SPEC section 13) on every SiT arm, at one NFE: Euler's point is the
+        # curve's (read back), Heun runs K = NFE / 2 steps, the SDE M = NFE grid points.
+        "sit_samplers": ["euler", "heun", "sde"],
+        "sit_sampler_nfe": 100,        # the paper's Euler setting
+        "sit_sampler_seeds": [0],      # sampling seeds: 2 new points x 3 training seeds, about 1 CPU-hour
     },
     # The two committed feature spaces: the first is the report's, the second checks each conclusion.
     "classifiers": list(CLASSIFIERS),
@@ -115,7 +130,7 @@ TOY = ["out_dir=runs/toy-evidence", "records_dir=runs/toy-evidence/records", "fi
        "results=runs/toy-evidence/RESULTS.md", "train.steps=4", "train.keep_every=2", "train.batch_size=8",
        "train.warmup_steps=1", "train.seeds=[0,1]", "eval.num_samples=20", "eval.batch_size=10", "eval.seeds=[0,1]",
        "eval.nfe=[2,4]", "eval.kid_subsets=2", "eval.compile=false", "eval.reference_size=200",
-       "eval.profile_images=20", "eval.profile_times=[0.5,0.95]", "image_size=8", "jobs=1"]
+       "eval.profile_images=20", "eval.profile_times=[0.5,0.95]", "eval.sit_sampler_nfe=4", "image_size=8", "jobs=1"]
 FREE: tuple[str, ...] = ()
 DOC_COMMAND = "python -m pf.experiments.evidence"
 
@@ -184,20 +199,53 @@ def _train(study: dict, arm: str, seed: int) -> dict:
     return {k: v for k, v in out.items() if k not in ("checkpoint", "run_dir")}
 
 
+def run_points(study: dict, arm: str, seed: int, specs: list[tuple[str, dict, int, dict]], sample_seeds,
+               stored_only: bool) -> list[dict]:
+    """The points of one run: each (sampler, params, K, fields) of ``specs`` at every sampling
+    seed, evaluated (``stored_only``: those already stored, for a report in progress), each
+    with its arm, seeds, K and ``fields``."""
+    run = TrainedRun(study, arms(study)[arm]["overrides"], seed, int(study["train"]["steps"]))
+    points = []
+    for sampler, params, k, fields in specs:
+        for sseed in sample_seeds:
+            args = (study, run.identity if stored_only else run, sampler, int(k), int(sseed))
+            p = (stored if stored_only else evaluate)(*args, params=params or None)
+            if p is not None:
+                points.append({"arm": arm, "train_seed": seed, "sample_seed": int(sseed), "steps": int(k),
+                               **fields, **p})
+    return points
+
+
 def _curve(study: dict, arm: str, seed: int, stored_only: bool = False) -> dict:
     """Stage: Euler at every K of ``eval.nfe`` and every sampling seed on one run
     (``stored_only``: the points already stored, for a report in progress)."""
-    overrides = arms(study)[arm]["overrides"]
-    run = TrainedRun(study, overrides, seed, int(study["train"]["steps"]))
-    sampler = euler_sampler(overrides)
-    points = []
-    for k in study["eval"]["nfe"]:
-        for sseed in study["eval"]["seeds"]:
-            p = (stored(study, run.identity, sampler, int(k), int(sseed)) if stored_only
-                 else evaluate(study, run, sampler, int(k), int(sseed)))
-            if p is not None:
-                points.append({"arm": arm, "train_seed": seed, "sample_seed": int(sseed), "steps": int(k), **p})
-    return {"points": points}
+    sampler = euler_sampler(arms(study)[arm]["overrides"])
+    specs = [(sampler, {}, int(k), {}) for k in study["eval"]["nfe"]]
+    return {"points": run_points(study, arm, seed, specs, study["eval"]["seeds"], stored_only)}
+
+
+def sit_sampler_steps(names: list[str], nfe: int) -> list[tuple[str, dict, int]]:
+    """(sampler, its SiT parameters, K) of each of SiT's samplers ``names`` at ``nfe`` model calls
+    a sample, counted by each sampler's own NFE (Heun: 2 a step, the last included)."""
+    unknown = [n for n in names if n not in SIT_SAMPLERS]
+    if unknown:
+        raise ValueError(f"eval.sit_samplers: unknown sampler(s) {unknown}; choose from {sorted(SIT_SAMPLERS)}")
+    if int(nfe) < 2:
+        raise ValueError(f"eval.sit_sampler_nfe must be at least 2 (the SDE's fewest grid points), got {nfe}")
+    out = []
+    for name in names:
+        k = steps_for_nfe(make_sampler(name, **SIT_SAMPLERS[name]), int(nfe))
+        out.append((name, SIT_SAMPLERS[name], k))
+    return out
+
+
+def _samplers(study: dict, arm: str, seed: int, samplers: list[str], nfe: int, seeds: list[int],
+              stored_only: bool = False) -> dict:
+    """Stage: SiT's own samplers at ``nfe`` model calls a sample on one SiT run, every sampling
+    seed of ``seeds`` (Euler's point is the curve's when ``nfe`` is one of its K: read back)."""
+    specs = [(name, params, k, {"sampler": name, "target_nfe": int(nfe)})
+             for name, params, k in sit_sampler_steps(samplers, nfe)]
+    return {"points": run_points(study, arm, seed, specs, seeds, stored_only)}
 
 
 def _profile(study: dict, arm: str, seed: int, times: list[float], images: int) -> dict:
@@ -221,15 +269,23 @@ train_stage = timed(_train, budgeted=True)
 curve_stage = timed(_curve, budgeted=True)
 profile_stage = timed(_profile, budgeted=True)
 floor_stage = timed(_floor, budgeted=True)
+samplers_stage = timed(_samplers, budgeted=True)
 
 
 def build_stages(study: dict) -> list[Stage]:
     """Every stage, in the order they start: training seed 0 of every arm (each followed by its
-    curve, and for seed 0 its error profile), then seed 1, then seed 2; ``late_arms`` after all."""
+    curve, for seed 0 its error profile, and for a SiT arm its own samplers), then seed 1, then
+    seed 2; ``late_arms`` after all. The samplers' settings reach only their own stages: a study
+    from before them has the same stages, keys and records, and gains those stages."""
     known = arms(study)
     for arm in study["arms"]:
         if arm not in known:
             raise ValueError(f"unknown arm {arm!r}; choose from {sorted(known)}")
+    ec = study["eval"]
+    sit = {"samplers": list(ec.get("sit_samplers", [])), "nfe": int(ec.get("sit_sampler_nfe", 0)),
+           "seeds": [int(s) for s in ec.get("sit_sampler_seeds", [])]}
+    if sit["samplers"] and sit["seeds"]:
+        sit_sampler_steps(sit["samplers"], sit["nfe"])  # a bad setting fails here, not hours in
     ev, tr = stage_view(study), stage_view(study, evaluation=False)
     mod = __name__
     stages = [Stage("floor", f"{mod}:floor_stage", {"study": ev})]
@@ -242,14 +298,17 @@ def build_stages(study: dict) -> list[Stage]:
                 name = f"train {arm} seed {seed}"
                 stages.append(Stage(name, f"{mod}:train_stage",
                                     {"study": tr, "arm": arm, "seed": int(seed)}))
-                stages.append(Stage(f"curve {arm} seed {seed}", f"{mod}:curve_stage",
-                                    {"study": ev, "arm": arm, "seed": int(seed)},
+                curve = f"curve {arm} seed {seed}"
+                stages.append(Stage(curve, f"{mod}:curve_stage", {"study": ev, "arm": arm, "seed": int(seed)},
                                     deps=(name,)))
                 if seed == first:
                     stages.append(Stage(f"profile {arm} seed {seed}", f"{mod}:profile_stage",
                                         {"study": ev, "arm": arm, "seed": int(seed),
                                          "times": list(study["eval"]["profile_times"]),
                                          "images": int(study["eval"]["profile_images"])}, deps=(name,)))
+                if sit["samplers"] and sit["seeds"] and not is_pf(known[arm]["overrides"]):
+                    stages.append(Stage(f"samplers {arm} seed {seed}", f"{mod}:samplers_stage",
+                                        {"study": ev, "arm": arm, "seed": int(seed), **sit}, deps=(name, curve)))
     return stages
 
 
@@ -259,16 +318,19 @@ def build_stages(study: dict) -> list[Stage]:
 
 
 def collect(study: dict) -> dict:
-    """Everything finished so far: stage records, and the stored points of unfinished curves."""
-    out = {"stages": [], "train": {}, "points": [], "profile": {}, "floor": None}
+    """Everything finished so far: stage records, and the stored points of unfinished curves
+    (``points``: Euler's curves; ``sampler_points``: SiT's own samplers)."""
+    out = {"stages": [], "train": {}, "points": [], "sampler_points": [], "profile": {}, "floor": None}
+    pointed = {":curve_stage": ("points", _curve), ":samplers_stage": ("sampler_points", _samplers)}
     for s in build_stages(study):
         rec = stage_result(study["records_dir"], s)
         out["stages"].append((s.name, rec))
-        if s.fn.endswith(":curve_stage"):
+        kind = pointed.get(s.fn[s.fn.index(":"):])
+        if kind is not None:
             if rec is not None:
-                out["points"] += rec["result"]["points"]
-            else:  # a curve in progress: the points it has stored
-                out["points"] += _curve(s.args["study"], s.args["arm"], s.args["seed"], stored_only=True)["points"]
+                out[kind[0]] += rec["result"]["points"]
+            else:  # a stage in progress: the points it has stored
+                out[kind[0]] += kind[1](**s.args, stored_only=True)["points"]
         elif rec is None:
             continue
         elif s.fn.endswith(":train_stage"):
@@ -310,6 +372,14 @@ def comparison_lines(study: dict, c: dict, space_name: str) -> list[str]:
     return out
 
 
+def cell_text(values: list[float], digits: int = 2) -> str:
+    """A table cell: mean ± std over training seeds and n, or "pending"."""
+    if not values:
+        return "pending"
+    m, sd = mean_std(values)
+    return f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
+
+
 def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2) -> list[str]:
     labels = {k: v["label"] for k, v in arms(study).items()}
     ks = [int(k) for k in study["eval"]["nfe"]]
@@ -321,18 +391,122 @@ def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2
         seeds = sorted(set().union(*[set(v) for v in c[arm].values()]))
         row = []
         for k in ks:
-            vals = [c[arm][k][s][0] * scale for s in seeds if s in c[arm].get(k, {})]
-            m, sd = mean_std(vals)
-            row.append(f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(vals)})" if vals else "pending")
+            row.append(cell_text([c[arm][k][s][0] * scale for s in seeds if s in c[arm].get(k, {})], digits))
         bk = best_k(c[arm], seeds)
         out.append(f"| {labels[arm]} | {', '.join(map(str, seeds))} | " + " | ".join(row) + f" | {bk or '-'} |")
     return out
 
 
+#################################################################################
+#                        SiT with its own samplers                              #
+#################################################################################
+
+
+def sit_arms(study: dict) -> list[str]:
+    """The study's global-time (SiT) arms, the ones its own samplers are measured on."""
+    known = arms(study)
+    return [a for a in study["arms"] if not is_pf(known[a]["overrides"])]
+
+
+def sampler_cells(study: dict, data: dict, space: int) -> dict:
+    """:func:`cells` of SiT's samplers (arm ``"sit_uniform/heun"`` ..., at the target NFE) beside
+    every arm's Euler curve at K = that NFE on the same sampling seeds: what is paired with
+    SiT's best sampler."""
+    ec = study["eval"]
+    nfe, sseeds = int(ec["sit_sampler_nfe"]), {int(x) for x in ec["sit_sampler_seeds"]}
+    pts = [{**p, "arm": f"{p['arm']}/{p['sampler']}", "steps": p["target_nfe"]} for p in data["sampler_points"]]
+    pts += [p for p in data["points"] if p["steps"] == nfe and p["sample_seed"] in sseeds]
+    return cells(pts, space)
+
+
+def best_sampler(c: dict, arm: str, names: list[str], nfe: int) -> tuple[str | None, list[int]]:
+    """The rule: of ``names``, ``arm``'s sampler with the lowest mean FID over the training seeds
+    that every one of them has (ties: the earlier in ``names``), and those seeds; (None, [])
+    until one training seed has them all."""
+    have = [set(c.get(f"{arm}/{n}", {}).get(nfe, {})) for n in names]
+    seeds = sorted(set.intersection(*have)) if have else []
+    if not seeds:
+        return None, []
+    return min(names, key=lambda n: sum(c[f"{arm}/{n}"][nfe][s][0] for s in seeds)), seeds
+
+
+def best_sampler_pairs(study: dict, data: dict) -> list[tuple[str, str, str, list[list[tuple[int, float]]]]]:
+    """(PF arm, SiT arm, SiT's best sampler, the paired differences in each feature space) for
+    every PF arm against every SiT arm whose best sampler is known: PF at Euler K = NFE against
+    SiT with its best sampler at that NFE, on the same sampling seeds, per training seed."""
+    ec = study["eval"]
+    names, nfe = list(ec.get("sit_samplers", [])), int(ec.get("sit_sampler_nfe", 0))
+    if not names or not data["sampler_points"]:
+        return []
+    cs = [sampler_cells(study, data, i) for i in range(len(study["classifiers"]))]
+    pf_arms = [a for a in study["arms"] if a not in sit_arms(study)]
+    out = []
+    for sit in sit_arms(study):
+        best, _ = best_sampler(cs[0], sit, names, nfe)
+        if best is not None:
+            out += [(pf, sit, best, [paired(c, pf, f"{sit}/{best}", nfe, nfe) for c in cs]) for pf in pf_arms]
+    return out
+
+
+def sit_sampler_section(study: dict, data: dict) -> list[str]:
+    """SiT's arms with Euler, Heun and the SDE at one NFE (per training seed, n named), each
+    arm's best sampler by the rule of :func:`best_sampler` (checked in the second feature
+    space), and the PF arms paired with it."""
+    ec = study["eval"]
+    names, nfe = list(ec.get("sit_samplers", [])), int(ec.get("sit_sampler_nfe", 0))
+    sseeds = [int(x) for x in ec.get("sit_sampler_seeds", [])]
+    if not names or not sseeds or not sit_arms(study):
+        return []
+    labels = {k: v["label"] for k, v in arms(study).items()}
+    steps = {n: k for n, _, k in sit_sampler_steps(names, nfe)}
+    cs = [sampler_cells(study, data, i) for i in range(len(study["classifiers"]))]
+    sde = ", ".join(f"{k} {v}" for k, v in SIT_SAMPLERS["sde"].items())
+    others = [int(x) for x in ec["seeds"] if int(x) not in sseeds]
+    lines = [f"## SiT with its own samplers at NFE {nfe}", "",
+             "Each SiT arm drawn with " + ", ".join(f"{SAMPLER_LABELS[n]} (K = {steps[n]})" for n in names)
+             + f" at {nfe} model calls a sample (SPEC section 13; the SDE with SiT's sampling defaults: {sde}), "
+             f"sampling seed(s) {sseeds}, {ec['num_samples']} images a point; a value is a training seed's mean "
+             "over those sampling seeds. Not measured: these samplers at other NFE (SiT reports its SDE at 250 "
+             "steps), " + (f"at the Euler curves' other sampling seeds {others}, " if others else "")
+             + "and SiT's adaptive ODE solver (dopri5).", "",
+             "The rule: an arm's best sampler has the lowest mean FID over the training seeds every sampler has, in "
+             f"the first feature space; the second feature space checks the choice. The PF arms (Euler at K = {nfe}, "
+             "on the same sampling seeds) are paired with it per training seed.", "",
+             "| arm | sampler | K | NFE measured | FID per training seed | mean ± std (n) | second feature space |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in sit_arms(study):
+        for n in names:
+            by_seed = [c.get(f"{arm}/{n}", {}).get(nfe, {}) for c in cs]
+            calls = sorted({p["nfe"] for p in data["sampler_points"] if p["arm"] == arm and p["sampler"] == n})
+            first = ", ".join(f"seed {s}: {v[0]:.2f}" for s, v in sorted(by_seed[0].items())) or "pending"
+            other = cell_text([v[0] for v in by_seed[1].values()]) if len(by_seed) > 1 else "-"
+            lines.append(f"| {labels[arm]} | {SAMPLER_LABELS[n]} | {steps[n]} | {', '.join(map(str, calls)) or '-'} | "
+                         f"{first} | {cell_text([v[0] for v in by_seed[0].values()])} | {other} |")
+    lines.append("")
+    for arm in sit_arms(study):
+        best, seeds = best_sampler(cs[0], arm, names, nfe)
+        if best is None:
+            lines.append(f"- {labels[arm]}: best sampler not known yet (no training seed has every sampler).")
+            continue
+        line = (f"- {labels[arm]}: best sampler **{SAMPLER_LABELS[best]}** (mean FID "
+                f"{mean_std([cs[0][f'{arm}/{best}'][nfe][s][0] for s in seeds])[0]:.2f} over training seeds {seeds})")
+        if len(cs) > 1:
+            check, _ = best_sampler(cs[1], arm, names, nfe)
+            line += ("; the second feature space picks the same" if check == best else
+                     f"; the second feature space would pick {SAMPLER_LABELS[check]}" if check else "")
+        lines.append(line + ".")
+    spaces_named = ("first feature space", "second feature space")
+    for pf, sit, best, pairs in best_sampler_pairs(study, data):
+        lines.append(f"- {labels[pf]} against {labels[sit]} with {SAMPLER_LABELS[best]}, NFE {nfe} ({labels[pf]} minus "
+                     f"{labels[sit]}, negative: {labels[pf]} better): "
+                     + "; ".join(f"{space}: {fmt_pairs(d)}" for space, d in zip(spaces_named, pairs)) + ".")
+    return lines + [""]
+
+
 def render(study: dict, data: dict, command_line: str, conclusion: list[str]) -> str:
     ec, tc = study["eval"], study["train"]
     fps = [classifier_fingerprint(p) for p in study["classifiers"]]
-    check_one_space(data["points"], fps)
+    check_one_space(data["points"] + data["sampler_points"], fps)
     done = [n for n, r in data["stages"] if r is not None]
     pending = [n for n, r in data["stages"] if r is None]
     cpu = sum(r["result"].get("cpu_seconds", 0.0) for _, r in data["stages"] if r is not None) / 3600
@@ -381,7 +555,9 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         "every point is measured on them and names their fingerprint.",
         f"- Sampling: Euler at K = {ec['nfe']}, sampling seeds {ec['seeds']} (the same noise and labels in every arm). "
         "A cell is the mean over training seeds of each training seed's sampling-seed mean; ± is the std over "
-        "training seeds; n is the number of training seeds.", ""]
+        "training seeds; n is the number of training seeds."
+        + (f" SiT's arms also with its own samplers (Heun, SDE) at NFE {ec['sit_sampler_nfe']}, below."
+           if ec.get("sit_samplers") and ec.get("sit_sampler_seeds") and sit_arms(study) else ""), ""]
     for i, name in enumerate(["the first feature space", "the second feature space"][:len(fps)]):
         c = cells(data["points"], i)
         lines += [f"## FID ({name}, classifier {fps[i]})", ""] + table(study, c, "fid") + [""]
@@ -389,6 +565,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
             kc = cells(data["points"], i, "kid")
             lines += [f"KID x 1000 ({name}):", ""] + table(study, kc, "kid", 1000.0, 2) + [""]
         lines += [f"### Paired differences ({name})", ""] + comparison_lines(study, c, name) + [""]
+    lines += sit_sampler_section(study, data)
     if data["floor"]:
         f = [r["fid"] for r in data["floor"]]
         lines += [f"Floor: {ec['num_samples']} real train images against the test split give FID "
@@ -438,8 +615,8 @@ def pages_section(study: dict) -> list[str]:
 
 
 def conclusion_lines(study: dict, data: dict) -> list[str]:
-    """The report's opening, from what is measured (n named): at most three lines here, two
-    more from the diagnostics (:func:`why_lines`)."""
+    """The report's opening, from what is measured (n named): at most four lines here (the last
+    PF (LTG) against SiT with its best sampler), two more from the diagnostics (:func:`why_lines`)."""
     c = cells(data["points"], 0)
     kmax = max(int(k) for k in study["eval"]["nfe"])
     done = sum(r is not None for _, r in data["stages"])
@@ -455,7 +632,11 @@ def conclusion_lines(study: dict, data: dict) -> list[str]:
                  + ("; no arm pair is measured yet." if not out else "; the differences below are of the seeds done."))
     else:
         head += "is complete."
-    return [head, *out[:2]]
+    best = [f"- PF (LTG) against SiT (uniform t) with its best sampler ({SAMPLER_LABELS[b]}, NFE "
+            f"{study['eval']['sit_sampler_nfe']}), FID: {fmt_pairs(pairs[0])}."
+            for pf, sit, b, pairs in best_sampler_pairs(study, data)
+            if (pf, sit) == ("pf_ltg", "sit_uniform") and pairs[0]]
+    return [head, *out[:2], *best]
 
 
 def plot_curves(study: dict, data: dict, path: Path) -> None:

@@ -42,7 +42,7 @@ from pf.eval.metrics import compute_metrics
 from pf.experiments import command, comparison, plots
 from pf.experiments.common import (TrainedRun, data_config, device_name, feature_classifier, load_test_labels,
                                    reference_images, resolve_device, velocity_profile)
-from pf.experiments.comparison import ARMS, SAMPLER_LABELS, euler_sampler, is_pf, stage_study
+from pf.experiments.comparison import ARMS, SAMPLER_LABELS, SIT_SAMPLERS, euler_sampler, is_pf, stage_study
 from pf.experiments.curves import (evaluate_point, realization_pairs, run_curve, series, stored_point,
                                    stored_points)
 from pf.experiments.stages import Stage, stage_result
@@ -53,7 +53,7 @@ DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
 DEFAULTS["results"] = "docs/reproduce-v1.md"  # the first version's report; RESULTS.md is the evidence study's
 DEFAULTS["arms"] = ["sit_uniform", "sit_logit_normal", "pf_ltg", "pf_logit_normal"]
 DEFAULTS["eval"].update({
-    "samplers": {                     # per arm; SiT arms can only use euler
+    "samplers": {                     # per arm; SiT arms: euler, heun or sde (SiT's own, SPEC 13)
         "sit_uniform": ["euler"], "sit_logit_normal": ["euler"],
         "pf_ltg": ["euler_pf", "dual_loop", "look_ahead"], "pf_logit_normal": ["euler_pf"],
     },
@@ -153,9 +153,10 @@ def build_stages(study: dict) -> list[Stage]:
                                 {"study": training, "overrides": ARMS[arm]["overrides"], "seed": int(seed),
                                  "steps": int(study["train"]["steps"])}))
             for sampler in study["eval"]["samplers"].get(arm, []):
-                if sampler != "euler" and not is_pf(ARMS[arm]["overrides"]):
-                    raise ValueError(f"arm {arm} is a global-time model: eval.samplers.{arm} can only be [euler]")
-                adaptive = sampler not in ("euler", "euler_pf")
+                if not is_pf(ARMS[arm]["overrides"]) and sampler not in SIT_SAMPLERS:
+                    raise ValueError(f"arm {arm} is a global-time model: eval.samplers.{arm} can only hold "
+                                     f"{sorted(SIT_SAMPLERS)}")
+                adaptive = sampler not in ("euler_pf", *SIT_SAMPLERS)  # drawn for adaptive_train_seeds only
                 if adaptive and seed not in study["eval"].get("adaptive_train_seeds", study["train"]["seeds"]):
                     continue
                 stages.append(Stage(f"curve {arm} {sampler} seed {seed}", "pf.experiments.reproduce:curve_stage",
