@@ -461,11 +461,14 @@ def _hunyuan_video_token_replace_single_block(self, hidden_states, encoder_hidde
 PROBE_B, PROBE_N, PROBE_T = 2, 3, 4  # batch, image tokens, text tokens (unequal: no broadcast passes by chance)
 
 
-def _needs_norms(module, *names):
+def _needs_norms(module, *names, rms_only=False):
+    """None when every named submodule is a norm the fused ops compute, else the reason. ``rms_only``:
+    an RMSNorm without bias (``_rms_spec``: the sandwich blocks')."""
+    spec, what = ((_rms_spec, "an RMSNorm without bias") if rms_only else (_norm_spec, "a LayerNorm/RMSNorm"))
     for name in names:
         norm = getattr(module, name, None)
-        if norm is None or _norm_spec(norm) is None:
-            return f"{name} is {type(norm).__name__}, not a LayerNorm/RMSNorm over the last dim"
+        if norm is None or spec(norm) is None:
+            return f"{name} is {type(norm).__name__}, not {what} over the last dim"
     return None
 
 
@@ -656,14 +659,6 @@ def _rms_spec(norm: nn.Module):
     return spec[1], spec[3]
 
 
-def _needs_rms(module, *names):
-    for name in names:
-        norm = getattr(module, name, None)
-        if norm is None or _rms_spec(norm) is None:
-            return f"{name} is {type(norm).__name__}, not an RMSNorm without bias over the last dim"
-    return None
-
-
 def _sandwich(y_norm, x, gate, y, next_norm=None, scale=None, out_dtype=None):
     """``x_new = x + tanh(gate) * y_norm(y)`` (gate (B, 1, D) or None: ``x + y_norm(y)``) in one pass,
     with ``next_norm``: also ``h = next_norm(x_new) * (1 + scale)``, returning (x_new, h)."""
@@ -721,12 +716,13 @@ def _mochi_block(self, hidden_states, encoder_hidden_states, temb, encoder_atten
 
 
 def _check_lumina2(m):
-    return _needs_rms(m, "norm2", "ffn_norm1", "ffn_norm2")
+    return _needs_norms(m, "norm2", "ffn_norm1", "ffn_norm2", rms_only=True)
 
 
 def _check_mochi(m):
-    return _needs_rms(m, "norm2", "norm3", "norm4",
-                      *(() if m.context_pre_only else ("norm2_context", "norm3_context", "norm4_context")))
+    return _needs_norms(m, "norm2", "norm3", "norm4",
+                        *(() if m.context_pre_only else ("norm2_context", "norm3_context", "norm4_context")),
+                        rms_only=True)
 
 
 def _probe_lumina2(m, gen):

@@ -250,6 +250,20 @@ def test_probe_refuses_a_forward_it_does_not_reproduce():
     assert "differs" in dict(report.skipped)["single_transformer_blocks.0"]
 
 
+def test_sandwich_blocks_refuse_other_norms_and_hooked_norms():
+    """A Lumina2 block whose sandwich norm is not a bias-free RMSNorm, and a Mochi block whose
+    MochiModulatedRMSNorm carries a hook (the fused path never calls it), are left as they are."""
+    block = lumina2()[0].layers[0]
+    block.norm2 = torch.nn.LayerNorm(24)
+    report = patch_diffusers(block, verbose=False)
+    assert "norm2 is LayerNorm, not an RMSNorm without bias" in dict(report.skipped)["Lumina2TransformerBlock"]
+    block = mochi()[0].transformer_blocks[0]
+    block.norm4.register_forward_hook(lambda *args: None)
+    report = patch_diffusers(block, verbose=False)
+    assert "norm4 has forward hooks" in dict(report.skipped)["MochiTransformerBlock"]
+    assert report.by_class() == {"MochiRMSNormZero": 2}  # its norm modules still are
+
+
 def test_attention_processors_and_kwargs_pass_through():
     """The fused blocks call self.attn: a processor set after patching runs, and
     joint_attention_kwargs reach it unchanged."""
