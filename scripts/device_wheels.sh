@@ -2,8 +2,9 @@
 # Make the wheel folder that scripts/gpu_check.sh installs on the lent GPU machine, which has
 # no network. Its image already holds torch, triton, numpy, scipy, scikit-learn, einops,
 # safetensors, tqdm, pillow, pybind11, ninja, pytest, pytest-benchmark and pytest-xdist
-# (/work/.library/device/KINDS.md); it lacks hydra, omegaconf (and hydra's antlr4 runtime)
-# and torch-fidelity. All four are pure Python, so wheels built here install there.
+# (/work/.library/device/KINDS.md); it lacks hydra, omegaconf (and hydra's antlr4 runtime),
+# torch-fidelity, and diffusers with importlib_metadata (benchmarks/bench_diffusers.py; the rest
+# of diffusers' needs are there). All are pure Python, so wheels built here install there.
 #   bash scripts/device_wheels.sh [DIR]      (default .whl, ignored by git)
 # Versions are the ones this checkout's .venv resolved (scripts/install.sh), so the GPU run
 # imports what CI tested; without a .venv, the pins below.
@@ -18,7 +19,8 @@ py=.venv/bin/python
 spec=$("$py" - <<'PY'
 from importlib.metadata import PackageNotFoundError, version
 
-fallback = {"hydra-core": "1.3.2", "omegaconf": "2.3.0", "antlr4-python3-runtime": "4.9.3", "torch-fidelity": "0.3.0"}
+fallback = {"hydra-core": "1.3.2", "omegaconf": "2.3.0", "antlr4-python3-runtime": "4.9.3", "torch-fidelity": "0.3.0",
+            "diffusers": "0.42.1", "importlib_metadata": "10.2.0"}
 pins = []
 for name, pin in fallback.items():
     try:
