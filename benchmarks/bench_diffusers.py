@@ -6,7 +6,8 @@ Variants (``extra_info["impl"]``, so ``scripts/bench_table.py`` gives "x eager" 
   ``compile``        unpatched, ``compile_repeated_blocks(fullgraph=True)`` (diffusers' regional
                      compile: one compile per block class, what its docs recommend);
   ``fused+compile``  patched, then the same regional compile (the custom ops stay in the graph).
-Each family at ``medium`` size (random weights, bf16, batch 2, about 1024 image and 128 text
+Families: DiT, PixArt, SD3, Flux, HunyuanVideo (and its token replace), Wan, LTX-Video,
+QwenImage (with and without ``zero_cond_t``), Lumina2, Mochi. Each at ``medium`` size (random weights, bf16, batch 2, about 1024 image and 128 text
 tokens, hidden 1152 to 1536, 2 blocks of each kind: the per-block costs at a realistic width
 and token count, not a whole model) and ``tiny`` (the test suite's widths: launch-bound, where
 fewer kernels count most). Before timing, the patched output is compared with the unpatched
@@ -137,10 +138,37 @@ def _qwen_image(s, zero_cond_t=False):
                        img_shapes=[shapes] * B)
 
 
+def _lumina2(s):
+    hidden, heads, kv, axes, image, t = (1536, 12, 4, (32, 48, 48), 64, 128) if s == "medium" else \
+        (24, 2, 1, (4, 4, 4), 4, 5)
+    model = diffusers.Lumina2Transformer2DModel(sample_size=image, patch_size=2, in_channels=4, hidden_size=hidden,
+                                                num_layers=2, num_refiner_layers=1, num_attention_heads=heads,
+                                                num_kv_heads=kv, multiple_of=16, axes_dim_rope=axes,
+                                                axes_lens=(300, 512, 512), cap_feat_dim=64)
+    return model, dict(hidden_states=torch.randn(B, 4, image, image), timestep=torch.tensor([0.3, 0.9]),
+                       encoder_hidden_states=torch.randn(B, t, 64),
+                       encoder_attention_mask=torch.ones(B, t, dtype=torch.bool))
+
+
+def _mochi(s):
+    heads, dh, _, t, _ = _dims(s)
+    if s == "tiny":
+        heads, dh = 2, 12
+    f, h, w = _video(s)
+    model = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=dh,
+                                              num_layers=2, pooled_projection_dim=64, in_channels=16,
+                                              text_embed_dim=64, time_embed_dim=256 if s == "medium" else 8,
+                                              max_sequence_length=t)
+    return model, dict(hidden_states=torch.randn(B, 16, f, h, w), timestep=torch.tensor([3, 801]),
+                       encoder_hidden_states=torch.randn(B, t, 64),
+                       encoder_attention_mask=torch.ones(B, t, dtype=torch.bool))
+
+
 FAMILIES = {
     "dit": _dit, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "hunyuan_video": _hunyuan_video,
     "hunyuan_video_token_replace": lambda s: _hunyuan_video(s, token_replace=True), "wan": _wan, "ltx": _ltx,
     "qwen_image": _qwen_image, "qwen_image_zero_cond_t": lambda s: _qwen_image(s, zero_cond_t=True),
+    "lumina2": _lumina2, "mochi": _mochi,
 }
 VARIANTS = ["eager", "fused", "compile", "fused+compile"]
 COMPILED_IN_QUICK = ("flux", "wan", "qwen_image_zero_cond_t")
