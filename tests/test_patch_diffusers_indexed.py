@@ -122,6 +122,19 @@ def test_dynamo_traces_the_indexed_blocks_whole(family):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", ["qwen_image_zero_cond_t", "hunyuan_video_token_replace"])
+def test_gradient_checkpointing_calls_the_fused_blocks_positionally(family):
+    """Under gradient checkpointing diffusers calls each block with positional arguments (the
+    index and the token count last): the fused forwards take them in that order, same grads."""
+    model, inputs, _ = FAMILIES[family]()
+    randomise(model)
+    want = run(model, inputs, "torch")
+    patch_diffusers(model)
+    model.enable_gradient_checkpointing()
+    model.train()  # (dropout-free blocks: the same numbers as in eval)
+    assert_same(run(model, inputs, "torch"), want)
+
+
 def test_structure_checks_refuse_what_the_indexed_ops_do_not_compute():
     """An affine image norm under zero_cond_t (the indexed ops' LayerNorm has no weight), a
     token-replace norm with a forward hook (the fused block reads its Linear, never calls it):
