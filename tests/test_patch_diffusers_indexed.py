@@ -48,6 +48,8 @@ def hunyuan_video_token_replace():
                   encoder_hidden_states=torch.randn(B, 5, 16, generator=gen),
                   encoder_attention_mask=torch.ones(B, 5), pooled_projections=torch.randn(B, 8, generator=gen))
     return model, inputs, {"AdaLayerNormZero": 1, "AdaLayerNormContinuous": 1,
+                           "HunyuanVideoTokenReplaceAdaLayerNormZero": 1,
+                           "HunyuanVideoTokenReplaceAdaLayerNormZeroSingle": 1,
                            "HunyuanVideoTokenReplaceTransformerBlock": 1,
                            "HunyuanVideoTokenReplaceSingleTransformerBlock": 1}
 
@@ -95,6 +97,42 @@ def test_same_outputs_and_grads_through_the_indexed_kernels(family, triton_backe
     assert {name for name, _, _ in calls} == set(INDEXED_OPS)
     assert all(k == 2 and rows == [0, 1] for _, k, rows in calls), calls
     assert all(LAUNCHES[k] > n for k, n in before.items())  # the table grads summed by the kernels
+
+
+@needs_interp
+@pytest.mark.parametrize("single", [False, True])
+def test_token_replace_norm_modules_alone(single, triton_backend, monkeypatch):
+    """Each token-replace norm module called on its own (random weights, D = 40, 5 tokens, the
+    first 2 replaced): outputs, input and parameter grads the same patched (kernels) as its
+    own forward, through one K = 2 indexed modulation."""
+    from diffusers.models.transformers import transformer_hunyuan_video as hv
+
+    d = 40
+    module = (hv.HunyuanVideoTokenReplaceAdaLayerNormZeroSingle if single else
+              hv.HunyuanVideoTokenReplaceAdaLayerNormZero)(d)
+    randomise(module, seed=4)
+    patched = copy.deepcopy(module)
+    assert int(patch_diffusers(patched)) == 1
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(B, 5, d, generator=gen), torch.randn(B, d, generator=gen), torch.randn(B, d, generator=gen)]
+
+    def grads(m, backend):
+        m.zero_grad(set_to_none=True)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with pf_kernels.use_backend(backend):
+            outs = m(*leaves, 2)
+        sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs], [t.grad for t in leaves], [p.grad for p in m.parameters()]
+
+    want = grads(module, "torch")
+    calls = record_tables(monkeypatch)
+    got = grads(patched, "triton")
+    assert [(k, rows) for _, k, rows in calls] == [(2, [0, 1])]
+    for a, b in zip(got, want):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
