@@ -412,25 +412,17 @@ def _token_replace_rows(norm, temb, token_replace_emb, chunks):
     return norm.linear(norm.silu(torch.stack([token_replace_emb, temb], dim=1))).chunk(chunks, dim=-1)
 
 
-def _token_replace_ada_layer_norm_zero(self, hidden_states, emb, token_replace_emb, first_frame_num_tokens):
-    """HunyuanVideoTokenReplaceAdaLayerNormZero on its own (its block, when fused, reads its
-    Linear itself): one indexed LN + modulation; the other chunks per sample, the others' then
-    the first frame's, as diffusers returns them."""
+def _token_replace_norm(self, hidden_states, emb, token_replace_emb, first_frame_num_tokens):
+    """HunyuanVideoTokenReplaceAdaLayerNormZero (6 chunks) / ...Single (3) on their own (their
+    blocks, fused, read the Linear themselves): one indexed LN + modulation; the chunks after
+    shift and scale per sample, the others' then the first frame's, as diffusers returns them."""
     if first_frame_num_tokens is None:  # its own forward then doubles the tokens
         return type(self).forward(self, hidden_states, emb, token_replace_emb, first_frame_num_tokens)
-    shift, scale, *rest = _token_replace_rows(self, emb, token_replace_emb, 6)  # (B, 2, D) each
+    chunks = self.linear.out_features // hidden_states.shape[-1]
+    shift, scale, *rest = _token_replace_rows(self, emb, token_replace_emb, chunks)  # (B, 2, D) each
     h = adaln_modulate_indexed(hidden_states, shift, scale, _first_frame_index(hidden_states, first_frame_num_tokens),
                                eps=self.norm.eps)
     return (h, *(t[:, 1] for t in rest), *(t[:, 0] for t in rest))
-
-
-def _token_replace_ada_layer_norm_zero_single(self, hidden_states, emb, token_replace_emb, first_frame_num_tokens):
-    if first_frame_num_tokens is None:
-        return type(self).forward(self, hidden_states, emb, token_replace_emb, first_frame_num_tokens)
-    shift, scale, gate = _token_replace_rows(self, emb, token_replace_emb, 3)  # (B, 2, D) each
-    h = adaln_modulate_indexed(hidden_states, shift, scale, _first_frame_index(hidden_states, first_frame_num_tokens),
-                               eps=self.norm.eps)
-    return h, gate[:, 1], gate[:, 0]
 
 
 def _hunyuan_video_token_replace_block(self, hidden_states, encoder_hidden_states, temb, attention_mask=None,
@@ -641,12 +633,10 @@ def _probe_qwen_image(m, gen):
         modulate_index=index)
 
 
-def _probe_token_replace_norm(chunks):
-    def probe(m, gen):
-        d = m.linear.in_features
-        return (_rand(gen, PROBE_B, PROBE_N, m.linear.out_features // chunks), _rand(gen, PROBE_B, d),
-                _rand(gen, PROBE_B, d), 1), {}
-    return probe
+def _probe_token_replace_norm(m, gen):
+    """x (B, N, D), emb and token_replace_emb (B, D), the first token replaced."""
+    d = m.linear.in_features
+    return (_rand(gen, PROBE_B, PROBE_N, d), _rand(gen, PROBE_B, d), _rand(gen, PROBE_B, d), 1), {}
 
 
 def _probe_token_replace(num_tokens):
@@ -662,9 +652,9 @@ def _probe_token_replace(num_tokens):
 # (module, class, kind, fused forward, structure check, probe) of the indexed forms, for _specs
 _INDEXED_SPECS = [
     ("transformers.transformer_hunyuan_video", "HunyuanVideoTokenReplaceAdaLayerNormZero", "norm",
-     _token_replace_ada_layer_norm_zero, lambda m: _plain_layer_norms(m, "norm"), _probe_token_replace_norm(6)),
+     _token_replace_norm, lambda m: _plain_layer_norms(m, "norm"), _probe_token_replace_norm),
     ("transformers.transformer_hunyuan_video", "HunyuanVideoTokenReplaceAdaLayerNormZeroSingle", "norm",
-     _token_replace_ada_layer_norm_zero_single, lambda m: _plain_layer_norms(m, "norm"), _probe_token_replace_norm(3)),
+     _token_replace_norm, lambda m: _plain_layer_norms(m, "norm"), _probe_token_replace_norm),
     ("transformers.transformer_qwenimage", "QwenImageTransformerBlock", "block", _qwen_image_block,
      _check_qwen_image, _probe_qwen_image),
     ("transformers.transformer_hunyuan_video", "HunyuanVideoTokenReplaceTransformerBlock", "block",
