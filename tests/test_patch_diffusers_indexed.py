@@ -141,10 +141,12 @@ def test_bf16_models_stay_bf16_within_a_few_ulps(family):
     assert_bf16_like_diffusers(model, inputs)
 
 
-@pytest.mark.parametrize("family", ["qwen_image_zero_cond_t", "hunyuan_video_token_replace"])
-def test_dynamo_traces_the_indexed_blocks_whole(family):
+@pytest.mark.parametrize("family,backend", [("qwen_image_zero_cond_t", "torch"), ("hunyuan_video_token_replace", "torch"),
+                                            pytest.param("qwen_image_zero_cond_t", "triton", marks=needs_interp)])
+def test_dynamo_traces_the_indexed_blocks_whole(family, backend):
     """compile_repeated_blocks(fullgraph=True) over the patched K = 2 blocks: no graph break
-    (the index is built from shapes and ints on the device), the same output."""
+    (the index is built from shapes and ints on the device), the same output; through the
+    torch path, and through the Triton route (the indexed custom ops stay opaque nodes)."""
     model, inputs, _ = FAMILIES[family]()
     randomise(model)
     with torch.no_grad():
@@ -153,8 +155,9 @@ def test_dynamo_traces_the_indexed_blocks_whole(family):
     model._repeated_blocks = ["QwenImageTransformerBlock", "HunyuanVideoTokenReplaceTransformerBlock",
                               "HunyuanVideoTokenReplaceSingleTransformerBlock"]
     torch._dynamo.reset()
-    model.compile_repeated_blocks(fullgraph=True, backend="eager")
-    with pf_kernels.use_backend("torch"), torch.no_grad():
+    model.compile_repeated_blocks(fullgraph=True, backend="eager" if backend == "torch" else "aot_eager")
+    with pf_kernels.use_backend(backend), torch.no_grad(), \
+            torch._functorch.config.patch(decompose_custom_triton_ops=False):
         got = model(**inputs).sample
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
