@@ -4,7 +4,7 @@ The interpreter checks what the kernels compute; it never compiles them. ``scrip
 kernel_report.py`` runs each op's host code with compile-only launches against a named
 target, so each launch form (dtypes, per-token chunk views, per-sample, indexed, of
 ``adaln_modulate``, ``gated_residual``, ``ada_rms_norm`` and ``gated_residual_modulate``;
-every ``patch_euler`` form) is specialised exactly as on a GPU and lowered to PTX and a cubin.
+the general forms and the RMSNorm sandwich; every ``patch_euler`` form) is specialised exactly as on a GPU and lowered to PTX and a cubin.
 Asserted: every form compiles, nothing spills to local memory, at the PF-B/2 and PF-XL/2
 widths no kernel leaves more than 10% of its column lanes empty (rows are walked in column
 tiles: 1152 = 9 x 128, 768 = 3 x 256, where one power-of-two block would leave 44% and 25%
@@ -61,6 +61,9 @@ def test_every_launch_form_compiles_for_sm90(report):
     for op in ("opts rms+shift fwd per-token", "opts rms+shift bwd per-token", "opts ungated resmod fwd per-sample "
                "fp32-mods", "opts ungated resmod bwd per-sample fp32-mods", "gated fwd per-sample fp32-gate out=bf16"):
         assert f"{op} XL/2 D=1152 bf16" in cases
+    for op in ("sandwich fwd", "sandwich bwd", "sandwich last fwd", "sandwich last bwd"):  # the RMSNorm sandwich
+        for form in ("per-sample", "ungated"):
+            assert f"{op} {form} XL/2 D=1152 bf16" in cases
     assert {"timestep_embedding fwd dim=256", "timestep_embedding bwd dim=256"} <= cases
     assert {f"patch_euler {f} bf16" for f in ("plain", "mask", "mask+other", "in-place")} <= cases
     assert all(r["arch"] == 90 for r in rows)
@@ -100,8 +103,8 @@ def test_per_token_rows_move_in_16_byte_vectors(report):
         if "per-token" in r["case"] and "odd" not in r["case"] and ("bf16" in r["case"] or "fp16" in r["case"]):
             assert r["ld_v2"] == 0 and r["st_v2"] == 0, r
             assert r["ld_scalar"] <= 2 and r["st_scalar"] <= 2, r
-            # the statistics alone (STATS_ONLY: a backward without the forward's) writes only those
-            assert r["ld_v4"] > 0 and (r["st_v4"] > 0 or "STATS_ONLY" in r["flags"].split()), r
+            # the statistics alone (NO_H: a backward without the forward's) writes only those
+            assert r["ld_v4"] > 0 and (r["st_v4"] > 0 or "NO_H" in r["flags"].split()), r
             checked += 1
     # 12 launch forms (two of them with the statistics kernel first) x 2 widths x 2 dtypes, and the
     # general forms' RMSNorm + shift forward and backward x 2 widths in bf16
