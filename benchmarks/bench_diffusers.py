@@ -210,8 +210,9 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         model = copy.deepcopy(model)
         pf_kernels.patch_diffusers(model, verbose=False)
     if variant.endswith("compile"):
+        # every block class: DiT/PixArt list none, HunyuanVideo's list lacks its token-replace blocks
         blocks = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Block")}
-        model._repeated_blocks = list(model._repeated_blocks or blocks)  # DiT/PixArt name none
+        model._repeated_blocks = sorted(set(model._repeated_blocks or []) | blocks)
         model.compile_repeated_blocks(fullgraph=True)
     return model
 

@@ -308,12 +308,18 @@ def test_dynamo_traces_patched_blocks_whole_and_regional_compile_works(family, b
     output; through the torch path, and through the Triton route, whose ops stay opaque
     custom-op nodes under the interpreter (compile cannot run interpreted kernels itself)."""
     model, inputs, _ = FAMILIES[family]()
+    assert_regional_compile_matches(model, inputs, backend, ["BasicTransformerBlock", "JointTransformerBlock",
+                                                             "Lumina2TransformerBlock", "MochiTransformerBlock"])
+
+
+def assert_regional_compile_matches(model, inputs, backend, blocks):
+    """Randomised, patched, ``compile_repeated_blocks(fullgraph=True)`` over the model's repeated
+    blocks and ``blocks`` (class names it may not list): the unpatched eager output."""
     randomise(model)
     with torch.no_grad():
         want = model(**inputs).sample
     patch_diffusers(model)
-    model._repeated_blocks = model._repeated_blocks or ["BasicTransformerBlock", "JointTransformerBlock",
-                                                        "Lumina2TransformerBlock", "MochiTransformerBlock"]
+    model._repeated_blocks = [*(model._repeated_blocks or []), *blocks]
     torch._dynamo.reset()
     model.compile_repeated_blocks(fullgraph=True, backend="eager" if backend == "torch" else "aot_eager")
     with pf_kernels.use_backend(backend), torch.no_grad(), \
