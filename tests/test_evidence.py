@@ -129,6 +129,8 @@ def test_sits_own_samplers_add_stages_and_change_no_key_of_the_stages_before_the
         assert [n for n in new if n not in old] == [f"samplers {a} seed {s}" for a in sit_arms for s in (0, 1, 2)]
     stages = evidence.build_stages(now)
     names = [x.name for x in stages]
+    # named by module, not __name__: python -m and device_call (an import) key a stage alike
+    assert {x.fn.split(":")[0] for x in stages} == {"pf.experiments.evidence"}
     for s in (0, 1, 2):
         i = names.index(f"samplers sit_uniform seed {s}")
         assert names[i - 1 - (s == 0)] == f"curve sit_uniform seed {s}"
@@ -285,3 +287,18 @@ def test_the_cut_grid_is_eulers_grid_to_the_cut_then_one_step():
     assert all(abs((b - a) - 0.01) < 1e-12 for a, b in zip(g[:-2], g[1:-1]))  # K = 100's step up to 0.9
     g = spaces.cut_grid(25, 0.9)
     assert len(g) - 1 == 24 and max(b - a for a, b in zip(g[:-2], g[1:-1])) <= 1 / 25  # ceil(22.5) = 23 steps
+
+
+def test_every_committed_stage_record_is_found_under_the_module_names():
+    """The records ``python -m`` wrote (functions ``__main__:...``) still count for the stages
+    now named by module: renaming re-runs no finished stage of either study."""
+    from pf.experiments import diagnostics
+    from pf.experiments.stages import stage_result
+    for module, records in ((evidence, "records_dir"), (diagnostics, "points_dir")):
+        s = command.study_config(cli.parse(module.DEFAULTS, [], free=module.FREE))
+        stages = {x.name: x for x in module.build_stages(s)}
+        files = sorted((ROOT / s[records] / "stages").glob("*.json"))
+        assert files, module.__name__
+        for f in files:
+            rec = json.loads(f.read_text())
+            assert stage_result(ROOT / s[records], stages[rec["name"]]) == rec, (module.__name__, rec["name"])

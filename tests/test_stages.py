@@ -56,6 +56,24 @@ def test_stages_run_after_their_dependencies_and_are_cached(tmp_path):
     assert _calls(tmp_path / "calls.txt") == ["a", "b", "c", "a"]
 
 
+def test_a_record_stored_under_main_is_found_by_the_functions_module_name(tmp_path):
+    """``python -m study`` once keyed its records ``__main__:fn``; the same function and arguments
+    named by module (as ``device_call`` imports it) find them and run nothing, and only them."""
+    log = str(tmp_path / "calls.txt")
+    args = {"log": log, "name": "a", "value": 1}
+    legacy = {"fn": "__main__:record_call", "args": args}
+    stored = tmp_path / "out" / "stages" / f"{config_key(legacy)}.json"
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps({"name": "a", **legacy, "result": {"value": 99}, "seconds": 1.0}))
+    stages = [Stage("a", f"{__name__}:record_call", args),
+              Stage("b", f"{__name__}:record_call", {**args, "name": "b"}),  # other arguments
+              Stage("c", f"{__name__}:failing", {"message": "not this one"})]  # another function
+    with pytest.raises(RuntimeError, match="not this one"):
+        run_stages(stages, tmp_path / "out", log=lambda *_: None)
+    assert _calls(tmp_path / "calls.txt") == ["b"]  # a came from the record under __main__
+    assert run_stages(stages[:1], tmp_path / "out", log=lambda *_: None)["a"]["result"] == {"value": 99}
+
+
 def test_worker_processes_run_stages_in_parallel(tmp_path):
     log = str(tmp_path / "calls.txt")
     stages = [Stage(f"s{i}", f"{__name__}:record_call", {"log": log, "name": f"s{i}", "value": i}) for i in range(4)]

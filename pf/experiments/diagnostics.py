@@ -180,7 +180,7 @@ remeasure_stage = spaces.timed(_remeasure)
 def build_stages(study: dict) -> list[Stage]:
     """The foreground findings first (cheap), then the near-data test, the adaptive samplers,
     and last the re-measured report (the most CPU)."""
-    v, mod, out = view(study), __name__, []
+    v, mod, out = view(study), "pf.experiments.diagnostics", []  # by name: one key however it runs
     nc, ac, rc = study["near"], study["adaptive"], study["remeasure"]
     fc = study["foreground"]
     for seed in fc["seeds"]:

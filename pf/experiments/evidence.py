@@ -287,7 +287,7 @@ def build_stages(study: dict) -> list[Stage]:
     if sit["samplers"] and sit["seeds"]:
         sit_sampler_steps(sit["samplers"], sit["nfe"])  # a bad setting fails here, not hours in
     ev, tr = stage_view(study), stage_view(study, evaluation=False)
-    mod = __name__
+    mod = "pf.experiments.evidence"  # by name, not __name__ (__main__ under python -m): one key however it runs
     stages = [Stage("floor", f"{mod}:floor_stage", {"study": ev})]
     early = [a for a in study["arms"] if a not in study.get("late_arms", [])]
     late = [a for a in study["arms"] if a in study.get("late_arms", [])]

@@ -81,10 +81,24 @@ def stage_file(out_dir: str | Path, stage: Stage) -> Path:
     return Path(out_dir) / "stages" / f"{stage.key}.json"
 
 
+# Until 2026-12-05 the evidence and diagnostics studies named their stage functions by
+# ``__name__``, which is ``__main__`` under ``python -m``: their records are keyed so.
+LEGACY_MODULE = "__main__"
+
+
+def _legacy_file(out_dir: str | Path, stage: Stage) -> Path:
+    """Where ``python -m`` stored this stage's record before functions were named by module."""
+    key = config_key({"fn": f"{LEGACY_MODULE}:{stage.fn.split(':')[1]}", "args": stage.args})
+    return Path(out_dir) / "stages" / f"{key}.json"
+
+
 def stage_result(out_dir: str | Path, stage: Stage) -> dict | None:
-    """The stored record of a finished stage (``result``, ``seconds``, ...), or None."""
-    path = stage_file(out_dir, stage)
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The stored record of a finished stage (``result``, ``seconds``, ...), or None; a record
+    stored under the ``__main__`` name of its function counts (the same function and arguments)."""
+    for path in (stage_file(out_dir, stage), _legacy_file(out_dir, stage)):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, jobs: int = 1, threads: int = 1, log=print,
