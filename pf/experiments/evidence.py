@@ -547,9 +547,10 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         f"- Training length: {tc['steps']} steps is what the CPU budget allows for {len(tc['seeds'])} seeds of every "
         "arm, not a length where FID is known to have flattened (the first study's constant-learning-rate FID was "
         "still falling at 6000 steps: 32, 14, 8 at 1k, 3k, 6k). Final validation MSE (EMA, mean over the seeds "
-        "trained): " + "; ".join(f"{labels[a]} {mean_std(v)[0]:.4f} (n={len(v)})" for a in study["arms"]
-                                   if (v := [r["val_loss"] for (aa, _), r in data["train"].items()
-                                             if aa == a and r.get("val_loss") is not None])) + ".",
+        "trained): " + ("; ".join(f"{labels[a]} {mean_std(v)[0]:.4f} (n={len(v)})" for a in study["arms"]
+                                    if (v := [r["val_loss"] for (aa, _), r in data["train"].items()
+                                              if aa == a and r.get("val_loss") is not None])) or "none trained yet")
+        + ".",
         f"- Models: each run's EMA weights after {tc['steps']} steps are kept beside the records "
         f"(`{study['records_dir']}/weights`, float16; not in git, which has room for the first study's only) and "
         "every point is measured on them and names their fingerprint.",
