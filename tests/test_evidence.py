@@ -302,3 +302,14 @@ def test_every_committed_stage_record_is_found_under_the_module_names():
         for f in files:
             rec = json.loads(f.read_text())
             assert stage_result(ROOT / s[records], stages[rec["name"]]) == rec, (module.__name__, rec["name"])
+
+
+def test_adaptive_summary_puts_the_selection_rules_side_by_side():
+    from pf.experiments.diagnostics import adaptive_cells
+    pts = [{"sampler": "look_ahead", "nfe": 25, "protocol": "matched NFE 25", "steps": 13, "rule": r, "fid": f}
+           for r, f in (("random", 12.8), ("uncertainty", 13.88))]
+    pts.append({"sampler": "dual_loop", "nfe": 400, "protocol": "paper's protocol", "steps": 100, "rule": "uncertainty",
+                "fid": 15.571})
+    assert adaptive_cells(pts, ["uncertainty", "random"]) == [
+        "dual_loop paper's protocol (K = 100, NFE 400) 15.57 / -",
+        "look_ahead matched NFE 25 (K = 13, NFE 25) 13.88 / 12.80"]

@@ -374,12 +374,23 @@ def summary_lines(study: dict) -> list[str]:
                    f"Spearman {mean('spearman_all'):.2f} over all patches but {mean('spearman_foreground'):.2f} over "
                    f"foreground patches; {100 * mean('certain_background_share'):.0f}% of the patches the adaptive "
                    "samplers treat as certain are background.")
-    ad = [p for p in data["points"] if p["stage"] == "adaptive" and p["rule"] == "uncertainty"]
+    ad = [p for p in data["points"] if p["stage"] == "adaptive"]
     if ad:
-        out.append("- Adaptive samplers on PF (LTG) (training seed " + str(study["adaptive"]["seed"]) + ", n = 1 run): "
-                   + "; ".join(f"{p['sampler']} {p['protocol']} (K = {p['steps']}, NFE {p['nfe']}) FID {p['fid']:.2f}"
-                               for p in sorted(ad, key=lambda p: (p["sampler"], p["nfe"]))) + ".")
+        out.append("- Adaptive samplers on PF (LTG) (training seed " + str(study["adaptive"]["seed"]) + ", n = 1 run), "
+                   "FID with " + " / ".join(f"{r} selection" for r in study["adaptive"]["rules"]) + ": "
+                   + "; ".join(adaptive_cells(ad, study["adaptive"]["rules"])) + ".")
     return out
+
+
+def adaptive_cells(points: list[dict], rules: list[str]) -> list[str]:
+    """One cell per sampler and protocol, the selection rules' FIDs side by side (first feature
+    space; "-" for a rule not measured yet), ordered by sampler and NFE."""
+    cells: dict = {}
+    for p in points:
+        cells.setdefault((p["sampler"], p["nfe"], p["protocol"], p["steps"]), {})[p["rule"]] = p["fid"]
+    return [f"{sampler} {protocol} (K = {k}, NFE {nfe}) "
+            + " / ".join(f"{fids[r]:.2f}" if r in fids else "-" for r in rules)
+            for (sampler, nfe, protocol, k), fids in sorted(cells.items())]
 
 
 SUMMARY = "summary.json"  # the lines the main report's conclusion takes, beside the records
