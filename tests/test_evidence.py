@@ -197,6 +197,12 @@ def test_pairs_are_per_training_seed_with_the_sampling_seed_mean():
     assert evidence.paired(c, "a", "b", 10, 10) == [(0, 1.0), (1, -2.0)]  # n = 2, not 4
 
 
+def test_a_cell_of_one_training_seed_shows_no_spread():
+    assert evidence.cell_text([]) == "pending"
+    assert evidence.cell_text([11.6]) == "11.60 (n=1)"  # a std of one value is not a spread
+    assert evidence.cell_text([4.0, 6.0]) == f"5.00 ± {math.sqrt(2.0):.2f} (n=2)"  # sample std
+
+
 @needs_fashion
 def test_evidence_toy_end_to_end(tmp_path):
     argv = command.expand_toy(["toy=true", f"out_dir={tmp_path / 'out'}", f"records_dir={tmp_path / 'rec'}",

@@ -373,10 +373,12 @@ def comparison_lines(study: dict, c: dict, space_name: str) -> list[str]:
 
 
 def cell_text(values: list[float], digits: int = 2) -> str:
-    """A table cell: mean ± std over training seeds and n, or "pending"."""
+    """A table cell: mean ± std over training seeds and n, or "pending" (one seed has no std)."""
     if not values:
         return "pending"
     m, sd = mean_std(values)
+    if len(values) == 1:
+        return f"{m:.{digits}f} (n=1)"
     return f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
 
 
