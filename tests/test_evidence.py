@@ -65,6 +65,18 @@ def test_the_recipe_decays_over_the_study_steps():
         ensure_trained(cfg, "/nonexistent-never-written", 2000)
 
 
+def test_a_stopped_run_resumes_from_a_checkpoint_sooner_than_the_kept_ones():
+    from pf.experiments import common
+    s = evidence.recipe(study())
+    cfg = evidence.compose_train_config(s, evidence.arms(study())["pf_ltg"]["overrides"], 0)
+    assert (cfg.trainer.keep_every, cfg.trainer.ckpt_every) == (1000, common.RESUME_EVERY) and common.RESUME_EVERY < 1000
+    longer = copy.deepcopy(s)
+    longer["train"]["keep_every"] = 2000  # the resume cadence is not part of what a run computes
+    key = config_key(trajectory_config(evidence.compose_train_config(longer, evidence.arms(study())["pf_ltg"]["overrides"], 0)))
+    cfg.trainer.ckpt_every = 1000
+    assert key == config_key(trajectory_config(cfg))
+
+
 def test_classifier_safetensors_round_trip_and_fingerprint(tmp_path):
     torch.manual_seed(0)
     net = SmallCNN(1, 16, 10, 4)

@@ -40,6 +40,9 @@ from pf.training.schema import compose_config
 
 
 _COMPOSED: dict = {}
+# Steps between the checkpoints a stopped run resumes from (``last.pt``; a trajectory key ignores
+# it): a study stopped mid-run loses at most this many steps, not a whole ``keep_every``.
+RESUME_EVERY = 250
 
 
 def compose_train_config(study: dict, overrides: list[str], seed: int):
@@ -60,7 +63,7 @@ def _compose(study: dict, overrides: list[str], seed: int):
         f"data.image_size={study['image_size']}", *study.get("data_overrides", []),
         f"trainer.batch_size={tc['batch_size']}", f"trainer.lr={tc['lr']}",
         f"trainer.warmup_steps={tc['warmup_steps']}", "trainer.progress=false",
-        f"trainer.ckpt_every={every}", f"trainer.keep_every={every}", f"trainer.val_every={every}",
+        f"trainer.ckpt_every={min(every, RESUME_EVERY)}", f"trainer.keep_every={every}", f"trainer.val_every={every}",
         f"trainer.sample_every={every}", f"trainer.log_every={max(1, min(50, every))}",
         *overrides, *tc.get("overrides", []),
         f"sampler={euler_sampler(overrides)}", "sampler.steps=25", "sampler.cfg_scale=1.0",
