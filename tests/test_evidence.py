@@ -288,6 +288,17 @@ def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):
     assert fg["times"][0]["spearman_all"] > fg["times"][0]["spearman_foreground"]
 
 
+def test_diagnostics_count_training_seeds_not_sampling_seeds():
+    from pf.experiments import diagnostics
+    pts = [{"arm": arm, "train_seed": ts, "sample_seed": ss, "steps": 10, "spaces": [{"fid": v}]}
+           for arm, ts, ss, v in [("a", 0, 0, 10.0), ("a", 0, 1, 12.0), ("a", 1, 0, 14.0), ("a", 1, 1, 14.0),
+                                  ("b", 0, 0, 11.0), ("b", 0, 1, 11.0), ("b", 1, 0, 12.0), ("b", 1, 1, 12.0),
+                                  ("b", 2, 0, 9.0)]]
+    assert diagnostics.seed_means(pts, "a", 10) == {0: 11.0, 1: 14.0}
+    assert diagnostics.seed_pairs(pts, "a", "b", 10) == [(0, 0.0), (1, 2.0)]  # seed 2 has no partner
+    assert diagnostics._mean(list(diagnostics.seed_means(pts, "a", 10).values())) == f"12.50 ± {math.sqrt(4.5):.2f} (n=2)"
+
+
 def test_a_device_call_can_run_the_study():
     """scripts/gpu_study.sh runs any module naming its stages (PF_STUDY_MODULE): the plan of this one."""
     from pf.experiments import device_call

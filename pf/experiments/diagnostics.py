@@ -247,7 +247,7 @@ def render(study: dict, data: dict, command_line: str) -> str:
              f"first study's EMA weights after {study['train']['steps']} steps (constant learning rate), kept in "
              f"`{study['records_dir']}/weights`; {study['eval']['num_samples']} images a point against the test split, "
              f"in the committed feature spaces (classifiers {', '.join(fps)}); every point names both and its weights. "
-             "n counts training seeds x sampling seeds as stated per table.", ""]
+             "n counts training seeds (each the mean of its sampling seeds); the adaptive samplers' table is one training run.", ""]
     if pending:
         lines += ["**Partial.** Stages pending: " + ", ".join(pending) + ".", ""]
     if data["gone"]:
@@ -267,7 +267,7 @@ def render(study: dict, data: dict, command_line: str) -> str:
                 row = []
                 for i in range(len(fps)):
                     for cut in (None, study["near"]["cut"]):
-                        row.append(_mean([p["spaces"][i]["fid"] for p in ps if p.get("cut") == cut]))
+                        row.append(_mean(list(seed_means([p for p in ps if p.get("cut") == cut], arm, k, i).values())))
                 nfe = [p["nfe"] for p in ps if p.get("cut") is None][:1] + [p["nfe"] for p in ps if p.get("cut")][:1]
                 seeds = sorted({p["train_seed"] for p in ps})
                 lines.append(f"| {labels[arm]} | {seeds} | {k} | " + " | ".join(row) + f" | {' / '.join(map(str, nfe))} |")
@@ -305,29 +305,51 @@ def render(study: dict, data: dict, command_line: str) -> str:
     if re:
         rc = study["remeasure"]
         lines += ["## The first report's Euler curves, re-measured", "",
+                  f"Euler FID at every K of the first report, sampling seeds {rc['sample_seeds']}: a cell is the mean "
+                  "over training seeds of each seed's sampling-seed mean, ± the std over training seeds, n the "
+                  "number of training seeds ((1), (2): the feature space).", "",
                   "| arm | " + " | ".join(f"K={k} ({i + 1})" for k in rc["steps"] for i in range(len(fps))) + " |",
                   "|---|" + "---|" * (len(rc["steps"]) * len(fps))]
         for arm in rc["arms"]:
-            ps = [p for p in re if p["arm"] == arm]
-            if ps:
+            if any(p["arm"] == arm for p in re):
                 lines.append(f"| {labels[arm]} | " + " | ".join(
-                    _mean([p["spaces"][i]["fid"] for p in ps if p["steps"] == k]) for k in rc["steps"]
+                    _mean(list(seed_means(re, arm, k, i).values())) for k in rc["steps"]
                     for i in range(len(fps))) + " |")
+        lines.append("")
+        for a, b in (("pf_ltg", "sit_uniform"), ("pf_logit_normal", "sit_logit_normal")):
+            for i in range(len(fps)):
+                per_k = [(k, seed_pairs(re, a, b, k, i)) for k in rc["steps"]]
+                if any(d for _, d in per_k):
+                    lines.append(f"- Feature space {i + 1}: {labels[a]} minus {labels[b]} (negative: {labels[a]} "
+                                 "better), per training seed: " + "; ".join(
+                                     f"K = {k}: {spaces.fmt_pairs(d)}" for k, d in per_k if d) + ".")
         lines.append("")
     lines += ["## Stages", "", "| stage | CPU minutes |", "|---|---|"]
     lines += [f"| {n} | {r['result']['cpu_seconds'] / 60:.1f} |" if r else f"| {n} | pending |" for n, r in data["stages"]]
     return "\n".join(lines) + "\n"
 
 
+def seed_means(points: list[dict], arm: str, k: int, space: int = 0) -> dict[int, float]:
+    """{training seed: its mean FID over sampling seeds} of ``arm`` at K = ``k`` in feature space
+    ``space``: one value per training run, so n counts training seeds."""
+    by_seed: dict = {}
+    for p in points:
+        if p["arm"] == arm and p["steps"] == k:
+            by_seed.setdefault(p["train_seed"], []).append(p["spaces"][space]["fid"])
+    return {s: sum(v) / len(v) for s, v in by_seed.items()}
+
+
+def seed_pairs(points: list[dict], a: str, b: str, k: int, space: int = 0) -> list[tuple[int, float]]:
+    """(training seed, ``a`` minus ``b`` FID) for the training seeds both arms have."""
+    ma, mb = seed_means(points, a, k, space), seed_means(points, b, k, space)
+    return [(s, ma[s] - mb[s]) for s in sorted(set(ma) & set(mb))]
+
+
 def near_pairs(near: list[dict], k: int, cut: bool, space: int = 0) -> list[tuple[int, float]]:
     """(training seed, PF (LTG) minus SiT (uniform t) FID in feature space ``space``) at Euler K =
     ``k``, whole or ``cut``; each seed's value the mean over its sampling seeds."""
-    by_arm: dict = {}
-    for p in near:
-        if p["steps"] == k and (p.get("cut") is not None) == cut:
-            by_arm.setdefault(p["arm"], {}).setdefault(p["train_seed"], []).append(p["spaces"][space]["fid"])
-    a, b = ({s: sum(v) / len(v) for s, v in by_arm.get(arm, {}).items()} for arm in ("pf_ltg", "sit_uniform"))
-    return [(s, a[s] - b[s]) for s in sorted(set(a) & set(b))]
+    chosen = [p for p in near if (p.get("cut") is not None) == cut]
+    return seed_pairs(chosen, "pf_ltg", "sit_uniform", k, space)
 
 
 def near_statements(study: dict, near: list[dict], n_spaces: int) -> list[str]:
