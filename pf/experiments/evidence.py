@@ -618,28 +618,41 @@ def pages_section(study: dict) -> list[str]:
 
 
 def conclusion_lines(study: dict, data: dict) -> list[str]:
-    """The report's opening, from what is measured (n named): at most four lines here (the last
-    PF (LTG) against SiT with its best sampler), two more from the diagnostics (:func:`why_lines`)."""
+    """The report's opening, from what is measured (n named): at most three lines here (the paper's
+    comparison with where the study stands, the resolution-shift hypothesis, what patch
+    heterogeneity adds), two more from the diagnostics (:func:`why_lines`): five at most."""
     c = cells(data["points"], 0)
     kmax = max(int(k) for k in study["eval"]["nfe"])
     done = sum(r is not None for _, r in data["stages"])
-    out = []
-    for arm, base, what in COMPARISONS[:4]:
+
+    def diff(arm: str, base: str) -> str | None:
         d = paired(c, arm, base, kmax, kmax)
-        if d:
-            out.append(f"- {what}, Euler K = {kmax}, FID: {fmt_pairs(d)}.")
+        return fmt_pairs(d) if d else None
+
     head = (f"- This comparison (cosine recipe, {study['train']['steps']} steps, {len(study['train']['seeds'])} training "
-            f"seeds per arm, {study['eval']['num_samples']} images a point, differences paired per training seed) ")
-    if done < len(data["stages"]):
-        head += (f"is **partial**: {done} of {len(data['stages'])} stages done"
-                 + ("; no arm pair is measured yet." if not out else "; the differences below are of the seeds done."))
-    else:
-        head += "is complete."
-    best = [f"- PF (LTG) against SiT (uniform t) with its best sampler ({SAMPLER_LABELS[b]}, NFE "
-            f"{study['eval']['sit_sampler_nfe']}), FID: {fmt_pairs(pairs[0])}."
-            for pf, sit, b, pairs in best_sampler_pairs(study, data)
-            if (pf, sit) == ("pf_ltg", "sit_uniform") and pairs[0]]
-    return [head, *out[:2], *best]
+            f"seeds per arm, {study['eval']['num_samples']} images a point, differences paired per training seed, "
+            f"FID in the first feature space at Euler K = {kmax}) ")
+    head += (f"is **partial**: {done} of {len(data['stages'])} stages done." if done < len(data["stages"])
+             else "is complete.")
+    paper = diff("pf_ltg", "sit_uniform")
+    if paper:
+        head += f" PF (LTG) minus the paper's baseline SiT (uniform t): {paper}"
+        for pf, sit, b, pairs in best_sampler_pairs(study, data):
+            if (pf, sit) == ("pf_ltg", "sit_uniform") and pairs[0]:
+                head += (f"; minus SiT with its best sampler ({SAMPLER_LABELS[b]}, NFE "
+                         f"{study['eval']['sit_sampler_nfe']}): {fmt_pairs(pairs[0])}")
+        head += "."
+    out = [head]
+    shifted = [(what, d) for what, d in (("minus PF (LTG, loc 0.7)", diff("pf_ltg_shifted", "pf_ltg")),
+                                         ("minus SiT (uniform t)", diff("pf_ltg_shifted", "sit_uniform"))) if d]
+    if shifted:
+        out.append("- The resolution-shift hypothesis, PF with LTG's location shifted for the data dimension: "
+                   + "; ".join(f"{what} {d}" for what, d in shifted) + ".")
+    het = diff("pf_ltg", "pf_ltg_marginal")
+    if het:
+        out.append("- What patch heterogeneity adds: PF (LTG) minus PF with one time per sample from LTG's marginal "
+                   f"(the same time density): {het}.")
+    return out
 
 
 def plot_curves(study: dict, data: dict, path: Path) -> None:
