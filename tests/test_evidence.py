@@ -290,13 +290,19 @@ def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):
 
 def test_diagnostics_count_training_seeds_not_sampling_seeds():
     from pf.experiments import diagnostics
-    pts = [{"arm": arm, "train_seed": ts, "sample_seed": ss, "steps": 10, "spaces": [{"fid": v}]}
-           for arm, ts, ss, v in [("a", 0, 0, 10.0), ("a", 0, 1, 12.0), ("a", 1, 0, 14.0), ("a", 1, 1, 14.0),
-                                  ("b", 0, 0, 11.0), ("b", 0, 1, 11.0), ("b", 1, 0, 12.0), ("b", 1, 1, 12.0),
-                                  ("b", 2, 0, 9.0)]]
-    assert diagnostics.seed_means(pts, "a", 10) == {0: 11.0, 1: 14.0}
-    assert diagnostics.seed_pairs(pts, "a", "b", 10) == [(0, 0.0), (1, 2.0)]  # seed 2 has no partner
-    assert diagnostics._mean(list(diagnostics.seed_means(pts, "a", 10).values())) == f"12.50 ± {math.sqrt(4.5):.2f} (n=2)"
+    pts = [{"arm": arm, "train_seed": ts, "sample_seed": ss, "steps": 10, "spaces": [{"fid": v}, {"fid": v + 1}]}
+           for arm, ts, ss, v in [("pf_ltg", 0, 0, 10.0), ("pf_ltg", 0, 1, 12.0), ("pf_ltg", 1, 0, 14.0),
+                                  ("pf_ltg", 1, 1, 14.0), ("sit_uniform", 0, 0, 11.0), ("sit_uniform", 0, 1, 11.0),
+                                  ("sit_uniform", 1, 0, 12.0), ("sit_uniform", 1, 1, 12.0), ("sit_uniform", 2, 0, 9.0)]]
+    rc = {"steps": [10], "arms": ["pf_ltg", "sit_uniform"], "sample_seeds": [0, 1]}
+    text = "\n".join(diagnostics.remeasure_lines(rc, pts, 2, {"pf_ltg": "PF", "sit_uniform": "SiT"}))
+    # seed means 11 and 14 (not the 4 points' std): 12.5 ± std(11, 14) over n = 2 training seeds
+    assert f"| PF | 12.50 ± {math.sqrt(4.5):.2f} (n=2) | 13.50 ± {math.sqrt(4.5):.2f} (n=2) |" in text
+    assert f"| SiT | 10.67 ± {math.sqrt(7 / 3):.2f} (n=3) |" in text
+    # PF minus SiT per training seed: 11 - 11 and 14 - 12; seed 2 has no PF run
+    assert "Feature space 1: PF minus SiT (negative: PF better), per training seed: K = 10: +1.00 ± 1.41 " \
+           "(n = 2 training seeds: +0.00, +2.00)." in text
+    assert diagnostics.remeasure_lines(rc, [], 2, {}) == []
 
 
 def test_a_device_call_can_run_the_study():

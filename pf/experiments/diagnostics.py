@@ -41,7 +41,6 @@ from pf.experiments.comparison import ARMS, euler_sampler
 from pf.experiments.curves import steps_for_nfe
 from pf.experiments.records import write_json
 from pf.experiments.stages import Stage, stage_result
-from pf.experiments.summary import mean_std
 
 DEFAULTS = copy.deepcopy(comparison.DEFAULTS)
 DEFAULTS.update({
@@ -231,13 +230,6 @@ def collect(study: dict) -> dict:
     return out
 
 
-def _mean(vals: list[float]) -> str:
-    if not vals:
-        return "pending"
-    m, s = mean_std(vals)
-    return f"{m:.2f} ± {s:.2f} (n={len(vals)})" if len(vals) > 1 else f"{m:.2f} (n=1)"
-
-
 def render(study: dict, data: dict, command_line: str) -> str:
     fps = [spaces.classifier_fingerprint(p) for p in study["classifiers"]]
     spaces.check_one_space(data["points"], fps)
@@ -267,7 +259,8 @@ def render(study: dict, data: dict, command_line: str) -> str:
                 row = []
                 for i in range(len(fps)):
                     for cut in (None, study["near"]["cut"]):
-                        row.append(_mean(list(seed_means([p for p in ps if p.get("cut") == cut], arm, k, i).values())))
+                        by_seed = spaces.cells([p for p in ps if p.get("cut") == cut], i).get(arm, {}).get(k, {})
+                        row.append(spaces.cell_text([m for m, _ in by_seed.values()]))
                 nfe = [p["nfe"] for p in ps if p.get("cut") is None][:1] + [p["nfe"] for p in ps if p.get("cut")][:1]
                 seeds = sorted({p["train_seed"] for p in ps})
                 lines.append(f"| {labels[arm]} | {seeds} | {k} | " + " | ".join(row) + f" | {' / '.join(map(str, nfe))} |")
@@ -301,55 +294,46 @@ def render(study: dict, data: dict, command_line: str) -> str:
                              f"{t['uncertain_err_all']:.3f} | {t['certain_err_foreground']:.3f} / "
                              f"{t['uncertain_err_foreground']:.3f} |")
         lines.append("")
-    re = [p for p in data["points"] if p["stage"] == "remeasure"]
-    if re:
-        rc = study["remeasure"]
-        lines += ["## The first report's Euler curves, re-measured", "",
-                  f"Euler FID at every K of the first report, sampling seeds {rc['sample_seeds']}: a cell is the mean "
-                  "over training seeds of each seed's sampling-seed mean, ± the std over training seeds, n the "
-                  "number of training seeds ((1), (2): the feature space).", "",
-                  "| arm | " + " | ".join(f"K={k} ({i + 1})" for k in rc["steps"] for i in range(len(fps))) + " |",
-                  "|---|" + "---|" * (len(rc["steps"]) * len(fps))]
-        for arm in rc["arms"]:
-            if any(p["arm"] == arm for p in re):
-                lines.append(f"| {labels[arm]} | " + " | ".join(
-                    _mean(list(seed_means(re, arm, k, i).values())) for k in rc["steps"]
-                    for i in range(len(fps))) + " |")
-        lines.append("")
-        for a, b in (("pf_ltg", "sit_uniform"), ("pf_logit_normal", "sit_logit_normal")):
-            for i in range(len(fps)):
-                per_k = [(k, seed_pairs(re, a, b, k, i)) for k in rc["steps"]]
-                if any(d for _, d in per_k):
-                    lines.append(f"- Feature space {i + 1}: {labels[a]} minus {labels[b]} (negative: {labels[a]} "
-                                 "better), per training seed: " + "; ".join(
-                                     f"K = {k}: {spaces.fmt_pairs(d)}" for k, d in per_k if d) + ".")
-        lines.append("")
+    lines += remeasure_lines(study["remeasure"], [p for p in data["points"] if p["stage"] == "remeasure"],
+                             len(fps), labels)
     lines += ["## Stages", "", "| stage | CPU minutes |", "|---|---|"]
     lines += [f"| {n} | {r['result']['cpu_seconds'] / 60:.1f} |" if r else f"| {n} | pending |" for n, r in data["stages"]]
     return "\n".join(lines) + "\n"
 
 
-def seed_means(points: list[dict], arm: str, k: int, space: int = 0) -> dict[int, float]:
-    """{training seed: its mean FID over sampling seeds} of ``arm`` at K = ``k`` in feature space
-    ``space``: one value per training run, so n counts training seeds."""
-    by_seed: dict = {}
-    for p in points:
-        if p["arm"] == arm and p["steps"] == k:
-            by_seed.setdefault(p["train_seed"], []).append(p["spaces"][space]["fid"])
-    return {s: sum(v) / len(v) for s, v in by_seed.items()}
-
-
-def seed_pairs(points: list[dict], a: str, b: str, k: int, space: int = 0) -> list[tuple[int, float]]:
-    """(training seed, ``a`` minus ``b`` FID) for the training seeds both arms have."""
-    ma, mb = seed_means(points, a, k, space), seed_means(points, b, k, space)
-    return [(s, ma[s] - mb[s]) for s in sorted(set(ma) & set(mb))]
+def remeasure_lines(rc: dict, points: list[dict], n_spaces: int, labels: dict) -> list[str]:
+    """The first report's Euler curves re-measured: a cell per arm, K and feature space over
+    training seeds (each its sampling-seed mean), then PF minus SiT per training seed."""
+    if not points:
+        return []
+    cs = [spaces.cells(points, i) for i in range(n_spaces)]
+    lines = ["## The first report's Euler curves, re-measured", "",
+             f"Euler FID at every K of the first report, sampling seeds {rc['sample_seeds']}: a cell is the mean "
+             "over training seeds of each seed's sampling-seed mean, ± the std over training seeds, n the "
+             "number of training seeds ((1), (2): the feature space).", "",
+             "| arm | " + " | ".join(f"K={k} ({i + 1})" for k in rc["steps"] for i in range(n_spaces)) + " |",
+             "|---|" + "---|" * (len(rc["steps"]) * n_spaces)]
+    for arm in rc["arms"]:
+        if arm in cs[0]:
+            lines.append(f"| {labels[arm]} | " + " | ".join(
+                spaces.cell_text([m for m, _ in cs[i][arm].get(k, {}).values()]) for k in rc["steps"]
+                for i in range(n_spaces)) + " |")
+    lines.append("")
+    for a, b in (("pf_ltg", "sit_uniform"), ("pf_logit_normal", "sit_logit_normal")):
+        for i in range(n_spaces):
+            per_k = [(k, spaces.paired(cs[i], a, b, k, k)) for k in rc["steps"]]
+            if any(d for _, d in per_k):
+                lines.append(f"- Feature space {i + 1}: {labels[a]} minus {labels[b]} (negative: {labels[a]} "
+                             "better), per training seed: " + "; ".join(
+                                 f"K = {k}: {spaces.fmt_pairs(d)}" for k, d in per_k if d) + ".")
+    return lines + [""]
 
 
 def near_pairs(near: list[dict], k: int, cut: bool, space: int = 0) -> list[tuple[int, float]]:
     """(training seed, PF (LTG) minus SiT (uniform t) FID in feature space ``space``) at Euler K =
     ``k``, whole or ``cut``; each seed's value the mean over its sampling seeds."""
     chosen = [p for p in near if (p.get("cut") is not None) == cut]
-    return seed_pairs(chosen, "pf_ltg", "sit_uniform", k, space)
+    return spaces.paired(spaces.cells(chosen, space), "pf_ltg", "sit_uniform", k, k)
 
 
 def near_statements(study: dict, near: list[dict], n_spaces: int) -> list[str]:

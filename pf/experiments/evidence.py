@@ -67,7 +67,7 @@ from pf.experiments.comparison import ARMS, SAMPLER_LABELS, SIT_SAMPLERS, euler_
 from pf.experiments.curves import steps_for_nfe
 from pf.samplers import make as make_sampler
 from pf.experiments.stages import Stage, stage_result
-from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space,
+from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cell_text, cells, check_one_space,
                                    classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
                                    stored, timed)
 from pf.experiments.summary import mean_std, rel
@@ -370,16 +370,6 @@ def comparison_lines(study: dict, c: dict, space_name: str) -> list[str]:
             line += f"; each at its best K (K = {ka} and K = {kb}): {fmt_pairs(paired(c, arm, base, ka, kb))}"
         out.append(line + ".")
     return out
-
-
-def cell_text(values: list[float], digits: int = 2) -> str:
-    """A table cell: mean ± std over training seeds and n, or "pending" (one seed has no std)."""
-    if not values:
-        return "pending"
-    m, sd = mean_std(values)
-    if len(values) == 1:
-        return f"{m:.{digits}f} (n=1)"
-    return f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
 
 
 def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2) -> list[str]:

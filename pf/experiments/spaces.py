@@ -187,6 +187,16 @@ def paired(c: dict, arm: str, base: str, k_arm: int, k_base: int) -> list[tuple[
 #################################################################################
 
 
+def cell_text(values: list[float], digits: int = 2) -> str:
+    """A table cell: mean ± std over training seeds and n, or "pending" (one seed has no std)."""
+    if not values:
+        return "pending"
+    m, sd = mean_std(values)
+    if len(values) == 1:
+        return f"{m:.{digits}f} (n=1)"
+    return f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
+
+
 def fmt_pairs(pairs: list[tuple[int, float]]) -> str:
     """Paired differences: their mean ± std over training seeds, n, and each seed's value."""
     if not pairs:
