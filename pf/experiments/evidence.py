@@ -32,9 +32,9 @@ after all of them). Every stage records the CPU seconds it used; a stage does no
 ``toy=true`` runs everything at a minute's size (CI); ``report_only=true`` rewrites the report.
 
 Sizing, measured here (2 cores, two stages at a time; the stages table of the report): a
-4000-step training took 17.5 CPU-minutes (SiT) to 24-34 (PF), a curve (2 x 2000 images x
-(10 + 25 + 100) Euler steps plus the metric passes) 17-23, SiT's own samplers at NFE 100 on
-one seed (Heun at K = 50 and the SDE at M = 100; Euler's point is the curve's) 12.6, a profile
+4000-step training took 17.5-19 CPU-minutes (SiT) to 30-34 (PF), a curve (2 x 2000 images x
+(10 + 25 + 100) Euler steps plus the metric passes) 16.5-23, SiT's own samplers at NFE 100 on
+one seed (Heun at K = 50 and the SDE at M = 100; Euler's point is the curve's) 12.6-13.4, a profile
 0.3. The 42 stages of the five arms x 3 seeds come to about 13 CPU-hours, inside the default
 16 h budget (the first study's timings had predicted 16.6 h for four arms). 4000
 steps is what the budget allows, not a length where FID is known to have flattened: the first
