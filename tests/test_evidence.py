@@ -207,9 +207,14 @@ def test_pairs_are_per_training_seed_with_the_sampling_seed_mean():
 
 
 def test_a_cell_of_one_training_seed_shows_no_spread():
-    assert evidence.cell_text([]) == "pending"
-    assert evidence.cell_text([11.6]) == "11.60 (n=1)"  # a std of one value is not a spread
-    assert evidence.cell_text([4.0, 6.0]) == f"5.00 ± {math.sqrt(2.0):.2f} (n=2)"  # sample std
+    from pf.experiments.spaces import cell_text, seed_cell
+    assert cell_text([]) == "pending"
+    assert cell_text([11.6]) == "11.60 (n=1)"  # a std of one value is not a spread
+    assert cell_text([4.0, 6.0]) == f"5.00 ± {math.sqrt(2.0):.2f} (n=2)"  # sample std
+    # a cells() entry: each training seed's sampling-seed mean (3 and 2 points) is one value
+    assert seed_cell({0: (4.0, 3), 1: (6.0, 2)}) == f"5.00 ± {math.sqrt(2.0):.2f} (n=2)"
+    assert seed_cell({0: (0.5, 2)}, digits=1, scale=1000) == "500.0 (n=1)"
+    assert seed_cell({}) == "pending"
 
 
 @needs_fashion

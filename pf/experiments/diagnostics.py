@@ -251,16 +251,15 @@ def render(study: dict, data: dict, command_line: str) -> str:
                   "| arm | training seeds | K | " + " | ".join(f"FID ({i + 1}) whole | FID ({i + 1}) cut"
                                                            for i in range(len(fps))) + " | NFE whole / cut |",
                   "|---|---|---|" + "---|---|" * len(fps) + "---|"]
+        cuts = (None, study["near"]["cut"])
+        cs = {(i, cut): spaces.cells([p for p in near if p.get("cut") == cut], i)
+              for i in range(len(fps)) for cut in cuts}
         for arm in study["near"]["arms"]:
             for k in study["near"]["steps"]:
                 ps = [p for p in near if p["arm"] == arm and p["steps"] == k]
                 if not ps:
                     continue
-                row = []
-                for i in range(len(fps)):
-                    for cut in (None, study["near"]["cut"]):
-                        by_seed = spaces.cells([p for p in ps if p.get("cut") == cut], i).get(arm, {}).get(k, {})
-                        row.append(spaces.cell_text([m for m, _ in by_seed.values()]))
+                row = [spaces.seed_cell(cs[i, cut].get(arm, {}).get(k, {})) for i in range(len(fps)) for cut in cuts]
                 nfe = [p["nfe"] for p in ps if p.get("cut") is None][:1] + [p["nfe"] for p in ps if p.get("cut")][:1]
                 seeds = sorted({p["train_seed"] for p in ps})
                 lines.append(f"| {labels[arm]} | {seeds} | {k} | " + " | ".join(row) + f" | {' / '.join(map(str, nfe))} |")
@@ -316,7 +315,7 @@ def remeasure_lines(rc: dict, points: list[dict], n_spaces: int, labels: dict) -
     for arm in rc["arms"]:
         if arm in cs[0]:
             lines.append(f"| {labels[arm]} | " + " | ".join(
-                spaces.cell_text([m for m, _ in cs[i][arm].get(k, {}).values()]) for k in rc["steps"]
+                spaces.seed_cell(cs[i][arm].get(k, {})) for k in rc["steps"]
                 for i in range(n_spaces)) + " |")
     lines.append("")
     for a, b in (("pf_ltg", "sit_uniform"), ("pf_logit_normal", "sit_logit_normal")):

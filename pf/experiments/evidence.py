@@ -63,9 +63,9 @@ from pf.experiments.comparison import ARMS, SAMPLER_LABELS, SIT_SAMPLERS, euler_
 from pf.experiments.curves import steps_for_nfe
 from pf.samplers import make as make_sampler
 from pf.experiments.stages import Stage, stage_result
-from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cell_text, cells, check_one_space,
+from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space,
                                    classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
-                                   stored, timed)
+                                   seed_cell, stored, timed)
 from pf.experiments.summary import mean_std, rel
 from pf.encoders.classifier import load_classifier
 
@@ -377,9 +377,7 @@ def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2
             out.append(f"| {labels[arm]} | - | " + " | ".join("pending" for _ in ks) + " | - |")
             continue
         seeds = sorted(set().union(*[set(v) for v in c[arm].values()]))
-        row = []
-        for k in ks:
-            row.append(cell_text([c[arm][k][s][0] * scale for s in seeds if s in c[arm].get(k, {})], digits))
+        row = [seed_cell(c[arm].get(k, {}), digits, scale) for k in ks]
         bk = best_k(c[arm], seeds)
         out.append(f"| {labels[arm]} | {', '.join(map(str, seeds))} | " + " | ".join(row) + f" | {bk or '-'} |")
     return out
@@ -467,9 +465,9 @@ def sit_sampler_section(study: dict, data: dict) -> list[str]:
             by_seed = [c.get(f"{arm}/{n}", {}).get(nfe, {}) for c in cs]
             calls = sorted({p["nfe"] for p in data["sampler_points"] if p["arm"] == arm and p["sampler"] == n})
             first = ", ".join(f"seed {s}: {v[0]:.2f}" for s, v in sorted(by_seed[0].items())) or "pending"
-            other = cell_text([v[0] for v in by_seed[1].values()]) if len(by_seed) > 1 else "-"
+            other = seed_cell(by_seed[1]) if len(by_seed) > 1 else "-"
             lines.append(f"| {labels[arm]} | {SAMPLER_LABELS[n]} | {steps[n]} | {', '.join(map(str, calls)) or '-'} | "
-                         f"{first} | {cell_text([v[0] for v in by_seed[0].values()])} | {other} |")
+                         f"{first} | {seed_cell(by_seed[0])} | {other} |")
     lines.append("")
     for arm in sit_arms(study):
         best, seeds = best_sampler(cs[0], arm, names, nfe)

@@ -197,6 +197,11 @@ def cell_text(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
 
 
+def seed_cell(by_seed: dict, digits: int = 2, scale: float = 1.0) -> str:
+    """The table cell of one :func:`cells` entry ({training seed: (mean, count)}) over its seeds."""
+    return cell_text([m * scale for m, _ in by_seed.values()], digits)
+
+
 def fmt_pairs(pairs: list[tuple[int, float]]) -> str:
     """Paired differences: their mean ± std over training seeds, n, and each seed's value."""
     if not pairs:
