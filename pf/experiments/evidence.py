@@ -63,7 +63,7 @@ from pf.experiments.comparison import ARMS, SAMPLER_LABELS, SIT_SAMPLERS, euler_
 from pf.experiments.curves import steps_for_nfe
 from pf.samplers import make as make_sampler
 from pf.experiments.stages import Stage, stage_result
-from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space,
+from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_realization, check_one_space,
                                    classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
                                    seed_cell, stored, timed)
 from pf.experiments.summary import mean_std, rel
@@ -493,6 +493,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
     ec, tc = study["eval"], study["train"]
     fps = [classifier_fingerprint(p) for p in study["classifiers"]]
     check_one_space(data["points"] + data["sampler_points"], fps)
+    check_one_realization(data["points"] + data["sampler_points"], data["train"])
     done = [n for n, r in data["stages"] if r is not None]
     pending = [n for n, r in data["stages"] if r is None]
     cpu = sum(r["result"].get("cpu_seconds", 0.0) for _, r in data["stages"] if r is not None) / 3600
