@@ -19,7 +19,10 @@ from pf.data.mnist_format import FASHION_MNIST_DIR
 from pf.encoders.classifier import SmallCNN, load_classifier, save_classifier_safetensors
 from pf.experiments import command, evidence, spaces
 from pf.experiments.trajectories import ensure_trained, trajectory_config
+from pf.experiments.common import kept_weights_path
+from pf.experiments.realizations import run_point_files
 from pf.experiments.records import config_key
+from pf.models.checkpoint import read_checkpoint_file, save_checkpoint
 from pf.training.schema import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +213,30 @@ def test_a_report_refuses_a_point_of_a_retrained_model():
         evidence.check_one_realization([{k: v for k, v in ok[0].items() if k != "weights"}], trained)
 
 
+def test_supersede_moves_the_records_of_another_model_aside_and_never_overwrites(tmp_path):
+    from pf.experiments.realizations import supersede
+
+    def record(kind: str, name: str, result: dict) -> Path:
+        path = tmp_path / kind / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"key": {"name": name}, "result": result}))
+        return path
+
+    train = record("stages", "train", {"weights": "exact-old", "kept_weights": "old"})
+    curve = record("stages", "curve", {"points": [{"weights": "old"}, {"weights": "new"}]})  # mixed: moved
+    done = record("stages", "samplers", {"points": [{"weights": "new"}]})
+    point = record("points", "p", {"weights": "old", "fid": 1.0})
+    moves = supersede(tmp_path, [train, curve, done, point], "new")
+    assert [a.name for a, _ in moves] == ["train.json", "curve.json", "p.json"] and done.is_file()
+    assert {b.relative_to(tmp_path).as_posix() for _, b in moves} == {
+        "superseded/stages/train.old.json", "superseded/stages/curve.new-old.json", "superseded/points/p.old.json"}
+    assert json.loads((tmp_path / "superseded/points/p.old.json").read_text())["result"]["fid"] == 1.0
+    again = record("points", "p", {"weights": "old", "fid": 2.0})  # the same record of that model once more
+    with pytest.raises(FileExistsError, match="left in place"):
+        supersede(tmp_path, [again], "new")
+    assert again.is_file() and json.loads((tmp_path / "superseded/points/p.old.json").read_text())["result"]["fid"] == 1.0
+
+
 def test_pairs_are_per_training_seed_with_the_sampling_seed_mean():
     pts = [{"arm": arm, "train_seed": ts, "sample_seed": ss, "steps": 10, "spaces": [{"fid": v}]}
            for arm, ts, ss, v in [("a", 0, 0, 5.0), ("a", 0, 1, 7.0), ("a", 1, 0, 4.0), ("a", 1, 1, 4.0),
@@ -278,6 +305,40 @@ def test_evidence_toy_end_to_end(tmp_path):
     again = evidence.collect(s)
     for kind in ("points", "sampler_points"):
         assert sorted(map(config_key, again[kind])) == sorted(map(config_key, data[kind]))
+
+    # a fresh clone on another machine: the run's kept weights are gone, the run is trained again
+    # to another model (here: the kept weights perturbed) and measures the point it lacks on it
+    run = evidence._trained_runs(s)[("sit_uniform", 0)]
+    kept = kept_weights_path(s, run)
+    ckpt = read_checkpoint_file(kept)
+    first = next(iter(ckpt["ema"]))
+    ckpt["ema"][first] = ckpt["ema"][first] + 0.01
+    save_checkpoint(ckpt, kept)
+    keys = {f: json.loads(f.read_text())["key"] for f in run_point_files(s["records_dir"], run["trajectory"], run["steps"])}
+    assert len(keys) == 2 * 2 + 2  # the curve's K x sampling seeds, Heun and the SDE
+    lost = [f for f, k in keys.items() if (k["sampler"], k["steps"], k["seed"]) == ("euler", 2, 0)]
+    assert len(lost) == 1
+    lost[0].unlink()
+    with pytest.raises(ValueError, match=r"supersede=\[sit_uniform:0\]"):  # the report refuses two models in one run
+        evidence.main(cfg, argv=["toy=true"])
+    with pytest.raises(ValueError, match="is not arm:seed"):
+        evidence.main(cli.parse(evidence.DEFAULTS, [*argv, "supersede=[sit_uniform:5]"], free=evidence.FREE))
+    evidence.main(cli.parse(evidence.DEFAULTS, [*argv, "supersede=[sit_uniform:0]"], free=evidence.FREE),
+                  argv=["toy=true", "supersede=[sit_uniform:0]"])
+    moved = {p.name: p.parent.name for p in (tmp_path / "rec" / "superseded").rglob("*.json")}
+    # the 5 points left of the earlier model (the curve's but the lost one; Heun and the SDE), and
+    # the stage records that name it: the training's among them
+    assert sorted(moved.values()).count("points") == 5
+    assert any(json.loads(p.read_text())["name"] == "train sit_uniform seed 0"
+               for p in (tmp_path / "rec" / "superseded" / "stages").glob("*.json"))
+    final = evidence.collect(s)
+    new_fp = final["train"][("sit_uniform", 0)]["kept_weights"]
+    assert new_fp != data["train"][("sit_uniform", 0)]["kept_weights"]
+    assert {p["weights"] for p in final["points"] + final["sampler_points"]
+            if (p["arm"], p["train_seed"]) == ("sit_uniform", 0)} == {new_fp}
+    assert len(final["points"]) == len(data["points"]) and len(final["superseded"]) == 5
+    assert "Trained again where its kept weights were gone" in (tmp_path / "R.md").read_text()
+    assert "supersede" not in (tmp_path / "R.md").read_text().split("```")[1]  # not in the command it names
 
 
 def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):

@@ -40,7 +40,8 @@ def run_study(cfg, argv: list[str] | None, build: Callable[[dict], list[Stage]],
     the command that regenerates it."""
     t0 = time.perf_counter()
     study = study_config(cfg)
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("report_only")]
+    # the report names the command that regenerates it: without one-off actions
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith(("report_only", "supersede"))]
     command = " ".join([doc_command, *map(shlex.quote, args)])
     if not cfg.get("report_only", False):
         run_stages(build(study), study[records], jobs=int(study.get("jobs", 1)), threads=int(study["threads"]),

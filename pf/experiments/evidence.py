@@ -29,6 +29,11 @@ Stages run in the order that makes a partial run most useful: training seed 0 of
 (a SiT arm's own samplers right after its curve), then seed 1, then seed 2 (SiT logit-normal
 after all of them). Every stage records the CPU seconds it used; a stage does not start once
 ``cpu_budget_hours`` are spent (it fails with one line, the report is still written). Resumable: run the same command again.
+Each run's weights are kept with the records (not in git); continued in a fresh clone, a run whose
+points are all stored is not trained again, and one that still needs a point is, which on another
+machine ends another model: the report then refuses the run's two models, and
+``supersede=[arm:seed]`` moves its records of the earlier model to ``<records_dir>/superseded/``
+for the study to measure them again (the report compares the two models' points).
 ``toy=true`` runs everything at a minute's size (CI); ``report_only=true`` rewrites the report.
 
 Sizing, measured here (2 cores, two stages at a time; the stages table of the report): a
@@ -57,17 +62,20 @@ import torch
 
 from pf.experiments import command, plots
 from pf.eval.inputs import load_dataset_images
-from pf.experiments.common import (TrainedRun, compose_train_config, data_config, resolve_device,
-                                   train_stage as common_train_stage, velocity_profile)
+from pf.experiments.common import (TrainedRun, compose_train_config, data_config, kept_weights_path, resolve_device,
+                                   train_stage as common_train_stage, velocity_profile, weights_fingerprint)
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, SIT_SAMPLERS, euler_sampler, is_pf
 from pf.experiments.curves import steps_for_nfe
 from pf.samplers import make as make_sampler
-from pf.experiments.stages import Stage, stage_result
-from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_realization, check_one_space,
+from pf.experiments.realizations import SUPERSEDED, check_one_realization, run_point_files, supersede
+from pf.experiments.records import cached_result
+from pf.experiments.stages import Stage, stage_result, stored_stage_file
+from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space,
                                    classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
                                    seed_cell, stored, timed)
 from pf.experiments.summary import mean_std, rel
 from pf.encoders.classifier import load_classifier
+from pf.models import load_checkpoint
 
 # The data dimension LTG's location was set for: SD-VAE latents of 256x256 images, 32x32x4.
 LTG_REFERENCE_DIM = 32 * 32 * 4
@@ -121,6 +129,7 @@ DEFAULTS = {
     "diagnostics_summary": "results/diagnostics/summary.json",  # the why-lines of the conclusion
     "toy": False,
     "report_only": False,
+    "supersede": [],  # runs "arm:seed" retrained to another model: their older records moved aside, measured again
 }
 TOY = ["out_dir=runs/toy-evidence", "records_dir=runs/toy-evidence/records", "figures=runs/toy-evidence/figures",
        "results=runs/toy-evidence/RESULTS.md", "train.steps=4", "train.keep_every=2", "train.batch_size=8",
@@ -335,7 +344,54 @@ def collect(study: dict) -> dict:
             out["profile"][s.args["arm"]] = rec["result"]
         elif s.name == "floor":
             out["floor"] = rec["result"]["runs"]
+    out["superseded"] = superseded_pairs(study)
     return out
+
+
+def superseded_pairs(study: dict) -> list[dict]:
+    """Each point measured on a superseded model of its run beside the same point (sampler, K,
+    sampling seed) on the run's model now: FID in the first feature space, and the run."""
+    runs = {(r["trajectory"], int(r["steps"])): (a, s) for (a, s), r in _trained_runs(study).items()}
+    pairs = []
+    for path in sorted((Path(study["records_dir"]) / SUPERSEDED / "points").glob("*.json")):
+        old = json.loads(path.read_text())
+        new = cached_result(study["records_dir"], "points", old["key"])
+        run = runs.get((old["key"]["trajectory"], int(old["key"]["train_steps"])))
+        if new is not None and run is not None:
+            pairs.append({"arm": run[0], "train_seed": run[1], "steps": old["key"]["steps"],
+                          "old": old["result"]["spaces"][0]["fid"], "new": new["spaces"][0]["fid"]})
+    return pairs
+
+
+def _trained_runs(study: dict) -> dict:
+    """(arm, training seed) -> {trajectory, steps} of every run the study trains (as its stages see it)."""
+    view, steps = stage_view(study), int(study["train"]["steps"])
+    return {(arm, int(seed)): TrainedRun(view, arms(study)[arm]["overrides"], seed, steps).identity
+            for arm in study["arms"] for seed in study["train"]["seeds"]}
+
+
+def supersede_runs(study: dict, specs: list[str]) -> list[tuple[Path, Path]]:
+    """``supersede=[arm:seed, ...]``: the records of each run (its stages' and points) measured on
+    other weights than its kept ones moved to ``<records_dir>/superseded/``, so that the study
+    measures them again on the kept weights: a run trained again where its kept weights were
+    gone (a fresh clone) is another model, and one report holds one model per run."""
+    runs, records, moves = _trained_runs(study), study["records_dir"], []
+    stages = build_stages(study)
+    for spec in specs:
+        arm, _, seed = str(spec).partition(":")
+        if (arm, int(seed) if seed.strip().isdigit() else None) not in runs:
+            raise ValueError(f"supersede: {spec!r} is not arm:seed of this study (arms {list(study['arms'])}, "
+                             f"training seeds {list(study['train']['seeds'])})")
+        run = runs[(arm, int(seed))]
+        kept = kept_weights_path(study, run)
+        if not kept.is_file():
+            raise ValueError(f"supersede={spec}: the run's kept weights {kept} are missing, so there is no model to "
+                             "measure it on again; run the study (it trains the run and keeps its weights) first")
+        current = weights_fingerprint(load_checkpoint(kept, use_ema=True))
+        files = [f for st in stages if st.args.get("arm") == arm and st.args.get("seed") == int(seed)
+                 if (f := stored_stage_file(records, st)) is not None]
+        moves += supersede(records, files + run_point_files(records, run["trajectory"], run["steps"]), current)
+    return moves
 
 
 COMPARISONS = [
@@ -386,6 +442,25 @@ def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2
 #################################################################################
 #                        SiT with its own samplers                              #
 #################################################################################
+
+
+def models_line(study: dict, data: dict) -> str:
+    """Where the runs' weights are kept, and the runs measured again on a second model."""
+    line = (f"- Models: each run's EMA weights after {study['train']['steps']} steps are kept beside the records "
+            f"(`{study['records_dir']}/weights`, float16; not in git, which has room for the first study's only) "
+            "and every point is measured on them and names their fingerprint.")
+    pairs = data.get("superseded") or []
+    if not pairs:
+        return line
+    labels = {a: v["label"] for a, v in arms(study).items()}
+    runs = sorted({(p["arm"], p["train_seed"]) for p in pairs})
+    diffs = [p["new"] - p["old"] for p in pairs]
+    return (line + " Trained again where its kept weights were gone (a fresh clone; the same config on another "
+            "machine rounds differently and ends another model), and every record measured again on the new model "
+            f"(the earlier ones in `{study['records_dir']}/{SUPERSEDED}/`): "
+            + ", ".join(f"{labels[a]} seed {s}" for a, s in runs)
+            + f". The same points on the two models: FID new minus old {mean_std(diffs)[0]:+.2f} on average "
+            f"({min(diffs):+.2f} to {max(diffs):+.2f}, {len(diffs)} points, the first feature space).")
 
 
 def sit_arms(study: dict) -> list[str]:
@@ -494,6 +569,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
     fps = [classifier_fingerprint(p) for p in study["classifiers"]]
     check_one_space(data["points"] + data["sampler_points"], fps)
     check_one_realization(data["points"] + data["sampler_points"], data["train"])
+    check_one_realization(data["points"] + data["sampler_points"], data["train"])
     done = [n for n, r in data["stages"] if r is not None]
     pending = [n for n, r in data["stages"] if r is None]
     cpu = sum(r["result"].get("cpu_seconds", 0.0) for _, r in data["stages"] if r is not None) / 3600
@@ -538,9 +614,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
                                     if (v := [r["val_loss"] for (aa, _), r in data["train"].items()
                                               if aa == a and r.get("val_loss") is not None])) or "none trained yet")
         + ".",
-        f"- Models: each run's EMA weights after {tc['steps']} steps are kept beside the records "
-        f"(`{study['records_dir']}/weights`, float16; not in git, which has room for the first study's only) and "
-        "every point is measured on them and names their fingerprint.",
+        models_line(study, data),
         f"- Sampling: Euler at K = {ec['nfe']}, sampling seeds {ec['seeds']} (the same noise and labels in every arm). "
         "A cell is the mean over training seeds of each training seed's sampling-seed mean; ± is the std over "
         "training seeds; n is the number of training seeds."
@@ -693,6 +767,11 @@ def main(cfg, argv: list[str] | None = None) -> None:
     else:
         os.environ[BUDGET_ENV] = str(float(hours))
     try:
+        if cfg.get("supersede"):
+            study = command.study_config(cfg)
+            moves = supersede_runs(study, list(study["supersede"]))
+            print(f"moved {len(moves)} records measured on an earlier model to "
+                  f"{Path(study['records_dir']) / SUPERSEDED}" + "".join(f"\n  {a.name} -> {b}" for a, b in moves))
         command.run_study(cfg, argv, build_stages, write_report, DOC_COMMAND, "results")
     finally:  # the budget is this command's: nothing else in the process sees it
         if before is None:

@@ -6,8 +6,7 @@ A point is one sampler at K outer steps (or on a cut time grid) from one samplin
 run's kept weights, measured in every classifier of ``study["classifiers"]`` (committed files,
 ``results/classifiers``; the first is a report's feature space, the others check it), and keyed
 by their fingerprints, so a point of another classifier is another point. A report's cells
-must share one set of classifiers (:func:`check_one_space`) and each run's points one set of
-weights, the one its training recorded (:func:`check_one_realization`); differences are paired per
+must share one set of classifiers (:func:`check_one_space`); differences are paired per
 training seed, each the mean over its sampling seeds (:func:`cells`, :func:`paired`). Stage
 functions record the CPU seconds they used and refuse to start past a budget (:func:`timed`).
 """
@@ -157,22 +156,6 @@ def check_one_space(points: list[dict], fingerprints: list[str]) -> None:
             raise ValueError(f"a point of {p.get('arm')} (training seed {p.get('train_seed')}, K={p.get('steps')}) "
                              f"was measured with classifiers {got}, not the report's {list(fingerprints)}: "
                              "re-measure it or drop it")
-
-
-def check_one_realization(points: list[dict], trained: dict) -> None:
-    """Every point of a run was measured on the weights its training recorded (``trained``:
-    (arm, training seed) -> the train stage's result; its kept weights, else its checkpoint's).
-    A run retrained where its kept weights are gone (a fresh clone) can end a slightly different
-    model (another machine rounds differently): its new points beside the stored ones would mix
-    two models, so they are refused."""
-    for p in points:
-        run = trained.get((p.get("arm"), p.get("train_seed")))
-        recorded = None if run is None else run.get("kept_weights", run.get("weights"))
-        if run is not None and p.get("weights") != recorded:
-            raise ValueError(f"a point of {p.get('arm')} (training seed {p.get('train_seed')}, K={p.get('steps')}) "
-                             f"was measured on weights {p.get('weights')}, not the {recorded} its training "
-                             "recorded (the run was retrained to another model): re-measure the run's points on one "
-                             "training or drop them")
 
 
 def cells(points: list[dict], space: int = 0, metric: str = "fid") -> dict:

@@ -92,13 +92,19 @@ def _legacy_file(out_dir: str | Path, stage: Stage) -> Path:
     return Path(out_dir) / "stages" / f"{key}.json"
 
 
-def stage_result(out_dir: str | Path, stage: Stage) -> dict | None:
-    """The stored record of a finished stage (``result``, ``seconds``, ...), or None; a record
-    stored under the ``__main__`` name of its function counts (the same function and arguments)."""
+def stored_stage_file(out_dir: str | Path, stage: Stage) -> Path | None:
+    """The file of a finished stage's record, or None; a record stored under the ``__main__``
+    name of its function counts (the same function and arguments)."""
     for path in (stage_file(out_dir, stage), _legacy_file(out_dir, stage)):
         if path.is_file():
-            return json.loads(path.read_text())
+            return path
     return None
+
+
+def stage_result(out_dir: str | Path, stage: Stage) -> dict | None:
+    """The stored record of a finished stage (``result``, ``seconds``, ...), or None."""
+    path = stored_stage_file(out_dir, stage)
+    return None if path is None else json.loads(path.read_text())
 
 
 def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, jobs: int = 1, threads: int = 1, log=print,
