@@ -569,7 +569,6 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
     fps = [classifier_fingerprint(p) for p in study["classifiers"]]
     check_one_space(data["points"] + data["sampler_points"], fps)
     check_one_realization(data["points"] + data["sampler_points"], data["train"])
-    check_one_realization(data["points"] + data["sampler_points"], data["train"])
     done = [n for n, r in data["stages"] if r is not None]
     pending = [n for n, r in data["stages"] if r is None]
     cpu = sum(r["result"].get("cpu_seconds", 0.0) for _, r in data["stages"] if r is not None) / 3600
