@@ -339,6 +339,10 @@ def test_evidence_toy_end_to_end(tmp_path):
     assert len(final["points"]) == len(data["points"]) and len(final["superseded"]) == 5
     assert "Trained again where its kept weights were gone" in (tmp_path / "R.md").read_text()
     assert "supersede" not in (tmp_path / "R.md").read_text().split("```")[1]  # not in the command it names
+    # the budget counts the CPU the study spent on the earlier model too
+    spent = [json.loads(f.read_text())["result"]["cpu_seconds"] for f in (tmp_path / "rec").rglob("stages/*.json")]
+    assert any("superseded" in str(f) for f in (tmp_path / "rec").rglob("stages/*.json"))
+    assert spaces.cpu_spent(tmp_path / "rec") == pytest.approx(sum(spent))
 
 
 def test_diagnostics_measure_the_kept_weights_and_drop_gone_runs(tmp_path):

@@ -70,7 +70,7 @@ from pf.samplers import make as make_sampler
 from pf.experiments.realizations import SUPERSEDED, check_one_realization, run_point_files, supersede
 from pf.experiments.records import cached_result
 from pf.experiments.stages import Stage, stage_result, stored_stage_file
-from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space,
+from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space, cpu_spent,
                                    classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
                                    seed_cell, stored, timed)
 from pf.experiments.summary import mean_std, rel
@@ -571,7 +571,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
     check_one_realization(data["points"] + data["sampler_points"], data["train"])
     done = [n for n, r in data["stages"] if r is not None]
     pending = [n for n, r in data["stages"] if r is None]
-    cpu = sum(r["result"].get("cpu_seconds", 0.0) for _, r in data["stages"] if r is not None) / 3600
+    cpu = cpu_spent(study["records_dir"]) / 3600  # what the budget counts
     dim = data_dim(study)
     lines = ["# Patch Forcing at small scale: the evidence (study v2)", ""]
     lines += conclusion
@@ -645,7 +645,9 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
     lines += ["## Stages", "",
               "CPU minutes of the attempt that finished each stage: a stage resumed after an interruption (a "
               "training from its last checkpoint, a curve from its stored points) does not count what the "
-              "earlier attempts kept, so the total above is a lower bound.", "",
+              "earlier attempts kept, so the total above is a lower bound"
+              + (" (it also counts the stages measured on a superseded model, in "
+                 f"`{study['records_dir']}/{SUPERSEDED}/`)." if data.get("superseded") else "."), "",
               "| stage | CPU minutes | finished |", "|---|---|---|"]
     for n, r in data["stages"]:
         lines.append(f"| {n} | {r['result'].get('cpu_seconds', 0) / 60:.1f} | {r['finished']} |" if r else f"| {n} | pending | |")

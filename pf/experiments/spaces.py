@@ -25,6 +25,7 @@ from pf.encoders.classifier import load_classifier
 from pf.eval.metrics import compute_metrics
 from pf.experiments.common import TrainedRun, reference_images, resolve_device, state_fingerprint
 from pf.experiments.curves import point_images
+from pf.experiments.realizations import SUPERSEDED
 from pf.experiments.records import cached, cached_result
 from pf.experiments.summary import mean_std
 
@@ -51,10 +52,12 @@ def classifier_fingerprint(path: str | Path) -> str:
 
 
 def cpu_spent(records_dir: str | Path) -> float:
-    """CPU seconds recorded by the finished stages of ``records_dir``."""
+    """CPU seconds recorded by the finished stages of ``records_dir``, those measured on a
+    superseded model (:mod:`pf.experiments.realizations`) included: the study spent them."""
     total = 0.0
-    for path in (Path(records_dir) / "stages").glob("*.json"):
-        total += float(json.loads(path.read_text())["result"].get("cpu_seconds", 0.0))
+    for folder in (Path(records_dir) / "stages", Path(records_dir) / SUPERSEDED / "stages"):
+        for path in folder.glob("*.json"):
+            total += float(json.loads(path.read_text())["result"].get("cpu_seconds", 0.0))
     return total
 
 
