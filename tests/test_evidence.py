@@ -1,8 +1,9 @@
 """The evidence study (pf.experiments.evidence): the recipe's cosine schedule, the committed
 feature spaces and their fingerprints, the resolution-shifted LTG arm, the stage order a
 partial run is most useful in, SiT's own samplers added without changing a key of the stages
-before them, a report that refuses a point of another classifier, and the study end to end at
-the toy size (two arms)."""
+before them, a report that refuses a point of another classifier or of a run trained again to
+another model (and ``supersede`` moving the earlier model's records aside), and the study end
+to end at the toy size (two arms)."""
 
 from __future__ import annotations
 
