@@ -1,6 +1,6 @@
 """Compile every pf_kernels Triton kernel for a GPU, on a machine without one, and report it.
 
-    python scripts/kernel_report.py [--arch 90] [--json report.json]
+    python scripts/kernel_report.py [--arch 90] [--json report.json] [--only TEXT] [--shard I/N]
 
 Each op's host code runs on small CPU tensors shaped like the real calls (PF-B/2 and PF-XL/2
 widths and an odd one, N = 256 tokens, bf16 / fp16 / fp32, per-token ``chunk`` views,
@@ -226,7 +226,9 @@ def _memory_widths(ptx: str) -> dict:
     return counts
 
 
-def compile_all(arch: int, only: str | None = None) -> list[dict]:
+def compile_all(arch: int, only: str | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Every launch form (``only``: those whose label holds it) compiled for ``arch``; ``shard``
+    (i, n): only every n-th case from the i-th, so n processes share the compiles."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("kernel_report.py: unset TRITON_INTERPRET (it compiles, the interpreter does not)")
     sys.path.insert(0, str(ROOT))
@@ -254,8 +256,12 @@ def compile_all(arch: int, only: str | None = None) -> list[dict]:
     try:
         for mod in launching:
             mod.wrap = recorder
+        picked = 0  # the cases ``only`` picks, counted to share them out (a thunk runs before the next is made)
         for label, thunk in _cases(torch, ops):
             if only and only not in label:
+                continue
+            picked += 1
+            if (picked - 1) % shard[1] != shard[0]:
                 continue
             recorder.label = label
             thunk()
@@ -294,8 +300,12 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--only", help="compile only the cases whose label contains this text")
+    parser.add_argument("--shard", default="0/1", help="I/N: only every N-th case from the I-th (N processes at once)")
     args = parser.parse_args(argv)
-    rows = compile_all(args.arch, args.only)
+    i, _, n = args.shard.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        parser.error(f"--shard {args.shard}: expected I/N with 0 <= I < N, e.g. 0/2")
+    rows = compile_all(args.arch, args.only, (int(i), int(n)))
     import triton
 
     print(f"### pf_kernels compiled for sm_{args.arch} with Triton {triton.__version__}: {len(rows)} launches\n")
