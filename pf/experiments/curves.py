@@ -23,6 +23,7 @@ from pf.eval.metrics import compute_metrics
 from pf.experiments.comparison import SIT_SAMPLERS
 from pf.experiments.common import (PointModel, TrainedRun, classifier_path, feature_classifier, reference_images,
                                    resolve_device)
+from pf.experiments.realizations import SUPERSEDED
 from pf.experiments.records import cached, cached_result, config_key
 from pf.pipeline import generate
 
@@ -158,12 +159,12 @@ def series(points: list[dict]) -> dict[int, dict]:
     return out
 
 
-def realization_pairs(study: dict) -> list[dict]:
+def realization_pairs(study: dict, folder: str = SUPERSEDED) -> list[dict]:
     """Points measured on two realizations of one run: each superseded point (kept in
-    ``<records_dir>/superseded``, measured on an earlier training of the same config, since
+    ``<records_dir>/<folder>``, measured on an earlier training of the same config, since
     replaced) beside the point of the same key measured on the run's kept weights."""
     pairs = []
-    for path in sorted((Path(study["records_dir"]) / "superseded").glob("*.json")):
+    for path in sorted((Path(study["records_dir"]) / folder).glob("*.json")):
         old = json.loads(path.read_text())
         new = cached_result(study["records_dir"], "points", old["key"])
         if new is not None and new.get("weights") != old["result"].get("weights"):

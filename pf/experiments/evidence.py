@@ -65,10 +65,9 @@ from pf.eval.inputs import load_dataset_images
 from pf.experiments.common import (TrainedRun, compose_train_config, data_config, kept_weights_path, resolve_device,
                                    train_stage as common_train_stage, velocity_profile, weights_fingerprint)
 from pf.experiments.comparison import ARMS, SAMPLER_LABELS, SIT_SAMPLERS, euler_sampler, is_pf
-from pf.experiments.curves import steps_for_nfe
+from pf.experiments.curves import realization_pairs, steps_for_nfe
 from pf.samplers import make as make_sampler
 from pf.experiments.realizations import SUPERSEDED, check_one_realization, run_point_files, supersede
-from pf.experiments.records import cached_result
 from pf.experiments.stages import Stage, stage_result, stored_stage_file
 from pf.experiments.spaces import (BUDGET_ENV, CLASSIFIERS, best_k, cells, check_one_space, cpu_spent,
                                    classifier_fingerprint, evaluate, fmt_pairs, measure, paired,
@@ -350,17 +349,11 @@ def collect(study: dict) -> dict:
 
 def superseded_pairs(study: dict) -> list[dict]:
     """Each point measured on a superseded model of its run beside the same point (sampler, K,
-    sampling seed) on the run's model now: FID in the first feature space, and the run."""
-    runs = {(r["trajectory"], int(r["steps"])): (a, s) for (a, s), r in _trained_runs(study).items()}
-    pairs = []
-    for path in sorted((Path(study["records_dir"]) / SUPERSEDED / "points").glob("*.json")):
-        old = json.loads(path.read_text())
-        new = cached_result(study["records_dir"], "points", old["key"])
-        run = runs.get((old["key"]["trajectory"], int(old["key"]["train_steps"])))
-        if new is not None and run is not None:
-            pairs.append({"arm": run[0], "train_seed": run[1], "steps": old["key"]["steps"],
-                          "old": old["result"]["spaces"][0]["fid"], "new": new["spaces"][0]["fid"]})
-    return pairs
+    sampling seed) on the run's model now (:func:`realization_pairs`: FID in the first feature
+    space), with the run's arm and training seed."""
+    runs = {(r["trajectory"], int(r["steps"])): run for run, r in _trained_runs(study).items()}
+    return [{**p, "arm": run[0], "train_seed": run[1]} for p in realization_pairs(study, f"{SUPERSEDED}/points")
+            if (run := runs.get((p["trajectory"], int(p["train_steps"])))) is not None]
 
 
 def _trained_runs(study: dict) -> dict:
