@@ -694,9 +694,12 @@ def conclusion_lines(study: dict, data: dict) -> list[str]:
     paper = diff("pf_ltg", "sit_uniform")
     if paper:
         head += f" PF (LTG) minus the paper's baseline SiT (uniform t): {paper}"
-        for pf, sit, b, pairs in best_sampler_pairs(study, data):
-            if (pf, sit) == ("pf_ltg", "sit_uniform") and pairs[0]:
-                head += (f"; minus SiT with its best sampler ({SAMPLER_LABELS[b]}, NFE "
+        # every SiT arm with its best sampler, the paper's baseline first: a SiT trained with
+        # another time density may be the stronger baseline at this scale
+        labels = {k: v["label"] for k, v in arms(study).items()}
+        for pf, sit, b, pairs in sorted(best_sampler_pairs(study, data), key=lambda r: r[1] != "sit_uniform"):
+            if pf == "pf_ltg" and pairs[0]:
+                head += (f"; minus {labels[sit]} with its best sampler ({SAMPLER_LABELS[b]}, NFE "
                          f"{study['eval']['sit_sampler_nfe']}): {fmt_pairs(pairs[0])}")
         head += "."
     out = [head]
