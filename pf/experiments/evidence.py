@@ -169,6 +169,11 @@ def arms(study: dict) -> dict:
     return out
 
 
+def arm_labels(study: dict) -> dict[str, str]:
+    """Each arm's label in the report, by arm name."""
+    return {k: v["label"] for k, v in arms(study).items()}
+
+
 def recipe(study: dict) -> dict:
     """``study`` with the recipe's pf.train overrides: cosine decay over ``train.steps`` to
     ``train.lr_min``, the EMA decay with warm-up."""
@@ -400,7 +405,7 @@ COMPARISONS = [
 
 def comparison_lines(study: dict, c: dict, space_name: str) -> list[str]:
     """Each comparison at K = the largest K and at each arm's best K, paired per training seed."""
-    labels = {k: v["label"] for k, v in arms(study).items()}
+    labels = arm_labels(study)
     kmax = max(int(k) for k in study["eval"]["nfe"])
     out = []
     for arm, base, what in COMPARISONS:
@@ -418,7 +423,7 @@ def comparison_lines(study: dict, c: dict, space_name: str) -> list[str]:
 
 
 def table(study: dict, c: dict, metric: str, scale: float = 1.0, digits: int = 2) -> list[str]:
-    labels = {k: v["label"] for k, v in arms(study).items()}
+    labels = arm_labels(study)
     ks = [int(k) for k in study["eval"]["nfe"]]
     out = ["| arm | training seeds | " + " | ".join(f"K={k}" for k in ks) + " | best K |", "|---|---|" + "---|" * (len(ks) + 1)]
     for arm in study["arms"]:
@@ -511,7 +516,7 @@ def sit_sampler_section(study: dict, data: dict) -> list[str]:
     sseeds = [int(x) for x in ec.get("sit_sampler_seeds", [])]
     if not names or not sseeds or not sit_arms(study):
         return []
-    labels = {k: v["label"] for k, v in arms(study).items()}
+    labels = arm_labels(study)
     steps = {n: k for n, _, k in sit_sampler_steps(names, nfe)}
     cs = [sampler_cells(study, data, i) for i in range(len(study["classifiers"]))]
     sde = ", ".join(f"{k} {v}" for k, v in SIT_SAMPLERS["sde"].items())
@@ -578,7 +583,7 @@ def render(study: dict, data: dict, command_line: str, conclusion: list[str]) ->
         _, info = load_classifier(p)
         clf.append(f"`{p}` (fingerprint {fp}, seed {info.get('seed', '?')}, accuracy on the test split "
                    f"{info.get('test_accuracy_full', info.get('test_accuracy', float('nan'))):.4f})")
-    labels = {k: v["label"] for k, v in arms(study).items()}
+    labels = arm_labels(study)
     lines += [
         "## Setup", "",
         f"- Data: `data={study['data']}` at {study['image_size']}x{study['image_size']} ({dim} values an image; "
@@ -696,7 +701,7 @@ def conclusion_lines(study: dict, data: dict) -> list[str]:
         head += f" PF (LTG) minus the paper's baseline SiT (uniform t): {paper}"
         # every SiT arm with its best sampler, the paper's baseline first: a SiT trained with
         # another time density may be the stronger baseline at this scale
-        labels = {k: v["label"] for k, v in arms(study).items()}
+        labels = arm_labels(study)
         for pf, sit, b, pairs in sorted(best_sampler_pairs(study, data), key=lambda r: r[1] != "sit_uniform"):
             if pf == "pf_ltg" and pairs[0]:
                 head += (f"; minus {labels[sit]} with its best sampler ({SAMPLER_LABELS[b]}, NFE "
@@ -719,7 +724,7 @@ def plot_curves(study: dict, data: dict, path: Path) -> None:
     """FID against K per arm (mean over training seeds, bars: std over training seeds)."""
     plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = {k: v["label"] for k, v in arms(study).items()}
+    labels = arm_labels(study)
     for i, ax in enumerate(axes[:len(study["classifiers"])]):
         c = cells(data["points"], i)
         for arm in study["arms"]:
