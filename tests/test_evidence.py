@@ -278,6 +278,7 @@ def test_evidence_toy_end_to_end(tmp_path):
         assert [x["classifier"] for x in p["spaces"]] == fps and p["weights"] and p["fid"] == p["spaces"][0]["fid"]
     text = (tmp_path / "R.md").read_text()
     assert "n = 2 training seeds" in text and "Stages still pending" not in text
+    assert f"from all {len(data['stages'])} of its stages (CPU time used" in text
     assert "what patch heterogeneity adds" not in text  # pf_ltg is not in this study
     assert "PF (one time per sample, LTG's marginal) against SiT (uniform t)" in text
     # SiT's own samplers at NFE 4 (Euler K = 4, Heun K = 2, the SDE M = 4), sampling seed 0, both
