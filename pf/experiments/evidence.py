@@ -450,7 +450,7 @@ def models_line(study: dict, data: dict) -> str:
     pairs = data.get("superseded") or []
     if not pairs:
         return line
-    labels = {a: v["label"] for a, v in arms(study).items()}
+    labels = arm_labels(study)
     runs = sorted({(p["arm"], p["train_seed"]) for p in pairs})
     diffs = [p["new"] - p["old"] for p in pairs]
     return (line + " Trained again where its kept weights were gone (a fresh clone; the same config on another "
